@@ -1,0 +1,77 @@
+"""pipec: a pipeline-parallel model partitioning compiler for PyTorch.
+
+Phases: trace -> profile / cost model -> partition -> schedule -> split/codegen
+-> stage runtime. See README.md for a tour and ARCHITECTURE.md for the design.
+
+Public names are imported lazily, so ``import pipec`` stays cheap and the
+planner side never imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # errors
+    "PipecError": "pipec.errors",
+    "ConfigError": "pipec.errors",
+    "TraceError": "pipec.errors",
+    "ProfileError": "pipec.errors",
+    "CostModelError": "pipec.errors",
+    "PartitionError": "pipec.errors",
+    "ScheduleError": "pipec.errors",
+    "PlanError": "pipec.errors",
+    "RuntimeFailure": "pipec.errors",
+    "CheckpointError": "pipec.errors",
+    # types
+    "TensorMeta": "pipec.types",
+    "NodeInfo": "pipec.types",
+    "ParamInfo": "pipec.types",
+    "TracedGraph": "pipec.types",
+    "NodeCost": "pipec.types",
+    "CostModel": "pipec.types",
+    # phases
+    "trace": "pipec.trace",
+    "profile": "pipec.profile",
+    "Profile": "pipec.profile",
+    "ProfiledCostModel": "pipec.costs.profiled",
+    "AnalyticCostModel": "pipec.costs.analytic",
+    "HardwareSpec": "pipec.costs.hardware",
+    "load_cost_model": "pipec.costs.hardware",
+    "partition": "pipec.partition.api",
+    "Plan": "pipec.plan",
+    "PlanData": "pipec.plan",
+    "StageInfo": "pipec.plan",
+    "Boundary": "pipec.plan",
+    "TiedGroup": "pipec.plan",
+    "Action": "pipec.schedule.ir",
+    "ActionKind": "pipec.schedule.ir",
+    "Schedule": "pipec.schedule.ir",
+    "make_schedule": "pipec.schedule.generators",
+    "lower": "pipec.schedule.lower",
+    "validate": "pipec.schedule.validate",
+    "simulate": "pipec.schedule.simulate",
+    "Simulation": "pipec.schedule.simulate",
+    "load": "pipec.codegen",
+    "merge_state_dicts": "pipec.split",
+    "PipelineRuntime": "pipec.runtime.runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,179 @@
+"""Values passed between the phases: the traced graph and per-node costs.
+
+Phase map (see ARCHITECTURE.md)::
+
+    trace     -> TracedGraph   (this module's types)
+    profile   -> Profile       (pipec.profile)  -> CostModel (pipec.costs)
+    CostModel -> NodeCost per node (this module)
+
+Everything here is immutable. Units: seconds (float) and bytes (int).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import fx
+
+
+class FrozenModel(BaseModel):
+    """Base of every pydantic value pipec saves to disk: immutable, strict keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+_FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
+
+
+class TensorMeta(FrozenModel):
+    """Shape, dtype (``str(torch.dtype)`` without ``torch.``) and size of one tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    num_bytes: int
+
+    @property
+    def is_floating(self) -> bool:
+        """Whether a gradient can flow through this tensor."""
+        return self.dtype in _FLOAT_DTYPES or self.dtype.startswith("float")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype)
+        assert isinstance(dtype, torch.dtype)
+        return dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorMeta:
+        return cls(
+            shape=tuple(int(d) for d in tensor.shape),
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            num_bytes=int(tensor.numel() * tensor.element_size()),
+        )
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter or buffer of the original model, by canonical FQN.
+
+    ``fqn`` is the name ``model.named_parameters()`` (or ``named_buffers()``)
+    yields; ``aliases`` are other names of the same tensor (tied weights such as
+    ``lm_head.weight`` for ``transformer.wte.weight``). ``users`` are the graph
+    nodes that read it.
+    """
+
+    fqn: str
+    shape: tuple[int, ...]
+    dtype: str
+    num_bytes: int
+    numel: int
+    is_buffer: bool
+    aliases: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One fx node with what the later phases need to know about it."""
+
+    name: str
+    op: str  # placeholder | get_attr | call_module | call_function | call_method | output
+    target: str
+    inputs: tuple[str, ...]  # names of the nodes whose values it reads
+    users: tuple[str, ...]  # names of the nodes that read its value
+    outputs: tuple[TensorMeta, ...]  # one per tensor in its (possibly nested) value
+    module_path: str  # owning module, e.g. "layers.3.mlp"; "" for the root
+    params: tuple[str, ...]  # canonical FQNs of parameters/buffers it reads
+    param_bytes: int
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.num_bytes for t in self.outputs)
+
+
+@dataclass(frozen=True)
+class TracedGraph:
+    """Phase 1 output: the model as an fx graph, annotated.
+
+    ``graph_module(*flat_inputs)`` -- called with one value per placeholder, in
+    order -- reproduces the model's forward; :meth:`flatten_inputs` builds those
+    values from the user's ``(args, kwargs)`` and :meth:`unflatten_output`
+    restores the model's output structure from the graph's flat output.
+    """
+
+    graph_module: fx.GraphModule
+    method: str  # "fx" or "export"
+    nodes: tuple[NodeInfo, ...]  # every node, topological order
+    params: Mapping[str, ParamInfo]  # canonical FQN -> info (parameters and buffers)
+    input_names: tuple[str, ...]  # placeholder node names, in call order
+    example_inputs: tuple[Any, ...]  # one value per placeholder
+    model_name: str
+    _flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
+    _unflatten: Callable[[Any], Any] = field(repr=False)
+
+    def node(self, name: str) -> NodeInfo:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def flatten_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+        """The user's call arguments as one value per placeholder."""
+        return self._flatten(args, kwargs or {})
+
+    def unflatten_output(self, flat: Any) -> Any:
+        """The graph module's output in the original model's output structure."""
+        return self._unflatten(flat)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.num_bytes for p in self.params.values() if not p.is_buffer)
+
+
+class NodeCost(FrozenModel):
+    """What one node costs, per micro-batch. ``derived`` marks an I/W split made by rule."""
+
+    forward_time: float
+    input_grad_time: float
+    weight_grad_time: float
+    saved_bytes: int = 0  # activation bytes kept for backward
+    output_bytes: int = 0
+    param_bytes: int = 0
+    derived: bool = False
+
+    @property
+    def backward_time(self) -> float:
+        return self.input_grad_time + self.weight_grad_time
+
+    @property
+    def total_time(self) -> float:
+        return self.forward_time + self.backward_time
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """Anything that can cost a traced graph's nodes and a transfer between ranks.
+
+    Implemented by :class:`pipec.costs.ProfiledCostModel` (measured) and
+    :class:`pipec.costs.AnalyticCostModel` (roofline from ``cost_models/*.json``).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def memory_capacity(self) -> int | None:
+        """Bytes of memory per device, or None when unknown (no default limit)."""
+        ...
+
+    def node_costs(self, traced: TracedGraph) -> Mapping[str, NodeCost]:
+        """Cost of every node of ``traced`` (placeholders/outputs cost zero)."""
+        ...
+
+    def comm_time(self, num_bytes: int, src_rank: int, dst_rank: int) -> float:
+        """Seconds to move ``num_bytes`` from ``src_rank`` to ``dst_rank``."""
+        ...
