@@ -5,7 +5,7 @@
 loss function) and the user-facing methods. The phases that produce and use a
 plan each own one method:
 
-- ``pipec.partition``  builds it          (pipec/partition/)
+- ``pipec.partition``  builds it          (pipec/partitioner/)
 - ``plan.schedule`` / ``plan.simulate()`` (pipec/schedule/)
 - ``plan.stage_module(i)``                 (pipec/split.py)
 - ``plan.save(dir)`` / ``pipec.load(dir)`` (pipec/codegen.py)
@@ -24,7 +24,7 @@ from pipec.schedule.ir import Schedule
 from pipec.types import FrozenModel, NodeCost, TensorMeta, TracedGraph
 
 if TYPE_CHECKING:
-    from pipec.schedule.simulate import Simulation
+    from pipec.schedule.simulator import Simulation
 
 FORMAT_VERSION = 1
 
@@ -176,7 +176,7 @@ class Plan:
     # -- phases ---------------------------------------------------------
     def simulate(self) -> Simulation:
         """Simulate the plan's schedule with the plan's own costs."""
-        from pipec.schedule.simulate import simulate_plan
+        from pipec.schedule.simulator import simulate_plan
 
         return simulate_plan(self)
 
