@@ -1,0 +1,399 @@
+"""Phase 1, trace: capture a model as an fx graph and annotate every node.
+
+Input: an ``nn.Module`` and an example call ``(example_inputs, example_kwargs)``.
+Output: a :class:`pipec.types.TracedGraph` -- an ``fx.GraphModule`` called with
+one value per placeholder, plus per-node tensor shapes, owning module paths
+and the parameters each node reads by their original FQN.
+
+Two capture methods:
+
+- ``"fx"``: ``torch.fx.symbolic_trace`` (modules named in ``leaf_modules``
+  stay opaque). Keeps ``call_module`` nodes, so module paths are exact.
+- ``"export"``: ``torch.export.export(..., strict=False)`` and its unlifted
+  graph module; the way in for models fx cannot trace (every HF transformers
+  model since v5). Shapes are specialised to the example inputs.
+
+``"auto"`` tries fx, checks the graph reproduces the model's output, and falls
+back to export when fx fails or differs. Every traced graph is checked against
+the eager model on the example inputs (same RNG seed) before it is returned.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from pipec.errors import ConfigError, TraceError
+from pipec.types import NodeInfo, ParamInfo, TensorMeta, TracedGraph
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "fx", "export")
+
+LeafSpec = type[nn.Module] | str
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    method: str = "auto",
+    leaf_modules: Iterable[LeafSpec] = (),
+    check: bool = True,
+) -> TracedGraph:
+    """Trace ``model`` called as ``model(*example_inputs, **example_kwargs)``.
+
+    ``leaf_modules`` (fx only) lists module classes or qualified names kept as
+    single opaque nodes. ``check`` compares the graph's output with the eager
+    model's on the example inputs; a mismatch is a :class:`TraceError`.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model: expected a torch.nn.Module, found {type(model).__name__}; "
+            "wrap a plain function in an nn.Module whose forward calls it"
+        )
+    if method not in METHODS:
+        raise ConfigError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
+    args = _as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    _check_signature(model, args, kwargs)
+    leaves = tuple(leaf_modules)
+
+    reference = _run_eager(model, args, kwargs) if check else None
+    tried: list[tuple[str, str]] = []
+    for candidate in ("fx", "export") if method == "auto" else (method,):
+        try:
+            if candidate == "fx":
+                traced = _trace_fx(model, args, kwargs, leaves)
+            else:
+                traced = _trace_export(model, args, kwargs)
+            if reference is not None:
+                _check_output(traced, args, kwargs, reference)
+        except TraceError as exc:
+            tried.append((candidate, str(exc)))
+        except Exception as exc:  # anything torch raises while tracing
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            tried.append((candidate, f"{type(exc).__name__}: {first}"))
+        else:
+            if tried:
+                log.info("traced %s with %s after %s failed", traced.model_name, candidate,
+                         ", ".join(m for m, _ in tried))
+            else:
+                log.info("traced %s with %s", traced.model_name, candidate)
+            return traced
+    reasons = "\n".join(f"  - {m}: {why}" for m, why in tried)
+    advice = (
+        "mark the untraceable submodule as a leaf (leaf_modules=[MyBlock]) or pass method='export'"
+        if method in ("auto", "fx") and "export" not in {m for m, _ in tried}
+        else "make the control flow in forward independent of tensor values (torch.cond), "
+        "or mark the offending submodule as a leaf with method='fx', leaf_modules=[...]"
+    )
+    raise TraceError(
+        f"could not trace {type(model).__name__}; tried {', '.join(m for m, _ in tried)}:\n"
+        f"{reasons}\nTo fix: {advice}."
+    )
+
+
+# -- input handling ----------------------------------------------------------
+
+
+def _as_args(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _check_signature(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TraceError(
+            f"example inputs do not match {type(model).__name__}.forward{sig}: {exc}; "
+            f"found {len(args)} positional input(s) and keywords {sorted(kwargs)}. "
+            "Pass example_inputs as a tuple of the positional arguments and example_kwargs "
+            "as a dict of the keyword arguments forward expects"
+        ) from None
+
+
+def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return model(*args, **kwargs)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise TraceError(
+            f"{type(model).__name__} fails on the example inputs before any tracing: "
+            f"{type(exc).__name__}: {first}. Check that example_inputs (shapes, dtypes, "
+            "device) are what forward expects"
+        ) from exc
+
+
+def _check_output(traced: TracedGraph, args: tuple[Any, ...], kwargs: Mapping[str, Any], reference: Any) -> None:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        flat = traced.flatten_inputs(args, kwargs)
+        got = traced.unflatten_output(traced.graph_module(*flat))
+    ref_leaves = [x for x in pytree.tree_leaves(_plain(reference)) if isinstance(x, torch.Tensor)]
+    got_leaves = [x for x in pytree.tree_leaves(_plain(got)) if isinstance(x, torch.Tensor)]
+    if len(ref_leaves) != len(got_leaves):
+        raise TraceError(
+            f"the {traced.method} graph returns {len(got_leaves)} tensors, the model {len(ref_leaves)}"
+        )
+    for i, (r, g) in enumerate(zip(ref_leaves, got_leaves)):
+        if r.shape != g.shape or not torch.allclose(r.float(), g.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise TraceError(
+                f"the {traced.method} graph's output {i} differs from the model's "
+                f"(shape {tuple(g.shape)} vs {tuple(r.shape)})"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """HF ``ModelOutput`` and other mappings as plain dicts, for comparison."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value) if isinstance(value, list) else tuple(_plain(v) for v in value)
+    return value
+
+
+# -- fx ------------------------------------------------------------------------
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: Sequence[LeafSpec]) -> None:
+        super().__init__()
+        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self._leaf_names = {x for x in leaves if isinstance(x, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], leaves: Sequence[LeafSpec]) -> TracedGraph:
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    # Arguments that are not tensors (flags, None) are baked in as constants.
+    concrete = {
+        name: value
+        for name, value in bound.arguments.items()
+        if not isinstance(value, torch.Tensor)
+        and sig.parameters[name].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+    tracer = _LeafTracer(leaves)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [str(n.target).lstrip("*") for n in placeholders]
+
+    def flatten(a: tuple[Any, ...], kw: Mapping[str, Any]) -> tuple[Any, ...]:
+        b = sig.bind(*a, **kw)
+        b.apply_defaults()
+        out = []
+        for name in names:
+            value = b.arguments.get(name)
+            # concrete (non-tensor) arguments are consumed by fx's own guard placeholders
+            out.append(value)
+        return tuple(out)
+
+    flat_inputs = flatten(args, kwargs)
+    return _annotate(model, gm, "fx", flat_inputs, flatten, lambda out: out)
+
+
+# -- export ----------------------------------------------------------------------
+
+
+def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> TracedGraph:
+    ep = torch.export.export(model, args, dict(kwargs), strict=False)
+    gm = ep.module()
+    if not isinstance(gm, fx.GraphModule):
+        raise TraceError("torch.export returned no fx.GraphModule")
+    in_spec = gm._in_spec
+    out_spec = gm._out_spec
+    if out_spec is None:
+        raise TraceError("torch.export returned a module without an output spec")
+    # Plain calling convention: one argument per placeholder, flat tuple out.
+    gm.graph._codegen = fx.graph.CodeGen()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    for name in [n for n, _ in gm.named_children() if n.startswith("_guards")]:
+        delattr(gm, name)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+    def flatten(a: tuple[Any, ...], kw: Mapping[str, Any]) -> tuple[Any, ...]:
+        leaves, spec = pytree.tree_flatten((tuple(a), dict(kw)))
+        if spec != in_spec:
+            raise TraceError(
+                "inputs have a different structure than the example the model was exported with; "
+                f"expected {in_spec}, found {spec}"
+            )
+        return tuple(leaves)
+
+    def unflatten(out: Any) -> Any:
+        return pytree.tree_unflatten(list(out), out_spec)
+
+    return _annotate(model, gm, "export", flatten(args, kwargs), flatten, unflatten)
+
+
+# -- annotation ------------------------------------------------------------------------
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps the TensorMeta of every node's value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.metas: dict[str, tuple[TensorMeta, ...]] = {}
+        self.is_tensor: dict[str, bool] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        leaves = pytree.tree_leaves(_plain(value))
+        self.metas[n.name] = tuple(TensorMeta.of(x) for x in leaves if isinstance(x, torch.Tensor))
+        self.is_tensor[n.name] = isinstance(value, torch.Tensor)
+        return value
+
+
+def _module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).removeprefix("L['self'].").removeprefix("L['self']")
+
+
+def _annotate(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    method: str,
+    flat_inputs: tuple[Any, ...],
+    flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]],
+    unflatten: Callable[[Any], Any],
+) -> TracedGraph:
+    recorder = _Recorder(gm)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        recorder.run(*flat_inputs)
+
+    # Canonical names: what model.named_parameters() yields (first name of a tied tensor).
+    canonical: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        canonical.setdefault(id(p), name)
+    for name, b in model.named_buffers():
+        canonical.setdefault(id(b), name)
+    tensors: dict[str, tuple[torch.Tensor, bool]] = {}
+    aliases: dict[str, list[str]] = {}
+    for is_buffer, named in ((False, gm.named_parameters(remove_duplicate=False)),
+                             (True, gm.named_buffers(remove_duplicate=False))):
+        for name, t in named:
+            fqn = canonical.get(id(t), name)
+            tensors.setdefault(fqn, (t, is_buffer))
+            if name != fqn and name not in aliases.setdefault(fqn, []):
+                aliases[fqn].append(name)
+    by_local_name = {}
+    for fqn, names in aliases.items():
+        for n in names:
+            by_local_name[n] = fqn
+    for fqn in tensors:
+        by_local_name.setdefault(fqn, fqn)
+
+    modules = dict(gm.named_modules())
+    node_params: dict[str, tuple[str, ...]] = {}
+    for node in gm.graph.nodes:
+        reads: list[str] = []
+        if node.op == "get_attr":
+            if str(node.target) in by_local_name:
+                reads.append(by_local_name[str(node.target)])
+        elif node.op == "call_module":
+            sub = modules[str(node.target)]
+            prefix = f"{node.target}."
+            for local, _ in list(sub.named_parameters(remove_duplicate=False)) + list(sub.named_buffers(remove_duplicate=False)):
+                full = prefix + local
+                if full in by_local_name and by_local_name[full] not in reads:
+                    reads.append(by_local_name[full])
+        else:
+            for inp in node.all_input_nodes:
+                if inp.op == "get_attr" and str(inp.target) in by_local_name:
+                    fqn = by_local_name[str(inp.target)]
+                    if fqn not in reads:
+                        reads.append(fqn)
+        node_params[node.name] = tuple(reads)
+
+    users_of: dict[str, list[str]] = {fqn: [] for fqn in tensors}
+    nodes: list[NodeInfo] = []
+    for node in gm.graph.nodes:
+        node_reads = node_params[node.name]
+        for fqn in node_reads:
+            users_of[fqn].append(node.name)
+        nodes.append(
+            NodeInfo(
+                name=node.name,
+                op=node.op,
+                target=_target_name(node),
+                inputs=tuple(n.name for n in node.all_input_nodes),
+                users=tuple(u.name for u in node.users),
+                outputs=recorder.metas.get(node.name, ()),
+                module_path=_module_path(node),
+                params=node_reads,
+                param_bytes=sum(tensors[f][0].numel() * tensors[f][0].element_size() for f in node_reads),
+            )
+        )
+    params = {
+        fqn: ParamInfo(
+            fqn=fqn,
+            shape=tuple(int(d) for d in t.shape),
+            dtype=str(t.dtype).removeprefix("torch."),
+            num_bytes=int(t.numel() * t.element_size()),
+            numel=int(t.numel()),
+            is_buffer=is_buffer,
+            aliases=tuple(aliases.get(fqn, ())),
+            users=tuple(users_of[fqn]),
+        )
+        for fqn, (t, is_buffer) in tensors.items()
+    }
+    return TracedGraph(
+        graph_module=gm,
+        method=method,
+        nodes=tuple(nodes),
+        params=params,
+        input_names=tuple(n.name for n in gm.graph.nodes if n.op == "placeholder"),
+        example_inputs=flat_inputs,
+        model_name=type(model).__name__,
+        _flatten=flatten,
+        _unflatten=unflatten,
+    )
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    name = getattr(t, "__name__", None)
+    if name is None:
+        return str(t)
+    module = getattr(t, "__module__", None) or ""
+    if "ops" in str(t):
+        return str(t)
+    return f"{module}.{name}" if module and module != "builtins" else name
