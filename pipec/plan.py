@@ -173,6 +173,17 @@ class Plan:
     def num_microbatches(self) -> int:
         return self.data.num_microbatches
 
+    def with_factory(self, factory: str) -> Plan:
+        """The same plan recording the ``FILE.py:FACTORY`` it was built from."""
+        new = Plan(
+            self.data.model_copy(update={"factory": factory}),
+            traced=self.traced,
+            loss_fn=self.loss_fn,
+            directory=self.directory,
+        )
+        new._stage_modules = self._stage_modules
+        return new
+
     # -- phases ---------------------------------------------------------
     def simulate(self) -> Simulation:
         """Simulate the plan's schedule with the plan's own costs."""

@@ -1,0 +1,235 @@
+"""The ``pipec`` command line: partition, show, run, calibrate.
+
+User errors print one line on stderr that says what to do and exit with code
+2; ``--debug`` shows the traceback instead. Option names follow the Python API
+(``--stages`` is ``num_stages``, ``--microbatches`` is ``num_microbatches``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipec.errors import ConfigError, PipecError
+
+EXIT_USAGE = 2
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', found {text!r}") from None
+    return value
+
+
+def _speeds(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected relative speeds separated by commas such as 1,1,0.5,0.5, found {text!r}"
+        ) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors follow the one-line, exit-2 rule."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"pipec: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pipec",
+        description="pipec: partition a PyTorch model into pipeline stages, schedule, and run them.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "partition",
+        help="trace, cost and split a model into pipeline stages; write the plan directory",
+        description="Partition the model built by FILE.py:FACTORY (a function returning a dict with "
+        "'model', 'example_inputs' and optionally 'example_kwargs', 'loss_fn', 'target').",
+    )
+    p.add_argument("factory", metavar="FILE.py:FACTORY", help="the model factory")
+    p.add_argument("--stages", type=int, required=True, help="num_stages: pipeline stages in all")
+    p.add_argument("--microbatches", type=_int_or_auto, default=None,
+                   help="num_microbatches: a number, or 'auto' to search the divisors of the batch")
+    p.add_argument("--schedule", default="1f1b",
+                   help="gpipe, 1f1b, interleaved-1f1b, zb-h1, or 'auto' (default 1f1b)")
+    p.add_argument("--stages-per-rank", type=_int_or_auto, default=1,
+                   help="stages_per_rank (virtual stages per rank for interleaved-1f1b), or 'auto'")
+    p.add_argument("--cost-model", default="profile",
+                   help="'profile' (measure here), a name in cost_models/ such as h100-sxm, or a JSON path")
+    p.add_argument("--memory-limit", default=None,
+                   help="per-rank memory limit such as 80GiB (default: the cost model's capacity)")
+    p.add_argument("--device-speeds", type=_speeds, default=None,
+                   help="relative speed of each rank, e.g. 1,1,0.5,0.5")
+    p.add_argument("--strategy", default="optimal",
+                   help="optimal (default), equal-count, by-params or greedy")
+    p.add_argument("--method", default="auto", help="trace method: auto, fx or export")
+    p.add_argument("-o", "--output", required=True, type=Path, help="plan directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing plan directory")
+
+    s = sub.add_parser("show", help="print a plan's summary and schedule; (re)write its report.html")
+    s.add_argument("directory", type=Path)
+
+    r = sub.add_parser("run", help="run a plan directory on N local processes through torchrun")
+    r.add_argument("directory", type=Path)
+    r.add_argument("--nproc", type=int, required=True, help="processes (ranks); must equal the plan's ranks")
+    r.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                   help="default: nccl when CUDA is available, else gloo")
+    r.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
+    r.add_argument("--resume", action="store_true", help="resume from DIR/checkpoint")
+    r.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="save a checkpoint every K steps (0: never)")
+    r.add_argument("--master-addr", default="127.0.0.1",
+                   help="rendezvous address (default 127.0.0.1: local only)")
+
+    c = sub.add_parser("calibrate", help="measure this machine and write a hardware cost-model file")
+    c.add_argument("-o", "--output", required=True, type=Path, help="e.g. cost_models/mybox.json")
+    c.add_argument("--name", default=None, help="name recorded in the file (default: file stem)")
+    c.add_argument("--backend", choices=("gloo", "nccl"), default=None)
+    c.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute")
+    return parser
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from pipec.factory import load_factory, resolve_spec
+
+    spec = resolve_spec(args.factory)
+    made = load_factory(spec)
+    from pipec.partitioner.api import partition
+
+    out: Path = args.output
+    if out.exists() and not args.force and any(out.iterdir()):
+        raise ConfigError(f"output directory {str(out)!r} exists and is not empty; pass --force to replace it")
+    kwargs: dict[str, Any] = dict(
+        num_stages=args.stages,
+        num_microbatches=args.microbatches,
+        schedule=args.schedule,
+        stages_per_rank=args.stages_per_rank,
+        loss_fn=made.loss_fn,
+        cost_model=args.cost_model,
+        memory_limit=args.memory_limit,
+        device_speeds=args.device_speeds,
+        strategy=args.strategy,
+        example_kwargs=made.example_kwargs or None,
+        method=args.method,
+    )
+    plan = partition(made.model, made.example_inputs, **kwargs)
+    plan = plan.with_factory(spec)
+    print(plan.summary())
+    plan.save(out)
+    report = _write_report(plan, out)
+    print(f"plan written to {out}" + (f"; report: {report}" if report else ""))
+    return 0
+
+
+def _write_report(plan: Any, directory: Path) -> Path | None:
+    try:
+        from pipec.viz.report import write_report
+    except ImportError:  # report module not installed in this build
+        return None
+    path: Path = write_report(plan, directory)
+    return path
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from pipec.codegen import load
+
+    plan = load(args.directory)
+    print(plan.summary())
+    try:
+        from pipec.viz.grid import schedule_grid
+
+        print()
+        print(schedule_grid(plan.schedule))
+    except ImportError:
+        print(plan.schedule.to_text())
+    report = _write_report(plan, args.directory)
+    if report is not None:
+        print(f"report: {report}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipec.runtime.launch import run_plan
+
+    extra: list[str] = []
+    if args.resume:
+        extra.append("--resume")
+    if args.checkpoint_every:
+        extra += ["--checkpoint-every", str(args.checkpoint_every)]
+    code: int = run_plan(
+        args.directory,
+        nproc=args.nproc,
+        backend=args.backend,
+        steps=args.steps,
+        extra_args=tuple(extra),
+        master_addr=args.master_addr,
+    )
+    if code == 0:
+        _write_report_quietly(args.directory)
+    return code
+
+
+def _write_report_quietly(directory: Path) -> None:
+    try:
+        from pipec.codegen import load
+
+        report = _write_report(load(directory), directory)
+        if report is not None:
+            print(f"report: {report}")
+    except PipecError as exc:
+        logging.getLogger(__name__).warning("could not write the report: %s", exc)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pipec.costs.calibrate import calibrate
+
+    spec = calibrate(args.output, name=args.name, backend=args.backend, quick=args.quick)
+    print(f"wrote {args.output} ({spec.name})")
+    return 0
+
+
+_COMMANDS = {
+    "partition": _cmd_partition,
+    "show": _cmd_show,
+    "run": _cmd_run,
+    "calibrate": _cmd_calibrate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except PipecError as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split())
+        sys.stderr.write(f"pipec: error: {message}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("pipec: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Model factories: ``FILE.py:FACTORY`` specs used by the CLI and generated ``run.py``.
+
+A factory is a function of no arguments returning a dict with ``model`` and
+``example_inputs``, and optionally ``example_kwargs``, ``loss_fn`` and
+``target``. The plan records the spec so ``run.py`` and ``pipec run`` can build
+the loss and an example batch again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipec.errors import ConfigError
+
+_KNOWN_KEYS = {"model", "example_inputs", "example_kwargs", "loss_fn", "target"}
+
+
+@dataclass(frozen=True)
+class FactoryResult:
+    """What a factory returned, checked."""
+
+    spec: str
+    model: nn.Module
+    example_inputs: tuple[Any, ...]
+    example_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    loss_fn: Callable[..., Any] | None = None
+    target: Any = None
+
+
+def split_spec(spec: str) -> tuple[Path, str]:
+    """``"examples/gpt2.py:make"`` -> (path, "make")."""
+    path_text, sep, name = spec.rpartition(":")
+    if not sep or not path_text or not name.isidentifier():
+        raise ConfigError(
+            f"factory: expected FILE.py:FACTORY such as examples/gpt2.py:make, found {spec!r}"
+        )
+    return Path(path_text), name
+
+
+def resolve_spec(spec: str, base: Path | None = None) -> str:
+    """The spec with its file made absolute (relative to ``base`` or the cwd)."""
+    path, name = split_spec(spec)
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    return f"{path.resolve()}:{name}"
+
+
+def load_factory(spec: str) -> FactoryResult:
+    """Import ``FILE.py``, call ``FACTORY()`` and check what it returns."""
+    path, name = split_spec(spec)
+    if not path.is_file():
+        raise ConfigError(f"factory: file {str(path)!r} does not exist; give the path to a .py file")
+    module_name = f"pipec_factory_{abs(hash(str(path.resolve())))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        loader_spec = importlib.util.spec_from_file_location(module_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ConfigError(f"factory: cannot import {str(path)!r} as a Python module")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[module_name] = module
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[module_name]
+            raise ConfigError(f"factory: importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ConfigError(
+            f"factory: {str(path)!r} has no function {name!r}; callables there: {', '.join(found) or 'none'}"
+        )
+    result = fn()
+    if not isinstance(result, Mapping):
+        raise ConfigError(
+            f"factory {spec!r} returned {type(result).__name__}; it must return a dict with "
+            "'model' and 'example_inputs' (and optionally example_kwargs, loss_fn, target)"
+        )
+    unknown = set(result) - _KNOWN_KEYS
+    if unknown:
+        raise ConfigError(
+            f"factory {spec!r} returned unknown keys {sorted(unknown)}; allowed: {sorted(_KNOWN_KEYS)}"
+        )
+    model = result.get("model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"factory {spec!r}: 'model' must be a torch.nn.Module, found {type(model).__name__}"
+        )
+    if "example_inputs" not in result:
+        raise ConfigError(f"factory {spec!r}: the dict has no 'example_inputs'")
+    inputs = result["example_inputs"]
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    loss_fn = result.get("loss_fn")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"factory {spec!r}: 'loss_fn' must be callable, found {type(loss_fn).__name__}")
+    return FactoryResult(
+        spec=spec,
+        model=model,
+        example_inputs=inputs,
+        example_kwargs=dict(result.get("example_kwargs") or {}),
+        loss_fn=loss_fn,
+        target=result.get("target"),
+    )
