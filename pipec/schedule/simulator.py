@@ -1,0 +1,364 @@
+"""Simulator: time a schedule exactly, event by event, under given per-stage costs.
+
+Phase: schedule (last pass; also the validator's dry run). Input: a
+:class:`~pipec.schedule.ir.Schedule` (compute-only or lowered) and costs. Output:
+:class:`Simulation` -- step time, bubble, per-rank busy time, in-flight
+micro-batches, memory over time and the timeline.
+
+The model. Each rank runs its actions in order, one at a time. A compute action
+starts when the rank is free and its inputs are ready and takes its cost: ``F``
+``forward``, ``I`` ``input_grad``, ``W`` ``weight_grad``, ``B`` ``input_grad +
+weight_grad`` (of its stage). Communication costs latency, not compute: a
+message from (or, for gradients, back to) stage ``s`` reaches the other rank
+``comm[s]`` after it was sent. In a lowered schedule a ``SEND`` takes no time
+and a ``RECV`` ends when the last of its messages has arrived (the rank waits
+there, as the runtime's blocking receive does). In a compute-only schedule the
+transfers are implicit: a cross-rank input is ready ``comm`` after its producer
+finished. This is an exact event simulation, not an estimate: there is no
+contention other than each rank running one action at a time.
+
+Memory: ``activation_bytes[s]`` is held per micro-batch of stage ``s`` from the
+start of its ``F`` to the end of its ``B`` (or of its ``W`` when split). A
+micro-batch is *in flight* on a rank over the same interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+from pipec.errors import ConfigError
+from pipec.schedule.ir import Action, ActionKind, Schedule
+from pipec.schedule.lowering import COMPUTE_KINDS, BoundarySpec, StageGraph, lower, stage_graph
+
+if TYPE_CHECKING:
+    from pipec.plan import Plan
+
+_K = ActionKind
+
+
+class Costs(NamedTuple):
+    """Per-stage costs in seconds; ``comm_action`` is what a SEND/RECV action
+    itself takes (0 in simulations; the grid gives it one step)."""
+
+    forward: tuple[float, ...]
+    input_grad: tuple[float, ...]
+    weight_grad: tuple[float, ...]
+    comm: tuple[float, ...]
+    comm_action: float = 0.0
+    full_backward: tuple[float, ...] | None = None  # B's cost when not input_grad + weight_grad
+
+
+def unit_costs(num_stages: int) -> Costs:
+    """One step per action, comm included: the dry run and the grid use these."""
+    ones = (1.0,) * num_stages
+    return Costs(ones, ones, ones, (0.0,) * num_stages, 1.0, ones)
+
+
+def per_stage(name: str, value: float | Sequence[float], num_stages: int) -> tuple[float, ...]:
+    """``value`` for each stage: a number for all alike, or one number per stage."""
+    values = [value] * num_stages if isinstance(value, (int, float)) else list(value)
+    if len(values) != num_stages:
+        raise ConfigError(
+            f"{name}: expected one number or {num_stages} (one per stage), found {len(values)}; "
+            f"pass a float for every stage alike or a sequence of length num_stages"
+        )
+    out = tuple(float(v) for v in values)
+    if any(not math.isfinite(v) or v < 0 for v in out):
+        raise ConfigError(f"{name}: expected finite numbers >= 0, found {out}; fix the costs")
+    return out
+
+
+class TimelineEvent(NamedTuple):
+    """One action as it ran: ``[start, end)`` in seconds on ``rank``. A RECV
+    spans the time the rank waited for its messages."""
+
+    start: float
+    end: float
+    rank: int
+    action: Action
+
+
+class Blocked(NamedTuple):
+    """Where a rank stopped in a dry run that deadlocked."""
+
+    rank: int
+    step: int
+    action: Action
+    waiting_for: tuple[Action, ...]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Raw result of :func:`execute`: per rank, per executed action, the time the
+    rank reached it, the time it started and the time it ended."""
+
+    times: tuple[tuple[tuple[float, float, float], ...], ...]
+    blocked: tuple[Blocked, ...]
+
+    @property
+    def finished(self) -> bool:
+        return not self.blocked
+
+
+def _dependencies(
+    a: Action, graph: StageGraph, costs: Costs, lowered: bool
+) -> list[tuple[Action, float]]:
+    """(event, latency) pairs ``a`` waits for. ``Action(s, I, m)`` stands for
+    "the input gradient of (s, m) is done", whether by ``B`` or ``I``."""
+    s, m, kind = a.stage, a.microbatch, a.kind
+    rank = graph.rank_of(s)
+    if kind is _K.F:
+        deps = []
+        for p in graph.producers[s]:
+            if graph.rank_of(p) == rank:
+                deps.append((Action(p, _K.F, m), 0.0))
+            elif not lowered:
+                deps.append((Action(p, _K.F, m), costs.comm[p]))
+        if lowered and graph.remote_producers[s]:
+            deps.append((Action(s, _K.RECV_F, m), 0.0))
+        return deps
+    if kind in (_K.B, _K.I):
+        deps = [(Action(s, _K.F, m), 0.0)]
+        for c in graph.consumers[s]:
+            if graph.rank_of(c) == rank:
+                deps.append((Action(c, _K.I, m), 0.0))
+            elif not lowered:
+                deps.append((Action(c, _K.I, m), costs.comm[s]))
+        if lowered and graph.remote_consumers[s]:
+            deps.append((Action(s, _K.RECV_B, m), 0.0))
+        return deps
+    if kind is _K.W or kind is _K.SEND_B:
+        return [(Action(s, _K.I, m), 0.0)]
+    if kind is _K.SEND_F:
+        return [(Action(s, _K.F, m), 0.0)]
+    if kind is _K.RECV_F:
+        return [(Action(p, _K.SEND_F, m), costs.comm[p]) for p in graph.remote_producers[s]]
+    return [(Action(c, _K.SEND_B, m), costs.comm[s]) for c in graph.remote_consumers[s]]
+
+
+def _duration(a: Action, costs: Costs) -> float:
+    kind, s = a.kind, a.stage
+    if kind is _K.F:
+        return costs.forward[s]
+    if kind is _K.B:
+        if costs.full_backward is not None:
+            return costs.full_backward[s]
+        return costs.input_grad[s] + costs.weight_grad[s]
+    if kind is _K.I:
+        return costs.input_grad[s]
+    if kind is _K.W:
+        return costs.weight_grad[s]
+    return costs.comm_action
+
+
+def execute(schedule: Schedule, graph: StageGraph, costs: Costs) -> Execution:
+    """Run every rank's actions in order; stop where no rank can go on.
+
+    Each rank advances as far as the events it waits for are known; a rank that
+    waits is woken when the event it needs happens. O(number of actions).
+    """
+    rows = schedule.actions
+    lowered = schedule.is_lowered
+    num_ranks = len(rows)
+    # per (stage, kind): the (stage, kind, latency) of its dependencies, and its duration
+    plan: dict[tuple[int, ActionKind], tuple[tuple[tuple[int, ActionKind, float], ...], float]] = {}
+    done: dict[tuple[int, ActionKind, int], float] = {}
+    waiters: dict[tuple[int, ActionKind, int], list[int]] = {}
+    pos = [0] * num_ranks
+    clock = [0.0] * num_ranks
+    times: list[list[tuple[float, float, float]]] = [[] for _ in rows]
+    ready = deque(range(num_ranks))
+    while ready:
+        r = ready.popleft()
+        row, out = rows[r], times[r]
+        while pos[r] < len(row):
+            a = row[pos[r]]
+            s, kind, m = a
+            entry = plan.get((s, kind))
+            if entry is None:
+                deps = _dependencies(a, graph, costs, lowered)
+                entry = (tuple((d.stage, d.kind, lat) for d, lat in deps), _duration(a, costs))
+                plan[(s, kind)] = entry
+            t = clock[r]
+            missing = None
+            for ds, dk, latency in entry[0]:
+                at = done.get((ds, dk, m))
+                if at is None:
+                    missing = (ds, dk, m)
+                    break
+                if at + latency > t:
+                    t = at + latency
+            if missing is not None:
+                waiters.setdefault(missing, []).append(r)
+                break
+            end = t + entry[1]
+            out.append((clock[r], t, end))
+            clock[r] = end
+            pos[r] += 1
+            done[a] = end
+            if a in waiters:
+                ready.extend(waiters.pop(a))
+            if kind is _K.B:  # B also stands for "input gradient done"
+                key = (s, _K.I, m)
+                done[key] = end
+                if key in waiters:
+                    ready.extend(waiters.pop(key))
+    blocked = []
+    for r, row in enumerate(rows):
+        if pos[r] < len(row):
+            a = row[pos[r]]
+            deps = _dependencies(a, graph, costs, lowered)
+            blocked.append(Blocked(r, pos[r], a, tuple(d for d, _ in deps if d not in done)))
+    return Execution(tuple(tuple(t) for t in times), tuple(blocked))
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The simulated run of one training step (all times in seconds, memory in bytes)."""
+
+    schedule: Schedule
+    step_time: float
+    bubble_fraction: float  # 1 - total busy time / (num_ranks * step_time)
+    busy_time: tuple[float, ...]  # per rank, compute only
+    peak_inflight: tuple[int, ...]  # per rank
+    memory: tuple[tuple[tuple[float, int], ...], ...]  # per rank: (time, bytes) after each change
+    peak_memory: tuple[int, ...]  # per rank
+    timeline: tuple[TimelineEvent, ...]  # sorted by start, then end, then rank
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.busy_time)
+
+
+def simulate(
+    schedule: Schedule,
+    *,
+    forward: float | Sequence[float],
+    input_grad: float | Sequence[float],
+    weight_grad: float | Sequence[float],
+    comm: float | Sequence[float] = 0.0,
+    activation_bytes: float | Sequence[float] | None = None,
+    boundaries: Sequence[BoundarySpec] | None = None,
+) -> Simulation:
+    """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
+    or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`.
+
+    Raises :class:`~pipec.errors.ScheduleError` (with the schedule drawn) when the
+    schedule is invalid or deadlocks, :class:`~pipec.errors.ConfigError` for bad costs.
+    """
+    # imported here: the validator runs this module's engine for its dry run
+    from pipec.schedule.validator import check_static, raise_deadlock
+
+    n = schedule.num_stages
+    costs = Costs(
+        forward=per_stage("forward", forward, n),
+        input_grad=per_stage("input_grad", input_grad, n),
+        weight_grad=per_stage("weight_grad", weight_grad, n),
+        comm=per_stage("comm", comm, n),
+    )
+    held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
+    graph = stage_graph(n, schedule.num_ranks, boundaries)
+    check_static(schedule, graph, check_pair_order=False)  # timing does not depend on it
+    run = execute(schedule, graph, costs)
+    if not run.finished:
+        raise_deadlock(schedule, graph, run)
+    return _summarise(schedule, run, costs, tuple(round(b) for b in held))
+
+
+def _summarise(
+    schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...]
+) -> Simulation:
+    timeline: list[TimelineEvent] = []
+    busy, peaks, memory, peak_memory = [], [], [], []
+    for r, (row, times) in enumerate(zip(schedule.actions, run.times)):
+        changes: list[tuple[float, int, int, int]] = []  # (time, order, bytes, count)
+        total = 0.0
+        for a, (reached, start, end) in zip(row, times):
+            if a.kind in COMPUTE_KINDS:
+                timeline.append(TimelineEvent(start, end, r, a))
+                total += end - start
+            else:
+                timeline.append(TimelineEvent(reached, end, r, a))
+            if a.kind is _K.F:
+                changes.append((start, 1, held[a.stage], 1))
+            elif a.kind is _K.B or a.kind is _K.W:
+                changes.append((end, 0, -held[a.stage], -1))  # frees sort before allocations
+        busy.append(total)
+        changes.sort()
+        count = peak_count = num_bytes = peak_bytes = 0
+        points: list[tuple[float, int]] = [(0.0, 0)]
+        for time, _, delta_bytes, delta_count in changes:
+            count += delta_count
+            num_bytes += delta_bytes
+            peak_count, peak_bytes = max(peak_count, count), max(peak_bytes, num_bytes)
+            if points[-1][0] == time:
+                points[-1] = (time, num_bytes)
+            else:
+                points.append((time, num_bytes))
+        peaks.append(peak_count)
+        memory.append(tuple(points))
+        peak_memory.append(peak_bytes)
+    timeline.sort()  # by start, then end, then rank
+    step_time = max((e.end for e in timeline), default=0.0)
+    capacity = len(busy) * step_time
+    return Simulation(
+        schedule=schedule,
+        step_time=step_time,
+        bubble_fraction=1.0 - sum(busy) / capacity if capacity > 0 else 0.0,
+        busy_time=tuple(busy),
+        peak_inflight=tuple(peaks),
+        memory=tuple(memory),
+        peak_memory=tuple(peak_memory),
+        timeline=tuple(timeline),
+    )
+
+
+def simulate_plan(plan: Plan) -> Simulation:
+    """Simulate ``plan.schedule``, lowered with ``plan.boundaries``, under the
+    plan's own per-stage costs (see :func:`plan_costs`)."""
+    costs, held = plan_costs(plan)
+    lowered = lower(plan.schedule, plan.boundaries)
+    return simulate(
+        lowered,
+        forward=costs.forward,
+        input_grad=costs.input_grad,
+        weight_grad=costs.weight_grad,
+        comm=costs.comm,
+        activation_bytes=held,
+        boundaries=plan.boundaries,
+    )
+
+
+def plan_costs(plan: Plan) -> tuple[Costs, tuple[float, ...]]:
+    """Per-stage costs and activation bytes of a plan.
+
+    ``forward`` is ``stage.forward_time``; ``stage.backward_time`` is split into
+    ``input_grad`` and ``weight_grad`` in proportion to the sums of
+    ``input_grad_time`` and ``weight_grad_time`` of the stage's nodes (all
+    ``input_grad`` when both are zero). ``comm`` is ``stage.comm_time`` spread
+    evenly over the cross-rank stage edges the stage takes part in (in and out):
+    a message on the edge ``s -> c``, and its gradient back, costs stage ``s``'s
+    share. Activation bytes are the sum of the nodes' ``saved_bytes``.
+    """
+    graph = stage_graph(plan.num_stages, plan.num_ranks, plan.boundaries)
+    node_costs = plan.node_costs
+    by_index = {st.index: st for st in plan.stages}
+    forward, input_grad, weight_grad, comm, held = [], [], [], [], []
+    for s in range(plan.num_stages):
+        st = by_index[s]
+        nodes = [node_costs[n] for n in st.nodes if n in node_costs]
+        ig = sum(c.input_grad_time for c in nodes)
+        wg = sum(c.weight_grad_time for c in nodes)
+        share = ig / (ig + wg) if ig + wg > 0 else 1.0
+        edges = len(graph.remote_producers[s]) + len(graph.remote_consumers[s])
+        forward.append(st.forward_time)
+        input_grad.append(st.backward_time * share)
+        weight_grad.append(st.backward_time * (1.0 - share))
+        comm.append(st.comm_time / edges if edges else 0.0)
+        held.append(float(sum(c.saved_bytes for c in nodes)))
+    costs = Costs(tuple(forward), tuple(input_grad), tuple(weight_grad), tuple(comm))
+    return costs, tuple(held)

@@ -1,0 +1,198 @@
+"""Simulator: timeline, memory, per-stage costs, argument checks, plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipec.errors import ConfigError, ScheduleError
+from pipec.schedule.generators import make_schedule
+from pipec.schedule.ir import ActionKind, Schedule
+from pipec.schedule.lowering import lower
+from pipec.schedule.simulator import simulate, simulate_plan
+
+
+def test_timeline_of_a_tiny_1f1b() -> None:
+    sim = simulate(make_schedule("1f1b", 2, 2), forward=1.0, input_grad=2.0, weight_grad=1.0)
+    got = [(e.start, e.end, e.rank, str(e.action)) for e in sim.timeline]
+    assert got == [
+        (0.0, 1.0, 0, "0F0"),
+        (1.0, 2.0, 0, "0F1"),
+        (1.0, 2.0, 1, "1F0"),
+        (2.0, 5.0, 1, "1B0"),
+        (5.0, 6.0, 1, "1F1"),
+        (5.0, 8.0, 0, "0B0"),
+        (6.0, 9.0, 1, "1B1"),
+        (9.0, 12.0, 0, "0B1"),
+    ]
+    assert sim.step_time == 12.0
+    assert sim.busy_time == (8.0, 8.0)
+    assert sim.bubble_fraction == pytest.approx(1 - 16 / 24)
+
+
+def test_memory_over_time_and_peaks() -> None:
+    held = [100.0, 10.0]
+    sim = simulate(
+        make_schedule("1f1b", 2, 2),
+        forward=1.0,
+        input_grad=2.0,
+        weight_grad=1.0,
+        activation_bytes=held,
+    )
+    assert sim.memory[0] == ((0.0, 100), (1.0, 200), (8.0, 100), (12.0, 0))
+    assert sim.memory[1] == ((0.0, 0), (1.0, 10), (5.0, 10), (9.0, 0))  # free then alloc at 5.0
+    assert sim.peak_memory == (200, 10)
+    assert sim.peak_inflight == (2, 1)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1"])
+def test_peak_memory_is_inflight_times_bytes(name: str) -> None:
+    sim = simulate(
+        make_schedule(name, 4, 8),
+        forward=1.0,
+        input_grad=1.0,
+        weight_grad=0.5,
+        activation_bytes=1000,
+    )
+    assert sim.peak_memory == tuple(1000 * n for n in sim.peak_inflight)
+    assert all(points[-1][1] == 0 for points in sim.memory)
+    times = [t for t, _ in sim.memory[0]]
+    assert times == sorted(times)
+
+
+def test_zb_h1_holds_activations_until_w() -> None:
+    sim = simulate(
+        make_schedule("zb-h1", 2, 2),
+        forward=1.0,
+        input_grad=1.0,
+        weight_grad=1.0,
+        activation_bytes=1,
+    )
+    w_ends = [e.end for e in sim.timeline if e.action.kind is ActionKind.W and e.rank == 1]
+    frees = [t for t, b in sim.memory[1][1:] if b < 2]
+    assert frees[-1] == w_ends[-1]
+
+
+def test_per_stage_costs() -> None:
+    schedule = make_schedule("gpipe", 3, 1)
+    sim = simulate(
+        schedule,
+        forward=[1.0, 2.0, 3.0],
+        input_grad=[1.0, 1.0, 1.0],
+        weight_grad=0.0,
+        comm=[0.5, 0.25, 0.0],
+    )
+    # one micro-batch: forward chain then backward chain, each hop paying its producer's latency
+    assert sim.step_time == pytest.approx(1 + 0.5 + 2 + 0.25 + 3 + 1 + 0.25 + 1 + 0.5 + 1)
+    assert sim.busy_time == pytest.approx((2.0, 3.0, 4.0))
+
+
+def test_lowered_schedule_waits_in_receives() -> None:
+    sim = simulate(
+        lower(make_schedule("1f1b", 2, 1)), forward=1.0, input_grad=1.0, weight_grad=1.0, comm=0.5
+    )
+    recv = next(e for e in sim.timeline if e.action.kind is ActionKind.RECV_F)
+    assert (recv.start, recv.end) == (0.0, 1.5)  # rank 1 waits from 0 until 0F0 + latency
+    assert sim.busy_time == (3.0, 3.0)
+    assert sim.step_time == pytest.approx(1 + 0.5 + 3 + 0.5 + 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"forward": [1.0, 2.0]}, "forward: expected one number or 3 (one per stage), found 2"),
+        ({"input_grad": -1.0}, "input_grad: expected finite numbers >= 0"),
+        ({"comm": float("nan")}, "comm: expected finite numbers"),
+        ({"activation_bytes": [1, 2]}, "activation_bytes"),
+    ],
+)
+def test_bad_costs_are_rejected(kwargs: dict[str, object], fragment: str) -> None:
+    costs: dict[str, object] = {"forward": 1.0, "input_grad": 1.0, "weight_grad": 1.0, **kwargs}
+    with pytest.raises(ConfigError) as info:
+        simulate(make_schedule("1f1b", 3, 2), **costs)  # type: ignore[arg-type]
+    assert fragment in str(info.value)
+
+
+def test_invalid_schedule_is_not_simulated() -> None:
+    with pytest.raises(ScheduleError, match="deadlock"):
+        crossed = Schedule.from_text("0: 0F0 0B0 0F1 0B1\n1: 1F1 1B1 1F0 1B0\n")
+        simulate(crossed, forward=1, input_grad=1, weight_grad=1)
+    with pytest.raises(ScheduleError, match="found none"):
+        simulate(Schedule.from_text("0: 0F0\n"), forward=1, input_grad=1, weight_grad=1)
+
+
+def _plan(schedule_name: str = "1f1b") -> object:
+    from pipec.plan import Boundary, Plan, PlanData, StageInfo
+    from pipec.types import NodeCost
+
+    node_costs = {
+        "a": NodeCost(forward_time=1.0, input_grad_time=3.0, weight_grad_time=1.0, saved_bytes=100),
+        "b": NodeCost(forward_time=1.0, input_grad_time=0.0, weight_grad_time=0.0, saved_bytes=50),
+        "c": NodeCost(forward_time=2.0, input_grad_time=1.0, weight_grad_time=1.0, saved_bytes=10),
+    }
+    stages = (
+        StageInfo(
+            index=0,
+            rank=0,
+            nodes=("a", "b"),
+            num_params=1,
+            param_bytes=4,
+            forward_time=2.0,
+            backward_time=4.0,
+            comm_time=0.5,
+            memory_bytes=0,
+        ),
+        StageInfo(
+            index=1,
+            rank=1,
+            nodes=("c",),
+            num_params=1,
+            param_bytes=4,
+            forward_time=2.0,
+            backward_time=2.0,
+            comm_time=0.5,
+            memory_bytes=0,
+        ),
+    )
+    boundary = Boundary(
+        name="b", producer_stage=0, consumer_stages=(1,), shape=(4,), dtype="float32", num_bytes=16
+    )
+    data = PlanData(
+        model_name="toy",
+        trace_method="fx",
+        num_stages=2,
+        num_ranks=2,
+        stages_per_rank=1,
+        num_microbatches=3,
+        strategy="optimal",
+        cost_model="test",
+        schedule=make_schedule(schedule_name, 2, 3),
+        stages=stages,
+        boundaries=(boundary,),
+        node_costs=node_costs,
+        bottleneck=6.0,
+        lower_bound=5.0,
+    )
+    return Plan(data)
+
+
+def test_simulate_plan_uses_the_plans_costs() -> None:
+    plan = _plan("zb-h1")
+    sim = plan.simulate()  # type: ignore[attr-defined]
+    assert sim == simulate_plan(plan)  # type: ignore[arg-type]
+    assert sim.schedule.is_lowered
+    durations = {str(e.action): e.end - e.start for e in sim.timeline}
+    assert durations["0F0"] == pytest.approx(2.0)
+    assert durations["0I0"] == pytest.approx(3.0)  # 4.0 split 3:1 by the nodes' I and W times
+    assert durations["0W0"] == pytest.approx(1.0)
+    assert durations["1I0"] == pytest.approx(1.0)
+    assert sim.peak_memory[0] == 150 * sim.peak_inflight[0]
+    assert sim.peak_memory[1] == 10 * sim.peak_inflight[1]
+    recv = [e for e in sim.timeline if str(e.action) == "1RECV_F0"][0]
+    assert recv.end == pytest.approx(2.0 + 0.5)  # comm_time 0.5 over one cross-rank edge
+
+
+def test_simulate_is_exported() -> None:
+    import pipec
+
+    assert pipec.simulate is simulate
+    assert pipec.Simulation.__name__ == "Simulation"
