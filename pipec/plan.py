@@ -7,7 +7,7 @@ plan each own one method:
 
 - ``pipec.partition``  builds it          (pipec/partitioner/)
 - ``plan.schedule`` / ``plan.simulate()`` (pipec/schedule/)
-- ``plan.stage_module(i)``                 (pipec/split.py)
+- ``plan.stage_module(i)``                 (pipec/split/)
 - ``plan.save(dir)`` / ``pipec.load(dir)`` (pipec/codegen.py)
 - ``plan.summary()``                       (pipec/summary.py)
 """

@@ -360,6 +360,7 @@ def _annotate(
                 param_bytes=sum(tensors[f][0].numel() * tensors[f][0].element_size() for f in node_reads),
             )
         )
+    saved_keys = set(model.state_dict(keep_vars=True))
     params = {
         fqn: ParamInfo(
             fqn=fqn,
@@ -370,6 +371,7 @@ def _annotate(
             is_buffer=is_buffer,
             aliases=tuple(aliases.get(fqn, ())),
             users=tuple(users_of[fqn]),
+            persistent=not is_buffer or fqn in saved_keys or any(a in saved_keys for a in aliases.get(fqn, ())),
         )
         for fqn, (t, is_buffer) in tensors.items()
     }

@@ -74,6 +74,7 @@ class ParamInfo:
     is_buffer: bool
     aliases: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
+    persistent: bool = True  # False for non-persistent buffers and plain tensor attributes
 
 
 @dataclass(frozen=True)

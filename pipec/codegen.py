@@ -1,0 +1,290 @@
+"""Phase codegen: a plan as a directory of plain files, and back.
+
+``save_plan(plan, directory)`` (``plan.save``) writes, atomically -- into a
+temporary directory beside the target, renamed into place only when complete::
+
+    plan.json                 PlanData (pydantic, has format_version)
+    stage_<k>.py              readable Python: class Stage<k> with the stage's forward
+    stage_<k>.safetensors     the stage's tensors under their original FQNs
+    schedule.txt              the lowered schedule, one line per rank
+    schedule.svg              the schedule drawn, when pipec.viz.svg is available
+    run.py                    a torchrun entry point with an editable training loop
+
+``load(directory)`` (``pipec.load``) checks every file and returns a Plan whose
+stage modules come from ``stage_<k>.py`` + safetensors. Nothing is pickled and
+nothing from ``plan.json`` is evaluated; ``stage_<k>.py`` *is* code, so a plan
+directory is trusted like any script you run.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import itertools
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from pipec.errors import PlanError
+from pipec.plan import FORMAT_VERSION, Plan, PlanData
+from pipec.split import StageModule
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+_RERUN = "re-run `pipec partition` (or plan.save(DIR)) to write the plan again"
+_TEMPLATES = Path(__file__).parent / "templates"
+_import_counter = itertools.count()
+
+
+def stage_file(index: int) -> str:
+    return f"stage_{index}.py"
+
+
+def weights_file(index: int) -> str:
+    return f"stage_{index}.safetensors"
+
+
+# -- saving ---------------------------------------------------------------------------
+
+
+def save_plan(plan: Plan, directory: Path) -> Path:
+    """Write ``plan`` to ``directory`` atomically and return the directory.
+
+    An existing plan directory is replaced only once the new one is complete;
+    a directory that is not a plan (no ``plan.json``) is never overwritten.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise PlanError(f"cannot save the plan to {directory}: it is a file; choose a directory path")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / PLAN_FILE).is_file():
+        raise PlanError(
+            f"cannot save the plan to {directory}: the directory is not empty and holds no "
+            f"{PLAN_FILE}, so it is not a pipec plan; choose a new or empty directory"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    old: Path | None = None
+    try:
+        _write_files(plan, tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            directory.rename(old)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not directory.exists():
+            old.rename(directory)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved plan of %s (%d stages) to %s", plan.data.model_name, plan.data.num_stages, directory)
+    return directory
+
+
+def _write_files(plan: Plan, out: Path) -> None:
+    (out / PLAN_FILE).write_text(plan.data.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    for index in range(plan.data.num_stages):
+        module = plan.stage_module(index)
+        if not isinstance(module, StageModule):
+            raise PlanError(f"stage {index} is a {type(module).__name__}, not a pipec StageModule")
+        (out / stage_file(index)).write_text(_stage_text(plan, index, module), encoding="utf-8")
+        tensors = {name: t.detach().cpu().contiguous() for name, t in _named_tensors(module).items()}
+        aliases = json.dumps({k: list(v) for k, v in module.aliases.items()})
+        save_file(tensors, str(out / weights_file(index)),
+                  metadata={"format": "pt", "pipec_stage": str(index), "pipec_aliases": aliases})
+    schedule = _lowered_schedule(plan)
+    (out / "schedule.txt").write_text(schedule.to_text(), encoding="utf-8")
+    svg = _schedule_svg(schedule)
+    if svg is not None:
+        (out / "schedule.svg").write_text(svg, encoding="utf-8")
+    template = (_TEMPLATES / "run.py").read_text(encoding="utf-8")
+    (out / "run.py").write_text(template, encoding="utf-8")
+
+
+def _stage_text(plan: Plan, index: int, module: StageModule) -> str:
+    """``stage_<index>.py``: generated from the stage graph, or copied from the loaded plan."""
+    from pipec.split import GraphStage
+
+    if isinstance(module, GraphStage):
+        from pipec.templates.stage import stage_source
+
+        return stage_source(module, plan.data)
+    if plan.directory is None:
+        raise PlanError(f"stage {index} has neither a graph nor a source file to save; {_RERUN}")
+    return (plan.directory / stage_file(index)).read_text(encoding="utf-8")
+
+
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = dict(module.named_parameters())
+    out.update(module.named_buffers())
+    return out
+
+
+def _lowered_schedule(plan: Plan) -> Any:
+    schedule = plan.schedule
+    if schedule.is_lowered:
+        return schedule
+    try:
+        from pipec.schedule.lowering import lower
+    except ImportError:
+        log.info("pipec.schedule.lowering is missing; schedule.txt holds compute actions only")
+        return schedule
+    return lower(schedule, plan.data.boundaries)
+
+
+def _schedule_svg(schedule: Any) -> str | None:
+    try:
+        svg = importlib.import_module("pipec.viz.svg")
+    except ImportError:
+        return None
+    draw = getattr(svg, "schedule_svg", None)
+    return str(draw(schedule)) if callable(draw) else None
+
+
+# -- loading ----------------------------------------------------------------------------
+
+
+def load(directory: str | Path) -> Plan:
+    """The plan saved in ``directory``; every file is checked before it is trusted.
+
+    The returned Plan has no traced graph (``plan.traced is None``);
+    ``plan.stage_module(k)`` imports ``stage_<k>.py`` and loads its weights.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise PlanError(f"no plan directory at {path}; expected the directory given to plan.save, or {_RERUN}")
+    data = read_plan_data(path)
+    for index in range(data.num_stages):
+        expected = stage_tensor_shapes(path, index)
+        found = _weights_header(path, index)
+        if expected != found:
+            missing = sorted(set(expected) - set(found))
+            extra = sorted(set(found) - set(expected))
+            wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+            detail = "; ".join(
+                f"{label} {names[:5]}" for label, names in
+                (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if names)
+            raise PlanError(f"{path / weights_file(index)} does not match {stage_file(index)}: {detail}; {_RERUN}")
+    return Plan(data, directory=path)
+
+
+def read_plan_data(directory: Path) -> PlanData:
+    """``plan.json`` validated: exists, parses, has this pipec's ``format_version``."""
+    file = directory / PLAN_FILE
+    if not file.is_file():
+        raise PlanError(f"{directory} holds no {PLAN_FILE}, so it is not a saved plan; {_RERUN}")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{file} is not valid JSON (corrupt or truncated: {exc}); {_RERUN}") from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{file}: expected a JSON object, found {type(raw).__name__}; {_RERUN}")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PlanError(
+            f"{file} has format_version {version!r}, this pipec reads format_version {FORMAT_VERSION}; "
+            f"{_RERUN} with this pipec version"
+        )
+    try:
+        return PlanData.model_validate(raw)
+    except ValidationError as exc:
+        first = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        raise PlanError(f"{file} is not a valid plan ({exc.error_count()} errors: {first}); {_RERUN}") from None
+
+
+def stage_tensor_shapes(directory: Path, index: int) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor ``stage_<index>.py`` declares, read without running it."""
+    declared = _stage_literals(directory, index)
+    return {name: tuple(spec[0]) for table in ("PARAMETERS", "BUFFERS")
+            for name, spec in declared.get(table, {}).items()}
+
+
+def read_stage_aliases(directory: Path, index: int) -> dict[str, tuple[str, ...]]:
+    """The other state-dict names of stage ``index``'s tied tensors."""
+    return {k: tuple(v) for k, v in _stage_literals(directory, index).get("ALIASES", {}).items()}
+
+
+def _stage_literals(directory: Path, index: int) -> dict[str, Any]:
+    file = directory / stage_file(index)
+    if not file.is_file():
+        raise PlanError(f"{directory} lacks {stage_file(index)} for stage {index}; {_RERUN}")
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
+    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError(f"{file} is not valid Python ({exc}); {_RERUN}") from None
+    out: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name in ("PARAMETERS", "BUFFERS", "ALIASES"):
+                try:
+                    out[name] = ast.literal_eval(node.value)
+                except ValueError:
+                    raise PlanError(f"{file}: {name} must be a literal dict; {_RERUN}") from None
+    if "PARAMETERS" not in out or "BUFFERS" not in out:
+        raise PlanError(f"{file} declares no PARAMETERS/BUFFERS tables, so it is not a pipec stage file; {_RERUN}")
+    return out
+
+
+def _weights_header(directory: Path, index: int) -> dict[str, tuple[int, ...]]:
+    file = directory / weights_file(index)
+    if not file.is_file():
+        raise PlanError(f"{directory} lacks {weights_file(index)} for stage {index}; {_RERUN}")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PlanError(f"{file} is not a readable safetensors file (corrupt or truncated: {exc}); {_RERUN}") from None
+
+
+def load_stage_module(directory: Path, data: PlanData, index: int) -> StageModule:
+    """Import ``stage_<index>.py`` under a fresh module name and fill it from safetensors."""
+    file = directory / stage_file(index)
+    name = f"_pipec_plan_stage_{index}_{next(_import_counter)}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise PlanError(f"cannot import {file}; {_RERUN}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        stage = getattr(module, f"Stage{index}")()
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise PlanError(f"{file} fails to build class Stage{index}: {type(exc).__name__}: {exc}; {_RERUN}") from exc
+    if not isinstance(stage, StageModule):
+        raise PlanError(f"{file}: Stage{index} must subclass pipec.split.StageModule; {_RERUN}")
+    if stage.index != index or stage.is_last != (index == data.num_stages - 1):
+        raise PlanError(f"{file} declares index={stage.index}, is_last={stage.is_last}, but it is stage "
+                        f"{index} of {data.num_stages} in {PLAN_FILE}; {_RERUN}")
+    _weights_header(directory, index)  # a clear error for a missing or corrupt file
+    try:
+        tensors = load_file(str(directory / weights_file(index)))
+    except (SafetensorError, OSError) as exc:
+        raise PlanError(f"{directory / weights_file(index)} cannot be read ({exc}); {_RERUN}") from None
+    own = _named_tensors(stage)
+    if set(own) != set(tensors):
+        raise PlanError(
+            f"stage {index}: {weights_file(index)} holds {sorted(set(tensors) - set(own))[:5]} extra and "
+            f"lacks {sorted(set(own) - set(tensors))[:5]} of the tensors Stage{index} declares; {_RERUN}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if own[key].shape != value.shape:
+                raise PlanError(f"stage {index}: {key!r} has shape {tuple(value.shape)} in "
+                                f"{weights_file(index)}, Stage{index} expects {tuple(own[key].shape)}; {_RERUN}")
+            own[key].copy_(value)
+    log.debug("loaded stage %d from %s (%d tensors)", index, file, len(tensors))
+    return stage

@@ -1,0 +1,71 @@
+"""Phase split: one ``nn.Module`` per pipeline stage, parameters under their original FQNs.
+
+Input: a :class:`pipec.plan.Plan` (its traced graph, or the directory it was
+loaded from) and a stage index. Output: a :class:`StageModule`.
+
+Stage-module contract (what the runtime relies on; names are exact)
+-------------------------------------------------------------------
+``index: int``
+    The stage index.
+``input_names: tuple[str, ...]``
+    ``graph_input_names`` -- the model inputs (placeholder names) the stage
+    reads, in graph order -- followed by ``boundary_input_names`` -- the
+    boundary tensors it receives, ordered by their producer's position in the
+    traced graph. A skip tensor comes straight from its producer stage.
+``output_names: tuple[str, ...]``
+    The boundary tensors it produces, in the same order.
+``graph_input_names`` / ``boundary_input_names``
+    The two parts of ``input_names``.
+``is_last: bool``
+    Whether it is the last stage (the one holding the model's output node).
+``requires_grad: Mapping[str, bool]``
+    For every boundary name in ``input_names`` and ``output_names``: whether a
+    gradient flows back through it (a floating-point tensor computed from a
+    trainable parameter). Integer and boolean tensors (masks, positions) never
+    carry one; the runtime sends no gradient for a name mapped to False.
+``forward(*inputs) -> tuple``
+    Takes one value per ``input_names``; returns the values of
+    ``output_names`` in order and, on the last stage only, one more element:
+    the model's output in its original structure (a HF ``ModelOutput`` comes
+    back as a plain dict with the same keys when its type cannot be rebuilt).
+``output_spec: str | None``
+    The output's pytree spec (``treespec_dumps``), last stage only.
+``aliases: Mapping[str, tuple[str, ...]]``
+    Other state-dict names of the stage's tied tensors (``head.weight`` for
+    ``embed.weight``), used by :func:`merge_state_dicts`.
+
+Both kinds of stage module -- :class:`GraphStage` (built in memory) and the
+``Stage<k>`` classes of generated ``stage_<k>.py`` files -- subclass
+:class:`StageModule`. ``device=`` constants the trace baked in (``torch.export``
+creates ``arange(..., device=cpu)``) read the device of the stage's first
+tensor instead, so ``stage.to(device)`` is all a rank needs.
+
+``state_dict()`` keys are the original model's FQNs; a tied parameter appears
+once, under its canonical FQN (the first name ``model.named_parameters()``
+yields), on every stage that uses it. Each stage module owns copies of its
+tensors: stages never share storage with the model or with each other.
+
+The graph of a stage holds only placeholders, ``get_attr`` of its tensors,
+``call_function``/``call_method`` and the output: ``call_module`` nodes of fx
+graphs are inlined (traced through with fx, or with ``torch.export`` when fx
+cannot), so the graph is specialised to the model's train/eval mode at
+trace time, exactly as ``torch.export`` is: partition an ``eval()`` model for
+inference when it has dropout or batch norm.
+
+Modules: :mod:`pipec.split.stage` (the stage-module classes), :mod:`pipec.split.graph`
+(splitting a traced graph), :mod:`pipec.split.state` (state dicts).
+"""
+
+from pipec.split.graph import build_stage_module
+from pipec.split.stage import GraphStage, StageModule, place_tensor, rebuild_output
+from pipec.split.state import merge_state_dicts, split_state_dict
+
+__all__ = [
+    "GraphStage",
+    "StageModule",
+    "build_stage_module",
+    "merge_state_dicts",
+    "place_tensor",
+    "rebuild_output",
+    "split_state_dict",
+]
