@@ -1,0 +1,187 @@
+"""The report's "measured vs predicted" section, shown after a run.
+
+Phase: report. Inputs: the plan, its :class:`~pipec.schedule.simulator.Simulation`
+(the prediction; None when it could not be simulated) and a
+:class:`~pipec.viz.report_measured.Measured`. The measured step is turned
+into a ``Simulation``-shaped value (:func:`measured_simulation`) so the same
+Gantt chart draws both; the tables compare per stage the forward and backward
+time (medians over micro-batches and steps) and per action kind the durations.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pipec.plan import PlanData
+from pipec.schedule.ir import Action, ActionKind, Schedule
+from pipec.viz.report_fmt import esc, fmt_ms, fmt_time, ratio_class
+from pipec.viz.report_measured import Measured
+from pipec.viz.report_parts import card, swatch
+
+if TYPE_CHECKING:
+    from pipec.schedule.simulator import Simulation
+
+_COMPUTE = ("F", "B", "I", "W")
+_GANTT_MARGINS = 80  # left + right margin of pipec.viz.svg.schedule_svg
+
+
+def measured_simulation(measured: Measured, step: int, data: PlanData) -> Simulation:
+    """One measured step as a :class:`Simulation` (no memory figures), for drawing."""
+    from pipec.schedule.simulator import Simulation, TimelineEvent
+
+    events = sorted((TimelineEvent(s, e, r, a) for s, e, r, a in measured.timeline(step)), key=lambda e: (e.start, e.rank))
+    num_ranks = max([data.num_ranks, *(e.rank + 1 for e in events)])
+    rows: list[list[Action]] = [[] for _ in range(num_ranks)]
+    busy = [0.0] * num_ranks
+    for e in events:
+        rows[e.rank].append(e.action)
+        if e.action.kind.is_compute:
+            busy[e.rank] += e.end - e.start
+    step_time = measured.step_times[step]
+    schedule = Schedule(
+        name=f"measured ({data.schedule.name})",
+        num_stages=max([data.num_stages, *(e.action.stage + 1 for e in events)]),
+        num_microbatches=max([data.num_microbatches, *(e.action.microbatch + 1 for e in events)]),
+        stages_per_rank=data.stages_per_rank,
+        actions=tuple(tuple(r) for r in rows),
+    )
+    return Simulation(
+        schedule=schedule,
+        step_time=step_time,
+        bubble_fraction=1.0 - sum(busy) / (num_ranks * step_time) if step_time > 0 else 0.0,
+        busy_time=tuple(busy),
+        peak_inflight=(0,) * num_ranks,
+        memory=tuple(((0.0, 0),) for _ in range(num_ranks)),
+        peak_memory=(0,) * num_ranks,
+        timeline=tuple(events),
+    )
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def measured_backward(measured: Measured, stage: int) -> list[float]:
+    """Backward durations of ``stage``: ``B`` actions, or ``I`` + ``W`` of each micro-batch."""
+    full = measured.durations(stage, "B")
+    if full:
+        return full
+    split: dict[tuple[int, int], float] = {}
+    for m in measured.actions:
+        if m.action.stage == stage and m.action.kind in (ActionKind.I, ActionKind.W):
+            key = (m.step, m.action.microbatch)
+            split[key] = split.get(key, 0.0) + m.duration
+    return list(split.values())
+
+
+def _ratio_cells(predicted: float | None, measured: float | None) -> str:
+    pred = f'<td class="n">{fmt_ms(predicted)}</td>' if predicted is not None else '<td class="n">\u2013</td>'
+    meas = f'<td class="n">{fmt_ms(measured)}</td>' if measured is not None else '<td class="n">\u2013</td>'
+    if predicted and measured is not None:
+        ratio = measured / predicted
+        title = f"measured / predicted = {ratio:.4g}"
+        return f'{pred}{meas}<td class="n {ratio_class(ratio)}" data-v="{ratio}" title="{title}">{ratio:.2f}\u00d7</td>'
+    return f'{pred}{meas}<td class="n">\u2013</td>'
+
+
+def stage_comparison(data: PlanData, measured: Measured) -> str:
+    rows = []
+    for st in data.stages:
+        fwd = _median(measured.durations(st.index, "F"))
+        bwd = _median(measured_backward(measured, st.index))
+        rows.append(
+            f'<tr data-stage="{st.index}"><td data-v="{st.index}">{swatch(st.index)}{st.index}</td>'
+            f'<td class="n">{st.rank}</td>{_ratio_cells(st.forward_time, fwd)}{_ratio_cells(st.backward_time, bwd)}</tr>'
+        )
+    head = (
+        "<thead><tr><th>stage</th><th class=n>rank</th><th class=n>fwd predicted ms</th>"
+        "<th class=n>fwd measured ms</th><th class=n>ratio</th><th class=n>bwd predicted ms</th>"
+        "<th class=n>bwd measured ms</th><th class=n>ratio</th></tr></thead>"
+    )
+    return f'<table class="sortable">{head}<tbody>{"".join(rows)}</tbody></table>'
+
+
+def action_comparison(measured: Measured, predicted: Simulation | None) -> str:
+    pred: dict[tuple[int, str], list[float]] = {}
+    if predicted is not None:
+        for e in predicted.timeline:
+            pred.setdefault((e.action.stage, e.action.kind.value), []).append(e.end - e.start)
+    meas: dict[tuple[int, str], list[float]] = {}
+    for m in measured.actions:
+        meas.setdefault((m.action.stage, m.action.kind.value), []).append(m.duration)
+    rows: dict[bool, list[str]] = {True: [], False: []}
+    for stage, kind in sorted(meas, key=lambda k: (k[0], _COMPUTE.index(k[1]) if k[1] in _COMPUTE else 9, k[1])):
+        durations = meas[(stage, kind)]
+        tip = f"min {fmt_time(min(durations))}, max {fmt_time(max(durations))}"
+        rows[kind in _COMPUTE].append(
+            f'<tr data-stage="{stage}"><td data-v="{stage}">{swatch(stage)}{stage}</td><td class="mono">{esc(kind)}</td>'
+            f'<td class="n">{len(durations)}</td>{_ratio_cells(_median(pred.get((stage, kind), [])), _median(durations))}'
+            f'<td class="n">{esc(tip)}</td></tr>'
+        )
+    head = (
+        "<thead><tr><th>stage</th><th>action</th><th class=n>count</th><th class=n>predicted ms</th>"
+        "<th class=n>measured ms</th><th class=n>ratio</th><th class=n>measured range</th></tr></thead>"
+    )
+    out = f'<table class="sortable">{head}<tbody>{"".join(rows[True])}</tbody></table>'
+    if rows[False]:
+        out += (
+            f"<details><summary>communication actions ({len(rows[False])} kinds): a RECV lasts as long "
+            f'as the rank waited</summary><table class="sortable">{head}<tbody>{"".join(rows[False])}'
+            "</tbody></table></details>"
+        )
+    return out
+
+
+def _width(sim: Simulation, longest: float, width: int) -> int:
+    """Chart width that puts ``sim`` on the scale of the longest step (the
+    chart's 80 px of margins stay fixed)."""
+    if longest <= 0 or sim.step_time <= 0:
+        return width
+    return max(240, round(_GANTT_MARGINS + (width - _GANTT_MARGINS) * sim.step_time / longest))
+
+
+def measured_section(
+    data: PlanData,
+    predicted: Simulation | None,
+    measured: Measured,
+    gantt: Callable[[Simulation, int], str],
+    width: int = 1200,
+) -> str:
+    """Cards (step time measured vs predicted), both Gantt charts, the tables."""
+    step = measured.typical_step
+    out = []
+    for w in measured.warnings:
+        out.append(f'<div class="warnbox">{esc(w)}</div>')
+    missing = sorted(set(range(data.num_ranks)) - set(measured.ranks))
+    if missing:
+        out.append(
+            f'<div class="warnbox">No timeline for rank {esc(", ".join(map(str, missing)))}; '
+            "the measured step time covers the other ranks only.</div>"
+        )
+    cards = [card("measured step", fmt_time(measured.step_time), f"median of {measured.num_steps} step(s)", "hi")]
+    if predicted is not None and predicted.step_time > 0:
+        ratio = measured.step_time / predicted.step_time
+        cards.append(card("predicted step", fmt_time(predicted.step_time), f"simulated, {data.cost_model}"))
+        cards.append(card("measured / predicted", f"{ratio:.2f}\u00d7", "1.00\u00d7 is a perfect prediction"))
+    measured_sim = measured_simulation(measured, step, data)
+    cards.append(card("measured bubble", f"{measured_sim.bubble_fraction * 100:.1f}%", f"step {step}"))
+    out.append(f'<div class="cards">{"".join(cards)}</div>')
+    longest = max(measured_sim.step_time, predicted.step_time if predicted is not None else 0.0)
+    if predicted is not None:
+        out.append(f"<h3>Predicted</h3><figure>{gantt(predicted, _width(predicted, longest, width))}</figure>")
+    out.append(
+        f"<h3>Measured (step {step} of {measured.num_steps}, "
+        f"{esc(fmt_time(measured.step_times[step]))})</h3>"
+        f"<figure>{gantt(measured_sim, _width(measured_sim, longest, width))}</figure>"
+        "<figcaption>Both charts share one time scale: the shorter step is the narrower chart.</figcaption>"
+    )
+    out.append("<h3>Per stage</h3>" + stage_comparison(data, measured))
+    out.append(
+        '<p class="note">Medians over micro-batches and steps; ratio = measured / predicted '
+        "(green within 15%, amber within 50%).</p>"
+    )
+    out.append("<h3>Per action</h3>" + action_comparison(measured, predicted))
+    out.append(f'<p class="note">From {esc(", ".join(measured.files))}.</p>')
+    return "".join(out)

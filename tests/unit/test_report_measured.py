@@ -1,0 +1,110 @@
+"""Reading the measured timelines a run leaves in the plan directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from pipec.schedule.ir import Action
+from pipec.viz.report_layout import Arc, assign_levels
+from pipec.viz.report_measured import load_measured
+
+
+def event(name: str, ts: float, dur: float, rank: int = 0, **args: object) -> dict[str, object]:
+    out: dict[str, object] = {"name": name, "ph": "X", "ts": ts, "dur": dur, "pid": 0, "tid": rank}
+    if args:
+        out["args"] = args
+    return out
+
+
+def write(directory: Path, rank: int, events: object) -> None:
+    (directory / f"timeline_rank{rank}.json").write_text(json.dumps({"traceEvents": events}))
+
+
+def test_no_directory_or_no_files_is_none(tmp_path: Path) -> None:
+    assert load_measured(tmp_path / "missing") is None
+    assert load_measured(tmp_path) is None
+    (tmp_path / "timeline_rankX.json").write_text("{}")  # not a rank's timeline: ignored
+    assert load_measured(tmp_path) is None
+
+
+def test_steps_from_args_and_from_repetition(tmp_path: Path) -> None:
+    # rank 0 marks its steps; rank 1 does not: its k-th 1F0 belongs to step k
+    write(tmp_path, 0, [event("0F0", 100, 10, step=0), event("0B0", 130, 20, step=0),
+                        event("0F0", 1100, 12, step=1), event("0B0", 1130, 22, step=1),
+                        event("step", 0, 5000), {"name": "thread_name", "ph": "M", "pid": 0}])
+    write(tmp_path, 1, [event("1F0", 112, 10, 1), event("1B0", 122, 8, 1),
+                        event("1F0", 1114, 10, 1), event("1B0", 1124, 6, 1)])
+    m = load_measured(tmp_path)
+    assert m is not None
+    assert m.ranks == (0, 1) and m.num_steps == 2 and m.warnings == ()
+    assert m.step_times == pytest.approx((50e-6, 52e-6))
+    assert m.durations(0, "F") == pytest.approx([10e-6, 12e-6])
+    assert m.durations(1, "B") == pytest.approx([8e-6, 6e-6])
+    first = m.timeline(0)
+    assert first[0][:3] == pytest.approx((0.0, 10e-6, 0)) and first[0][3] == Action.parse("0F0")
+    assert [str(a) for *_, a in first] == ["0F0", "1F0", "1B0", "0B0"]
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("{not json", "JSON"),
+        ('{"events": []}', "traceEvents"),
+        ('{"traceEvents": [3]}', "expected an object"),
+        ('{"traceEvents": [{"name": "0F0", "ph": "X", "ts": 1}]}', "dur=None"),
+        ('{"traceEvents": [{"name": "0F0", "ph": "X", "ts": "1", "dur": 2}]}', "ts='1'"),
+        ('{"traceEvents": [{"name": "0F0", "ph": "X", "ts": 1, "dur": -2}]}', "negative"),
+        ('{"traceEvents": [{"name": "0F0", "ph": "X", "ts": 1, "dur": 2, "args": {"step": "a"}}]}', "args.step"),
+        ('{"traceEvents": [{"name": "step", "ph": "X", "ts": 1, "dur": 2}]}', "no action events"),
+    ],
+)
+def test_malformed_file_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str, reason: str
+) -> None:
+    write(tmp_path, 0, [event("0F0", 0, 5)])
+    (tmp_path / "timeline_rank1.json").write_text(content)
+    with caplog.at_level(logging.WARNING):
+        m = load_measured(tmp_path)
+    assert m is not None and m.ranks == (0,) and m.files == ("timeline_rank0.json",)
+    assert len(m.warnings) == 1 and "timeline_rank1.json" in m.warnings[0] and reason in m.warnings[0]
+    assert "timeline_rank1.json" in caplog.text
+
+
+def test_every_file_malformed_is_none(tmp_path: Path) -> None:
+    (tmp_path / "timeline_rank0.json").write_bytes(b"\xff\xfe")
+    assert load_measured(tmp_path) is None
+
+
+def test_typical_step_is_the_median_one(tmp_path: Path) -> None:
+    write(tmp_path, 0, [event("0F0", 0, 100), event("0F0", 1000, 10), event("0F0", 2000, 12)])
+    m = load_measured(tmp_path)
+    assert m is not None and m.num_steps == 3
+    assert m.step_time == pytest.approx(12e-6) and m.typical_step == 2
+
+
+def test_arc_levels_nest_and_never_overlap() -> None:
+    def arc(x1: float, x2: float) -> Arc:
+        return Arc(x1, x2, "x", None, 0)  # type: ignore[arg-type]
+
+    arcs = [arc(0, 1000), arc(100, 200), arc(300, 400), arc(150, 350)]
+    levels = assign_levels(arcs)
+    assert levels[1] == levels[2] == 0  # disjoint short arcs share the lowest level
+    assert levels[3] == 1 and levels[0] == 2  # an arc flies above every arc it overlaps
+
+
+def test_reads_what_the_runtime_writes(tmp_path: Path) -> None:
+    timeline = pytest.importorskip("pipec.runtime.timeline")
+    steps = [
+        timeline.StepTimeline(step=5, started=100.0, events=((0.0, 0.002, 1, "1F0"), (0.002, 0.003, 1, "1SEND_F0"))),
+        timeline.StepTimeline(step=6, started=100.5, events=((0.0, 0.001, 1, "1F0"), (0.001, 0.002, 1, "1SEND_F0"))),
+    ]
+    timeline.write_chrome_trace(tmp_path / "timeline_rank1.json", steps)
+    m = load_measured(tmp_path)
+    assert m is not None and m.ranks == (1,) and m.warnings == ()
+    assert m.step_times == pytest.approx((0.003, 0.002))
+    assert m.durations(1, "F") == pytest.approx([0.002, 0.001])
+    assert [str(a) for *_, a in m.timeline(1)] == ["1F0", "1SEND_F0"]
