@@ -131,8 +131,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     plan = plan.with_factory(spec)
     print(plan.summary())
     plan.save(out)
-    report = _write_report(plan, out)
-    print(f"plan written to {out}" + (f"; report: {report}" if report else ""))
+    print(f"plan written to {out}; report: {out / 'report.html'}")
     return 0
 
 

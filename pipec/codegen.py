@@ -111,6 +111,9 @@ def _write_files(plan: Plan, out: Path) -> None:
         (out / "schedule.svg").write_text(svg, encoding="utf-8")
     template = (_TEMPLATES / "run.py").read_text(encoding="utf-8")
     (out / "run.py").write_text(template, encoding="utf-8")
+    from pipec.viz.report import render_report
+
+    (out / "report.html").write_text(render_report(plan, measured=None), encoding="utf-8")
 
 
 def _stage_text(plan: Plan, index: int, module: StageModule) -> str:

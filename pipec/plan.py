@@ -124,6 +124,7 @@ class PlanData(FrozenModel):
     bottleneck: float  # slowest stage time
     lower_bound: float  # max(total / num_stages, largest node)
     candidates: tuple[Candidate, ...] = ()
+    node_modules: dict[str, str] = {}  # compute node -> owning module path (for pictures after load)
     factory: str | None = None  # "FILE.py:FACTORY" the CLI built the model from
 
 

@@ -272,6 +272,9 @@ def modules_svg(plan: Plan) -> str:
     if plan.traced is not None:
         paths = {n.name: tuple(p for p in n.module_path.split(".") if p) for n in plan.traced.nodes}
         blocks = _group(order, paths, weight)
+    elif plan.data.node_modules:
+        paths = {n: tuple(p for p in m.split(".") if p) for n, m in plan.data.node_modules.items()}
+        blocks = _group(order, paths, weight)
     else:
         blocks = _fallback(stages)
     blocks = [b for b in blocks if b.nodes] or _fallback(stages)
