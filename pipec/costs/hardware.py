@@ -1,0 +1,222 @@
+"""Hardware descriptions: the JSON files in ``cost_models/`` and how to load them.
+
+Phase: cost model (planner side; runs on a laptop with no GPU).
+
+Input: a name of a shipped file (``"h100-sxm"``, ``"a100-sxm-80gb"``, ``"cpu"``)
+or a path to a JSON file written by hand or by ``pipec calibrate``.
+Output: a validated :class:`HardwareSpec`, or an
+:class:`~pipec.costs.analytic.AnalyticCostModel` built on one
+(:func:`load_cost_model`).
+
+Every figure in a file is in base units -- FLOP/s, bytes/s, bytes, seconds --
+and the file's ``source`` maps each field to where its figure comes from
+(a datasheet, a paper, or a calibration run), so a reader can check it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipec.errors import CostModelError
+from pipec.types import FrozenModel
+from pipec.units import parse_bytes
+
+if TYPE_CHECKING:
+    from pipec.costs.analytic import AnalyticCostModel
+
+#: dtype names a ``peak_flops`` table may use, and the torch dtypes they stand for.
+DTYPE_NAMES: dict[str, str] = {
+    "fp64": "float64",
+    "fp32": "float32",
+    "tf32": "float32",  # fp32 matmuls on tensor cores (torch.backends.cuda.matmul.allow_tf32)
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp8": "float8_e4m3fn",
+    "int8": "int8",
+}
+
+
+class HardwareSpec(FrozenModel):
+    """One device model (per GPU, or per CPU process) and its links.
+
+    ``peak_flops`` holds dense (no structured sparsity) peak FLOP/s per dtype
+    name (keys from :data:`DTYPE_NAMES`). Link figures are per direction, per
+    device. ``gpus_per_node`` decides which link a transfer uses: ranks ``r``
+    and ``s`` share a node when ``r // gpus_per_node == s // gpus_per_node``.
+    The efficiency factors scale the peaks to what kernels reach in practice.
+    """
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    peak_flops: dict[str, float]
+    memory_bandwidth: float = Field(gt=0)  # bytes/s
+    memory_capacity: int = Field(gt=0)  # bytes
+    gpus_per_node: int = Field(ge=1)
+    intra_node_bandwidth: float = Field(gt=0)  # bytes/s per direction
+    intra_node_latency: float = Field(ge=0)  # seconds
+    inter_node_bandwidth: float = Field(gt=0)  # bytes/s per direction
+    inter_node_latency: float = Field(ge=0)  # seconds
+    kernel_launch_overhead: float = Field(ge=0)  # seconds per kernel
+    compute_efficiency: float = Field(default=1.0, gt=0, le=1)
+    memory_efficiency: float = Field(default=1.0, gt=0, le=1)
+    device_match: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name()
+    source: dict[str, str]
+
+    @field_validator("peak_flops")
+    @classmethod
+    def _check_peak_flops(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("needs at least one dtype, e.g. {\"fp32\": 6.7e13}")
+        for key, flops in value.items():
+            if key not in DTYPE_NAMES:
+                raise ValueError(f"unknown dtype {key!r}; use one of {sorted(DTYPE_NAMES)}")
+            if not flops > 0:
+                raise ValueError(f"peak for {key!r} must be a positive FLOP/s, found {flops!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> HardwareSpec:
+        cited = {"peak_flops", "memory_bandwidth", "memory_capacity"}
+        missing = sorted(cited - set(self.source))
+        if missing:
+            raise ValueError(
+                f"source must cite where each figure comes from; missing {missing}"
+            )
+        return self
+
+    def peak(self, dtype: str) -> float:
+        """Achievable FLOP/s for ``dtype`` (a key of ``peak_flops``) after efficiency."""
+        if dtype not in self.peak_flops:
+            raise CostModelError(
+                f"hardware {self.name!r} has no peak FLOP/s for {dtype!r} "
+                f"(it lists {sorted(self.peak_flops)}); pick one of those or add it to the file"
+            )
+        return self.peak_flops[dtype] * self.compute_efficiency
+
+    @property
+    def effective_memory_bandwidth(self) -> float:
+        return self.memory_bandwidth * self.memory_efficiency
+
+    def link(self, src_rank: int, dst_rank: int) -> tuple[float, float]:
+        """``(bandwidth, latency)`` of the link between two ranks."""
+        if src_rank // self.gpus_per_node == dst_rank // self.gpus_per_node:
+            return self.intra_node_bandwidth, self.intra_node_latency
+        return self.inter_node_bandwidth, self.inter_node_latency
+
+
+def cost_models_dir() -> Path:
+    """The repository's ``cost_models/`` folder (pipec is installed editable)."""
+    import pipec
+
+    return Path(pipec.__file__).resolve().parent.parent / "cost_models"
+
+
+def list_cost_models() -> list[str]:
+    """Names of the hardware files shipped in ``cost_models/``, sorted."""
+    folder = cost_models_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json"))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    looks_like_path = isinstance(name_or_path, Path) or text.endswith(".json") or "/" in text
+    if looks_like_path or path.is_file():
+        if not path.is_file():
+            raise CostModelError(
+                f"hardware file {text!r} does not exist; pass a path to a JSON file "
+                f"or one of the shipped names {list_cost_models()}"
+            )
+        return path
+    candidate = cost_models_dir() / f"{text}.json"
+    if not candidate.is_file():
+        raise CostModelError(
+            f"unknown cost model {text!r}; known ones are {list_cost_models()} "
+            "(files in cost_models/), or pass a path to a JSON file, "
+            "or write one for this machine with `pipec calibrate -o cost_models/NAME.json`"
+        )
+    return candidate
+
+
+def _validation_message(where: str, err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(file)"
+        found = item.get("input")
+        shown = repr(found) if not isinstance(found, dict) else "{...}"
+        lines.append(f"  field {loc!r}: {item['msg']} (found {shown})")
+    return (
+        f"invalid hardware description {where}:\n" + "\n".join(lines) + "\n"
+        "Fix these fields; see cost_models/h100-sxm.json for a complete example."
+    )
+
+
+def spec_from_dict(data: dict[str, Any], *, where: str = "(in memory)") -> HardwareSpec:
+    """Validate a mapping as a :class:`HardwareSpec`; CostModelError names bad fields."""
+    data = dict(data)
+    if isinstance(data.get("memory_capacity"), str):
+        data["memory_capacity"] = parse_bytes(data["memory_capacity"], what="memory_capacity")
+    try:
+        return HardwareSpec.model_validate(data)
+    except ValidationError as err:
+        raise CostModelError(_validation_message(where, err)) from None
+
+
+def load_hardware(name_or_path: str | Path) -> HardwareSpec:
+    """Read a hardware file by shipped name or by path."""
+    path = _resolve(name_or_path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise CostModelError(f"cannot read hardware file {str(path)!r}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise CostModelError(
+            f"hardware file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno} "
+            f"column {err.colno}; fix the syntax there"
+        ) from None
+    if not isinstance(data, dict):
+        raise CostModelError(
+            f"hardware file {str(path)!r} must hold a JSON object, found {type(data).__name__}"
+        )
+    return spec_from_dict(data, where=repr(str(path)))
+
+
+def load_cost_model(name_or_path: str | Path, **overrides: Any) -> AnalyticCostModel:
+    """An analytic (roofline) cost model for a shipped or custom hardware file.
+
+    ``overrides`` replace fields of the file (``memory_capacity="40GiB"``,
+    ``gpus_per_node=4``, ...); ``dtype=`` is passed to
+    :class:`~pipec.costs.analytic.AnalyticCostModel` (which peak to use).
+    """
+    from pipec.costs.analytic import AnalyticCostModel
+
+    dtype = overrides.pop("dtype", None)
+    spec = load_hardware(name_or_path)
+    if overrides:
+        unknown = sorted(set(overrides) - set(HardwareSpec.model_fields))
+        if unknown:
+            raise CostModelError(
+                f"load_cost_model: unknown override(s) {unknown}; "
+                f"valid ones are {sorted(HardwareSpec.model_fields)} and 'dtype'"
+            )
+        spec = spec_from_dict(
+            {**spec.model_dump(), **overrides}, where=f"{spec.name!r} with overrides"
+        )
+    return AnalyticCostModel(spec, dtype=dtype)
+
+
+__all__ = [
+    "DTYPE_NAMES",
+    "HardwareSpec",
+    "cost_models_dir",
+    "list_cost_models",
+    "load_cost_model",
+    "load_hardware",
+    "spec_from_dict",
+]

@@ -1,0 +1,294 @@
+"""Phase 2, profile: measure what every node of a traced graph costs on a device.
+
+Input: a :class:`~pipec.types.TracedGraph` (its example inputs are one
+micro-batch). Output: a :class:`Profile` -- per node a
+:class:`~pipec.types.NodeCost` with the forward time, the input-gradient time
+(I) and the weight-gradient time (W) of the zero-bubble split (Qi et al.,
+"Zero Bubble Pipeline Parallelism", ICLR 2024, section 2), the bytes kept
+for backward, output and parameter bytes -- plus the whole model's forward
+and forward+backward time for reference.
+
+How a node is measured (cf. torchgpipe's ``balance/profile.py``, which times
+whole layers; here each fx node is timed alone):
+
+- :func:`pipec.costs.node_exec.walk` runs the graph once and hands each node
+  its captured inputs, as leaves that keep ``requires_grad``.
+- Forward: the op on those inputs, with autograd recording as in training.
+- I: ``torch.autograd.grad`` of the op's outputs w.r.t. its inputs that need a
+  gradient; W: the same w.r.t. the parameters it reads (a module's
+  parameters, or the trainable ``get_attr`` values a function reads). Both
+  with ``retain_graph`` on one forward. An input that needs no gradient (the
+  micro-batch) costs no I, as in the real backward.
+- A node with both also has its whole backward B timed. When I + W exceeds
+  1.3 B (and B by more than timer noise), one fused kernel computes both (batch norm's backward does), so each
+  half paid for all of it: I and W are scaled to sum to B, keeping their
+  measured proportion, and the cost is marked ``derived``. If autograd refuses
+  to compute them apart, B is split by rule -- I = W = B/2 -- also ``derived``.
+
+Timing (:class:`pipec.costs.timer.Timer`): medians over ``repeats`` samples
+after ``warmup`` calls; each sample batches enough calls to last ~0.2 ms so
+tiny ops (views, getitem) are not lost in timer noise, and the harness's own
+per-call cost is subtracted, clamped at zero -- for backward also the fixed
+cost of a ``torch.autograd.grad`` call, which a whole-model backward pays
+once. CPU: ``time.perf_counter``; CUDA: CUDA events after a synchronisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipec.costs.node_exec import FREE_OPS, NodeFailure, NodeRun, backward_targets, walk
+from pipec.costs.timer import Timer, node_thunks, progress_bar
+from pipec.errors import ConfigError, ProfileError
+from pipec.types import FrozenModel, NodeCost, TracedGraph
+
+log = logging.getLogger(__name__)
+
+_FUSED_RATIO = 1.3  # I + W above this times B: one kernel computes both
+
+
+class Profile(FrozenModel):
+    """Measured per-node costs of one traced graph on one device (one micro-batch)."""
+
+    model_name: str
+    device: str  # torch device string, e.g. "cpu", "cuda:0"
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3"
+    torch_version: str
+    num_threads: int
+    repeats: int
+    warmup: int
+    memory_capacity: int | None = None  # bytes on the device, when known
+    forward_time: float  # whole model, seconds
+    forward_backward_time: float  # whole model, seconds
+    nodes: dict[str, NodeCost]
+
+    @property
+    def node_time(self) -> float:
+        """Sum of every node's forward + backward time."""
+        return sum(c.total_time for c in self.nodes.values())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            return cls.model_validate_json(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ProfileError(
+                f"cannot read a profile from {str(path)!r}: {err}; re-run pipec.profile(...) and save it"
+            ) from None
+
+
+def _measure_node(run: NodeRun, timer: Timer) -> NodeCost:
+    with torch.enable_grad():
+        forward_time = timer.per_call(node_thunks(run, lambda a, k: run.call(a, k)))
+        outs, grads = backward_targets(run.output)
+        if not outs or not (run.input_leaves or run.params):
+            return NodeCost(forward_time=forward_time, input_grad_time=0.0, weight_grad_time=0.0)
+        both = run.input_leaves + run.params
+        try:
+            input_grad_time = timer.grad_per_call(outs, grads, run.input_leaves) if run.input_leaves else 0.0
+            weight_grad_time = timer.grad_per_call(outs, grads, run.params) if run.params else 0.0
+        except RuntimeError as err:
+            log.debug("node %s: I and W cannot be asked for apart (%s)", run.node.name, err)
+            backward_time = timer.grad_per_call(outs, grads, both)
+            weight_share = 0.5 if run.params and run.input_leaves else (1.0 if run.params else 0.0)
+            return NodeCost(forward_time=forward_time, input_grad_time=backward_time * (1 - weight_share),
+                            weight_grad_time=backward_time * weight_share, derived=True)
+        if run.input_leaves and run.params:
+            backward_time = timer.grad_per_call(outs, grads, both)
+            excess = input_grad_time + weight_grad_time - backward_time
+            if excess > (_FUSED_RATIO - 1) * backward_time and excess > 4 * timer.grad_node_time:
+                # One fused kernel computes both (cuDNN/ATen batch norm backward):
+                # asked for apart, each pays for it. Keep the measured I:W proportion,
+                # scaled to the measured whole backward B.
+                scale = backward_time / (input_grad_time + weight_grad_time)
+                return NodeCost(forward_time=forward_time, input_grad_time=input_grad_time * scale,
+                                weight_grad_time=weight_grad_time * scale, derived=True)
+        return NodeCost(forward_time=forward_time, input_grad_time=input_grad_time,
+                        weight_grad_time=weight_grad_time)
+
+
+def _whole_model(traced: TracedGraph, inputs: tuple[Any, ...]) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Thunks running the whole graph forward, and forward + backward (no .grad touched)."""
+    gm = traced.graph_module
+    params = tuple(p for p in gm.parameters() if p.requires_grad)
+
+    def forward() -> Any:
+        with torch.enable_grad():
+            return gm(*inputs)
+
+    def forward_backward() -> None:
+        with torch.enable_grad():
+            outs, grads = backward_targets(gm(*inputs))
+            if outs and params:
+                torch.autograd.grad(outs, params, grads, allow_unused=True)
+
+    return forward, forward_backward
+
+
+def _resolve_device(traced: TracedGraph, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        first = next(iter(traced.graph_module.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device: expected a torch device such as 'cpu' or 'cuda:0', found {device!r} ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ProfileError(
+                f"device {str(dev)!r} requested but CUDA is not available in this torch "
+                f"({torch.__version__}); profile on 'cpu' or plan with an analytic cost model "
+                "(pipec.load_cost_model('h100-sxm'))"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _device_info(dev: torch.device) -> tuple[str, int | None]:
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return str(props.name), int(props.total_memory)
+    try:
+        import os
+
+        memory: int | None = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return platform.processor() or platform.machine() or "cpu", memory
+
+
+def profile(
+    traced: TracedGraph,
+    *,
+    device: str | torch.device | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    progress: bool | None = None,
+) -> Profile:
+    """Measure every node of ``traced`` on ``device`` (default: where its parameters are).
+
+    ``progress``: a transient progress bar on stderr -- ``None`` shows it on a
+    terminal once profiling takes more than a couple of seconds.
+    """
+    if not isinstance(traced, TracedGraph):
+        raise ConfigError(f"traced: expected a pipec.TracedGraph (from pipec.trace), found {type(traced).__name__}")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, found repeats={repeats}, warmup={warmup}")
+    dev = _resolve_device(traced, device)
+    gm = traced.graph_module
+    home = next(iter(gm.parameters()), torch.empty(0)).device
+    timer = Timer(dev, repeats, warmup)
+    costs: dict[str, NodeCost] = {}
+    compute = [n for n in traced.nodes if n.op not in FREE_OPS]
+    with progress_bar(f"profiling {traced.model_name}", total=len(compute), enabled=progress) as advance:
+
+        def visit(run: NodeRun) -> None:
+            try:
+                costs[run.node.name] = _measure_node(run, timer)
+            except Exception as err:
+                raise NodeFailure(run.node, err) from err
+            advance()
+
+        try:
+            with _moved(gm, home, dev):
+                inputs = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in traced.example_inputs)
+                whole = _whole_model(traced, inputs)
+                try:
+                    for _ in range(max(1, warmup)):  # warms the device up: clocks, allocator, autotuner
+                        whole[1]()
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as err:
+                    raise ProfileError(
+                        f"{traced.model_name} failed on {dev} with its example inputs: "
+                        f"{type(err).__name__}: {err}; check that it runs there"
+                    ) from err
+                saved = walk(traced, visit, device=dev)
+                with torch.enable_grad():
+                    forward_time = timer.per_call(lambda n: [whole[0]] * n)
+                    forward_backward_time = timer.per_call(lambda n: [whole[1]] * n)
+        except NodeFailure as failure:
+            raise _node_error(failure.node, dev, failure.error) from failure.error
+        except torch.cuda.OutOfMemoryError as err:
+            raise ProfileError(
+                f"out of memory on {dev} while profiling {traced.model_name}: {err}; "
+                "profile with a smaller micro-batch (the example inputs) or on a larger device"
+            ) from None
+    name, memory = _device_info(dev)
+    nodes = {}
+    for info in traced.nodes:
+        cost = costs.get(info.name, NodeCost(forward_time=0.0, input_grad_time=0.0, weight_grad_time=0.0))
+        nodes[info.name] = cost.model_copy(update={
+            "saved_bytes": saved.get(info.name, 0),
+            "output_bytes": info.output_bytes,
+            "param_bytes": info.param_bytes,
+        })
+    result = Profile(
+        model_name=traced.model_name, device=str(dev), device_name=name,
+        torch_version=torch.__version__, num_threads=torch.get_num_threads(), repeats=repeats,
+        warmup=warmup, memory_capacity=memory, forward_time=forward_time,
+        forward_backward_time=forward_backward_time, nodes=nodes,
+    )
+    log.info("profiled %s on %s: %d nodes, sum %.3g s vs whole model %.3g s (fwd+bwd)",
+             traced.model_name, dev, len(nodes), result.node_time, forward_backward_time)
+    return result
+
+
+@contextmanager
+def _moved(gm: torch.fx.GraphModule, home: torch.device, dev: torch.device) -> Iterator[None]:
+    """Move the graph module to ``dev`` for the duration, and back.
+
+    Besides parameters and buffers, a graph captured by torch.export bakes the
+    capture device into factory calls (``arange(..., device=cpu)``); those
+    arguments are retargeted too, and restored afterwards.
+    """
+    if dev == home:
+        yield
+        return
+    changed = []
+
+    def swap(value: Any) -> Any:
+        return dev if isinstance(value, torch.device) and value == home else value
+
+    for node in gm.graph.nodes:
+        args = torch.fx.node.map_aggregate(node.args, swap)
+        kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+        if args != node.args or kwargs != node.kwargs:
+            changed.append((node, node.args, node.kwargs))
+            node.args, node.kwargs = args, kwargs
+    if changed:
+        gm.recompile()
+    gm.to(dev)
+    try:
+        yield
+    finally:
+        gm.to(home)
+        for node, args, kwargs in changed:
+            node.args, node.kwargs = args, kwargs
+        if changed:
+            gm.recompile()
+
+
+def _node_error(node: torch.fx.Node, dev: torch.device, err: BaseException) -> ProfileError:
+    if isinstance(err, ProfileError):
+        return err
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return ProfileError(
+        f"node {node.name!r} ({node.op} {node.target}) failed on {dev} while profiling: "
+        f"{type(err).__name__}: {first}. Check that the model runs on {dev} with the example inputs, "
+        "or mark the submodule as a leaf (pipec.trace(..., leaf_modules=[...]))"
+    )
+
+
+__all__ = ["Profile", "profile"]

@@ -1,0 +1,156 @@
+"""pipec.profile on small models: every node costed, I/W split measured, memory counted."""
+
+from __future__ import annotations
+
+import models
+import pytest
+import torch
+from torch import nn
+
+import pipec
+from pipec.costs.profiled import ProfiledCostModel
+from pipec.errors import CostModelError, ProfileError
+from pipec.profiling import Profile
+
+FREE = ("placeholder", "get_attr", "output")
+
+
+@pytest.fixture(scope="module")
+def mlp() -> tuple[pipec.TracedGraph, Profile]:
+    model, inputs = models.example("mlp", batch=256)
+    traced = pipec.trace(model, inputs, method="fx")
+    return traced, pipec.profile(traced, repeats=3, warmup=1, progress=False)
+
+
+def test_every_node_has_a_non_negative_cost(mlp: tuple[pipec.TracedGraph, Profile]) -> None:
+    traced, prof = mlp
+    assert list(prof.nodes) == [n.name for n in traced.nodes]
+    for info in traced.nodes:
+        cost = prof.nodes[info.name]
+        assert min(cost.forward_time, cost.input_grad_time, cost.weight_grad_time) >= 0
+        assert cost.output_bytes == info.output_bytes and cost.param_bytes == info.param_bytes
+        if info.op in FREE:
+            assert cost.total_time == 0.0
+    compute = [n for n in traced.nodes if n.op not in FREE]
+    assert all(prof.nodes[n.name].forward_time > 0 for n in compute if "layers" in n.target)
+    assert prof.forward_time > 0 and prof.forward_backward_time > prof.forward_time
+    assert prof.device == "cpu" and prof.repeats == 3 and prof.torch_version == torch.__version__
+
+
+def test_linear_has_measured_input_and_weight_grads(mlp: tuple[pipec.TracedGraph, Profile]) -> None:
+    traced, prof = mlp
+    linears = [n for n in traced.nodes if n.op == "call_module" and n.param_bytes > 0]
+    assert len(linears) == 5
+    first, rest = linears[0], linears[1:]
+    # the first layer's input is the micro-batch: no gradient is needed for it
+    assert prof.nodes[first.name].input_grad_time == 0.0 and prof.nodes[first.name].weight_grad_time > 0
+    for info in rest:
+        cost = prof.nodes[info.name]
+        assert cost.input_grad_time > 0 and cost.weight_grad_time > 0 and not cost.derived
+
+
+def test_relu_has_no_weight_grad_and_saves_its_output(mlp: tuple[pipec.TracedGraph, Profile]) -> None:
+    traced, prof = mlp
+    relus = [n for n in traced.nodes if n.op == "call_module" and n.param_bytes == 0]
+    assert relus
+    for info in relus:
+        cost = prof.nodes[info.name]
+        assert cost.weight_grad_time == 0.0 and cost.input_grad_time > 0
+        # ReLU saves its output (and the next Linear its input: the same storage, counted once)
+        assert cost.saved_bytes == info.output_bytes
+    # Linear layers save only their input (owned by the producer) and the weight (a parameter)
+    linears = [n for n in traced.nodes if n.op == "call_module" and n.param_bytes > 0]
+    assert all(prof.nodes[n.name].saved_bytes == 0 for n in linears[:-1])
+    assert prof.nodes["x"].saved_bytes == 0  # the micro-batch is held anyway
+
+
+def test_function_nodes_reading_params_get_weight_grads() -> None:
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(16, 16))
+            self.weight = nn.Parameter(torch.randn(32, 16))
+            self.scale = nn.Parameter(torch.ones(32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = nn.functional.linear(torch.sin(x), self.w1)
+            return torch.tanh(nn.functional.linear(h, self.weight)) * self.scale
+
+    traced = pipec.trace(Functional(), (torch.randn(8, 16),), method="fx")
+    prof = pipec.profile(traced, repeats=2, warmup=1, progress=False)
+    first, second = (n for n in traced.nodes if "linear" in n.name)
+    assert first.params and second.params
+    assert prof.nodes[first.name].weight_grad_time > 0
+    assert prof.nodes[first.name].input_grad_time == 0.0  # sin(x) needs no grad
+    assert prof.nodes[second.name].weight_grad_time > 0 and prof.nodes[second.name].input_grad_time > 0
+    sin = next(n for n in traced.nodes if "sin" in n.name)
+    assert prof.nodes[sin.name].total_time == pytest.approx(prof.nodes[sin.name].forward_time)
+    tanh = next(n for n in traced.nodes if "tanh" in n.name)
+    assert prof.nodes[tanh.name].weight_grad_time == 0.0
+    assert prof.nodes[tanh.name].saved_bytes == 8 * 32 * 4  # tanh saves its output
+
+
+def test_inplace_ops_are_profiled_without_corrupting_the_graph() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    traced = pipec.trace(model, (torch.randn(4, 8),), method="fx")
+    prof = pipec.profile(traced, repeats=2, warmup=1, progress=False)
+    relu = next(n for n in traced.nodes if n.op == "call_module" and n.target == "1")
+    assert prof.nodes[relu.name].input_grad_time > 0 and prof.nodes[relu.name].weight_grad_time == 0.0
+    assert prof.nodes[relu.name].saved_bytes == relu.output_bytes
+    # the graph still computes the model: profiling ran the in-place op on copies
+    assert torch.allclose(traced.graph_module(*traced.example_inputs), model(*traced.example_inputs))
+
+
+def test_export_traced_gpt2_profiles() -> None:
+    model, inputs = models.example("gpt2", batch=2)
+    traced = pipec.trace(model, inputs, method="export")
+    prof = pipec.profile(traced, repeats=2, warmup=1, progress=False)
+    mms = [n.name for n in traced.nodes if n.target.endswith(("addmm.default", "mm.default")) and n.params]
+    assert mms and all(prof.nodes[m].weight_grad_time > 0 for m in mms)
+    assert sum(c.saved_bytes for c in prof.nodes.values()) > 0
+
+
+def test_profiled_cost_model_checks_node_names(mlp: tuple[pipec.TracedGraph, Profile]) -> None:
+    traced, prof = mlp
+    model = ProfiledCostModel(prof)
+    assert isinstance(model, pipec.CostModel)
+    assert dict(model.node_costs(traced)) == prof.nodes
+    other, inputs = models.example("two_input")
+    with pytest.raises(CostModelError, match="re-run pipec.profile"):
+        model.node_costs(pipec.trace(other, inputs, method="fx"))
+
+
+def test_profile_errors_say_what_to_do() -> None:
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ x
+
+    traced = pipec.trace(nn.Sequential(nn.Linear(4, 4)), (torch.randn(2, 4),), method="fx")
+    if not torch.cuda.is_available():
+        with pytest.raises(ProfileError, match="CUDA is not available"):
+            pipec.profile(traced, device="cuda")
+    with pytest.raises(pipec.ConfigError, match="repeats"):
+        pipec.profile(traced, repeats=0)
+    # change the graph's input after tracing so the op fails while profiling
+    broken = pipec.trace(Broken(), (torch.randn(3, 3),), method="fx")
+    object.__setattr__(broken, "example_inputs", (torch.randn(3, 5),))
+    with pytest.raises(ProfileError, match="failed on cpu"):
+        pipec.profile(broken, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profile_on_cuda_and_back() -> None:
+    model, inputs = models.example("mlp", batch=256)
+    traced = pipec.trace(model, inputs, method="fx")
+    prof = pipec.profile(traced, device="cuda", repeats=3, progress=False)
+    assert prof.device.startswith("cuda") and prof.memory_capacity
+    linears = [n for n in traced.nodes if n.op == "call_module" and n.param_bytes > 0]
+    assert all(prof.nodes[n.name].weight_grad_time > 0 for n in linears)
+    assert next(traced.graph_module.parameters()).device.type == "cpu"  # moved back
+    assert ProfiledCostModel(prof).comm_time(10**6, 0, 1) > 0
+    # an export graph bakes its capture device into factory calls; profiling retargets them
+    gpt2, inputs = models.example("gpt2", batch=2)
+    traced = pipec.trace(gpt2, inputs, method="export")
+    code = traced.graph_module.code
+    prof = pipec.profile(traced, device="cuda", repeats=2, progress=False)
+    assert prof.node_time > 0 and traced.graph_module.code == code

@@ -1,0 +1,77 @@
+"""Transfer times: alpha-beta over the intra- or inter-node link; profiled defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipec.costs.hardware import load_cost_model, load_hardware
+from pipec.costs.profiled import ProfiledCostModel
+from pipec.errors import CostModelError
+from pipec.profiling import Profile
+from pipec.types import NodeCost
+
+
+def _profile(device: str = "cpu", device_name: str = "x86_64", memory: int | None = 2**34) -> Profile:
+    cost = NodeCost(forward_time=1e-3, input_grad_time=1e-3, weight_grad_time=2e-3)
+    return Profile(
+        model_name="M", device=device, device_name=device_name, torch_version="2.x", num_threads=1,
+        repeats=3, warmup=1, memory_capacity=memory, forward_time=1e-3, forward_backward_time=4e-3,
+        nodes={"a": cost},
+    )
+
+
+def test_analytic_comm_uses_the_node_topology() -> None:
+    model = load_cost_model("h100-sxm")
+    spec = model.spec
+    num_bytes = 64 * 2**20
+    intra = model.comm_time(num_bytes, 0, 1)
+    inter = model.comm_time(num_bytes, 7, 8)
+    assert intra == pytest.approx(spec.intra_node_latency + num_bytes / spec.intra_node_bandwidth)
+    assert inter == pytest.approx(spec.inter_node_latency + num_bytes / spec.inter_node_bandwidth)
+    assert inter > 5 * intra
+    assert model.comm_time(num_bytes, 3, 3) == 0.0
+    assert model.comm_time(num_bytes, 8, 15) == pytest.approx(intra)  # both on node 1
+    with pytest.raises(CostModelError, match="num_bytes"):
+        model.comm_time(-1, 0, 1)
+
+
+def test_comm_is_monotone_in_bytes() -> None:
+    model = load_cost_model("a100-sxm-80gb", gpus_per_node=2)
+    times = [model.comm_time(n, 0, 2) for n in (0, 1, 10**6, 10**9)]
+    assert times == sorted(times) and times[0] == model.spec.inter_node_latency
+
+
+def test_profiled_defaults_to_the_cpu_file_on_cpu() -> None:
+    cpu = load_hardware("cpu")
+    model = ProfiledCostModel(_profile())
+    assert model.comm_time(10**6, 0, 1) == pytest.approx(cpu.intra_node_latency + 10**6 / cpu.intra_node_bandwidth)
+    assert model.comm_time(10**6, 1, 1) == 0.0
+    assert model.memory_capacity == 2**34  # the profiled machine's
+
+
+def test_profiled_overrides_take_precedence() -> None:
+    model = ProfiledCostModel(_profile(), link_bandwidth=1e9, link_latency=1e-5, memory_capacity="1GiB")
+    assert model.comm_time(10**9, 0, 5) == pytest.approx(1e-5 + 1.0)
+    assert model.memory_capacity == 2**30
+    with_spec = ProfiledCostModel(_profile(), spec=load_hardware("h100-sxm"))
+    assert with_spec.memory_capacity == load_hardware("h100-sxm").memory_capacity
+    assert with_spec.comm_time(10**6, 0, 8) > with_spec.comm_time(10**6, 0, 7)
+    with pytest.raises(CostModelError, match="link_bandwidth"):
+        ProfiledCostModel(_profile(), link_bandwidth=0)
+
+
+def test_profiled_matches_a_gpu_by_name() -> None:
+    model = ProfiledCostModel(_profile("cuda:0", "NVIDIA H100 80GB HBM3"))
+    assert model.spec.name == "h100-sxm"
+    assert model.name == "profile:NVIDIA H100 80GB HBM3"
+
+
+def test_profile_round_trips_through_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    prof = _profile()
+    prof.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == prof
+    (tmp_path / "bad.json").write_text("{}")
+    from pipec.errors import ProfileError
+
+    with pytest.raises(ProfileError, match="re-run"):
+        Profile.load(tmp_path / "bad.json")
