@@ -358,6 +358,7 @@ def _annotate(
                 module_path=_module_path(node),
                 params=node_reads,
                 param_bytes=sum(tensors[f][0].numel() * tensors[f][0].element_size() for f in node_reads),
+                is_tensor=recorder.is_tensor.get(node.name, False),
             )
         )
     saved_keys = set(model.state_dict(keep_vars=True))

@@ -90,6 +90,7 @@ class NodeInfo:
     module_path: str  # owning module, e.g. "layers.3.mlp"; "" for the root
     params: tuple[str, ...]  # canonical FQNs of parameters/buffers it reads
     param_bytes: int
+    is_tensor: bool = True  # its value is one plain tensor (only such values may cross stages)
 
     @property
     def output_bytes(self) -> int:

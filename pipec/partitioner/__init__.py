@@ -1,0 +1,43 @@
+"""Phase partition: split a traced, costed graph into pipeline stages.
+
+Layers, each a module: :mod:`~pipec.partitioner.problem` (the chain problem as
+plain data), :mod:`~pipec.partitioner.chain` (the one stage-cost function),
+:mod:`~pipec.partitioner.search` and :mod:`~pipec.partitioner.algorithm` (the
+exact min-max split), :mod:`~pipec.partitioner.baselines`,
+:mod:`~pipec.partitioner.graph` and :mod:`~pipec.partitioner.assemble`
+(traced graph <-> chain <-> plan data), :mod:`~pipec.partitioner.api`
+(:func:`pipec.partition`). Names are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "partition": "pipec.partitioner.api",
+    "partition_traced": "pipec.partitioner.api",
+    "plan_from_split": "pipec.partitioner.assemble",
+    "ChainProblem": "pipec.partitioner.problem",
+    "ChainTensor": "pipec.partitioner.problem",
+    "ParamGroup": "pipec.partitioner.problem",
+    "ChainSolution": "pipec.partitioner.problem",
+    "stage_time": "pipec.partitioner.chain",
+    "stage_memory": "pipec.partitioner.chain",
+    "evaluate": "pipec.partitioner.chain",
+    "solve": "pipec.partitioner.algorithm",
+    "STRATEGIES": "pipec.partitioner.algorithm",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipec.partitioner' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

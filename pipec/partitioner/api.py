@@ -1,0 +1,222 @@
+"""Phase partition, entry point: :func:`pipec.partition`.
+
+Input: an ``nn.Module``, an example batch and the pipeline's shape. Output: a
+:class:`pipec.plan.Plan`. The phases, in order::
+
+    check arguments            (cheap; before any tracing)
+    split the batch            (dim 0 -> num_microbatches equal micro-batches)
+    trace one micro-batch      pipec.tracing.trace
+    cost it                    cost model: "profile" | hardware name/path | CostModel
+    partition_traced           chain problem -> solve -> plan data
+
+Every cost, shape and boundary in the plan is per micro-batch;
+``PlanData.batch_size`` records the full batch. :func:`partition_traced` is
+the single-configuration step an automatic search (schedule / micro-batches
+/ stages per rank = "auto") calls in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from pipec.errors import ConfigError, PartitionError
+from pipec.partitioner import config
+from pipec.partitioner.algorithm import STRATEGIES, solve
+from pipec.partitioner.assemble import build_plan_data
+from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.graph import build_chain
+from pipec.partitioner.memory import in_flight_from_schedule
+from pipec.plan import Plan
+from pipec.types import CostModel, NodeCost, TracedGraph
+
+log = logging.getLogger(__name__)
+
+
+def partition(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    num_stages: int,
+    num_microbatches: int | None = None,
+    schedule: str = "1f1b",
+    stages_per_rank: int = 1,
+    loss_fn: Callable[..., Any] | None = None,
+    cost_model: str | Path | CostModel = "profile",
+    memory_limit: MemoryLimit = None,
+    device_speeds: Sequence[float] | None = None,
+    strategy: str = "optimal",
+    example_kwargs: Mapping[str, Any] | None = None,
+    method: str = "auto",
+    optimizer_state_bytes_per_param: int = 8,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+) -> Plan:
+    """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
+
+    ``example_inputs`` (a tuple of positional arguments, or one tensor) and
+    ``example_kwargs`` form one full batch; every tensor in them is split
+    along dim 0 into ``num_microbatches`` micro-batches (default: the largest
+    divisor of the batch that is at most ``2 * num_ranks``). The model is
+    traced and costed on one micro-batch. ``memory_limit`` (a size such as
+    ``"80GiB"``, or one per rank) defaults to the cost model's memory capacity.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model: expected a torch.nn.Module, found {type(model).__name__}; "
+            "wrap a plain function in an nn.Module whose forward calls it"
+        )
+    for name, value in (("num_microbatches", num_microbatches), ("schedule", schedule),
+                        ("stages_per_rank", stages_per_rank)):
+        if value == "auto":
+            raise ConfigError(f"{name}='auto' is not supported yet; pass an explicit value")
+    config.count("num_stages", num_stages)
+    ranks = config.num_ranks(num_stages, stages_per_rank)
+    check_strategy(strategy)
+    config.device_speeds(device_speeds, ranks)
+    if memory_limit is not None:
+        config.memory_limits(memory_limit, ranks, None)
+    config.count("optimizer_state_bytes_per_param", optimizer_state_bytes_per_param, low=0)
+    args = example_inputs if isinstance(example_inputs, tuple) else (
+        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
+    kwargs = dict(example_kwargs or {})
+    batch = batch_size(args, kwargs)
+    if num_microbatches is None:
+        num_microbatches = default_microbatches(batch, ranks)
+    config.count("num_microbatches", num_microbatches, high=batch,
+                 advice="" if batch is None else f" (the batch has {batch} samples along dim 0)")
+    make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
+    mb_args, mb_kwargs = first_microbatch(args, kwargs, num_microbatches)
+
+    from pipec.tracing import trace
+
+    started = time.perf_counter()
+    traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=leaf_modules)
+    model_costs = resolve_cost_model(cost_model, traced)
+    node_costs = model_costs.node_costs(traced)
+    log.info("traced and costed %s (%d nodes) in %.2fs", traced.model_name, len(traced.nodes),
+             time.perf_counter() - started)
+    return partition_traced(
+        traced, node_costs, cost_model=model_costs, num_stages=num_stages,
+        num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
+        memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
+        loss_fn=loss_fn,
+    )
+
+
+def partition_traced(
+    traced: TracedGraph,
+    node_costs: Mapping[str, NodeCost],
+    *,
+    num_stages: int,
+    num_microbatches: int,
+    schedule: str = "1f1b",
+    stages_per_rank: int = 1,
+    cost_model: CostModel | None = None,
+    memory_limit: MemoryLimit = None,
+    device_speeds: Sequence[float] | None = None,
+    strategy: str = "optimal",
+    optimizer_state_bytes_per_param: int = 8,
+    batch_size: int | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+) -> Plan:
+    """One configuration: the plan for a traced, costed graph (no tracing, no profiling)."""
+    check_strategy(strategy)
+    ranks = config.num_ranks(num_stages, stages_per_rank)
+    sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
+    chain = build_chain(
+        traced, node_costs, num_stages=num_stages, num_ranks=ranks,
+        comm_time=cost_model.comm_time if cost_model is not None else None,
+        device_speeds=config.device_speeds(device_speeds, ranks),
+        memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
+        schedule=schedule, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+    )
+    started = time.perf_counter()
+    solution = solve(chain.problem, strategy)
+    log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
+             strategy, chain.problem.num_nodes, num_stages, time.perf_counter() - started,
+             solution.bottleneck)
+    data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
+                           cost_model_name=cost_model.name if cost_model is not None else "given",
+                           batch_size=batch_size)
+    return Plan(data, traced=traced, loss_fn=loss_fn)
+
+
+def check_strategy(strategy: object) -> None:
+    if strategy not in STRATEGIES:
+        raise PartitionError(f"strategy: expected one of {', '.join(STRATEGIES)}, found {strategy!r}")
+
+
+def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, stages_per_rank: int) -> Any:
+    """The compute-only schedule; an unknown name is a ConfigError listing the known ones."""
+    from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
+
+    if not isinstance(name, str) or name not in SCHEDULE_NAMES:
+        raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)}, found {name!r}")
+    return make_schedule(name, num_stages, num_microbatches, stages_per_rank)
+
+
+def resolve_cost_model(cost_model: object, traced: TracedGraph) -> CostModel:
+    """``"profile"`` (measure here), a hardware name or JSON path, or a CostModel object."""
+    if isinstance(cost_model, CostModel):
+        return cost_model
+    if cost_model == "profile":
+        from pipec.costs.profiled import ProfiledCostModel
+        from pipec.profiling import profile
+
+        return ProfiledCostModel(profile(traced))
+    if isinstance(cost_model, (str, Path)):
+        from pipec.costs.hardware import load_cost_model
+
+        return load_cost_model(cost_model)
+    raise ConfigError(
+        f"cost_model: expected 'profile', a name in cost_models/ such as 'h100-sxm', a JSON path or "
+        f"a CostModel object, found {type(cost_model).__name__}"
+    )
+
+
+def _tensor_leaves(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    leaves, _ = pytree.tree_flatten_with_path((args, dict(kwargs)))
+    return [(pytree.keystr(path), x) for path, x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0]
+
+
+def batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    """Dim 0 of the first tensor input (None without tensor inputs)."""
+    tensors = _tensor_leaves(args, kwargs)
+    return int(tensors[0][1].shape[0]) if tensors else None
+
+
+def default_microbatches(batch: int | None, num_ranks: int) -> int:
+    """The largest divisor of ``batch`` that is at most ``2 * num_ranks`` (1 without a batch)."""
+    if batch is None:
+        return 1
+    return max(d for d in range(1, min(batch, 2 * num_ranks) + 1) if batch % d == 0)
+
+
+def first_microbatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], num_microbatches: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Micro-batch 0: every tensor input with a dim 0 cut into ``num_microbatches`` equal parts."""
+    for where, tensor in _tensor_leaves(args, kwargs):
+        size = int(tensor.shape[0])
+        if size % num_microbatches:
+            divisors = [d for d in range(1, size + 1) if size % d == 0]
+            raise ConfigError(
+                f"num_microbatches: {num_microbatches} does not divide the batch of input {where} "
+                f"(dim 0 = {size}); use one of {divisors}, or a batch that {num_microbatches} divides"
+            )
+    leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
+    parts = [x.chunk(num_microbatches, dim=0)[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+             for x in leaves]
+    mb_args, mb_kwargs = pytree.tree_unflatten(parts, spec)
+    return tuple(mb_args), dict(mb_kwargs)
+
+
+__all__ = ["batch_size", "default_microbatches", "first_microbatch", "partition", "partition_traced",
+           "resolve_cost_model"]

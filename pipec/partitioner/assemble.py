@@ -1,0 +1,159 @@
+"""Phase partition: a split of the chain as :class:`pipec.plan.PlanData`, and manual splits.
+
+Input: a :class:`~pipec.partitioner.graph.GraphChain`, its costed solution and
+the schedule. Output: the plan data -- one :class:`StageInfo` per stage, a
+:class:`Boundary` per tensor that crosses stages (sent straight from its
+producer stage to every later stage that reads it), a :class:`TiedGroup` per
+parameter used on several stages, the graph inputs, bottleneck and lower bound.
+
+:func:`plan_from_split` builds a whole :class:`pipec.plan.Plan` from split
+points chosen by hand (tests, the runtime, users who know better).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipec.partitioner import config
+from pipec.partitioner.chain import check_cuts, evaluate, stage_params
+from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.graph import (
+    GraphChain,
+    Split,
+    build_chain,
+    compute_names,
+    is_plain_tensor,
+    split_to_cuts,
+)
+from pipec.partitioner.memory import in_flight_from_schedule
+from pipec.partitioner.problem import ChainSolution
+from pipec.plan import Boundary, InputSpec, Plan, PlanData, StageInfo, TiedGroup
+from pipec.schedule.ir import Schedule
+from pipec.types import CostModel, NodeCost, TracedGraph
+
+
+def build_plan_data(
+    chain: GraphChain,
+    traced: TracedGraph,
+    node_costs: Mapping[str, NodeCost],
+    solution: ChainSolution,
+    *,
+    schedule: Schedule,
+    strategy: str,
+    cost_model_name: str,
+    batch_size: int | None = None,
+) -> PlanData:
+    """The plan data of ``solution`` (see the module docstring)."""
+    problem = chain.problem
+    cuts = np.asarray(solution.cuts, dtype=np.int64)
+    infos = {n.name: n for n in traced.nodes}
+    fx_nodes = {n.name: n for n in traced.graph_module.graph.nodes}
+
+    def stage_of(position: int) -> int:
+        return int(np.searchsorted(cuts, position, side="right")) - 1
+
+    stages = []
+    for k in range(problem.num_stages):
+        i, j = solution.cuts[k], solution.cuts[k + 1]
+        names = chain.names[i:j]
+        speed = problem.speed_of(k)
+        forward = sum(node_costs[n].forward_time for n in names) / speed
+        backward = sum(node_costs[n].backward_time for n in names) / speed
+        numel, param_bytes = stage_params(problem, i, j)
+        stages.append(StageInfo(
+            index=k, rank=problem.rank_of(k), nodes=names, num_params=numel, param_bytes=param_bytes,
+            forward_time=forward, backward_time=backward,
+            comm_time=max(0.0, solution.stage_times[k] - forward - backward),
+            memory_bytes=solution.stage_memory[k],
+            first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
+        ))
+    boundaries = []
+    for name, tensor in zip(chain.tensor_names, problem.tensors):
+        source = stage_of(tensor.producer)
+        readers = sorted({stage_of(c) for c in tensor.consumers} - {source})
+        if readers:
+            meta = infos[name].outputs[0]
+            boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
+                                       shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes))
+    tied = []
+    for fqn, group in zip(chain.param_fqns, problem.params):
+        holders = sorted({stage_of(u) for u in group.users})
+        if len(holders) > 1 and not group.is_buffer:
+            tied.append(TiedGroup(fqn=fqn, aliases=traced.params[fqn].aliases, stages=tuple(holders),
+                                  num_bytes=group.num_bytes))
+    inputs = tuple(
+        InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
+        for n in traced.nodes if n.op == "placeholder"
+    )
+    return PlanData(
+        model_name=traced.model_name, trace_method=traced.method,
+        num_stages=problem.num_stages, num_ranks=problem.ranks,
+        stages_per_rank=problem.num_stages // problem.ranks,
+        num_microbatches=problem.num_microbatches, batch_size=batch_size,
+        strategy=strategy, cost_model=cost_model_name, schedule=schedule,
+        stages=tuple(stages), boundaries=tuple(boundaries),
+        node_costs={n.name: node_costs[n.name] for n in traced.nodes if n.name in node_costs},
+        tied_groups=tuple(tied), inputs=inputs,
+        memory_limit=tuple(problem.limit_of(r) for r in range(problem.ranks)),
+        device_speeds=tuple(problem.speed_of(r) for r in range(problem.ranks)),
+        optimizer_state_bytes_per_param=problem.optimizer_state_bytes_per_param,
+        bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
+        node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
+    )
+
+
+def lower_bound(chain: GraphChain, node_costs: Mapping[str, NodeCost]) -> float:
+    """``max(total / sum of stage speeds, largest node / fastest speed)``:
+    ``max(total / num_stages, largest node)`` on equal devices."""
+    problem = chain.problem
+    times = [node_costs[n].total_time for n in chain.names]
+    speeds = [problem.speed_of(k) for k in range(problem.num_stages)]
+    return max(sum(times) / sum(speeds), max(times) / max(speeds))
+
+
+def plan_from_split(
+    traced: TracedGraph,
+    node_costs: Mapping[str, NodeCost],
+    split: Split,
+    *,
+    schedule: str = "1f1b",
+    num_microbatches: int = 1,
+    stages_per_rank: int = 1,
+    cost_model: CostModel | None = None,
+    memory_limit: MemoryLimit = None,
+    device_speeds: Sequence[float] | None = None,
+    optimizer_state_bytes_per_param: int = 8,
+    batch_size: int | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+) -> Plan:
+    """A plan with the stages given by hand.
+
+    ``split``: node-name lists (one per stage), interior cut positions
+    (``num_stages - 1`` ints into the compute nodes), or names of the nodes
+    that start stages 1, 2, ... Memory limits are recorded, not enforced.
+    """
+    from pipec.schedule.generators import make_schedule
+
+    cuts = split_to_cuts(compute_names(traced), split)
+    num_stages = len(cuts) - 1
+    ranks = config.num_ranks(num_stages, stages_per_rank)
+    sched = make_schedule(schedule, num_stages, num_microbatches, stages_per_rank)
+    chain = build_chain(
+        traced, node_costs, num_stages=num_stages, num_ranks=ranks,
+        comm_time=cost_model.comm_time if cost_model is not None else None,
+        device_speeds=config.device_speeds(device_speeds, ranks),
+        memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
+        schedule=schedule, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+    )
+    solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
+    data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",
+                           cost_model_name=cost_model.name if cost_model is not None else "given",
+                           batch_size=batch_size)
+    return Plan(data, traced=traced, loss_fn=loss_fn)
+
+
+__all__ = ["build_plan_data", "lower_bound", "plan_from_split"]

@@ -1,0 +1,178 @@
+"""Phase partition: the one definition of what a stage costs (time and memory).
+
+Input: a :class:`ChainProblem` and a stage ``k`` covering positions
+``[i, j)``. Output: its time per micro-batch (:func:`stage_time`) and its
+memory (:func:`stage_memory`); the vectorised :func:`stage_times` /
+:func:`stage_memories` are the same functions over arrays of ``(i, j)`` --
+the scalar ones call them -- so the optimal search, the baselines, brute force
+in the tests and the reported plan all use bit-identical numbers.
+
+**Stage time** (seconds per micro-batch)::
+
+    sum(compute_time[i:j]) / speed(rank(k))
+    + sum over received tensors  m(t) * comm_time(bytes, rank(k-1), rank(k))
+    + sum over sent tensors      m(t) * comm_time(bytes, rank(k), rank(k+1))
+    + sum over split tied groups comm_time(bytes, link) / num_microbatches
+
+``m(t)`` is 2 for floating tensors (activation forward, gradient backward)
+and 1 otherwise. A stage *receives* a tensor produced before ``i`` with a
+consumer in ``[i, j)`` and *sends* one produced in ``[i, j)`` with a consumer
+at ``>= j`` -- once per tensor, however many later stages read it. A skip
+(U-Net, attention mask) goes straight from producer to consumer stages:
+stages in between pay nothing for it. The ranks used are those of the
+neighbouring stages: exact when all links between ranks are alike (one node),
+an approximation across nodes, where a skip's real link may differ. A tied
+parameter group with users on this stage and elsewhere exchanges its gradient
+once per step, charged to every holder and spread over the step's
+micro-batches; the link is the stage's send link (its receive link on the
+last stage).
+
+**Stage memory** (bytes)::
+
+    params of the stage * 2 + numel * optimizer_state_bytes_per_param
+    + buffers * 1
+    + (saved activations + received and sent tensor bytes) * in_flight[k]
+
+where a tied group counts on every stage that uses it and ``in_flight[k]``
+is the number of micro-batches stage ``k`` holds at its peak
+(:mod:`pipec.partitioner.memory`). A rank's memory is the sum over its stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from pipec.errors import PartitionError
+from pipec.partitioner.problem import ChainProblem, ChainSolution, ChainTensor, ParamGroup
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+
+def stage_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F64:
+    """Time of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised)."""
+    tab = problem.tables
+    i = np.asarray(starts, dtype=np.int64)
+    j = np.asarray(ends, dtype=np.int64)
+    time: F64 = (tab.prefix_time[j] - tab.prefix_time[i]) / tab.speed[stage]
+    if len(tab.tensor_bytes) and problem.comm_time is not None:
+        time = time + tab.received(tab.comm_cumulative("recv", tab.recv_pair[stage]), i, j)
+        time = time + tab.sent(tab.comm_cumulative("send", tab.send_pair[stage]), i, j)
+    if tab.tied_users and problem.comm_time is not None:
+        exchange = tab.tied_exchange(tab.tie_pair[stage]) / problem.num_microbatches
+        for g, (inside, outside) in enumerate(tab.tied_masks(i, j)):
+            time = time + np.where(inside & outside, exchange[g], 0.0)
+    return time
+
+
+def stage_memories(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> I64:
+    """Memory of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised)."""
+    tab = problem.tables
+    i = np.asarray(starts, dtype=np.int64)
+    j = np.asarray(ends, dtype=np.int64)
+    mono = tab.prefix_memory(stage)
+    memory: I64 = mono[j] - mono[i]
+    if len(tab.tensor_bytes):
+        boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
+        memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+    for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
+        memory = memory + np.where(inside, tab.tied_memory[g], 0)
+    return memory
+
+
+def stage_time(problem: ChainProblem, stage: int, start: int, end: int) -> float:
+    """Seconds per micro-batch of stage ``stage`` holding positions ``[start, end)``."""
+    _check_segment(problem, stage, start, end)
+    one = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
+    return float(stage_times(problem, stage, *one)[0])
+
+
+def stage_memory(problem: ChainProblem, stage: int, start: int, end: int) -> int:
+    """Bytes stage ``stage`` holding positions ``[start, end)`` needs at its peak."""
+    _check_segment(problem, stage, start, end)
+    one = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
+    return int(stage_memories(problem, stage, *one)[0])
+
+
+def stage_params(problem: ChainProblem, start: int, end: int) -> tuple[int, int]:
+    """``(numel, bytes)`` of the trainable parameters positions ``[start, end)`` read."""
+    tab = problem.tables
+    numel = int(tab.prefix_numel[end] - tab.prefix_numel[start])
+    num_bytes = int(tab.prefix_param_bytes[end] - tab.prefix_param_bytes[start])
+    i, j = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
+    for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
+        if bool(inside[0]):
+            numel += tab.tied_numel[g]
+            num_bytes += tab.tied_bytes[g]
+    return numel, num_bytes
+
+
+def rank_memory(problem: ChainProblem, stage_memory_bytes: Sequence[int]) -> tuple[int, ...]:
+    """Per-rank memory: the sum over the rank's stages (stage ``k`` on rank ``k % R``)."""
+    out = [0] * problem.ranks
+    for k, m in enumerate(stage_memory_bytes):
+        out[problem.rank_of(k)] += int(m)
+    return tuple(out)
+
+
+def check_cuts(problem: ChainProblem, cuts: Sequence[int]) -> tuple[int, ...]:
+    """``cuts`` as a tuple, or a PartitionError saying what is wrong with them."""
+    n, s = problem.num_nodes, problem.num_stages
+    c = tuple(int(x) for x in cuts)
+    if len(c) != s + 1 or c[0] != 0 or c[-1] != n or any(a >= b for a, b in zip(c, c[1:])):
+        raise PartitionError(
+            f"cut positions: expected {s + 1} strictly increasing positions from 0 to {n} "
+            f"(one non-empty stage each), found {list(c)}"
+        )
+    tab = problem.tables
+    bad = [x for x in c[1:-1] if not tab.cuttable[x]]
+    if bad:
+        raise PartitionError(
+            f"cut positions {bad} split a value that is not a plain tensor (an int, a tuple); "
+            "move those cuts to a position where only tensors are live"
+        )
+    return c
+
+
+def evaluate(problem: ChainProblem, cuts: Sequence[int], strategy: str = "manual", *,
+             exact: bool = True) -> ChainSolution:
+    """The cost of the split ``cuts`` (``num_stages + 1`` positions from 0 to N)."""
+    c = check_cuts(problem, cuts)
+    times = tuple(stage_time(problem, k, c[k], c[k + 1]) for k in range(problem.num_stages))
+    memory = tuple(stage_memory(problem, k, c[k], c[k + 1]) for k in range(problem.num_stages))
+    return ChainSolution(cuts=c, stage_times=times, stage_memory=memory,
+                         rank_memory=rank_memory(problem, memory), strategy=strategy, exact=exact)
+
+
+def fits(problem: ChainProblem, solution: ChainSolution) -> bool:
+    """Whether every rank's memory is within its limit."""
+    return all(lim is None or m <= lim
+               for m, lim in zip(solution.rank_memory, problem.memory_limit or [None] * problem.ranks))
+
+
+def _check_segment(problem: ChainProblem, stage: int, start: int, end: int) -> None:
+    if not (0 <= stage < problem.num_stages and 0 <= start < end <= problem.num_nodes):
+        raise PartitionError(
+            f"stage segment: expected stage in 0..{problem.num_stages - 1} and "
+            f"0 <= start < end <= {problem.num_nodes}, found stage={stage}, [{start}, {end})"
+        )
+
+
+__all__ = [
+    "ChainProblem",
+    "ChainSolution",
+    "ChainTensor",
+    "ParamGroup",
+    "check_cuts",
+    "evaluate",
+    "fits",
+    "rank_memory",
+    "stage_memories",
+    "stage_memory",
+    "stage_params",
+    "stage_time",
+    "stage_times",
+]
