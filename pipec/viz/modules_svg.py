@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from pipec.plan import Boundary, Plan, StageInfo
+from pipec.viz.palette import INK, MUTED_INK, PAPER, stage_colour
 from pipec.viz.report_fmt import (
     esc,
     fit_text,
@@ -33,7 +34,6 @@ from pipec.viz.report_fmt import (
     text_width,
 )
 from pipec.viz.report_layout import Arc, assign_levels, text_color
-from pipec.viz.report_style import stage_color
 
 MAX_BLOCKS = 36
 WIDTH = 1200.0
@@ -156,7 +156,7 @@ def _layout(blocks: list[_Block], weight: dict[str, float]) -> dict[str, tuple[f
 
 
 def _block_svg(b: _Block, y: float, stage_time: dict[str, float]) -> str:
-    color = stage_color(b.stage)
+    color = stage_colour(b.stage)
     ink = text_color(color)
     name = b.label or _label(b.key)
     tip = (
@@ -210,7 +210,7 @@ def _arc_label(bd: Boundary) -> str:
 def _arc_svg(arc: Arc, level: int, y0: float, max_bytes: int) -> str:
     bd = arc.boundary
     h = _ARC_BASE + level * _ARC_STEP
-    color = stage_color(bd.producer_stage)
+    color = stage_colour(bd.producer_stage)
     skip = arc.consumer - bd.producer_stage > 1
     thick = 1.2 + 2.8 * math.log1p(bd.num_bytes) / math.log1p(max(max_bytes, 1))
     x1, x2 = arc.x1, arc.x2
@@ -233,8 +233,8 @@ def _arc_svg(arc: Arc, level: int, y0: float, max_bytes: int) -> str:
         cx, cy, tw = (x1 + x2) / 2, y0 - 0.75 * h, text_width(arc.label) + 6
         parts.append(
             f'<rect x="{cx - tw / 2:.1f}" y="{cy - 8:.1f}" width="{tw:.1f}" height="15" rx="3" '
-            f'fill="#ffffff" fill-opacity="0.92"/>'
-            f'<text x="{cx:.1f}" y="{cy + 4:.1f}" text-anchor="middle" font-size="11" fill="#1f2328">'
+            f'fill="{PAPER}" fill-opacity="0.92"/>'
+            f'<text x="{cx:.1f}" y="{cy + 4:.1f}" text-anchor="middle" font-size="11" fill="{INK}">'
             f"{esc(arc.label)}</text>"
         )
     parts.append("</g>")
@@ -242,7 +242,7 @@ def _arc_svg(arc: Arc, level: int, y0: float, max_bytes: int) -> str:
 
 
 def _stage_bracket(plan: Plan, stage: StageInfo, lo: float, hi: float, y: float) -> str:
-    color = stage_color(stage.index)
+    color = stage_colour(stage.index)
     title = f"stage {stage.index} \u00b7 rank {stage.rank}"
     detail = f"{fmt_time(stage.forward_time + stage.backward_time)} \u00b7 {fmt_count(stage.num_params)} params"
     tip = (
@@ -255,9 +255,9 @@ def _stage_bracket(plan: Plan, stage: StageInfo, lo: float, hi: float, y: float)
         f'<g data-stage="{stage.index}"><title>{esc(tip)}</title>'
         f'<path d="M{lo:.1f},{y:.1f} v6 H{hi:.1f} v-6" fill="none" stroke="{color}" stroke-width="2"/>'
         f'<text x="{(lo + hi) / 2:.1f}" y="{y + 21:.1f}" text-anchor="middle" font-size="12" '
-        f'font-weight="600" fill="#1f2328">{esc(fit_text(title, width))}</text>'
+        f'font-weight="600" fill="{INK}">{esc(fit_text(title, width))}</text>'
         f'<text x="{(lo + hi) / 2:.1f}" y="{y + 36:.1f}" text-anchor="middle" font-size="11" '
-        f'fill="#59636e">{esc(fit_text(detail, width))}</text></g>'
+        f'fill="{MUTED_INK}">{esc(fit_text(detail, width))}</text></g>'
     )
 
 
@@ -295,7 +295,7 @@ def modules_svg(plan: Plan) -> str:
         out.append(
             f'<marker id="pcm-arrow-{st.index}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
             f'markerHeight="7" markerUnits="userSpaceOnUse" orient="auto">'
-            f'<path d="M0,0 L10,5 L0,10 z" fill="{stage_color(st.index)}"/></marker>'
+            f'<path d="M0,0 L10,5 L0,10 z" fill="{stage_colour(st.index)}"/></marker>'
         )
     out.append("</defs>")
     out.extend(_block_svg(b, y_band, raw) for b in blocks)

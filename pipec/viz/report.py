@@ -14,7 +14,8 @@ sections:
 6. measured against predicted, when timelines exist (:mod:`.report_compare`);
 7. the auto-planner's candidates, for an auto plan.
 
-A stage has one colour in every picture; hovering one highlights it everywhere.
+A stage has one colour in every picture (:mod:`.palette`), the Gantt charts
+included; hovering one highlights it everywhere.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def _strip_prolog(svg: str) -> str:
     return svg[start:] if start > 0 else svg
 
 
-def _gantt(sim: Simulation, width: int = GANTT_WIDTH) -> str:
-    return _strip_prolog(schedule_svg(sim, width=width))
+def _gantt(sim: Simulation, width: int = GANTT_WIDTH, id_prefix: str = "gantt") -> str:
+    return _strip_prolog(schedule_svg(sim, width=width, colour_by="stage", id_prefix=id_prefix))
 
 
 def _memory(sim: Simulation) -> str:
@@ -130,7 +131,11 @@ def render_report(plan: Plan, *, measured: Measured | None = None) -> str:
         _section(
             "schedule",
             f"Schedule: {data.schedule.name}",
-            _figure(_try(_gantt, sim, "schedule chart", sim_error), "One row per rank; hover an action for its times.")
+            _figure(
+                _try(_gantt, sim, "schedule chart", sim_error),
+                "One row per rank; colour = stage, shade = kind (forward solid, backward light, "
+                "W hatched); hover an action for its times.",
+            )
             + f"<details><summary>schedule as text</summary><pre class=mono>{esc(data.schedule.to_text())}</pre></details>",
             f"{data.num_microbatches} micro-batches on {data.num_ranks} ranks, simulated with the plan's costs.",
         ),
@@ -149,8 +154,8 @@ def render_report(plan: Plan, *, measured: Measured | None = None) -> str:
     return _page(plan, sections)
 
 
-def _safe_gantt(sim: Simulation, width: int) -> str:
-    return _try(lambda s: _gantt(s, width), sim, "schedule chart", "")
+def _safe_gantt(sim: Simulation, width: int, id_prefix: str) -> str:
+    return _try(lambda s: _gantt(s, width, id_prefix), sim, "schedule chart", "")
 
 
 def _modules(plan: Plan) -> str:

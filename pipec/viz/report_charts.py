@@ -10,8 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipec.plan import Candidate
+from pipec.viz.palette import (
+    AXIS,
+    BAD,
+    BAD_BACKGROUND,
+    GOOD,
+    INK,
+    MUTED_INK,
+    NEUTRAL,
+    TRACK,
+    rank_colour,
+    stage_colour,
+)
 from pipec.viz.report_fmt import esc, fit_text, fmt_bytes, fmt_pct, fmt_time
-from pipec.viz.report_style import stage_color
 
 _WIDTH = 560.0
 _LABEL_W = 150.0
@@ -48,16 +59,16 @@ def memory_bars_svg(
         stages = rank_stages[r] if r < len(rank_stages) else ()
         over = cap is not None and used > cap
         y = 4 + r * _ROW_H
-        color = "#cf222e" if over else stage_color(stages[0] if stages else r)
+        color = BAD if over else (stage_colour(stages[0]) if stages else rank_colour(r))
         w = plot_w * used / scale
         names = ", ".join(str(s) for s in stages)
         tip = f"rank {r} (stage {names}): peak {fmt_bytes(used)} ({used:,} bytes)"
         tip += f" of {fmt_bytes(cap)} ({fmt_pct(used / cap)})" if cap else ", no memory limit"
         value = f"{fmt_bytes(used)} / {fmt_bytes(cap)}" if cap else fmt_bytes(used)
         out.append(f"<g><title>{esc(tip)}</title>")
-        out.append(f'<text x="0" y="{y + 13:.1f}" fill="#1f2328">rank {r}</text>')
+        out.append(f'<text x="0" y="{y + 13:.1f}" fill="{INK}">rank {r}</text>')
         out.append(
-            f'<rect x="{_LABEL_W:.0f}" y="{y:.1f}" width="{plot_w:.1f}" height="{_BAR_H:.0f}" rx="3" fill="#eef1f4"/>'
+            f'<rect x="{_LABEL_W:.0f}" y="{y:.1f}" width="{plot_w:.1f}" height="{_BAR_H:.0f}" rx="3" fill="{TRACK}"/>'
         )
         out.append(
             f'<rect x="{_LABEL_W:.0f}" y="{y:.1f}" width="{max(w, 1.5):.1f}" height="{_BAR_H:.0f}" rx="3" fill="{color}"/>'
@@ -66,10 +77,10 @@ def memory_bars_svg(
             cx = _LABEL_W + plot_w * cap / scale
             out.append(
                 f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y - 3:.1f}" y2="{y + _BAR_H + 3:.1f}" '
-                f'stroke="#24292f" stroke-width="2"/>'
+                f'stroke="{AXIS}" stroke-width="2"/>'
             )
         out.append(
-            f'<text x="{_WIDTH - _VALUE_W + 8:.0f}" y="{y + 13:.1f}" fill="{"#cf222e" if over else "#59636e"}">'
+            f'<text x="{_WIDTH - _VALUE_W + 8:.0f}" y="{y + 13:.1f}" fill="{BAD if over else MUTED_INK}">'
             f"{esc(value)}</text></g>"
         )
     out.append("</svg>")
@@ -86,19 +97,19 @@ def time_bars_svg(rows: Sequence[tuple[str, float, str]], *, reference: float | 
     for i, (label, seconds, color) in enumerate(rows):
         y = 4 + i * _ROW_H
         out.append(f"<g><title>{esc(label)}: {esc(fmt_time(seconds))} ({seconds:.6g} s)</title>")
-        out.append(f'<text x="0" y="{y + 13:.1f}" fill="#1f2328">{esc(fit_text(label, _LABEL_W - 6))}</text>')
+        out.append(f'<text x="0" y="{y + 13:.1f}" fill="{INK}">{esc(fit_text(label, _LABEL_W - 6))}</text>')
         out.append(
             f'<rect x="{_LABEL_W:.0f}" y="{y:.1f}" width="{max(plot_w * seconds / scale, 1.5):.1f}" '
             f'height="{_BAR_H:.0f}" rx="3" fill="{color}"/>'
         )
         out.append(
-            f'<text x="{_WIDTH - _VALUE_W + 8:.0f}" y="{y + 13:.1f}" fill="#59636e">{esc(fmt_time(seconds))}</text></g>'
+            f'<text x="{_WIDTH - _VALUE_W + 8:.0f}" y="{y + 13:.1f}" fill="{MUTED_INK}">{esc(fmt_time(seconds))}</text></g>'
         )
     if reference:
         x = _LABEL_W + plot_w * reference / scale
         out.append(
             f'<g><title>lower bound {esc(fmt_time(reference))}</title><line x1="{x:.1f}" x2="{x:.1f}" y1="0" '
-            f'y2="{height:.0f}" stroke="#24292f" stroke-width="1.5" stroke-dasharray="4 3"/></g>'
+            f'y2="{height:.0f}" stroke="{AXIS}" stroke-width="1.5" stroke-dasharray="4 3"/></g>'
         )
     out.append("</svg>")
     return "".join(out)
@@ -121,14 +132,14 @@ def candidates_svg(candidates: Sequence[Candidate], winner: int | None) -> str:
     out = [
         _svg_open(width, height, "auto-planner candidates by simulated step time"),
         '<defs><pattern id="pcc-hatch" width="6" height="6" patternUnits="userSpaceOnUse" '
-        'patternTransform="rotate(45)"><rect width="6" height="6" fill="#ffebe9"/>'
-        '<line x1="0" y1="0" x2="0" y2="6" stroke="#cf222e" stroke-width="2"/></pattern></defs>',
+        f'patternTransform="rotate(45)"><rect width="6" height="6" fill="{BAD_BACKGROUND}"/>'
+        f'<line x1="0" y1="0" x2="0" y2="6" stroke="{BAD}" stroke-width="2"/></pattern></defs>',
     ]
     for row, i in enumerate(order):
         c = candidates[i]
         y = 4 + row * _ROW_H
         chosen = i == winner
-        fill = "url(#pcc-hatch)" if not c.fits else ("#1a7f37" if chosen else "#8c959f")
+        fill = "url(#pcc-hatch)" if not c.fits else (GOOD if chosen else NEUTRAL)
         mark = "\u2605 " if chosen else ("\u2717 " if not c.fits else "")
         status = "chosen" if chosen else ("does not fit in memory" if not c.fits else "fits")
         peak = max(c.peak_memory, default=0)
@@ -140,15 +151,15 @@ def candidates_svg(candidates: Sequence[Candidate], winner: int | None) -> str:
         weight = ' font-weight="700"' if chosen else ""
         out.append(f"<g><title>{esc(tip)}</title>")
         out.append(
-            f'<text x="0" y="{y + 13:.1f}" fill="#1f2328"{weight}>{esc(mark + fit_text(candidate_label(c), label_w - 20))}</text>'
+            f'<text x="0" y="{y + 13:.1f}" fill="{INK}"{weight}>{esc(mark + fit_text(candidate_label(c), label_w - 20))}</text>'
         )
         out.append(
             f'<rect x="{label_w:.0f}" y="{y:.1f}" width="{max(plot_w * c.step_time / scale, 1.5):.1f}" '
-            f'height="{_BAR_H:.0f}" rx="3" fill="{fill}" stroke="{"#cf222e" if not c.fits else "none"}"/>'
+            f'height="{_BAR_H:.0f}" rx="3" fill="{fill}" stroke="{BAD if not c.fits else "none"}"/>'
         )
         value = f"{fmt_time(c.step_time)} \u00b7 bubble {fmt_pct(c.bubble_fraction)}"
         out.append(
-            f'<text x="{width - value_w + 8:.0f}" y="{y + 13:.1f}" fill="#59636e"{weight}>{esc(value)}</text></g>'
+            f'<text x="{width - value_w + 8:.0f}" y="{y + 13:.1f}" fill="{MUTED_INK}"{weight}>{esc(value)}</text></g>'
         )
     out.append("</svg>")
     return "".join(out)

@@ -19,12 +19,12 @@ from pipec.schedule.ir import Action, ActionKind, Schedule
 from pipec.viz.report_fmt import esc, fmt_ms, fmt_time, ratio_class
 from pipec.viz.report_measured import Measured
 from pipec.viz.report_parts import card, swatch
+from pipec.viz.svg import GANTT_MARGINS
 
 if TYPE_CHECKING:
     from pipec.schedule.simulator import Simulation
 
 _COMPUTE = ("F", "B", "I", "W")
-_GANTT_MARGINS = 80  # left + right margin of pipec.viz.svg.schedule_svg
 
 
 def measured_simulation(measured: Measured, step: int, data: PlanData) -> Simulation:
@@ -136,20 +136,24 @@ def action_comparison(measured: Measured, predicted: Simulation | None) -> str:
 
 def _width(sim: Simulation, longest: float, width: int) -> int:
     """Chart width that puts ``sim`` on the scale of the longest step (the
-    chart's 80 px of margins stay fixed)."""
+    chart's margins stay fixed)."""
     if longest <= 0 or sim.step_time <= 0:
         return width
-    return max(240, round(_GANTT_MARGINS + (width - _GANTT_MARGINS) * sim.step_time / longest))
+    return max(240, round(GANTT_MARGINS + (width - GANTT_MARGINS) * sim.step_time / longest))
 
 
 def measured_section(
     data: PlanData,
     predicted: Simulation | None,
     measured: Measured,
-    gantt: Callable[[Simulation, int], str],
+    gantt: Callable[[Simulation, int, str], str],
     width: int = 1200,
 ) -> str:
-    """Cards (step time measured vs predicted), both Gantt charts, the tables."""
+    """Cards (step time measured vs predicted), both Gantt charts, the tables.
+
+    ``gantt(sim, width, id_prefix)`` draws one chart; the prefix keeps the
+    ids of the two charts apart from each other and from the page's others.
+    """
     step = measured.typical_step
     out = []
     for w in measured.warnings:
@@ -170,11 +174,11 @@ def measured_section(
     out.append(f'<div class="cards">{"".join(cards)}</div>')
     longest = max(measured_sim.step_time, predicted.step_time if predicted is not None else 0.0)
     if predicted is not None:
-        out.append(f"<h3>Predicted</h3><figure>{gantt(predicted, _width(predicted, longest, width))}</figure>")
+        out.append(f"<h3>Predicted</h3><figure>{gantt(predicted, _width(predicted, longest, width), 'gantt-predicted')}</figure>")
     out.append(
         f"<h3>Measured (step {step} of {measured.num_steps}, "
         f"{esc(fmt_time(measured.step_times[step]))})</h3>"
-        f"<figure>{gantt(measured_sim, _width(measured_sim, longest, width))}</figure>"
+        f"<figure>{gantt(measured_sim, _width(measured_sim, longest, width), 'gantt-measured')}</figure>"
         "<figcaption>Both charts share one time scale: the shorter step is the narrower chart.</figcaption>"
     )
     out.append("<h3>Per stage</h3>" + stage_comparison(data, measured))

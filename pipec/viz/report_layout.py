@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipec.plan import Boundary
+from pipec.viz import palette
 from pipec.viz.report_fmt import text_width
 
 
@@ -46,9 +47,4 @@ def assign_levels(arcs: list[Arc]) -> list[int]:
 
 def text_color(background: str) -> str:
     """Black or white, whichever reads better on the ``#rrggbb`` background."""
-    hex_ = background.lstrip("#")
-    if len(hex_) != 6:
-        return "#1f2328"
-    r, g, b = (int(hex_[k : k + 2], 16) / 255 for k in (0, 2, 4))
-    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
-    return "#1f2328" if luminance > 0.45 else "#ffffff"
+    return palette.ink_on(background)

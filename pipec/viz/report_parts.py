@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipec.plan import Candidate, PlanData, StageInfo
+from pipec.viz import palette
 from pipec.viz.report_charts import candidate_label, candidates_svg, memory_bars_svg, time_bars_svg
 from pipec.viz.report_fmt import esc, fmt_bytes, fmt_count, fmt_ms, fmt_pct, fmt_time, module_span
-from pipec.viz.report_style import stage_color
 
 
 def card(key: str, value: str, detail: str = "", cls: str = "") -> str:
@@ -24,7 +24,7 @@ def card(key: str, value: str, detail: str = "", cls: str = "") -> str:
 
 
 def swatch(stage: int) -> str:
-    return f'<span class="sw" style="background:{stage_color(stage)}"></span>'
+    return f'<span class="sw" style="background:{palette.stage_colour(stage)}"></span>'
 
 
 def rank_stages(data: PlanData) -> list[list[int]]:
@@ -95,7 +95,7 @@ def glance(
         ),
     ]
     time_rows = [
-        (f"stage {st.index} (rank {st.rank})", st.time, stage_color(st.index)) for st in data.stages
+        (f"stage {st.index} (rank {st.rank})", st.time, palette.stage_colour(st.index)) for st in data.stages
     ]
     return (
         f'<div class="cards">{"".join(cards)}</div>'
@@ -111,10 +111,17 @@ def glance(
 
 
 def _time_bar(st: StageInfo, scale: float) -> str:
-    parts = [("f", st.forward_time, "forward"), ("b", st.backward_time, "backward"), ("c", st.comm_time, "comm")]
+    """Forward, backward and communication time of a stage, shaded as the Gantt
+    chart shades them: solid stage colour, its light tint, grey."""
+    parts = [
+        ("f", st.forward_time, "forward", palette.kind_fill(st.index, "F")),
+        ("b", st.backward_time, "backward", palette.kind_fill(st.index, "B")),
+        ("c", st.comm_time, "comm", palette.COMM_COLOUR),
+    ]
     spans = "".join(
-        f'<span class="{cls}" style="width:{100 * t / scale:.2f}%" title="{name} {esc(fmt_time(t))}"></span>'
-        for cls, t, name in parts
+        f'<span class="{cls}" style="width:{100 * t / scale:.2f}%;background:{colour}" '
+        f'title="{name} {esc(fmt_time(t))}"></span>'
+        for cls, t, name, colour in parts
         if t > 0
     )
     return f'<div class="tbar">{spans}</div>'
@@ -145,9 +152,10 @@ def stage_table(data: PlanData) -> str:
         "<th>time</th><th class=n>memory</th></tr></thead>"
     )
     legend = (
-        '<div class="legend"><span><span class="sw" style="background:#4e79a7"></span>forward</span>'
-        '<span><span class="sw" style="background:#a0cbe8"></span>backward</span>'
-        '<span><span class="sw" style="background:#bab0ac"></span>communication</span></div>'
+        '<div class="legend"><span>time bar, in the stage\'s colour:</span>'
+        f'<span><span class="sw" style="background:{palette.kind_fill(0, "F")}"></span>forward (solid)</span>'
+        f'<span><span class="sw" style="background:{palette.kind_fill(0, "B")}"></span>backward (light)</span>'
+        f'<span><span class="sw" style="background:{palette.COMM_COLOUR}"></span>communication (grey)</span></div>'
     )
     return f'<table class="sortable">{head}<tbody>{"".join(rows)}</tbody></table>{legend}'
 

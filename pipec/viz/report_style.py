@@ -1,4 +1,4 @@
-"""Look of ``report.html``: the stage palette, the stylesheet and the script.
+"""Look of ``report.html``: the stylesheet and the script (colours: :mod:`.palette`).
 
 Everything is inline so the report is one self-contained file that opens
 offline. The page works with JavaScript disabled; the script only adds
@@ -10,29 +10,21 @@ from one whose script failed.
 
 from __future__ import annotations
 
-# Tableau 10: distinct, colour-blind friendly, readable under black text.
-_PALETTE = (
-    "#4e79a7",
-    "#f28e2b",
-    "#e15759",
-    "#76b7b2",
-    "#59a14f",
-    "#edc948",
-    "#b07aa1",
-    "#ff9da7",
-    "#9c755f",
-    "#bab0ac",
-)
+from pipec.viz import palette
 
 
 def stage_color(stage: int) -> str:
-    """The colour of ``stage`` in every picture of the report."""
-    return _PALETTE[stage % len(_PALETTE)]
+    """The colour of ``stage`` in every picture of the report (:func:`.palette.stage_colour`)."""
+    return palette.stage_colour(stage)
 
 
-CSS = """
-:root { --fg:#1f2328; --muted:#59636e; --line:#d8dee4; --bg:#ffffff; --panel:#f6f8fa;
-  --accent:#0969da; --bad:#cf222e; --warn:#9a6700; --good:#1a7f37; }
+_ROOT = (
+    f":root {{ --fg:{palette.INK}; --muted:{palette.MUTED_INK}; --line:{palette.RULE}; --bg:{palette.PAPER}; "
+    f"--panel:#f6f8fa;\n  --accent:#0969da; --bad:{palette.BAD}; --warn:#9a6700; --good:{palette.GOOD}; "
+    f"--track:{palette.TRACK}; }}"
+)
+
+CSS = _ROOT + """
 * { box-sizing: border-box; }
 html { background: var(--bg); }
 body { margin: 0; color: var(--fg);
@@ -74,9 +66,8 @@ table.sortable th { cursor: pointer; }
 code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
 .sw { display: inline-block; width: 12px; height: 12px; border-radius: 3px; vertical-align: -1px;
   margin-right: 6px; border: 1px solid rgba(0,0,0,.15); }
-.tbar { display: flex; height: 10px; width: 160px; border-radius: 3px; overflow: hidden; background: #eef1f4; }
+.tbar { display: flex; height: 10px; width: 160px; border-radius: 3px; overflow: hidden; background: var(--track); }
 .tbar span { display: block; height: 100%; }
-.tbar .f { background: #4e79a7; } .tbar .b { background: #a0cbe8; } .tbar .c { background: #bab0ac; }
 .legend { color: var(--muted); font-size: 12px; display: flex; gap: 14px; flex-wrap: wrap; margin: 6px 0; }
 .ratio-good { color: var(--good); font-weight: 600; }
 .ratio-warn { color: var(--warn); font-weight: 600; }

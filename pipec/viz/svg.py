@@ -5,40 +5,37 @@ Phase: viz (pure functions, no I/O, no matplotlib). Input: a
 :class:`~pipec.schedule.ir.Schedule`, drawn from a simulation with F = I = W = 1
 and B = 2). Output: an SVG document as a string.
 
-The Gantt chart has one row per rank and time across; boxes are coloured by
-kind (F, B, I, W), carry the micro-batch number and fade with the chunk for
-interleaved schedules; bubbles are the empty space; the time a rank waits in a
-RECV is a thin grey bar. The memory chart draws each rank's activation bytes as
-a step function over the step.
+The Gantt chart has one row per rank and time across; each box carries the
+micro-batch number and ``data-stage``/``data-kind``/``data-mb`` attributes
+(the report's hover highlight finds a stage by them); bubbles are the empty
+space; the time a rank waits in a RECV is a thin grey bar. Boxes are coloured
+either by kind (F, B, I, W; fading with the chunk for interleaved schedules)
+or, as in the report, by stage with the kind as shade (see
+:mod:`pipec.viz.palette`). The memory chart draws each rank's activation bytes
+as a step function over the step, in the rank's colour.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from typing import Literal
 from xml.sax.saxutils import escape
 
 from pipec.schedule.ir import ActionKind, Schedule
-from pipec.schedule.simulator import Simulation, simulate
+from pipec.schedule.simulator import Simulation, TimelineEvent, simulate
 from pipec.units import format_bytes, format_seconds
+from pipec.viz import palette
 
-KIND_COLOUR: dict[ActionKind, str] = {
-    ActionKind.F: "#4e79a7",
-    ActionKind.B: "#59a14f",
-    ActionKind.I: "#76b7b2",
-    ActionKind.W: "#b07aa1",
-}
-WAIT_COLOUR = "#9d9d9d"
-RANK_COLOURS = (
-    "#4e79a7",
-    "#f28e2b",
-    "#e15759",
-    "#76b7b2",
-    "#59a14f",
-    "#edc948",
-    "#b07aa1",
-    "#ff9da7",
-)
+ColourBy = Literal["kind", "stage"]
+KIND_COLOUR: dict[ActionKind, str] = {ActionKind(k): c for k, c in palette.KIND_COLOURS.items()}
+WAIT_COLOUR = palette.COMM_COLOUR
+RANK_COLOURS = palette.STAGE_COLOURS  # rank r is coloured as its first stage, stage r
+GANTT_LEFT = 64.0
+GANTT_RIGHT = 40.0  # room for half of the last time label, centred on the chart's end
+GANTT_MARGINS = GANTT_LEFT + GANTT_RIGHT
 _FONT = 'font-family="Helvetica, Arial, sans-serif"'
+_CHAR_W = 6.2  # rough width of one 11 px character, for laying out the legend
 
 
 def _document(width: float, height: float, body: list[str]) -> str:
@@ -52,11 +49,13 @@ def _document(width: float, height: float, body: list[str]) -> str:
 
 
 def _ticks(x0: float, x1: float, y: float, end: float, label: Callable[[float], str]) -> list[str]:
-    out = [f'<line x1="{x0:.1f}" y1="{y:.1f}" x2="{x1:.1f}" y2="{y:.1f}" stroke="#333"/>']
+    out = [f'<line x1="{x0:.1f}" y1="{y:.1f}" x2="{x1:.1f}" y2="{y:.1f}" stroke="{palette.AXIS}"/>']
     for k in range(5):
         t = end * k / 4
         x = x0 + (x1 - x0) * k / 4
-        out.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{y + 4:.1f}" stroke="#333"/>')
+        out.append(
+            f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{y + 4:.1f}" stroke="{palette.AXIS}"/>'
+        )
         out.append(
             f'<text x="{x:.1f}" y="{y + 15:.1f}" text-anchor="middle">{escape(label(t))}</text>'
         )
@@ -70,17 +69,105 @@ def _as_simulation(value: Simulation | Schedule) -> tuple[Simulation, Callable[[
     return value, format_seconds
 
 
+def _legend_item(x: float, swatch: str, text: str, attrs: str = "") -> tuple[str, float]:
+    """One legend entry at ``x``: a 12 px swatch (its fill given) and a label."""
+    item = (
+        f'<g{attrs}><rect x="{x:.0f}" y="24" width="12" height="12" {swatch}/>'
+        f'<text x="{x + 16:.0f}" y="34">{escape(text)}</text></g>'
+    )
+    return item, x + 16 + _CHAR_W * len(text) + 14
+
+
+def _hatch_id(prefix: str, stage: int) -> str:
+    return f"{prefix}-w{stage}"
+
+
+def _hatch_defs(prefix: str, stages: list[int]) -> str:
+    """One diagonal-hatch pattern per stage with W actions: stage colour on its tint."""
+    patterns = "".join(
+        f'<pattern id="{_hatch_id(prefix, s)}" width="5" height="5" patternUnits="userSpaceOnUse" '
+        f'patternTransform="rotate(45)"><rect width="5" height="5" fill="{palette.kind_fill(s, "W")}"/>'
+        f'<line x1="0" y1="0" x2="0" y2="5" stroke="{palette.stage_colour(s)}" stroke-width="2"/></pattern>'
+        for s in stages
+    )
+    return f"<defs>{patterns}</defs>" if patterns else ""
+
+
+def _stage_legend(kinds: list[ActionKind], stages: list[int], prefix: str, x: float) -> list[str]:
+    """Legend of a chart coloured by stage: the kinds as shades of the first
+    stage's colour, then one swatch per stage (hovering one highlights it)."""
+    out = [f'<text x="{x:.0f}" y="34">shade = kind:</text>']
+    x += _CHAR_W * 13 + 8
+    first = stages[0] if stages else 0
+    for kind in kinds:
+        fill = (
+            f"url(#{_hatch_id(prefix, first)})"
+            if palette.is_hatched(kind.value)
+            else palette.kind_fill(first, kind.value)
+        )
+        item, x = _legend_item(
+            x, f'fill="{fill}"', f"{kind.value} {palette.KIND_SHADE[kind.value]}"
+        )
+        out.append(item)
+    out.append(f'<text x="{x:.0f}" y="34">colour = stage:</text>')
+    x += _CHAR_W * 15 + 8
+    for s in stages:
+        item, x = _legend_item(x, f'fill="{palette.stage_colour(s)}"', str(s), f' data-stage="{s}"')
+        out.append(item)
+    return out
+
+
+def _box(
+    e: TimelineEvent,
+    x0: float,
+    x1: float,
+    y: float,
+    row_height: int,
+    fill: str,
+    opacity: float,
+    ink: str,
+    tip: str,
+) -> str:
+    """One compute action: a box with its tooltip and micro-batch number, in a
+    group carrying the stage, kind and micro-batch for the report's script."""
+    a = e.action
+    text = ""
+    if x1 - x0 >= 9:
+        text = (
+            f'<text x="{(x0 + x1) / 2:.2f}" y="{y + row_height / 2 + 2:.1f}" fill="{ink}" '
+            f'text-anchor="middle" font-size="10" pointer-events="none">{a.microbatch}</text>'
+        )
+    return (
+        f'<g data-stage="{a.stage}" data-kind="{a.kind.value}" data-mb="{a.microbatch}">'
+        f'<rect x="{x0:.2f}" y="{y + 2:.1f}" width="{max(x1 - x0, 0.5):.2f}" '
+        f'height="{row_height - 8}" fill="{fill}" fill-opacity="{opacity:.2f}" '
+        f'stroke="white" stroke-width="0.5"><title>{escape(tip)}</title></rect>{text}</g>'
+    )
+
+
 def schedule_svg(
     simulation: Simulation | Schedule,
     *,
     width: int = 960,
     row_height: int = 26,
     title: str | None = None,
+    colour_by: ColourBy = "kind",
+    id_prefix: str | None = None,
 ) -> str:
-    """A Gantt chart of ``simulation``: ranks down, time across (SVG text)."""
+    """A Gantt chart of ``simulation``: ranks down, time across (SVG text).
+
+    ``colour_by="kind"`` fills a box by its kind (F, B, I, W); ``"stage"``
+    fills it with its stage's colour, solid for forward and a light tint for
+    backward, W hatched (:mod:`pipec.viz.palette`), as every other picture of
+    the report colours stages. ``id_prefix`` starts the ids the chart defines
+    (its hatch patterns): give each chart inlined in one page its own; by
+    default it is derived from the chart's content.
+    """
+    if colour_by not in ("kind", "stage"):
+        raise ValueError(f"colour_by must be 'kind' or 'stage', got {colour_by!r}")
     sim, label = _as_simulation(simulation)
     schedule = sim.schedule
-    left, right, top = 64.0, 16.0, 44.0
+    left, right, top = GANTT_LEFT, GANTT_RIGHT, 44.0
     plot = width - left - right
     end = sim.step_time if sim.step_time > 0 else 1.0
     height = top + row_height * sim.num_ranks + 34
@@ -96,12 +183,27 @@ def schedule_svg(
         f'<text x="{left:.0f}" y="16" font-size="13" font-weight="bold">{escape(heading)}</text>'
     ]
     kinds = [k for k in KIND_COLOUR if any(e.action.kind is k for e in sim.timeline)]
-    for i, kind in enumerate(kinds):
-        lx = left + 70 * i
-        body.append(
-            f'<rect x="{lx:.0f}" y="24" width="12" height="12" fill="{KIND_COLOUR[kind]}"/>'
-        )
-        body.append(f'<text x="{lx + 16:.0f}" y="34">{kind.value}</text>')
+    stages = sorted({e.action.stage for e in sim.timeline if e.action.kind.is_compute})
+    if id_prefix is None:
+        key = f"{heading}|{width}|{row_height}|{sim.step_time!r}|{len(sim.timeline)}"
+        id_prefix = "pg" + hashlib.sha1(key.encode()).hexdigest()[:8]
+    prefix = id_prefix
+    if colour_by == "stage":
+        hatched = [
+            s
+            for s in stages
+            if any(e.action.stage == s and e.action.kind is ActionKind.W for e in sim.timeline)
+        ]
+        if any(palette.is_hatched(k.value) for k in kinds) and stages and stages[0] not in hatched:
+            hatched.insert(0, stages[0])  # the legend's W swatch uses the first stage's pattern
+        body.append(_hatch_defs(prefix, hatched))
+        body += _stage_legend(kinds, stages, prefix, left)
+    else:
+        lx = left
+        for kind in kinds:
+            item, _ = _legend_item(lx, f'fill="{KIND_COLOUR[kind]}"', kind.value)
+            body.append(item)
+            lx += 70
     for r in range(sim.num_ranks):
         y = top + r * row_height
         body.append(
@@ -116,21 +218,22 @@ def schedule_svg(
             if e.end > e.start:
                 body.append(
                     f'<rect x="{x0:.2f}" y="{y + row_height - 5:.1f}" width="{x1 - x0:.2f}" height="2" '
-                    f'fill="{WAIT_COLOUR}"><title>{a} waits {escape(label(e.end - e.start))}</title></rect>'
+                    f'fill="{WAIT_COLOUR}" data-stage="{a.stage}" data-kind="{a.kind.value}" '
+                    f'data-mb="{a.microbatch}"><title>{a} waits {escape(label(e.end - e.start))}</title></rect>'
                 )
             continue
-        chunk = a.stage // max(1, sim.num_ranks)
-        opacity = 1.0 - 0.45 * chunk / (chunks - 1) if chunks > 1 else 1.0
         tip = f"{a} on rank {e.rank}: {label(e.start)} - {label(e.end)}"
-        body.append(
-            f'<rect x="{x0:.2f}" y="{y + 2:.1f}" width="{max(x1 - x0, 0.5):.2f}" '
-            f'height="{row_height - 8}" fill="{KIND_COLOUR[a.kind]}" fill-opacity="{opacity:.2f}" '
-            f'stroke="white" stroke-width="0.5"><title>{escape(tip)}</title></rect>'
-        )
-        if x1 - x0 >= 9:
+        if colour_by == "stage":
+            shade = palette.kind_fill(a.stage, a.kind.value)
+            fill = (
+                f"url(#{_hatch_id(prefix, a.stage)})" if palette.is_hatched(a.kind.value) else shade
+            )
+            body.append(_box(e, x0, x1, y, row_height, fill, 1.0, palette.ink_on(shade), tip))
+        else:
+            chunk = a.stage // max(1, sim.num_ranks)
+            opacity = 1.0 - 0.45 * chunk / (chunks - 1) if chunks > 1 else 1.0
             body.append(
-                f'<text x="{(x0 + x1) / 2:.2f}" y="{y + row_height / 2 + 2:.1f}" fill="white" '
-                f'text-anchor="middle" font-size="10">{a.microbatch}</text>'
+                _box(e, x0, x1, y, row_height, KIND_COLOUR[a.kind], opacity, palette.LIGHT_INK, tip)
             )
     body += _ticks(left, left + plot, top + row_height * sim.num_ranks + 4, sim.step_time, label)
     return _document(width, height, body)
@@ -141,7 +244,7 @@ def memory_svg(
 ) -> str:
     """Activation memory per rank over the step, as step functions (SVG text)."""
     sim = simulation
-    left, right, top, bottom = 80.0, 16.0, 40.0, 34.0
+    left, right, top, bottom = 80.0, GANTT_RIGHT, 40.0, 34.0
     plot_w, plot_h = width - left - right, height - top - bottom
     end = sim.step_time if sim.step_time > 0 else 1.0
     peak = max(sim.peak_memory, default=0) or 1
@@ -160,16 +263,16 @@ def memory_svg(
         value = peak * k / 2
         body.append(
             f'<line x1="{left:.0f}" y1="{y(value):.1f}" x2="{left + plot_w:.0f}" y2="{y(value):.1f}" '
-            f'stroke="#ddd"/><text x="{left - 6:.0f}" y="{y(value) + 4:.1f}" text-anchor="end">'
+            f'stroke="{palette.RULE}"/><text x="{left - 6:.0f}" y="{y(value) + 4:.1f}" text-anchor="end">'
             f"{escape(format_bytes(value))}</text>"
         )
     if not any(sim.peak_memory):
         body.append(
             f'<text x="{left + plot_w / 2:.0f}" y="{top + plot_h / 2:.0f}" text-anchor="middle" '
-            'fill="#666">no activation bytes given</text>'
+            f'fill="{palette.MUTED_INK}">no activation bytes given</text>'
         )
     for r, points in enumerate(sim.memory):
-        colour = RANK_COLOURS[r % len(RANK_COLOURS)]
+        colour = palette.rank_colour(r)
         path = []
         last = 0
         for t, num_bytes in points:

@@ -201,3 +201,23 @@ def test_a_plan_that_cannot_be_simulated_still_renders(monkeypatch: pytest.Monke
     html = render_report(plan)
     assert "simulator &lt;exploded&gt;" in html and "TinyNet" in html
     svgs_parse(html)
+
+
+def test_gantt_charts_colour_by_stage_with_ids_unique_on_the_page(tmp_path: Path) -> None:
+    from pipec.viz.palette import stage_colour
+
+    made = handmade_plan(num_stages=3)
+    plan = Plan(made.data.model_copy(update={"schedule": make_schedule("zb-h1", 3, 4)}))
+    write_timelines(plan, tmp_path)
+    html = write_report(plan, tmp_path).read_text(encoding="utf-8")
+    gantts = [s for s in SVG_RE.findall(html) if 'data-kind="F"' in s]
+    assert len(gantts) == 3  # the schedule, then predicted and measured
+    for svg in gantts:
+        root = ET.fromstring(svg)
+        boxes = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("data-kind") == "F"]
+        assert {g.get("data-stage") for g in boxes} == {"0", "1", "2"}
+        for g in boxes:  # a forward box is its stage's colour, as in every other picture
+            rect = g.find("{http://www.w3.org/2000/svg}rect")
+            assert rect is not None and rect.get("fill") == stage_colour(int(g.get("data-stage", "-1")))
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert "<pattern" in html and len(ids) == len(set(ids)), "element ids repeat on the page"
