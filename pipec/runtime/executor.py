@@ -1,0 +1,355 @@
+"""The one executor: interprets a lowered schedule's actions on one rank.
+
+Phase: stage runtime. Input: this rank's row of a lowered
+:class:`~pipec.schedule.ir.Schedule` (``F B I W SEND_F RECV_F SEND_B RECV_B``),
+its stage modules and their :class:`~pipec.runtime.routing.StageRoutes`, and the
+micro-batches. Output: per-micro-batch losses (last stage) or model outputs
+(inference), gradients accumulated into the stage parameters, and a measured
+timeline. Every schedule -- GPipe, 1F1B, interleaved 1F1B, ZB-H1 -- runs through
+this one loop; none is written as imperative code.
+
+Autograd is cut at stage boundaries: a stage's boundary inputs are detached
+leaves, so each stage's backward is its own graph. ``B`` runs the full
+backward; ``I`` computes input gradients only (keeping the graph) and ``W`` the
+weight gradients later, reusing ``I``'s graph: the split of zero-bubble
+pipeline parallelism (Qi et al. 2023, section 2), in :mod:`pipec.runtime.backward`. The last stage's loss
+is scaled by ``1 / num_microbatches`` so accumulated gradients equal those of a
+mean-reduced loss on the full batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipec.errors import RuntimeFailure
+from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
+from pipec.runtime.comm import P2P
+from pipec.runtime.routing import StageRoutes
+from pipec.runtime.timeline import Clock, TimelineEvent
+from pipec.schedule.ir import Action, ActionKind
+
+
+@dataclass
+class _Slot:
+    """What one (stage, micro-batch) keeps between its actions."""
+
+    forwarded: bool = False
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # boundary inputs (leaves)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    scaled_loss: torch.Tensor | None = None
+    out_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    grads_seen: set[tuple[str, int]] = field(default_factory=set)  # (boundary, consumer stage)
+    pending_w: PendingWeightGrad | None = None
+
+
+@dataclass
+class StepResult:
+    losses: dict[int, torch.Tensor]  # micro-batch -> unscaled loss (last stage only)
+    outputs: dict[int, Any]  # micro-batch -> model output (inference, last stage only)
+    timeline: list[TimelineEvent]
+    started: float = 0.0  # perf_counter seconds at the step's start
+
+
+class Executor:
+    """Runs one rank's actions. ``stages`` and ``routes`` hold this rank's stages;
+    ``p2p`` is None when every stage is local (a one-rank plan)."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        stages: Mapping[int, nn.Module],
+        routes: Mapping[int, StageRoutes],
+        actions: Sequence[Action],
+        rank_of: Callable[[int], int],
+        p2p: P2P | None,
+        num_microbatches: int,
+        device: torch.device,
+    ) -> None:
+        self.rank = rank
+        self.stages = dict(stages)
+        self.routes = dict(routes)
+        self.actions = tuple(actions)
+        self.forward_actions = tuple(
+            a for a in actions if a.kind in (ActionKind.F, ActionKind.SEND_F, ActionKind.RECV_F)
+        )
+        self.rank_of = rank_of
+        self.p2p = p2p
+        self.num_microbatches = num_microbatches
+        self.clock = Clock(device)
+        self._params = {
+            s: [p for p in m.parameters() if p.requires_grad] for s, m in self.stages.items()
+        }
+        self._handlers: dict[ActionKind, Callable[[Action], None]] = {
+            ActionKind.F: self._forward,
+            ActionKind.B: self._backward,
+            ActionKind.I: self._input_grad,
+            ActionKind.W: self._weight_grad,
+            ActionKind.SEND_F: self._send_forward,
+            ActionKind.RECV_F: self._recv_forward,
+            ActionKind.SEND_B: self._send_backward,
+            ActionKind.RECV_B: self._recv_backward,
+        }
+        # per-step state
+        self._slots: dict[tuple[int, int], _Slot] = {}
+        self._send_grads: dict[tuple[int, int], dict[str, torch.Tensor | None]] = {}
+        self._microbatches: Sequence[Mapping[str, Any]] = ()
+        self._targets: Sequence[Any] | None = None
+        self._loss_fn: Callable[..., Any] | None = None
+        self._train = True
+        self._step = 0
+        self._result = StepResult({}, {}, [])
+
+    # -- the loop ----------------------------------------------------------
+    def run(
+        self,
+        microbatches: Sequence[Mapping[str, Any]],
+        *,
+        targets: Sequence[Any] | None = None,
+        loss_fn: Callable[..., Any] | None = None,
+        train: bool,
+        step: int,
+    ) -> StepResult:
+        """Execute this rank's actions once. ``microbatches[m]`` maps graph-input
+        names to micro-batch ``m``'s values; ``targets[m]`` is its target."""
+        self._microbatches, self._targets, self._loss_fn, self._train = microbatches, targets, loss_fn, train
+        self._slots, self._send_grads = {}, {}
+        self._result = StepResult({}, {}, [])
+        self._step = step
+        actions = self.actions if train else self.forward_actions
+        self.clock.begin()
+        current: Action | None = None
+        try:
+            with torch.set_grad_enabled(train):
+                for current in actions:
+                    started = self.clock.start()
+                    self._handlers[current.kind](current)
+                    self.clock.stop(started, str(current))
+                current = None
+                if self.p2p is not None:
+                    self.p2p.wait_sends()
+        except RuntimeFailure:
+            raise
+        except Exception as e:
+            where = f"action {current}" if current is not None else "waiting for its sends to complete"
+            raise RuntimeFailure(
+                f"rank {self.rank} failed at {where} of step {step}: {type(e).__name__}: {e}",
+                rank=self.rank,
+                action=str(current) if current is not None else None,
+                step=step,
+            ) from e
+        finally:
+            self._slots, self._send_grads = {}, {}
+            self._microbatches, self._targets = (), None
+        self._result.timeline = self.clock.events(self.rank)
+        self._result.started = self.clock.origin
+        self._check_complete(step)
+        return self._result
+
+    def _check_complete(self, step: int) -> None:
+        last = max(self.stages, default=-1)
+        if last >= 0 and self.routes[last].is_last:
+            done = self._result.losses if self._train else self._result.outputs
+            missing = sorted(set(range(self.num_microbatches)) - set(done))
+            if missing:
+                raise RuntimeFailure(
+                    f"rank {self.rank}: the schedule never ran the last stage's forward for "
+                    f"micro-batches {missing} in step {step}; expected every micro-batch "
+                    f"0..{self.num_microbatches - 1}, check the schedule with pipec.validate",
+                    rank=self.rank,
+                    step=step,
+                )
+
+    def _fail(self, action: Action, message: str) -> RuntimeFailure:
+        return RuntimeFailure(
+            f"rank {self.rank}, action {action}, step {self._step}: {message}",
+            rank=self.rank,
+            action=str(action),
+            step=self._step,
+        )
+
+    def _slot(self, stage: int, microbatch: int) -> _Slot:
+        key = (stage, microbatch)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot()
+        return slot
+
+    # -- compute -----------------------------------------------------------
+    def _forward(self, a: Action) -> None:
+        routes = self.routes[a.stage]
+        slot = self._slot(a.stage, a.microbatch)
+        graph_inputs = self._microbatches[a.microbatch]
+        values: list[Any] = []
+        for r in routes.inputs:
+            if r.producer is None:
+                values.append(graph_inputs[r.name])
+            elif r.name in slot.inputs:
+                values.append(slot.inputs[r.name])
+            else:
+                raise self._fail(
+                    a,
+                    f"input {r.name!r} from stage {r.producer} has not arrived; the schedule needs "
+                    f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
+                )
+        result = self.stages[a.stage](*values)
+        if not isinstance(result, tuple):
+            result = (result,)
+        expected = len(routes.outputs) + (1 if routes.is_last else 0)
+        if len(result) != expected:
+            raise self._fail(a, f"stage {a.stage} returned {len(result)} values, expected {expected}")
+        slot.forwarded = True
+        slot.outputs = {o.name: t for o, t in zip(routes.outputs, result)}
+        for o in routes.outputs:
+            value = slot.outputs[o.name]
+            for c in o.consumers:
+                if self.rank_of(c) == self.rank:
+                    self._slot(c, a.microbatch).inputs[o.name] = self._leaf(value, o.carries_grad)
+        if routes.is_last:
+            self._finish_last(a, slot, result[-1])
+        if not self._train:
+            slot.inputs.clear()
+            if self.p2p is None or not self.p2p.has_forward_sends(a.stage):
+                self._slots.pop((a.stage, a.microbatch), None)
+
+    def _finish_last(self, a: Action, slot: _Slot, output: Any) -> None:
+        if not self._train:
+            self._result.outputs[a.microbatch] = output
+            return
+        if self._loss_fn is None:
+            raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
+        if self._targets is None:
+            loss = self._loss_fn(output)
+        else:
+            loss = self._loss_fn(output, self._targets[a.microbatch])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise self._fail(a, f"loss_fn must return a scalar tensor, found {found}; reduce it with .mean()")
+        self._result.losses[a.microbatch] = loss.detach().reshape(())
+        slot.scaled_loss = loss.reshape(()) / self.num_microbatches
+
+    def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
+        leaf = value.detach()
+        if carries_grad and self._train:
+            leaf.requires_grad_(True)
+        return leaf
+
+    def _backward_pairs(self, a: Action, slot: _Slot) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        for o in self.routes[a.stage].outputs:
+            if not o.carries_grad:
+                continue
+            missing = [c for c in o.consumers if (o.name, c) not in slot.grads_seen]
+            if missing:
+                c = missing[0]
+                raise self._fail(
+                    a,
+                    f"the gradient of {o.name!r} from stage {c} has not arrived; the schedule needs "
+                    f"{c}B{a.microbatch} (or {c}I{a.microbatch}) and, across ranks, "
+                    f"{a.stage}RECV_B{a.microbatch} first",
+                )
+            out, g = slot.outputs.get(o.name), slot.out_grads.get(o.name)
+            if out is not None and g is not None and out.requires_grad:
+                tensors.append(out)
+                grads.append(g)
+        if slot.scaled_loss is not None and slot.scaled_loss.requires_grad:
+            tensors.append(slot.scaled_loss)
+            grads.append(None)
+        return tensors, grads
+
+    def _started_slot(self, a: Action) -> _Slot:
+        slot = self._slots.get((a.stage, a.microbatch))
+        if slot is None or not slot.forwarded or slot.pending_w is not None:
+            raise self._fail(a, f"backward before forward: the schedule needs {a.stage}F{a.microbatch} first")
+        return slot
+
+    def _grad_leaves(self, stage: int, slot: _Slot) -> list[tuple[str, torch.Tensor]]:
+        return [
+            (r.name, slot.inputs[r.name])
+            for r in self.routes[stage].boundary_inputs()
+            if r.carries_grad and r.name in slot.inputs and slot.inputs[r.name].requires_grad
+        ]
+
+    def _backward(self, a: Action) -> None:
+        slot = self._started_slot(a)
+        full_backward(*self._backward_pairs(a, slot))
+        self._hand_back(a, {name: leaf.grad for name, leaf in self._grad_leaves(a.stage, slot)})
+        del self._slots[(a.stage, a.microbatch)]  # frees this micro-batch's activations
+
+    def _input_grad(self, a: Action) -> None:
+        slot = self._started_slot(a)
+        tensors, grads = self._backward_pairs(a, slot)
+        leaves = self._grad_leaves(a.stage, slot)
+        computed, slot.pending_w = input_backward(tensors, grads, [t for _, t in leaves], self._params[a.stage])
+        slot.inputs.clear()
+        slot.outputs.clear()
+        self._hand_back(a, {name: g for (name, _), g in zip(leaves, computed)})
+
+    def _weight_grad(self, a: Action) -> None:
+        slot = self._slots.get((a.stage, a.microbatch))
+        if slot is None or slot.pending_w is None:
+            raise self._fail(a, f"weight gradient before input gradient: the schedule needs {a.stage}I{a.microbatch} first")
+        weight_backward(slot.pending_w, self._params[a.stage])
+        del self._slots[(a.stage, a.microbatch)]
+
+    def _hand_back(self, a: Action, input_grads: Mapping[str, torch.Tensor | None]) -> None:
+        """Give input gradients to local producers now; keep remote ones for SEND_B."""
+        remote: dict[str, torch.Tensor | None] = {}
+        for r in self.routes[a.stage].boundary_inputs():
+            if not r.carries_grad or r.producer is None:
+                continue
+            g = input_grads.get(r.name)
+            if self.rank_of(r.producer) == self.rank:
+                self._add_grad(self._slot(r.producer, a.microbatch), r.name, a.stage, g)
+            else:
+                remote[r.name] = g
+        self._send_grads[(a.stage, a.microbatch)] = remote
+
+    @staticmethod
+    def _add_grad(slot: _Slot, name: str, consumer: int, grad: torch.Tensor | None) -> None:
+        slot.grads_seen.add((name, consumer))
+        if grad is None:
+            return
+        prev = slot.out_grads.get(name)
+        slot.out_grads[name] = grad if prev is None else prev + grad
+
+    # -- communication -----------------------------------------------------
+    def _need_p2p(self, a: Action) -> P2P:
+        if self.p2p is None:
+            raise self._fail(a, "communication action in a one-rank run; every stage is local")
+        return self.p2p
+
+    def _send_forward(self, a: Action) -> None:
+        slot = self._slots.get((a.stage, a.microbatch))
+        if slot is None or not slot.forwarded:
+            raise self._fail(a, f"nothing to send: the schedule needs {a.stage}F{a.microbatch} first")
+        self._need_p2p(a).send_forward(a.stage, a.microbatch, slot.outputs)
+        if not self._train:
+            del self._slots[(a.stage, a.microbatch)]
+
+    def _recv_forward(self, a: Action) -> None:
+        received = self._need_p2p(a).recv_forward(a.stage, a.microbatch)
+        slot = self._slot(a.stage, a.microbatch)
+        carries = {r.name: r.carries_grad for r in self.routes[a.stage].inputs}
+        for name, buf in received.items():
+            slot.inputs[name] = self._leaf(buf, carries[name])
+
+    def _send_backward(self, a: Action) -> None:
+        grads = self._send_grads.pop((a.stage, a.microbatch), None)
+        if grads is None:
+            raise self._fail(
+                a, f"nothing to send: the schedule needs {a.stage}B{a.microbatch} or {a.stage}I{a.microbatch} first"
+            )
+        self._need_p2p(a).send_backward(a.stage, a.microbatch, grads)
+
+    def _recv_backward(self, a: Action) -> None:
+        received = self._need_p2p(a).recv_backward(a.stage, a.microbatch)
+        slot = self._slot(a.stage, a.microbatch)
+        for (name, consumer), g in received.items():
+            self._add_grad(slot, name, consumer, g)

@@ -1,0 +1,122 @@
+"""Split a full batch into micro-batches and merge micro-batch outputs back.
+
+Phase: stage runtime (pure tensor bookkeeping, no communication). Inputs are
+split along dim 0 into ``num_microbatches`` equal chunks that must match the
+plan's per-micro-batch input shapes (:class:`pipec.plan.InputSpec`), because the
+receive buffers and the plan's costs were sized for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Set
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from pipec.errors import ConfigError
+from pipec.plan import InputSpec
+
+
+def bind_inputs(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], specs: Sequence[InputSpec]
+) -> tuple[Any, ...]:
+    """One value per graph input of a plan loaded from disk: positional arguments
+    first, then keyword arguments by graph-input name."""
+    names = [s.name for s in specs]
+    if len(args) > len(names):
+        raise ConfigError(
+            f"expected at most {len(names)} inputs {names}, found {len(args)} positional arguments"
+        )
+    values: list[Any] = list(args)
+    unknown = sorted(set(kwargs) - set(names[len(args):]))
+    if unknown:
+        raise ConfigError(
+            f"unexpected keyword inputs {unknown}; the plan's graph inputs are {names} "
+            f"(the first {len(args)} given positionally)"
+        )
+    for name in names[len(args):]:
+        if name not in kwargs:
+            raise ConfigError(f"missing input {name!r}: the plan's graph inputs are {names}; pass every one")
+        values.append(kwargs[name])
+    return tuple(values)
+
+
+def split_inputs(
+    values: Sequence[Any],
+    specs: Sequence[InputSpec],
+    num_microbatches: int,
+    device: torch.device,
+    needed: Set[str] | None = None,
+) -> list[dict[str, Any]]:
+    """``result[m][name]`` is micro-batch ``m`` of graph input ``name``. Tensors are
+    chunked along dim 0 and moved to ``device``; other values go to every micro-batch.
+    Every input is checked; only those in ``needed`` (default: all) are kept."""
+    if len(values) != len(specs):
+        raise ConfigError(
+            f"expected {len(specs)} inputs {[s.name for s in specs]}, found {len(values)}"
+        )
+    out: list[dict[str, Any]] = [{} for _ in range(num_microbatches)]
+    for spec, value in zip(specs, values):
+        if spec.meta is None or not isinstance(value, torch.Tensor):
+            if spec.meta is not None:
+                raise ConfigError(
+                    f"input {spec.name!r}: expected a tensor of micro-batch shape {spec.meta.shape}, "
+                    f"found {type(value).__name__}"
+                )
+            for mb in out:
+                mb[spec.name] = value
+            continue
+        want = spec.meta.shape
+        full = (want[0] * num_microbatches, *want[1:]) if want else None
+        if full is None or tuple(value.shape) != full:
+            raise ConfigError(
+                f"input {spec.name!r}: expected a batch of shape {full} ({num_microbatches} "
+                f"micro-batches of {want}), found {tuple(value.shape)}; pass a batch of that shape "
+                "or re-plan with example inputs shaped like the real batch"
+            )
+        if value.dtype != spec.meta.torch_dtype:
+            raise ConfigError(
+                f"input {spec.name!r}: expected dtype {spec.meta.dtype}, found "
+                f"{str(value.dtype).removeprefix('torch.')}; convert it with .to({spec.meta.dtype})"
+            )
+        if needed is None or spec.name in needed:
+            for mb, chunk in zip(out, value.to(device).chunk(num_microbatches, dim=0)):
+                mb[spec.name] = chunk
+    return out
+
+
+def split_target(target: Any, num_microbatches: int, device: torch.device) -> list[Any]:
+    """Chunk every tensor of ``target`` (any pytree) along dim 0."""
+    leaves, spec = pytree.tree_flatten(target)
+    chunks: list[list[Any]] = [[] for _ in range(num_microbatches)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            if leaf.shape[0] % num_microbatches:
+                raise ConfigError(
+                    f"target: expected a batch divisible into {num_microbatches} micro-batches along "
+                    f"dim 0, found shape {tuple(leaf.shape)}; pass the target of the full batch"
+                )
+            for c, part in zip(chunks, leaf.to(device).chunk(num_microbatches, dim=0)):
+                c.append(part)
+        else:
+            for c in chunks:
+                c.append(leaf)
+    return [pytree.tree_unflatten(c, spec) for c in chunks]
+
+
+def merge_outputs(outputs: Sequence[Any]) -> Any:
+    """Concatenate micro-batch outputs along dim 0 leaf by leaf; a leaf that cannot
+    be concatenated (a scalar, a non-tensor) becomes the list of its values."""
+    flat = [pytree.tree_flatten(o) for o in outputs]
+    spec = flat[0][1]
+    merged: list[Any] = []
+    for i, first in enumerate(flat[0][0]):
+        parts = [leaves[i] for leaves, _ in flat]
+        if isinstance(first, torch.Tensor) and first.dim() > 0 and all(
+            isinstance(p, torch.Tensor) and p.shape[1:] == first.shape[1:] for p in parts
+        ):
+            merged.append(torch.cat(parts, dim=0))
+        else:
+            merged.append(parts)
+    return pytree.tree_unflatten(merged, spec)

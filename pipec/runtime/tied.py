@@ -1,0 +1,112 @@
+"""Tied parameters: one tensor per rank, gradients summed across the ranks holding it.
+
+Phase: stage runtime. A parameter used by several stages (a tied input
+embedding and output head) is a copy in each stage module under its canonical
+FQN (:class:`pipec.plan.TiedGroup`). Stages on the same rank are made to share
+one ``nn.Parameter`` (:func:`share_local_parameters`), so their gradients add up
+by themselves; across ranks :class:`TiedGradReducer` sums each step's gradient
+over a small process subgroup of the holders, so every holder sees the full
+gradient and an optimizer keeps the copies equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipec.errors import PlanError
+from pipec.plan import TiedGroup
+from pipec.runtime.comm import ProcessGroupInfo
+
+
+def _set_parameter(module: nn.Module, fqn: str, param: nn.Parameter) -> None:
+    prefix, _, leaf = fqn.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    setattr(owner, leaf, param)
+
+
+def share_local_parameters(stages: Mapping[int, nn.Module]) -> dict[str, nn.Parameter]:
+    """Make this rank's stages that hold the same FQN use one parameter object.
+
+    Returns FQN -> parameter for every local parameter, each object once under
+    the first name it was found by (stages in order); a stage that also holds
+    it under an alias name gets the shared object there too.
+    """
+    canonical: dict[str, nn.Parameter] = {}
+    for s in sorted(stages):
+        module = stages[s]
+        named = list(module.named_parameters(remove_duplicate=False))
+        replace: dict[int, nn.Parameter] = {}
+        for name, p in named:
+            first = canonical.get(name)
+            if first is not None and first is not p:
+                if first.shape != p.shape:
+                    raise PlanError(
+                        f"parameter {name!r} has shape {tuple(first.shape)} on one stage and "
+                        f"{tuple(p.shape)} on stage {s}; the stage modules are inconsistent, re-create the plan"
+                    )
+                replace[id(p)] = first
+        for name, p in named:
+            if id(p) in replace:
+                _set_parameter(module, name, replace[id(p)])
+        known = {id(p) for p in canonical.values()}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) not in known:
+                canonical[name] = p
+                known.add(id(p))
+    return canonical
+
+
+class TiedGradReducer:
+    """Sums the gradients of tied parameters over the ranks that hold them.
+
+    Construction is collective: every rank must build it with the same groups,
+    because creating a process subgroup is.
+    """
+
+    def __init__(
+        self,
+        tied_groups: Sequence[TiedGroup],
+        *,
+        rank_of: Callable[[int], int],
+        info: ProcessGroupInfo,
+        params: Mapping[str, nn.Parameter],
+    ) -> None:
+        self._groups: list[tuple[nn.Parameter, dist.ProcessGroup | None]] = []
+        self._saved: list[torch.Tensor | None] = []
+        for g in tied_groups:  # the same order on every rank
+            ranks = sorted({rank_of(s) for s in g.stages})
+            if len(ranks) < 2 or not info.distributed:
+                continue
+            group = dist.new_group(ranks)
+            if info.rank not in ranks:
+                continue
+            param = params.get(g.fqn)
+            if param is None:
+                raise PlanError(
+                    f"tied parameter {g.fqn!r} should live on rank {info.rank} (stages {list(g.stages)}) "
+                    "but no local stage module has it; re-create the plan"
+                )
+            self._groups.append((param, group))
+
+    def begin_step(self) -> None:
+        """Set aside gradients accumulated before this step, so only this step's are summed."""
+        self._saved = []
+        for p, _ in self._groups:
+            self._saved.append(p.grad)
+            p.grad = None
+
+    def end_step(self) -> None:
+        """Sum this step's gradients across holders and add back the set-aside ones."""
+        saved = self._saved or [None] * len(self._groups)
+        for (p, group), before in zip(self._groups, saved):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+            p.grad = grad if before is None else before.add_(grad)
+        self._saved = []
+
+    def __len__(self) -> int:
+        return len(self._groups)
