@@ -76,7 +76,7 @@ def _grad_flags(module: nn.Module) -> dict[str, bool] | None:
     return None
 
 
-def _lowered(plan: Plan) -> Schedule:
+def _lowered(plan: Plan, backend: str | None) -> Schedule:
     schedule = plan.schedule
     if schedule.num_ranks != plan.num_ranks or schedule.num_stages != plan.num_stages:
         raise PlanError(
@@ -85,9 +85,20 @@ def _lowered(plan: Plan) -> Schedule:
         )
     if schedule.is_lowered:
         return schedule
+    from pipec.errors import ScheduleError
     from pipec.schedule.lowering import lower
 
-    return lower(schedule, plan.data.boundaries)
+    try:
+        return lower(schedule, plan.data.boundaries)
+    except ScheduleError:
+        # Interleaved placement with skip tensors can need a per-pair message order
+        # that one RECV per (stage, micro-batch) cannot give. NCCL needs that order;
+        # Gloo matches messages by tag, so there the plain order is safe.
+        if backend == "nccl":
+            raise
+        log.info("lowering %s without per-pair ordering (messages matched by tag on %s)",
+                 schedule.name, backend)
+        return lower(schedule, plan.data.boundaries, match_pair_order=False)
 
 
 class PipelineRuntime:
@@ -112,7 +123,7 @@ class PipelineRuntime:
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
         self.info: ProcessGroupInfo = init_process_group(plan.num_ranks, backend=backend, device=device)
-        self.schedule = _lowered(plan)
+        self.schedule = _lowered(plan, self.info.backend)
         self.rank = self.info.rank
         self.device = self.info.device
         self.num_microbatches = plan.num_microbatches
