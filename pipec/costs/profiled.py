@@ -12,7 +12,7 @@ Hockney, "The communication challenge for MPP", Parallel Computing 20(3),
 inter-node by ``rank // gpus_per_node``); a shipped hardware file that names
 the profiled GPU in ``device_match``; else the ``cpu`` file (Gloo over
 loopback). ``memory_capacity``: the argument, else ``spec``'s, else the
-profiled device's memory.
+profiled GPU's memory (none on CPU, whose ranks share the host's memory).
 """
 
 from __future__ import annotations
@@ -74,8 +74,11 @@ class ProfiledCostModel:
             self._memory_capacity: int | None = parse_bytes(memory_capacity, what="memory_capacity")
         elif spec is not None:
             self._memory_capacity = spec.memory_capacity
-        else:
+        elif profile.device.startswith("cuda"):
             self._memory_capacity = profile.memory_capacity
+        else:
+            # CPU ranks share the host's memory: no per-rank default limit.
+            self._memory_capacity = None
 
     @property
     def name(self) -> str:
