@@ -32,12 +32,15 @@ from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
 from pipec.partitioner.assemble import build_plan_data
 from pipec.partitioner.config import MemoryLimit
-from pipec.partitioner.graph import build_chain
+from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.partitioner.memory import in_flight_from_schedule
 from pipec.plan import Plan
+from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
 
 log = logging.getLogger(__name__)
+
+AUTO = "auto"
 
 
 def partition(
@@ -45,9 +48,9 @@ def partition(
     example_inputs: Any,
     *,
     num_stages: int,
-    num_microbatches: int | None = None,
+    num_microbatches: int | str | None = None,
     schedule: str = "1f1b",
-    stages_per_rank: int = 1,
+    stages_per_rank: int | str = 1,
     loss_fn: Callable[..., Any] | None = None,
     cost_model: str | Path | CostModel = "profile",
     memory_limit: MemoryLimit = None,
@@ -66,31 +69,42 @@ def partition(
     divisor of the batch that is at most ``2 * num_ranks``). The model is
     traced and costed on one micro-batch. ``memory_limit`` (a size such as
     ``"80GiB"``, or one per rank) defaults to the cost model's memory capacity.
+
+    ``schedule``, ``num_microbatches`` and ``stages_per_rank`` may each be
+    ``"auto"``: :func:`pipec.partitioner.auto.partition_auto` then searches them
+    and keeps the fastest simulated configuration that fits memory (see that
+    module for how ``num_stages`` is read when ``stages_per_rank="auto"``).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model: expected a torch.nn.Module, found {type(model).__name__}; "
             "wrap a plain function in an nn.Module whose forward calls it"
         )
-    for name, value in (("num_microbatches", num_microbatches), ("schedule", schedule),
-                        ("stages_per_rank", stages_per_rank)):
-        if value == "auto":
-            raise ConfigError(f"{name}='auto' is not supported yet; pass an explicit value")
+    check_auto_arguments(num_microbatches, schedule, stages_per_rank)
+    if AUTO in (num_microbatches, schedule, stages_per_rank):
+        from pipec.partitioner.auto import partition_auto
+
+        return partition_auto(
+            model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
+            schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
+            memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
+            example_kwargs=example_kwargs, method=method,
+            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
+        )
     config.count("num_stages", num_stages)
+    stages_per_rank = config.count("stages_per_rank", stages_per_rank)
     ranks = config.num_ranks(num_stages, stages_per_rank)
     check_strategy(strategy)
     config.device_speeds(device_speeds, ranks)
     if memory_limit is not None:
         config.memory_limits(memory_limit, ranks, None)
     config.count("optimizer_state_bytes_per_param", optimizer_state_bytes_per_param, low=0)
-    args = example_inputs if isinstance(example_inputs, tuple) else (
-        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
-    kwargs = dict(example_kwargs or {})
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
     batch = batch_size(args, kwargs)
     if num_microbatches is None:
         num_microbatches = default_microbatches(batch, ranks)
-    config.count("num_microbatches", num_microbatches, high=batch,
-                 advice="" if batch is None else f" (the batch has {batch} samples along dim 0)")
+    num_microbatches = config.count("num_microbatches", num_microbatches, high=batch,
+                                    advice="" if batch is None else f" (the batch has {batch} samples along dim 0)")
     make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     mb_args, mb_kwargs = first_microbatch(args, kwargs, num_microbatches)
 
@@ -129,16 +143,10 @@ def partition_traced(
 ) -> Plan:
     """One configuration: the plan for a traced, costed graph (no tracing, no profiling)."""
     check_strategy(strategy)
-    ranks = config.num_ranks(num_stages, stages_per_rank)
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
-    chain = build_chain(
-        traced, node_costs, num_stages=num_stages, num_ranks=ranks,
-        comm_time=cost_model.comm_time if cost_model is not None else None,
-        device_speeds=config.device_speeds(device_speeds, ranks),
-        memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
-        schedule=schedule, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
-        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-    )
+    chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
+                      device_speeds=device_speeds,
+                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
     started = time.perf_counter()
     solution = solve(chain.problem, strategy)
     log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
@@ -148,6 +156,42 @@ def partition_traced(
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size)
     return Plan(data, traced=traced, loss_fn=loss_fn)
+
+
+def chain_for(
+    traced: TracedGraph,
+    node_costs: Mapping[str, NodeCost],
+    sched: Schedule,
+    *,
+    cost_model: CostModel | None,
+    memory_limit: MemoryLimit,
+    device_speeds: Sequence[float] | None,
+    optimizer_state_bytes_per_param: int,
+) -> GraphChain:
+    """The chain problem of one configuration (the schedule fixes stages, ranks, micro-batches)."""
+    ranks = config.num_ranks(sched.num_stages, sched.stages_per_rank)
+    return build_chain(
+        traced, node_costs, num_stages=sched.num_stages, num_ranks=ranks,
+        comm_time=cost_model.comm_time if cost_model is not None else None,
+        device_speeds=config.device_speeds(device_speeds, ranks),
+        memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
+        schedule=sched.name, num_microbatches=sched.num_microbatches,
+        in_flight=in_flight_from_schedule(sched),
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+    )
+
+
+def check_auto_arguments(num_microbatches: object, schedule: object, stages_per_rank: object) -> None:
+    """ConfigError for a string other than ``"auto"`` where a count or a schedule name goes."""
+    from pipec.schedule.generators import SCHEDULE_NAMES
+
+    for name, value in (("num_microbatches", num_microbatches), ("stages_per_rank", stages_per_rank)):
+        if isinstance(value, str) and value != AUTO:
+            raise ConfigError(f"{name}: expected a whole number or 'auto', found {value!r}; "
+                              f"pass e.g. {name}=4, or 'auto' to search it")
+    if schedule != AUTO and schedule not in SCHEDULE_NAMES:
+        raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)} or 'auto', "
+                          f"found {schedule!r}")
 
 
 def check_strategy(strategy: object) -> None:
@@ -181,6 +225,14 @@ def resolve_cost_model(cost_model: object, traced: TracedGraph) -> CostModel:
         f"cost_model: expected 'profile', a name in cost_models/ such as 'h100-sxm', a JSON path or "
         f"a CostModel object, found {type(cost_model).__name__}"
     )
+
+
+def split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``example_inputs`` as a tuple of positional arguments (a list, or one value, is
+    wrapped), and ``example_kwargs`` as a dict."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (
+        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
+    return args, dict(example_kwargs or {})
 
 
 def _tensor_leaves(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
@@ -218,5 +270,5 @@ def first_microbatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], num_micro
     return tuple(mb_args), dict(mb_kwargs)
 
 
-__all__ = ["batch_size", "default_microbatches", "first_microbatch", "partition", "partition_traced",
-           "resolve_cost_model"]
+__all__ = ["AUTO", "batch_size", "chain_for", "check_auto_arguments", "default_microbatches",
+           "first_microbatch", "partition", "partition_traced", "resolve_cost_model", "split_inputs"]

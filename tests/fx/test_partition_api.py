@@ -62,7 +62,7 @@ def mlp_partition(**kwargs: Any) -> pipec.Plan:
         (dict(device_speeds=[1.0, -1.0]), ConfigError, r"device_speeds\[1\]"),
         (dict(strategy="fastest"), PartitionError, r"strategy: expected one of optimal"),
         (dict(num_stages=3, stages_per_rank=2), ConfigError, r"divisor of num_stages=3"),
-        (dict(num_microbatches="auto"), ConfigError, r"not supported yet"),
+        (dict(num_microbatches="many"), ConfigError, r"num_microbatches: expected a whole number or 'auto'"),
     ],
 )
 def test_bad_arguments_say_what_to_do(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
