@@ -17,7 +17,9 @@ FREE = ("placeholder", "get_attr", "output")
 
 @pytest.fixture(scope="module")
 def mlp() -> tuple[pipec.TracedGraph, Profile]:
-    model, inputs = models.example("mlp", batch=256)
+    # wide enough that each matmul takes ~1 ms: timer noise cannot fake a fused I/W
+    torch.manual_seed(0)
+    model, inputs = models.MLP((128, 512, 256, 512, 128, 64)), (torch.randn(256, 128),)
     traced = pipec.trace(model, inputs, method="fx")
     return traced, pipec.profile(traced, repeats=3, warmup=1, progress=False)
 
@@ -140,7 +142,9 @@ def test_profile_errors_say_what_to_do() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_profile_on_cuda_and_back() -> None:
-    model, inputs = models.example("mlp", batch=256)
+    # wide enough that each matmul takes ~1 ms: timer noise cannot fake a fused I/W
+    torch.manual_seed(0)
+    model, inputs = models.MLP((128, 512, 256, 512, 128, 64)), (torch.randn(256, 128),)
     traced = pipec.trace(model, inputs, method="fx")
     prof = pipec.profile(traced, device="cuda", repeats=3, progress=False)
     assert prof.device.startswith("cuda") and prof.memory_capacity
