@@ -29,6 +29,21 @@ def _int_or_auto(text: str) -> int | str:
     return value
 
 
+def _whole(low: int) -> Any:
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, found {text!r}")
+        return value
+
+    return parse
+
+
 def _speeds(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -68,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="1f1b",
                    help="gpipe, 1f1b, interleaved-1f1b, zb-h1, or 'auto' (default 1f1b)")
     p.add_argument("--stages-per-rank", type=_int_or_auto, default=1,
-                   help="stages_per_rank (virtual stages per rank for interleaved-1f1b), or 'auto'")
+                   help="stages_per_rank (virtual stages per rank for interleaved-1f1b), or 'auto': then "
+                   "--stages counts ranks and interleaved-1f1b tries 2 and 4 stages per rank")
     p.add_argument("--cost-model", default="profile",
                    help="'profile' (measure here), a name in cost_models/ such as h100-sxm, or a JSON path")
     p.add_argument("--memory-limit", default=None,
@@ -86,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a plan directory on N local processes through torchrun")
     r.add_argument("directory", type=Path)
-    r.add_argument("--nproc", type=int, required=True, help="processes (ranks); must equal the plan's ranks")
+    r.add_argument("--nproc", type=_whole(1), required=True,
+                   help="processes (ranks); must equal the plan's ranks")
     r.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                    help="default: nccl when CUDA is available, else gloo")
-    r.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
+    r.add_argument("--steps", type=_whole(1), default=5, help="training steps (default 5)")
     r.add_argument("--resume", action="store_true", help="resume from DIR/checkpoint")
-    r.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+    r.add_argument("--checkpoint-every", type=_whole(0), default=0, metavar="K",
                    help="save a checkpoint every K steps (0: never)")
     r.add_argument("--master-addr", default="127.0.0.1",
                    help="rendezvous address (default 127.0.0.1: local only)")
@@ -104,16 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse an unusable plan directory before any work (save_plan checks again)."""
+    from pipec.codegen import PLAN_FILE
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {str(out)!r}: expected a directory, found a file; choose a directory path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / PLAN_FILE).is_file():
+        raise ConfigError(
+            f"output directory {str(out)!r} exists, is not empty and holds no {PLAN_FILE}, so it is "
+            "not a pipec plan; choose a new or empty directory (--force replaces plans only)"
+        )
+    if not force:
+        raise ConfigError(
+            f"output directory {str(out)!r} already holds a plan; pass --force to replace it, "
+            "or choose another directory"
+        )
+
+
 def _cmd_partition(args: argparse.Namespace) -> int:
     from pipec.factory import load_factory, resolve_spec
 
+    out: Path = args.output
+    _check_output(out, args.force)
     spec = resolve_spec(args.factory)
     made = load_factory(spec)
     from pipec.partitioner.api import partition
 
-    out: Path = args.output
-    if out.exists() and not args.force and any(out.iterdir()):
-        raise ConfigError(f"output directory {str(out)!r} exists and is not empty; pass --force to replace it")
     kwargs: dict[str, Any] = dict(
         num_stages=args.stages,
         num_microbatches=args.microbatches,
@@ -163,7 +199,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pipec.codegen import load
     from pipec.runtime.launch import run_plan
+
+    plan = load(args.directory)  # a missing or damaged plan fails here, before any process starts
+    if args.nproc != plan.num_ranks:
+        raise ConfigError(
+            f"the plan in {args.directory} runs on {plan.num_ranks} ranks, but --nproc is {args.nproc}; "
+            f"pass --nproc {plan.num_ranks}, or re-plan with `pipec partition` for {args.nproc} ranks"
+        )
 
     extra: list[str] = []
     if args.resume:
@@ -224,6 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = " ".join(str(exc).split())
         sys.stderr.write(f"pipec: error: {message}\n")
+        return EXIT_USAGE
+    except OSError as exc:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = " ".join(f"{type(exc).__name__}: {exc.strerror or exc}{where}".split())
+        sys.stderr.write(
+            f"pipec: error: {message}; check the path and its permissions (--debug for the traceback)\n"
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("pipec: interrupted\n")

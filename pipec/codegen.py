@@ -24,6 +24,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -165,6 +166,11 @@ def load(directory: str | Path) -> Plan:
     The returned Plan has no traced graph (``plan.traced is None``);
     ``plan.stage_module(k)`` imports ``stage_<k>.py`` and loads its weights.
     """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise PlanError(
+            f"pipec.load: expected the path of a plan directory, found {type(directory).__name__}; "
+            "pass the directory given to plan.save or `pipec partition -o`"
+        )
     path = Path(directory)
     if not path.is_dir():
         raise PlanError(f"no plan directory at {path}; expected the directory given to plan.save, or {_RERUN}")

@@ -62,21 +62,31 @@ def load_factory(spec: str) -> FactoryResult:
     if module is None:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         if loader_spec is None or loader_spec.loader is None:
-            raise ConfigError(f"factory: cannot import {str(path)!r} as a Python module")
+            raise ConfigError(f"factory: cannot import {str(path)!r} as a Python module; give the path to a .py file")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module
         try:
             loader_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[module_name]
-            raise ConfigError(f"factory: importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"factory: importing {str(path)!r} failed: {type(exc).__name__}: {exc}; "
+                "fix the file (run `python FILE.py` to see the traceback)"
+            ) from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ConfigError(
-            f"factory: {str(path)!r} has no function {name!r}; callables there: {', '.join(found) or 'none'}"
+            f"factory: expected a function {name!r} in {str(path)!r}, found none; "
+            f"use one of the callables there: {', '.join(found) or 'none'}"
         )
-    result = fn()
+    try:
+        result = fn()
+    except Exception as exc:
+        raise ConfigError(
+            f"factory {spec!r} raised {type(exc).__name__}: {exc}; it must build and return the "
+            "dict without raising -- fix the factory (run it by hand to see the traceback)"
+        ) from exc
     if not isinstance(result, Mapping):
         raise ConfigError(
             f"factory {spec!r} returned {type(result).__name__}; it must return a dict with "
@@ -85,20 +95,28 @@ def load_factory(spec: str) -> FactoryResult:
     unknown = set(result) - _KNOWN_KEYS
     if unknown:
         raise ConfigError(
-            f"factory {spec!r} returned unknown keys {sorted(unknown)}; allowed: {sorted(_KNOWN_KEYS)}"
+            f"factory {spec!r} returned unknown keys {sorted(unknown)}; expected only {sorted(_KNOWN_KEYS)}: "
+            "rename or drop the others"
         )
     model = result.get("model")
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"factory {spec!r}: 'model' must be a torch.nn.Module, found {type(model).__name__}"
+            f"factory {spec!r}: 'model' must be a torch.nn.Module, found {type(model).__name__}; "
+            "return the model itself under 'model'"
         )
     if "example_inputs" not in result:
-        raise ConfigError(f"factory {spec!r}: the dict has no 'example_inputs'")
+        raise ConfigError(
+            f"factory {spec!r}: expected the dict to hold 'example_inputs', found keys {sorted(result)}; "
+            "add one example batch, e.g. 'example_inputs': (torch.randn(8, 16),)"
+        )
     inputs = result["example_inputs"]
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     loss_fn = result.get("loss_fn")
     if loss_fn is not None and not callable(loss_fn):
-        raise ConfigError(f"factory {spec!r}: 'loss_fn' must be callable, found {type(loss_fn).__name__}")
+        raise ConfigError(
+            f"factory {spec!r}: 'loss_fn' must be callable, found {type(loss_fn).__name__}; "
+            "pass a function (output, target) -> loss, or leave it out"
+        )
     return FactoryResult(
         spec=spec,
         model=model,

@@ -183,8 +183,12 @@ def profile(
     """
     if not isinstance(traced, TracedGraph):
         raise ConfigError(f"traced: expected a pipec.TracedGraph (from pipec.trace), found {type(traced).__name__}")
-    if repeats < 1 or warmup < 0:
-        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, found repeats={repeats}, warmup={warmup}")
+    for what, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(
+                f"{what}: expected a whole number >= {low}, found {value!r}; "
+                f"pass e.g. {what}={5 if what == 'repeats' else 2}"
+            )
     dev = _resolve_device(traced, device)
     gm = traced.graph_module
     home = next(iter(gm.parameters()), torch.empty(0)).device

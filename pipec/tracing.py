@@ -20,9 +20,11 @@ the eager model on the example inputs (same RNG seed) before it is returned.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +64,12 @@ def trace(
     if method not in METHODS:
         raise ConfigError(f"method: expected one of {', '.join(METHODS)}, found {method!r}")
     args = _as_args(example_inputs)
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise ConfigError(
+            f"example_kwargs: expected a dict of keyword arguments for forward, found "
+            f"{type(example_kwargs).__name__}; pass e.g. {{'attention_mask': mask}}, or put "
+            "positional arguments in example_inputs"
+        )
     kwargs = dict(example_kwargs or {})
     _check_signature(model, args, kwargs)
     leaves = tuple(leaf_modules)
@@ -73,7 +81,8 @@ def trace(
             if candidate == "fx":
                 traced = _trace_fx(model, args, kwargs, leaves)
             else:
-                traced = _trace_export(model, args, kwargs)
+                with _quiet_torch_export():
+                    traced = _trace_export(model, args, kwargs)
             if reference is not None:
                 _check_output(traced, args, kwargs, reference)
         except TraceError as exc:
@@ -137,9 +146,31 @@ def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise TraceError(
             f"{type(model).__name__} fails on the example inputs before any tracing: "
-            f"{type(exc).__name__}: {first}. Check that example_inputs (shapes, dtypes, "
-            "device) are what forward expects"
+            f"{type(exc).__name__}: {first}. It was called with {_describe_inputs(model, args, kwargs)}. "
+            "Check that example_inputs (shapes, dtypes, device) are what forward expects "
+            "(pipec.partition traces one micro-batch: dim 0 divided by num_microbatches)"
         ) from exc
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)} on {value.device.type}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in value[:4])
+        return f"({inner}{', ...' if len(value) > 4 else ''})"
+    return type(value).__name__
+
+
+def _describe_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """``x: float32[2, 7] on cpu, mask: None`` -- what forward was given."""
+    try:
+        names = list(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        names = [f"input {i}" for i in range(len(args))] + list(kwargs)
+    values = list(args) + list(kwargs.values())
+    if not values:
+        return "no inputs"
+    return ", ".join(f"{n}: {_describe(v)}" for n, v in zip(names, values))
 
 
 def _check_output(traced: TracedGraph, args: tuple[Any, ...], kwargs: Mapping[str, Any], reference: Any) -> None:
@@ -219,6 +250,29 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 
 
 # -- export ----------------------------------------------------------------------
+
+#: torch loggers that warn (with whole graph dumps) while export fails on a
+#: data-dependent branch; pipec reports the failure itself as one TraceError.
+_NOISY_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    """Keep torch.export's own warnings and the partial graph it prints to
+    stderr on failure off the terminal; they go to this module's DEBUG log."""
+    loggers = [logging.getLogger(name) for name in _NOISY_EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if printed.getvalue().strip():
+            log.debug("torch.export printed:\n%s", printed.getvalue())
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> TracedGraph:

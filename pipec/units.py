@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from pipec.errors import ConfigError
@@ -25,16 +26,15 @@ _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)
 def parse_bytes(value: int | float | str, *, what: str = "memory_limit") -> int:
     """Parse ``80GiB``, ``80GB``, ``1.5e9`` or a number of bytes into an int.
 
-    Raises :class:`ConfigError` naming ``what`` when the value is not a size.
+    Raises :class:`ConfigError` naming ``what`` when the value is not a size of
+    at least one byte.
     """
+    fix = "pass e.g. 80e9 or '80GiB'"
     if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size such as 80GiB or a number of bytes, found {value!r}")
+        raise ConfigError(f"{what}: expected a size such as 80GiB or a number of bytes, found {value!r}; {fix}")
     if isinstance(value, (int, float)):
-        if value <= 0 or value != value or value == float("inf"):
-            raise ConfigError(
-                f"{what}: expected a positive size in bytes, found {value!r}; "
-                "pass e.g. 80e9 or '80GiB'"
-            )
+        if not math.isfinite(value) or value < 1:
+            raise ConfigError(f"{what}: expected a positive size in bytes (at least 1), found {value!r}; {fix}")
         return int(value)
     if isinstance(value, str):
         m = _BYTES_RE.match(value)
@@ -42,15 +42,21 @@ def parse_bytes(value: int | float | str, *, what: str = "memory_limit") -> int:
             unit = m.group(2).lower()
             if unit in _BYTE_UNITS:
                 number = float(m.group(1)) * _BYTE_UNITS[unit]
-                if number > 0:
+                if math.isfinite(number) and number >= 1:
                     return int(number)
+                raise ConfigError(
+                    f"{what}: expected a size of at least one byte, found {value!r}; {fix}"
+                )
+        sign = "a size cannot be negative; " if value.strip().startswith("-") else ""
+        units = ", ".join(u for u in _BYTE_UNITS if u)
         raise ConfigError(
-            f"{what}: cannot read {value!r} as a size; write a number with a unit "
-            "such as '80GiB', '80GB', '512MiB' or a plain number of bytes"
+            f"{what}: cannot read {value!r} as a size; {sign}expected a number with a unit "
+            f"({units}; case does not matter). Write e.g. '80GiB', '80GB', '512MiB' "
+            "or a plain number of bytes"
         )
     raise ConfigError(
         f"{what}: expected a size such as '80GiB' or a number of bytes, "
-        f"found {type(value).__name__}"
+        f"found {type(value).__name__}; {fix}"
     )
 
 

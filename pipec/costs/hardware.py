@@ -124,10 +124,20 @@ def list_cost_models() -> list[str]:
 
 
 def _resolve(name_or_path: str | Path) -> Path:
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise CostModelError(
+            f"cost model: expected a shipped name such as 'h100-sxm' or a path to a JSON file, "
+            f"found {name_or_path!r}; pass one of {list_cost_models()} or a path"
+        )
     text = str(name_or_path)
     path = Path(text).expanduser()
     looks_like_path = isinstance(name_or_path, Path) or text.endswith(".json") or "/" in text
     if looks_like_path or path.is_file():
+        if path.is_dir():
+            raise CostModelError(
+                f"hardware file {text!r} is a directory; pass the path of a JSON file in it "
+                f"or one of the shipped names {list_cost_models()}"
+            )
         if not path.is_file():
             raise CostModelError(
                 f"hardware file {text!r} does not exist; pass a path to a JSON file "

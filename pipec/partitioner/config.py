@@ -20,11 +20,12 @@ MemoryLimit = int | float | str | Sequence[int | float | str | None] | None
 
 def count(name: str, value: object, *, low: int = 1, high: int | None = None, advice: str = "") -> int:
     """``value`` as an int in ``low .. high``."""
+    span = f"{low}..{high}" if high is not None else f">= {low}"
+    fix = f"; pass a whole number {'in ' if high is not None else ''}{span}"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an int, found {value!r}{advice}")
+        raise ConfigError(f"{name}: expected an int, found {value!r} ({type(value).__name__}){advice}{fix}")
     if value < low or (high is not None and value > high):
-        span = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ConfigError(f"{name}: expected {span}, found {value}{advice}")
+        raise ConfigError(f"{name}: expected {span}, found {value}{advice}{fix}")
     return value
 
 
@@ -43,7 +44,10 @@ def memory_limits(memory_limit: MemoryLimit, num_ranks: int, cost_model: CostMod
             )
         return tuple(None if m is None else parse_bytes(m, what=f"memory_limit[{r}]")
                      for r, m in enumerate(memory_limit))
-    raise ConfigError(f"memory_limit: expected a size such as '80GiB', found {type(memory_limit).__name__}")
+    raise ConfigError(
+        f"memory_limit: expected a size such as '80GiB', found {type(memory_limit).__name__}; "
+        "pass one size for every rank or a list with one per rank"
+    )
 
 
 def device_speeds(speeds: Sequence[float] | None, num_ranks: int) -> tuple[float, ...]:
@@ -51,7 +55,10 @@ def device_speeds(speeds: Sequence[float] | None, num_ranks: int) -> tuple[float
     if speeds is None:
         return (1.0,) * num_ranks
     if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence):
-        raise ConfigError(f"device_speeds: expected one number per rank, found {speeds!r}")
+        raise ConfigError(
+            f"device_speeds: expected one number per rank, found {speeds!r}; "
+            f"pass a list such as {[1.0] * num_ranks}"
+        )
     if len(speeds) != num_ranks:
         raise ConfigError(
             f"device_speeds: expected {num_ranks} values (one per rank: num_stages / stages_per_rank), "
@@ -60,7 +67,10 @@ def device_speeds(speeds: Sequence[float] | None, num_ranks: int) -> tuple[float
     out = []
     for r, s in enumerate(speeds):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
-            raise ConfigError(f"device_speeds[{r}]: expected a finite number > 0, found {s!r}")
+            raise ConfigError(
+                f"device_speeds[{r}]: expected a finite number > 0, found {s!r}; pass each rank's "
+                "speed relative to the others, e.g. 1.0 for a full device and 0.5 for one half as fast"
+            )
         out.append(float(s))
     return tuple(out)
 
@@ -69,9 +79,12 @@ def num_ranks(num_stages: int, stages_per_rank: int) -> int:
     """Ranks for ``num_stages`` with ``stages_per_rank`` each."""
     count("stages_per_rank", stages_per_rank)
     if num_stages % stages_per_rank:
+        small = [d for d in range(1, math.isqrt(num_stages) + 1) if num_stages % d == 0]
+        divisors = sorted({*small, *(num_stages // d for d in small)})
         raise ConfigError(
             f"stages_per_rank: expected a divisor of num_stages={num_stages}, found {stages_per_rank}; "
-            "every rank holds the same number of stages"
+            f"every rank holds the same number of stages, so use one of {divisors} "
+            "or make num_stages a multiple of stages_per_rank"
         )
     return num_stages // stages_per_rank
 

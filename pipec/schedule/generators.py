@@ -103,10 +103,10 @@ def make_schedule(
     1, ``num_stages`` not divisible by ``stages_per_rank``, ``interleaved-1f1b``
     with one stage per rank, or another schedule with several stages per rank.
     """
-    generator = GENERATORS.get(name)
+    generator = GENERATORS.get(name) if isinstance(name, str) else None
     if generator is None:
         close = difflib.get_close_matches(str(name).lower().replace("_", "-"), SCHEDULE_NAMES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else "; pass one of these names"
         raise ScheduleError(
             f"unknown schedule {name!r}: expected one of {', '.join(SCHEDULE_NAMES)}{hint}"
         )

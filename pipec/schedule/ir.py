@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
 
-from pipec.errors import ScheduleError
+from pipec.errors import ConfigError, ScheduleError
 
 
 class ActionKind(str, Enum):
@@ -60,11 +60,11 @@ class Action(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Action:
-        m = _ACTION_RE.match(text.strip())
+        m = _ACTION_RE.match(text.strip()) if isinstance(text, str) else None
         if m is None:
             raise ScheduleError(
                 f"cannot read action {text!r}: expected <stage><kind><microbatch> "
-                "such as 2F0, 0B3, 1W2 or 0SEND_F1"
+                "such as 2F0, 0B3, 1W2 or 0SEND_F1; fix or remove it"
             )
         return cls(int(m.group(1)), ActionKind(m.group(2)), int(m.group(3)))
 
@@ -162,6 +162,18 @@ class Schedule(BaseModel):
         ``num_microbatches`` from the largest micro-batch, ``stages_per_rank``
         as ``num_stages // num_ranks``.
         """
+        if not isinstance(text, str):
+            raise ScheduleError(
+                f"schedule text: expected a str with one '<rank>: <action> ...' line per rank, "
+                f"found {type(text).__name__}; pass the text itself (decode bytes, read files first)"
+            )
+        for size_name, size in (("num_stages", num_stages), ("num_microbatches", num_microbatches),
+                                ("stages_per_rank", stages_per_rank)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ScheduleError(
+                    f"schedule text: {size_name} must be an integer >= 1, found {size!r}; "
+                    "pass a positive whole number, or None to infer it from the actions"
+                )
         rows: dict[int, tuple[Action, ...]] = {}
         for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
@@ -170,17 +182,28 @@ class Schedule(BaseModel):
             head, sep, body = line.partition(":")
             if not sep or not head.strip().isdigit():
                 raise ScheduleError(
-                    f"schedule text line {lineno}: expected '<rank>: <action> ...', found {raw!r}"
+                    f"schedule text line {lineno}: expected '<rank>: <action> ...', found {raw!r}; "
+                    "start each line with the rank number and a colon, e.g. '0: 0F0 0B0'"
                 )
             rank = int(head)
             if rank in rows:
-                raise ScheduleError(f"schedule text line {lineno}: rank {rank} appears twice")
-            rows[rank] = tuple(Action.parse(tok) for tok in body.split())
+                raise ScheduleError(
+                    f"schedule text line {lineno}: rank {rank} appears twice; "
+                    "put all of a rank's actions on its one line"
+                )
+            try:
+                rows[rank] = tuple(Action.parse(tok) for tok in body.split())
+            except ScheduleError as exc:
+                raise ScheduleError(f"schedule text line {lineno}: {exc}") from None
         if not rows:
-            raise ScheduleError("schedule text is empty: expected one '<rank>: ...' line per rank")
+            raise ScheduleError(
+                "schedule text is empty: expected one '<rank>: ...' line per rank, "
+                "found no such line; write e.g. '0: 0F0 0B0'"
+            )
         if sorted(rows) != list(range(len(rows))):
             raise ScheduleError(
-                f"schedule text: ranks must be 0..{len(rows) - 1} each once, found {sorted(rows)}"
+                f"schedule text: ranks must be 0..{len(rows) - 1} each once, found {sorted(rows)}; "
+                "number the rank lines from 0 without gaps"
             )
         actions = tuple(rows[r] for r in range(len(rows)))
         all_actions = [a for row in actions for a in row]
@@ -200,3 +223,16 @@ class Schedule(BaseModel):
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def check_schedule(schedule: object, where: str) -> None:
+    """A :class:`ConfigError` unless ``schedule`` is a :class:`Schedule` (the API boundary)."""
+    if not isinstance(schedule, Schedule):
+        hint = (
+            "parse text with pipec.Schedule.from_text(text) first"
+            if isinstance(schedule, str)
+            else "build one with pipec.make_schedule(name, num_stages, num_microbatches)"
+        )
+        raise ConfigError(
+            f"{where}: expected a pipec.Schedule, found {type(schedule).__name__}; {hint}"
+        )

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from pipec.errors import ScheduleError
-from pipec.schedule.ir import Action, ActionKind, Schedule
+from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
 
 
 class BoundaryLike(Protocol):
@@ -195,6 +195,7 @@ def lower(
     the wrong rank or out of range, or messages that cannot be received in the
     order they are sent.
     """
+    check_schedule(schedule, "lower")
     if schedule.is_lowered:
         return schedule
     graph = stage_graph(schedule.num_stages, schedule.num_ranks, boundaries)

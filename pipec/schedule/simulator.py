@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from pipec.errors import ConfigError
-from pipec.schedule.ir import Action, ActionKind, Schedule
+from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
 from pipec.schedule.lowering import COMPUTE_KINDS, BoundarySpec, StageGraph, lower, stage_graph
 
 if TYPE_CHECKING:
@@ -60,16 +60,31 @@ def unit_costs(num_stages: int) -> Costs:
 
 def per_stage(name: str, value: float | Sequence[float], num_stages: int) -> tuple[float, ...]:
     """``value`` for each stage: a number for all alike, or one number per stage."""
-    values = [value] * num_stages if isinstance(value, (int, float)) else list(value)
+    fix = "pass a float for every stage alike or a sequence of length num_stages"
+    values: list[object]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        values = [value] * num_stages
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        values = list(value)
+    else:
+        raise ConfigError(
+            f"{name}: expected a number or {num_stages} numbers (one per stage), "
+            f"found {type(value).__name__} {value!r}; {fix}"
+        )
     if len(values) != num_stages:
         raise ConfigError(
-            f"{name}: expected one number or {num_stages} (one per stage), found {len(values)}; "
-            f"pass a float for every stage alike or a sequence of length num_stages"
+            f"{name}: expected one number or {num_stages} (one per stage), found {len(values)}; {fix}"
         )
-    out = tuple(float(v) for v in values)
+    out: list[float] = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(
+                f"{name}[{i}]: expected a number, found {type(v).__name__} {v!r}; {fix}"
+            )
+        out.append(float(v))
     if any(not math.isfinite(v) or v < 0 for v in out):
-        raise ConfigError(f"{name}: expected finite numbers >= 0, found {out}; fix the costs")
-    return out
+        raise ConfigError(f"{name}: expected finite numbers >= 0, found {tuple(out)}; fix the costs")
+    return tuple(out)
 
 
 class TimelineEvent(NamedTuple):
@@ -253,6 +268,7 @@ def simulate(
     # imported here: the validator runs this module's engine for its dry run
     from pipec.schedule.validator import check_static, raise_deadlock
 
+    check_schedule(schedule, "simulate")
     n = schedule.num_stages
     costs = Costs(
         forward=per_stage("forward", forward, n),

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 from pipec.errors import ScheduleError
-from pipec.schedule.ir import Action, ActionKind, Schedule
+from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
 from pipec.schedule.lowering import (
     COMPUTE_KINDS,
     RECV_KINDS,
@@ -60,6 +60,7 @@ def validate(
     ordered, matched and deadlock-free (see the module docstring).
     ``check_pair_order=False`` skips the per-pair message order (check 4's last
     part), for schedules lowered with ``match_pair_order=False`` for Gloo."""
+    check_schedule(schedule, "validate")
     _check_shape(schedule)
     graph = stage_graph(schedule.num_stages, schedule.num_ranks, boundaries)
     check_static(schedule, graph, check_pair_order=check_pair_order)
