@@ -81,6 +81,7 @@ def partition(
             "wrap a plain function in an nn.Module whose forward calls it"
         )
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
+    check_loss_fn(loss_fn)
     if AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
 
@@ -191,12 +192,19 @@ def check_auto_arguments(num_microbatches: object, schedule: object, stages_per_
                               f"pass e.g. {name}=4, or 'auto' to search it")
     if schedule != AUTO and schedule not in SCHEDULE_NAMES:
         raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)} or 'auto', "
-                          f"found {schedule!r}")
+                          f"found {schedule!r}; pass one of these names")
 
 
 def check_strategy(strategy: object) -> None:
     if strategy not in STRATEGIES:
-        raise PartitionError(f"strategy: expected one of {', '.join(STRATEGIES)}, found {strategy!r}")
+        raise PartitionError(f"strategy: expected one of {', '.join(STRATEGIES)}, found {strategy!r}; "
+                             "pass strategy='optimal' (the default) or one of the baselines")
+
+
+def check_loss_fn(loss_fn: object) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn: expected a callable loss_fn(output, target) -> scalar tensor, "
+                          f"found {type(loss_fn).__name__}; pass e.g. torch.nn.functional.cross_entropy")
 
 
 def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, stages_per_rank: int) -> Any:
@@ -204,7 +212,8 @@ def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, 
     from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
 
     if not isinstance(name, str) or name not in SCHEDULE_NAMES:
-        raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)}, found {name!r}")
+        raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)}, found {name!r}; "
+                          "pass one of these names")
     return make_schedule(name, num_stages, num_microbatches, stages_per_rank)
 
 
@@ -232,6 +241,12 @@ def split_inputs(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) 
     wrapped), and ``example_kwargs`` as a dict."""
     args = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise ConfigError(
+            f"example_kwargs: expected a dict of keyword arguments for forward, found "
+            f"{type(example_kwargs).__name__}; pass e.g. example_kwargs={{'attention_mask': mask}}, "
+            "or put positional inputs in example_inputs"
+        )
     return args, dict(example_kwargs or {})
 
 

@@ -256,3 +256,15 @@ def test_load_needs_a_path() -> None:
     with pytest.raises(PlanError) as info:
         pipec.load(None)  # type: ignore[arg-type]
     says(info, "expected the path of a plan directory", "found NoneType", "pass the directory")
+
+
+def test_example_kwargs_must_be_a_mapping() -> None:
+    model, inputs = example("mlp", batch=8)
+    with pytest.raises(ConfigError, match="example_kwargs: expected a dict"):
+        pipec.partition(model, inputs, num_stages=2, cost_model="h100-sxm", example_kwargs=[1, 2])  # type: ignore[arg-type]
+
+
+def test_loss_fn_must_be_callable() -> None:
+    model, inputs = example("mlp", batch=8)
+    with pytest.raises(ConfigError, match="loss_fn: expected a callable"):
+        pipec.partition(model, inputs, num_stages=2, cost_model="h100-sxm", loss_fn=3)  # type: ignore[arg-type]
