@@ -16,6 +16,7 @@ pass and the order documented in :mod:`pipec.runtime.routing` guarantee.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from pipec.errors import ConfigError
 from pipec.plan import Boundary
 from pipec.runtime.routing import StageRoutes, boundary_index
+from pipec.runtime.waiting import Request, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,14 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_process_group(
-    num_ranks: int, *, backend: str | None = None, device: str | torch.device | None = None
+    num_ranks: int,
+    *,
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout: float | None = None,
 ) -> ProcessGroupInfo:
-    """Join the default process group, initialising it from torchrun's variables if needed.
+    """Join the default process group, initialising it from torchrun's variables if needed
+    (with ``timeout`` seconds for its collectives and store operations).
 
     Raises :class:`ConfigError` outside a process group (unless the plan has a
     single rank, which runs without one), when the group's size differs from
@@ -74,7 +81,10 @@ def init_process_group(
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if chosen == "nccl":
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dist.init_process_group(chosen)
+        if timeout is None:
+            dist.init_process_group(chosen)
+        else:
+            dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))
         log.info("initialised %s process group from the torchrun environment", chosen)
         distributed = True
     elif num_ranks == 1:
@@ -142,12 +152,14 @@ class P2P:
         rank_of: Callable[[int], int],
         num_stages: int,
         num_microbatches: int,
+        waiter: Waiter,
     ) -> None:
         self.info = info
         self.rank_of = rank_of
         self.num_microbatches = num_microbatches
+        self.waiter = waiter
         self._use_tags = info.backend != "nccl"
-        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._pending: list[tuple[dist.Work, int, torch.Tensor]] = []
         index = boundary_index(boundaries)
         me = info.rank
 
@@ -213,14 +225,14 @@ class P2P:
 
     def recv_forward(self, stage: int, microbatch: int) -> dict[str, torch.Tensor]:
         """Receive every remote input of ``stage`` for ``microbatch``; returns the buffers."""
-        works = []
+        works: list[Request] = []
         out: dict[str, torch.Tensor] = {}
         for m in self._recv_f[stage]:
             buf = self._fbuf[(stage, m.name, m.peer_stage, microbatch)]
-            works.append(_irecv(buf, self.rank_of(m.peer_stage), self._tag(m, microbatch, FORWARD)))
+            src = self.rank_of(m.peer_stage)
+            works.append((_irecv(buf, src, self._tag(m, microbatch, FORWARD)), src))
             out[m.name] = buf
-        for w in works:
-            w.wait()
+        self.waiter.wait(works, f"receiving the inputs of stage {stage} for micro-batch {microbatch}")
         return out
 
     # -- backward --------------------------------------------------------
@@ -240,14 +252,14 @@ class P2P:
     def recv_backward(self, stage: int, microbatch: int) -> dict[tuple[str, int], torch.Tensor]:
         """Receive the gradients of ``stage``'s outputs from remote consumers,
         keyed by (boundary name, consumer stage)."""
-        works = []
+        works: list[Request] = []
         out: dict[tuple[str, int], torch.Tensor] = {}
         for m in self._recv_b[stage]:
             buf = self._bbuf[(stage, m.name, m.peer_stage, microbatch)]
-            works.append(_irecv(buf, self.rank_of(m.peer_stage), self._tag(m, microbatch, BACKWARD)))
+            src = self.rank_of(m.peer_stage)
+            works.append((_irecv(buf, src, self._tag(m, microbatch, BACKWARD)), src))
             out[(m.name, m.peer_stage)] = buf
-        for w in works:
-            w.wait()
+        self.waiter.wait(works, f"receiving the output gradients of stage {stage} for micro-batch {microbatch}")
         return out
 
     # -- bookkeeping -----------------------------------------------------
@@ -266,12 +278,11 @@ class P2P:
         work = dist.isend(t, dst=dst, tag=self._tag(m, microbatch, direction))
         if work is None:
             raise RuntimeError(f"isend to rank {dst} returned no request; is this rank in the process group?")
-        self._pending.append((work, t))
+        self._pending.append((work, dst, t))
         if len(self._pending) > 64:
-            self._pending = [(w, x) for w, x in self._pending if not w.is_completed()]
+            self._pending = [(w, d, x) for w, d, x in self._pending if not w.is_completed()]
 
     def wait_sends(self) -> None:
         """Block until every send issued so far has completed."""
-        for w, _ in self._pending:
-            w.wait()
+        self.waiter.wait([(w, d) for w, d, _ in self._pending], "sending this step's boundary tensors")
         self._pending.clear()

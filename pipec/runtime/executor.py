@@ -29,6 +29,7 @@ from torch import nn
 from pipec.errors import RuntimeFailure
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
 from pipec.runtime.comm import P2P
+from pipec.runtime.failure import PeerFailure
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.timeline import Clock, TimelineEvent
 from pipec.schedule.ir import Action, ActionKind
@@ -133,6 +134,8 @@ class Executor:
                 current = None
                 if self.p2p is not None:
                     self.p2p.wait_sends()
+        except PeerFailure as e:  # a peer failed while this rank waited at ``current``
+            raise e.located(action=str(current) if current is not None else None, step=step) from e.__cause__
         except RuntimeFailure:
             raise
         except Exception as e:

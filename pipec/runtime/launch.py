@@ -3,43 +3,73 @@
 Phase: stage runtime (launcher). Input: a plan directory written by
 ``plan.save`` (it holds ``plan.json`` and the generated ``run.py``). It runs::
 
-    python -m torch.distributed.run --nproc-per-node N --master-addr ADDR \
-        --master-port <free> --tee 3 DIR/run.py --steps K [extra args]
+    python -m pipec.runtime.torchrun_local --nproc-per-node N --master-addr ADDR \
+        --master-port 0 --tee 3 DIR/run.py --steps K [extra args]
+
+(torchrun, with its rendezvous store listening on ADDR only:
+:mod:`pipec.runtime.torchrun_local`),
 
 streams every rank's output line by line as ``[rank<r>] ...``, and returns the
-exit code. When a rank fails it ends with a summary naming the failing rank
-and its error (the last lines of that rank's traceback) instead of torchrun's
-own launcher traceback. The backend reaches the ranks as ``PIPEC_BACKEND``,
-which :class:`~pipec.runtime.runtime.PipelineRuntime` reads.
+exit code. The rendezvous store listens on ``127.0.0.1`` unless ``master_addr``
+says otherwise, and with a loopback address Gloo's connections use the
+loopback interface too (``GLOO_SOCKET_IFNAME``, unless set). The backend reaches the ranks as ``PIPEC_BACKEND``, which the
+generated ``run.py`` reads.
+
+When a rank fails, the generated ``run.py`` prints the first failure of the
+pipeline (:func:`pipec.runtime.failure.failure_line`, the same on every rank)
+and every other rank stops within seconds. The launcher then gives torchrun
+``settle`` seconds to end by itself, sends SIGTERM to torchrun and to every
+rank's process group, and SIGKILL ``grace`` seconds later; whatever happens,
+no process it started outlives it (:class:`~pipec.runtime.proctree.ProcessTree`).
+It ends with the failing rank's traceback and, as its last line, the first
+failure: ``pipec run: rank R failed at action A of step S: MESSAGE``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 from pipec.errors import ConfigError, PlanError
+from pipec.runtime.failure import FailureRecord, parse_failure_line
+from pipec.runtime.proctree import ProcessTree
 
 log = logging.getLogger(__name__)
 
 _PREFIX_RE = re.compile(r"^\[default(\d+)\]:(.*)$")
 _ROOT_RANK_RE = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_SIGNAL_RE = re.compile(r"Signal \d+ \(\w+\)")
 _TAIL_LINES = 40
+_REFRESH_S = 0.5  # how often the process tree is re-read
 
 
-def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return int(s.getsockname()[1])
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n.startswith("lo")), None)
 
 
 def _plan_ranks(directory: Path) -> int | None:
@@ -64,7 +94,7 @@ def torchrun_command(
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "pipec.runtime.torchrun_local",
         "--nproc-per-node",
         str(nproc),
         "--master-addr",
@@ -80,23 +110,7 @@ def torchrun_command(
     ]
 
 
-def run_plan(
-    directory: str | os.PathLike[str],
-    *,
-    nproc: int,
-    backend: str | None = None,
-    steps: int = 10,
-    extra_args: Sequence[str] = (),
-    master_addr: str = "127.0.0.1",
-    stream: TextIO | None = None,
-) -> int:
-    """Run ``DIR/run.py`` on ``nproc`` local ranks; returns the exit code (0 on success).
-
-    Raises :class:`PlanError` when ``directory`` holds no ``run.py`` and
-    :class:`ConfigError` when ``nproc`` differs from the plan's ranks.
-    """
-    out = stream if stream is not None else sys.stdout
-    path = Path(directory)
+def _check_arguments(path: Path, nproc: int, backend: str | None, steps: int) -> None:
     if not (path / "run.py").is_file():
         raise PlanError(
             f"{path} has no run.py; expected a plan directory written by plan.save(dir) or "
@@ -114,63 +128,191 @@ def run_plan(
         raise ConfigError(f"backend: expected 'gloo' or 'nccl', found {backend!r}")
     if steps < 1:
         raise ConfigError(f"steps: expected >= 1, found {steps}")
-    cmd = torchrun_command(
-        path,
-        nproc=nproc,
-        steps=steps,
-        master_addr=master_addr,
-        master_port=_free_port(master_addr),
-        extra_args=extra_args,
+
+
+def _read_lines(pipe: IO[str], lines: queue.Queue[str | None]) -> None:
+    for raw in pipe:
+        lines.put(raw.rstrip("\n"))
+    lines.put(None)
+
+
+class _Output:
+    """What the launcher makes of torchrun's output: streamed lines, per-rank tails,
+    the first failure record, torchrun's root cause."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tails: dict[int, deque[str]] = {}
+        self.record: FailureRecord | None = None
+        self.root_rank: int | None = None
+        self.signal_text: str | None = None
+        self._in_root_cause = self._in_launcher_traceback = False
+
+    def feed(self, line: str) -> None:
+        m = _PREFIX_RE.match(line)
+        if m is not None:
+            rank, text = int(m.group(1)), m.group(2)
+            record = parse_failure_line(text)
+            if record is not None:  # machine-readable: kept, not shown
+                self.record = self.record or record
+                return
+            self.tails.setdefault(rank, deque(maxlen=_TAIL_LINES)).append(text)
+            self.out.write(f"[rank{rank}] {text}\n")
+            self.out.flush()
+            return
+        # torchrun's own output: keep its messages, drop its launcher traceback
+        if line.startswith("Traceback (most recent call last)"):
+            self._in_launcher_traceback = True
+        if "Root Cause" in line:
+            self._in_root_cause = True
+        if self._in_root_cause:
+            rm = _ROOT_RANK_RE.match(line)
+            if rm is not None and self.root_rank is None:
+                self.root_rank = int(rm.group(1))
+            sm = _SIGNAL_RE.search(line)
+            if sm is not None and self.signal_text is None:
+                self.signal_text = sm.group(0)
+        if not self._in_launcher_traceback:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+
+def run_plan(
+    directory: str | os.PathLike[str],
+    *,
+    nproc: int,
+    backend: str | None = None,
+    steps: int = 10,
+    extra_args: Sequence[str] = (),
+    master_addr: str = "127.0.0.1",
+    stream: TextIO | None = None,
+    settle: float = 3.0,
+    grace: float = 10.0,
+) -> int:
+    """Run ``DIR/run.py`` on ``nproc`` local ranks; returns the exit code (0 on success).
+
+    Raises :class:`PlanError` when ``directory`` holds no ``run.py`` and
+    :class:`ConfigError` when ``nproc`` differs from the plan's ranks.
+    """
+    out = stream if stream is not None else sys.stdout
+    path = Path(directory)
+    _check_arguments(path, nproc, backend, steps)
+    cmd = torchrun_command(  # port 0: torchrun_local binds one the kernel chooses
+        path, nproc=nproc, steps=steps, master_addr=master_addr, master_port=0, extra_args=extra_args,
     )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     if backend is not None:
         env["PIPEC_BACKEND"] = backend
+    loopback = _loopback_interface()
+    if loopback is not None and _is_loopback(master_addr):
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
     log.info("launching: %s", " ".join(cmd))
-    tails: dict[int, deque[str]] = {}
-    root_rank: int | None = None
-    in_root_cause = in_launcher_traceback = False
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-    ) as proc:
-        assert proc.stdout is not None  # we asked for a pipe
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            m = _PREFIX_RE.match(line)
-            if m is not None:
-                rank = int(m.group(1))
-                tails.setdefault(rank, deque(maxlen=_TAIL_LINES)).append(m.group(2))
-                out.write(f"[rank{rank}] {m.group(2)}\n")
-                out.flush()
-                continue
-            # torchrun's own output: keep its messages, drop its launcher traceback
-            if line.startswith("Traceback (most recent call last)"):
-                in_launcher_traceback = True
-            if "Root Cause" in line:
-                in_root_cause = True
-            if in_root_cause and root_rank is None:
-                rm = _ROOT_RANK_RE.match(line)
-                if rm is not None:
-                    root_rank = int(rm.group(1))
-            if not in_launcher_traceback:
-                out.write(line + "\n")
-                out.flush()
-        code = proc.wait()
-    if code != 0:
-        out.write(_failure_summary(code, root_rank, tails))
+    output = _Output(out)
+    proc = _spawn(cmd, env)
+    tree = ProcessTree(proc.pid)
+    try:
+        code = _supervise(proc, tree, output, settle=settle, grace=grace)
+    finally:
+        _stop(proc, tree, grace=2.0)  # nothing survives, whatever happened
+    failed = code != 0 or output.record is not None
+    if failed:
+        out.write(_failure_summary(code, output))
         out.flush()
-    return code
+        return code if code > 0 else 1
+    return 0
 
 
-def _failure_summary(code: int, root_rank: int | None, tails: dict[int, deque[str]]) -> str:
-    rank = root_rank
-    if rank is None:  # fall back to the first rank whose output ends in an error
-        rank = next((r for r in sorted(tails) if any("Error" in x for x in tails[r])), None)
-    if rank is None:
-        return f"pipec run: failed with exit code {code}; no rank reported an error\n"
-    lines = list(tails.get(rank, ()))
-    start = max((i for i, x in enumerate(lines) if x.startswith("Traceback")), default=0)
-    error = lines[start:] or ["(no output)"]
-    body = "\n".join(f"  {x}" for x in error)
-    return f"pipec run: rank {rank} failed (exit code {code}):\n{body}\n"
+def _spawn(cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """torchrun in a session of its own, so its process group can be signalled."""
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+        start_new_session=True,
+    )
+
+
+def _supervise(
+    proc: subprocess.Popen[str], tree: ProcessTree, output: _Output, *, settle: float, grace: float
+) -> int:
+    """Stream until torchrun ends; after the first failure, stop it if it does not end by itself."""
+    assert proc.stdout is not None  # we asked for a pipe
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    next_refresh = 0.0
+    failed_at: float | None = None
+    terminated_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if now >= next_refresh:
+            tree.refresh()
+            next_refresh = now + _REFRESH_S
+        if failed_at is None and output.record is not None:
+            failed_at = now
+        if failed_at is not None and terminated_at is None and now > failed_at + settle:
+            log.info("stopping the ranks: a rank failed %.0f s ago", now - failed_at)
+            tree.signal(signal.SIGTERM)
+            terminated_at = now
+        if terminated_at is not None and now > terminated_at + grace:
+            tree.signal(signal.SIGKILL)
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        output.feed(line)
+    try:
+        return proc.wait(timeout=max(grace, 1.0))
+    except subprocess.TimeoutExpired:
+        tree.signal(signal.SIGKILL)
+        return proc.wait()
+
+
+def _stop(proc: subprocess.Popen[str], tree: ProcessTree, *, grace: float) -> None:
+    tree.refresh()
+    if not tree.alive():
+        proc.poll()
+        return
+    tree.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while tree.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tree.signal(signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while tree.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.poll()
+
+
+def _traceback_of(tails: dict[int, deque[str]], rank: int | None) -> list[str] | None:
+    lines = list(tails.get(rank, ())) if rank is not None else []
+    starts = [i for i, x in enumerate(lines) if x.startswith("Traceback")]
+    return lines[starts[-1]:] if starts else None
+
+
+def _failure_summary(code: int, output: _Output) -> str:
+    """The failing rank's traceback, then the first failure as the last line."""
+    record, tails = output.record, output.tails
+    if record is not None:
+        last = record.describe()
+        candidates = [record.rank, record.reported_by]
+    else:
+        rank = output.root_rank
+        if rank is None:  # the first rank whose output ends in an error
+            rank = next((r for r in sorted(tails) if any("Error" in x for x in tails[r])), None)
+        if rank is None:
+            return f"pipec run: failed with exit code {code}; no rank reported an error\n"
+        lines = list(tails.get(rank, ()))
+        cause = output.signal_text or next((x.strip() for x in reversed(lines) if x.strip()), "no error message")
+        last = f"rank {rank} failed (exit code {code}): {cause}"
+        candidates = [rank]
+    text = ""
+    for rank in candidates:
+        error = _traceback_of(tails, rank)
+        if error is not None:
+            body = "\n".join(f"  {x}" for x in error)
+            text = f"pipec run: rank {rank} failed (exit code {code}):\n{body}\n"
+            break
+    return f"{text}pipec run: {' '.join(last.split())}\n"

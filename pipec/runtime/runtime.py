@@ -15,6 +15,14 @@ Usage (one process per rank)::
     opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
     loss = pipe.step(x, target=y)   # mean loss on the last rank, None elsewhere
     opt.step(); opt.zero_grad()
+    pipe.save_checkpoint("ckpt", optimizer=opt, step=k)   # collective; resume with load_checkpoint
+
+No wait lasts longer than ``timeout`` seconds, and a rank that fails tells
+the others through the c10d store (:mod:`pipec.runtime.failure`): when any
+rank raises or dies during a step, every rank raises a ``RuntimeFailure``
+(a :class:`~pipec.runtime.failure.PeerFailure` on the others) within about a
+second, or ``heartbeat_timeout`` seconds for a stopped process. A failed
+pipeline runs no more steps: restart every rank and resume from a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,77 +36,38 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from pipec.errors import ConfigError, PlanError
+from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Plan
+from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.comm import P2P, ProcessGroupInfo, init_process_group
 from pipec.runtime.executor import Executor, StepResult
+from pipec.runtime.failure import (
+    FailureMonitor,
+    FailureRecord,
+    PeerFailure,
+    create_monitor,
+    record_of,
+)
 from pipec.runtime.microbatch import bind_inputs, merge_outputs, split_inputs, split_target
 from pipec.runtime.routing import StageRoutes, build_routes
+from pipec.runtime.setup import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    as_plan,
+    grad_flags,
+    lowered_schedule,
+    seconds,
+    tensor_names,
+)
 from pipec.runtime.tied import TiedGradReducer, share_local_parameters
 from pipec.runtime.timeline import TimelineEvent, TimelineLog, write_chrome_trace
-from pipec.schedule.ir import Schedule
+from pipec.runtime.waiting import Waiter
 
 log = logging.getLogger(__name__)
-
 
 class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-def _as_plan(plan_or_dir: Plan | str | os.PathLike[str]) -> Plan:
-    if isinstance(plan_or_dir, Plan):
-        return plan_or_dir
-    if isinstance(plan_or_dir, (str, os.PathLike)):
-        from pipec.codegen import load
-
-        plan: Plan = load(Path(plan_or_dir))
-        return plan
-    raise ConfigError(
-        f"PipelineRuntime: expected a pipec.Plan or a plan directory, found {type(plan_or_dir).__name__}"
-    )
-
-
-def _names(module: nn.Module, stage: int, attr: str) -> tuple[str, ...]:
-    value = getattr(module, attr, None)
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-        raise PlanError(
-            f"stage module {stage} ({type(module).__name__}) has no {attr} (a tuple of tensor names); "
-            "the runtime needs the stage modules pipec.split builds, re-create the plan"
-        )
-    return tuple(value)
-
-
-def _grad_flags(module: nn.Module) -> dict[str, bool] | None:
-    flags = getattr(module, "requires_grad", None)
-    if isinstance(flags, Mapping):
-        return {str(k): bool(v) for k, v in flags.items()}
-    return None
-
-
-def _lowered(plan: Plan, backend: str | None) -> Schedule:
-    schedule = plan.schedule
-    if schedule.num_ranks != plan.num_ranks or schedule.num_stages != plan.num_stages:
-        raise PlanError(
-            f"the plan has {plan.num_stages} stages on {plan.num_ranks} ranks but its schedule "
-            f"{schedule.name!r} has {schedule.num_stages} stages on {schedule.num_ranks} ranks; re-create the plan"
-        )
-    if schedule.is_lowered:
-        return schedule
-    from pipec.errors import ScheduleError
-    from pipec.schedule.lowering import lower
-
-    try:
-        return lower(schedule, plan.data.boundaries)
-    except ScheduleError:
-        # Interleaved placement with skip tensors can need a per-pair message order
-        # that one RECV per (stage, micro-batch) cannot give. NCCL needs that order;
-        # Gloo matches messages by tag, so there the plain order is safe.
-        if backend == "nccl":
-            raise
-        log.info("lowering %s without per-pair ordering (messages matched by tag on %s)",
-                 schedule.name, backend)
-        return lower(schedule, plan.data.boundaries, match_pair_order=False)
 
 
 class PipelineRuntime:
@@ -108,7 +77,10 @@ class PipelineRuntime:
     given) must return a mean-reduced scalar; it defaults to the plan's.
     ``device`` defaults to ``cuda:<local rank>`` under NCCL, else the CPU;
     ``backend`` ("gloo" / "nccl") is used only when this call initialises the
-    process group from torchrun's environment.
+    process group from torchrun's environment. ``timeout`` (default
+    ``$PIPEC_TIMEOUT`` or 300 s) bounds every wait for a peer;
+    ``heartbeat_timeout`` (default ``$PIPEC_HEARTBEAT_TIMEOUT`` or 30 s) is how
+    long a peer may stay silent before it counts as unreachable.
     """
 
     def __init__(
@@ -118,12 +90,18 @@ class PipelineRuntime:
         *,
         device: str | torch.device | None = None,
         backend: str | None = None,
+        timeout: float | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> None:
-        plan = _as_plan(plan_or_dir)
+        plan = as_plan(plan_or_dir)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
-        self.info: ProcessGroupInfo = init_process_group(plan.num_ranks, backend=backend, device=device)
-        self.schedule = _lowered(plan, self.info.backend)
+        self.timeout = seconds(timeout, "PIPEC_TIMEOUT", DEFAULT_TIMEOUT)
+        self.heartbeat_timeout = seconds(heartbeat_timeout, "PIPEC_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT)
+        self.info: ProcessGroupInfo = init_process_group(
+            plan.num_ranks, backend=backend, device=device, timeout=self.timeout
+        )
+        self.schedule = lowered_schedule(plan, self.info.backend)
         self.rank = self.info.rank
         self.device = self.info.device
         self.num_microbatches = plan.num_microbatches
@@ -135,15 +113,24 @@ class PipelineRuntime:
         self._routes: dict[int, StageRoutes] = {
             s: build_routes(
                 s,
-                _names(m, s, "input_names"),
-                _names(m, s, "output_names"),
+                tensor_names(m, s, "input_names"),
+                tensor_names(m, s, "output_names"),
                 boundaries=plan.data.boundaries,
                 num_stages=plan.num_stages,
-                requires_grad=_grad_flags(m),
+                requires_grad=grad_flags(m),
             )
             for s, m in self.stage_modules.items()
         }
         self.is_last = (plan.num_stages - 1) in self.stage_modules
+        self._monitor: FailureMonitor | None = None
+        if self.info.distributed and self.info.world_size > 1:
+            self._monitor = create_monitor(
+                rank=self.rank, world_size=self.info.world_size, heartbeat_timeout=self.heartbeat_timeout
+            )
+        self._waiter = Waiter(rank=self.rank, timeout=self.timeout, monitor=self._monitor,
+                              inline=self.info.backend == "nccl")
+        self._failure: FailureRecord | None = None
+        self._saves = 0
         p2p = None
         if self.info.world_size > 1:
             p2p = P2P(
@@ -153,9 +140,11 @@ class PipelineRuntime:
                 rank_of=self.schedule.rank_of,
                 num_stages=plan.num_stages,
                 num_microbatches=plan.num_microbatches,
+                waiter=self._waiter,
             )
         self._tied = TiedGradReducer(
-            plan.data.tied_groups, rank_of=self.schedule.rank_of, info=self.info, params=self._params
+            plan.data.tied_groups, rank_of=self.schedule.rank_of, info=self.info, params=self._params,
+            waiter=self._waiter, timeout=self.timeout,
         )
         self._executor = Executor(
             rank=self.rank,
@@ -200,15 +189,22 @@ class PipelineRuntime:
                 "PipelineRuntime.step needs a loss function: pass loss_fn to PipelineRuntime(...) "
                 "or to pipec.partition(..., loss_fn=...)"
             )
-        microbatches = self._microbatches(inputs, kwargs)
-        targets = None
-        if self.is_last and target is not None:
-            targets = split_target(target, self.num_microbatches, self.device)
-        self._tied.begin_step()
-        result = self._executor.run(
-            microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
-        )
-        self._tied.end_step()
+        self._check_usable()
+        try:
+            microbatches = self._microbatches(inputs, kwargs)
+            targets = None
+            if self.is_last and target is not None:
+                targets = split_target(target, self.num_microbatches, self.device)
+            self._tied.begin_step()
+            result = self._executor.run(
+                microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
+            )
+            self._tied.end_step()
+        except BaseException as exc:
+            failure = self._on_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc.__cause__
         self._record(result)
         if not self.is_last:
             return None
@@ -217,15 +213,60 @@ class PipelineRuntime:
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on the full batch: the model's output (micro-batches concatenated
         along dim 0) on the rank holding the last stage, None elsewhere."""
-        microbatches = self._microbatches(inputs, kwargs)
-        with torch.no_grad():
-            result = self._executor.run(microbatches, train=False, step=self._step)
+        self._check_usable()
+        try:
+            microbatches = self._microbatches(inputs, kwargs)
+            with torch.no_grad():
+                result = self._executor.run(microbatches, train=False, step=self._step)
+        except BaseException as exc:
+            self._on_failure(exc)
+            raise
         self._record(result)
         if not self.is_last:
             return None
         return merge_outputs([result.outputs[m] for m in range(self.num_microbatches)])
 
     __call__ = forward
+
+    # -- failures -----------------------------------------------------------
+    def _on_failure(self, exc: BaseException) -> BaseException:
+        """Publish the failure to the other ranks (distributed runs only) and mark
+        this runtime failed; returns the exception to raise."""
+        if isinstance(exc, PeerFailure) and exc.action is None and exc.step is None:
+            exc = exc.located(action=None, step=self._step)  # e.g. in the tied-gradient all-reduce
+        if self.info.distributed and self.info.world_size > 1:
+            self.report_failure(exc)
+        return exc
+
+    def report_failure(self, exc: BaseException, *, step: int | None = None) -> FailureRecord:
+        """Tell the other ranks that this rank failed with ``exc`` and stop this runtime.
+
+        ``step``/``pipe.step`` call it themselves; call it for a failure outside
+        them (the optimizer, data loading) so peers waiting for this rank stop
+        at once. Returns the first failure any rank reported: the one to show.
+        """
+        record = record_of(exc, rank=self.rank, step=step if step is not None else self._step)
+        if self._failure is None:
+            self._failure = record
+        if self._monitor is None:
+            return record
+        first = self._monitor.report(record)
+        self._monitor.break_connections()  # peers blocked on this rank stop at once
+        return first
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise RuntimeFailure(
+                f"rank {self.rank}: this pipeline already failed ({self._failure.describe()}); "
+                "restart every rank (`pipec run DIR --resume` continues from the last checkpoint)",
+                rank=self.rank,
+                step=self._step,
+            )
+
+    def close(self) -> None:
+        """Stop this runtime's failure monitor (its thread also stops when the runtime is freed)."""
+        if self._monitor is not None:
+            self._monitor.close()
 
     def _record(self, result: StepResult) -> None:
         self._timelines.add(self._step, result.started, result.timeline)
@@ -287,6 +328,50 @@ class PipelineRuntime:
             part = {k: state_dict[k] for k in module.state_dict() if k in state_dict}
             module.load_state_dict(part, strict=False)
         return LoadResult(missing, unexpected)
+
+    # -- checkpoints (pipec.runtime.checkpoint) -------------------------------
+    def _view(self, *, saving: bool) -> RankView:
+        self._saves += saving
+        return RankView(
+            rank=self.rank, world_size=self.info.world_size, plan=self.plan, stages=tuple(self.stage_indices),
+            tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
+            store=self._monitor.store if self._monitor is not None else None, waiter=self._waiter,
+            save_index=self._saves - 1,
+        )
+
+    def save_checkpoint(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        step: int | None = None,
+        keep: int | None = None,
+    ) -> Path:
+        """Write a checkpoint of every rank into ``directory`` (collective: every rank calls
+        it) and return its ``step_<k>`` directory. ``step`` defaults to the steps run so
+        far; ``keep`` deletes all but the newest ``keep`` checkpoints there."""
+        self._check_usable()
+        try:
+            return save_checkpoint(self._view(saving=True), directory, optimizer=optimizer,
+                                   step=self._step if step is None else step, keep=keep)
+        except BaseException as exc:
+            failure = self._on_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc.__cause__
+
+    def load_checkpoint(
+        self, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None
+    ) -> int:
+        """Load this rank's parameters (and ``optimizer``'s and the RNG state) from the newest
+        checkpoint in ``directory``; returns its step. See :mod:`pipec.runtime.checkpoint`."""
+        try:
+            step = load_checkpoint(self._view(saving=False), directory, optimizer=optimizer)
+        except BaseException as exc:
+            self._on_failure(exc)  # peers must not wait for a rank that cannot start
+            raise
+        self._step = step
+        return step
 
     # -- timelines ----------------------------------------------------------
     def timeline(self) -> list[TimelineEvent]:

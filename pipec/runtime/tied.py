@@ -6,11 +6,14 @@ FQN (:class:`pipec.plan.TiedGroup`). Stages on the same rank are made to share
 one ``nn.Parameter`` (:func:`share_local_parameters`), so their gradients add up
 by themselves; across ranks :class:`TiedGradReducer` sums each step's gradient
 over a small process subgroup of the holders, so every holder sees the full
-gradient and an optimizer keeps the copies equal.
+gradient and an optimizer keeps the copies equal. The all-reduce is
+asynchronous and waited for through the runtime's
+:class:`~pipec.runtime.waiting.Waiter`, so a failed peer stops it too.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 from pipec.errors import PlanError
 from pipec.plan import TiedGroup
 from pipec.runtime.comm import ProcessGroupInfo
+from pipec.runtime.waiting import Waiter
 
 
 def _set_parameter(module: nn.Module, fqn: str, param: nn.Parameter) -> None:
@@ -74,14 +78,22 @@ class TiedGradReducer:
         rank_of: Callable[[int], int],
         info: ProcessGroupInfo,
         params: Mapping[str, nn.Parameter],
+        waiter: Waiter | None = None,
+        timeout: float | None = None,
     ) -> None:
-        self._groups: list[tuple[nn.Parameter, dist.ProcessGroup | None]] = []
+        self._groups: list[tuple[nn.Parameter, dist.ProcessGroup | None, list[int]]] = []
         self._saved: list[torch.Tensor | None] = []
+        self._waiter = waiter
+        self._timeout = timeout if timeout is not None else 300.0
+        self._rank = info.rank
         for g in tied_groups:  # the same order on every rank
             ranks = sorted({rank_of(s) for s in g.stages})
             if len(ranks) < 2 or not info.distributed:
                 continue
-            group = dist.new_group(ranks)
+            if timeout is None:
+                group = dist.new_group(ranks)
+            else:
+                group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout))
             if info.rank not in ranks:
                 continue
             param = params.get(g.fqn)
@@ -90,21 +102,27 @@ class TiedGradReducer:
                     f"tied parameter {g.fqn!r} should live on rank {info.rank} (stages {list(g.stages)}) "
                     "but no local stage module has it; re-create the plan"
                 )
-            self._groups.append((param, group))
+            self._groups.append((param, group, [r for r in ranks if r != info.rank]))
 
     def begin_step(self) -> None:
         """Set aside gradients accumulated before this step, so only this step's are summed."""
         self._saved = []
-        for p, _ in self._groups:
+        for p, _, _ in self._groups:
             self._saved.append(p.grad)
             p.grad = None
 
     def end_step(self) -> None:
         """Sum this step's gradients across holders and add back the set-aside ones."""
         saved = self._saved or [None] * len(self._groups)
-        for (p, group), before in zip(self._groups, saved):
+        for (p, group, peers), before in zip(self._groups, saved):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+            work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group, async_op=True)
+            if work is None:
+                raise RuntimeError(f"all_reduce on rank {self._rank} returned no request")
+            if self._waiter is not None:
+                self._waiter.wait_collective(work, peers, "the tied-gradient all-reduce")
+            else:
+                work.wait(datetime.timedelta(seconds=self._timeout))
             p.grad = grad if before is None else before.add_(grad)
         self._saved = []
 

@@ -1,7 +1,9 @@
 """Train the pipeline plan in this directory: one process per rank.
 
     torchrun --nproc-per-node N run.py [--steps K] [--lr LR] [--backend gloo|nccl]
-    pipec run DIR --nproc N [--steps K]          (the same, launched for you)
+                 [--checkpoint-every K] [--resume]
+    pipec run DIR --nproc N [--steps K] [--checkpoint-every K] [--resume]
+                                                 (the same, launched for you)
 
 Written by pipec; this is your training loop, edit it freely. Every rank runs
 this file: it builds its own stage(s) from stage_<k>.py + stage_<k>.safetensors,
@@ -13,13 +15,21 @@ The batch, target and loss come from the factory recorded in plan.json
 optional example_kwargs, loss_fn and target); without one, a random batch of
 the recorded input shapes and the mean of the output serve as a smoke test.
 Each rank writes its measured timeline to timeline_rank<r>.json here.
+
+--steps is the total: with --resume, training continues from the newest
+checkpoint in --checkpoint-dir (default checkpoint/ here) up to --steps;
+--checkpoint-every K saves one every K steps (the newest --keep kept). When
+a rank fails, it tells the others (they stop within seconds) and prints the
+pipeline's first failure as a PIPEC_FAILURE line, which `pipec run` reports.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +37,11 @@ from typing import Any
 import torch
 
 import pipec
+from pipec.codegen import read_plan_data
 from pipec.factory import FactoryResult, resolve_spec, split_spec
 from pipec.factory import load_factory as pipec_load_factory
+from pipec.plan import PlanData
+from pipec.runtime.failure import failure_line, record_of
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,18 +65,18 @@ def mean_of_output(output: Any, target: Any = None) -> torch.Tensor:
     raise ValueError("the model output holds no floating-point tensor to take the mean of")
 
 
-def random_batch(plan: dict[str, Any]) -> tuple[Any, ...]:
+def random_batch(plan: PlanData) -> tuple[Any, ...]:
     """A full batch of the shapes in plan.json (inputs are recorded per micro-batch)."""
     batch: list[torch.Tensor | None] = []
-    for spec in plan["inputs"]:
-        meta = spec["meta"]
+    for spec in plan.inputs:
+        meta = spec.meta
         if meta is None:
             batch.append(None)
             continue
-        shape = list(meta["shape"])
+        shape = list(meta.shape)
         if shape:
-            shape[0] = plan.get("batch_size") or shape[0] * plan["num_microbatches"]
-        dtype = getattr(torch, meta["dtype"])
+            shape[0] = plan.batch_size or shape[0] * plan.num_microbatches
+        dtype = meta.torch_dtype
         if dtype.is_floating_point:
             batch.append(torch.randn(shape, dtype=dtype))
         elif dtype == torch.bool:
@@ -73,21 +86,27 @@ def random_batch(plan: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(batch)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="train until this many steps are done")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--backend", choices=("gloo", "nccl"), default=None)
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default=os.environ.get("PIPEC_BACKEND") or None)
     parser.add_argument("--timelines", type=Path, default=HERE, help="where timeline_rank<r>.json go")
-    args = parser.parse_args()
+    parser.add_argument("--checkpoint-dir", type=Path, default=HERE / "checkpoint")
+    parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="0: never")
+    parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
+    parser.add_argument("--resume", action="store_true", help="start from the newest checkpoint")
+    return parser.parse_args()
 
-    plan = json.loads((HERE / "plan.json").read_text(encoding="utf-8"))
+
+def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    plan = read_plan_data(HERE)  # validated: pydantic, format_version
     torch.manual_seed(0)  # the same batch on every rank
     kwargs: dict[str, Any] = {}
     target: Any = None
     loss_fn: Callable[..., torch.Tensor] = mean_of_output
-    if plan.get("factory"):
-        made = load_factory(plan["factory"])
+    if plan.factory:
+        made = load_factory(plan.factory)
         inputs = made.example_inputs
         kwargs = dict(made.example_kwargs)
         target = made.target
@@ -96,9 +115,15 @@ def main() -> None:
     else:
         inputs = random_batch(plan)
 
-    pipe = pipec.PipelineRuntime(HERE, loss_fn=loss_fn, backend=args.backend)
+    pipe = state["pipe"] = pipec.PipelineRuntime(HERE, loss_fn=loss_fn, backend=args.backend)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr)
-    for step in range(args.steps):
+    first = 0
+    if args.resume:
+        first = pipe.load_checkpoint(args.checkpoint_dir, optimizer=optimizer)
+        if pipe.rank == 0:
+            print(f"resumed from the checkpoint of step {first} in {args.checkpoint_dir}", flush=True)
+    for step in range(first, args.steps):
+        state["step"] = step
         start = time.perf_counter()
         loss = pipe.step(*inputs, target=target, **kwargs)
         optimizer.step()
@@ -106,11 +131,34 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if loss is not None:
             print(f"step {step}: loss {loss.item():.5f}  step time {elapsed * 1e3:.1f} ms", flush=True)
+        if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0:
+            path = pipe.save_checkpoint(args.checkpoint_dir, optimizer=optimizer, step=step + 1, keep=args.keep)
+            if pipe.rank == 0:
+                print(f"checkpoint of step {step + 1} written to {path}", flush=True)
 
     if hasattr(pipe, "save_timeline"):  # read by `pipec show` / report.html
         pipe.save_timeline(args.timelines / f"timeline_rank{pipe.rank}.json")
         if pipe.rank == 0:
             print(f"measured timelines written to {args.timelines}", flush=True)
+    pipe.close()
+
+
+def main() -> None:
+    args = parse_args()
+    state: dict[str, Any] = {"pipe": None, "step": None}
+    try:
+        train(args, state)
+    except BaseException as exc:
+        # tell the other ranks (they stop at once), then print the pipeline's first failure
+        pipe = state["pipe"]
+        if pipe is not None:
+            record = pipe.report_failure(exc, step=state["step"])
+        else:
+            record = record_of(exc, rank=int(os.environ.get("RANK", "0")), step=state["step"])
+        traceback.print_exc()
+        print(failure_line(record), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # a thread may still be blocked in a wait: do not wait for it at exit
 
 
 if __name__ == "__main__":

@@ -1,0 +1,325 @@
+"""Checkpoints of a running pipeline: every rank's tensors, optimizer and RNG state, written atomically.
+
+Phase: stage runtime. ``pipe.save_checkpoint(dir, optimizer=..., step=k)`` is
+collective; ``pipe.load_checkpoint(dir, optimizer=...)`` is per rank and
+returns ``k``. Layout::
+
+    dir/latest                        the name of the newest complete checkpoint
+    dir/step_<k>/manifest.json        written LAST, by rank 0 (CheckpointManifest)
+    dir/step_<k>/rank<r>/model.safetensors      rank r's parameters and buffers, original FQNs
+                         optimizer.safetensors  + optimizer.json  (optional, see checkpoint_state)
+                         rng.safetensors        + rng.json
+
+Atomicity: each rank writes into ``step_<k>/.rank<r>.tmp-*`` and renames it to
+``rank<r>`` when its files are complete and flushed; once every rank has
+(agreed through the c10d store), rank 0 writes ``manifest.json`` -- ranks,
+step, the plan's fingerprint, the sha256 of every file -- and then replaces
+``latest`` by a rename. A crash at any point before that leaves ``latest``
+naming the previous checkpoint; a directory without a manifest is incomplete
+and never loaded. Several nodes need a shared file system.
+
+Parameters are stored under their original FQNs, so a checkpoint loads into a
+plan of the same model with any number of stages or ranks, and
+:func:`merge_checkpoint` gives the full state dict of the original model.
+Optimizer and RNG state are per rank: they are restored only into the same
+layout (same ranks, each holding the same tensors), and loading an optimizer
+into another layout is a :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+from torch._C._distributed_c10d import Store
+
+from pipec.errors import CheckpointError
+from pipec.plan import Plan
+from pipec.runtime.checkpoint_io import (
+    MANIFEST,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    OPTIMIZER_JSON,
+    RNG_FILE,
+    RNG_JSON,
+    CheckpointManifest,
+    RankFiles,
+    read_json,
+    read_manifest,
+    read_tensors,
+    resolve_checkpoint,
+    write_atomically,
+)
+from pipec.runtime.checkpoint_state import (
+    fsync_path,
+    optimizer_from_files,
+    optimizer_to_files,
+    rng_from_files,
+    rng_to_files,
+    sha256_file,
+)
+
+if TYPE_CHECKING:
+    from pipec.runtime.waiting import Waiter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankView:
+    """What a checkpoint needs of one rank's runtime."""
+
+    rank: int
+    world_size: int
+    plan: Plan
+    stages: tuple[int, ...]
+    tensors: Mapping[str, torch.Tensor]  # canonical FQN -> tensor sharing the parameter's storage
+    param_names: Mapping[int, str]  # id(parameter) -> FQN
+    store: Store | None  # the runtime's prefixed c10d store; None in a one-process run
+    waiter: Waiter
+    save_index: int  # checkpoints this runtime saved before: keeps store keys apart
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """sha256 of the plan as plan.json holds it, without where it came from."""
+    text = plan.data.model_dump_json(exclude={"factory", "candidates"})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- saving ---------------------------------------------------------------------------------
+
+
+def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.data_ptr() in seen and t.numel():  # safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[name] = t
+    return out
+
+
+def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer | None) -> RankFiles:
+    model = _cpu_tensors(view.tensors)
+    rng_tensors, rng_meta = rng_to_files()
+    tmp = step_dir / f".rank{view.rank}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        save_file(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        save_file(rng_tensors, str(tmp / RNG_FILE), metadata={"format": "pt"})
+        (tmp / RNG_JSON).write_text(json.dumps(rng_meta), encoding="utf-8")
+        if optimizer is not None:
+            opt_tensors, opt_meta = optimizer_to_files(optimizer, view.param_names)
+            save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+            (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_meta), encoding="utf-8")
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            fsync_path(f)
+            files[f.name] = sha256_file(f)
+        fsync_path(tmp)
+        tmp.rename(step_dir / f"rank{view.rank}")
+        fsync_path(step_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"rank {view.rank} could not write its checkpoint to {step_dir}: {exc}; check the free "
+            "space and permissions there, then save again"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RankFiles(rank=view.rank, stages=view.stages, tensors=tuple(model), files=files)
+
+
+def _fresh_name(root: Path, step: int) -> str:
+    name = f"step_{step:08d}"
+    n = 0
+    while (root / name).exists():
+        n += 1
+        name = f"step_{step:08d}.{n}"
+    return name
+
+
+def _collect_garbage(root: Path, keep: int, current: str) -> None:
+    """Delete incomplete checkpoints and all but the newest ``keep`` complete ones."""
+    complete: list[tuple[float, Path]] = []
+    for d in root.iterdir():
+        if not d.is_dir() or not d.name.startswith("step_") or d.name == current:
+            continue
+        if not (d / MANIFEST).is_file():
+            shutil.rmtree(d, ignore_errors=True)  # a save that crashed before its manifest
+            continue
+        try:
+            complete.append((read_manifest(d).saved_at, d))
+        except CheckpointError:
+            continue  # unreadable: leave it for a person to look at
+    complete.sort()
+    for _, d in complete[: max(0, len(complete) - (keep - 1))]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def save_checkpoint(
+    view: RankView,
+    directory: str | os.PathLike[str],
+    *,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    keep: int | None = None,
+) -> Path:
+    """Write this rank's part of checkpoint ``step`` under ``directory`` (every rank calls
+    it); returns the checkpoint's directory once it is complete on every rank."""
+    if keep is not None and keep < 1:
+        raise CheckpointError(f"keep: expected None or a number of checkpoints >= 1, found {keep}")
+    root = Path(directory)
+    store, prefix = view.store, f"ckpt/{view.save_index}/"
+    others = [r for r in range(view.world_size) if r != view.rank]
+    if view.rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            name = _fresh_name(root, step)
+            (root / name).mkdir()
+        except OSError as exc:
+            raise CheckpointError(f"cannot create a checkpoint in {root}: {exc}; choose a writable directory") from exc
+        if store is not None:
+            store.set(prefix + "name", name)
+    elif store is None:
+        raise CheckpointError(f"rank {view.rank}: saving a checkpoint on several ranks needs the c10d store")
+    else:
+        view.waiter.poll(lambda: store.check([prefix + "name"]), "waiting for rank 0 to start the checkpoint", [0])
+        name = store.get(prefix + "name").decode()
+    step_dir = root / name
+    files = _write_rank(step_dir, view, optimizer)
+    if store is None:
+        entries = [files]
+    else:
+        store.set(prefix + f"rank/{view.rank}", files.model_dump_json())
+        store.add(prefix + "written", 1)
+        if view.rank != 0:
+            view.waiter.poll(lambda: store.check([prefix + "done"]), "waiting for rank 0 to commit the checkpoint", [0])
+            store.add(prefix + "seen", 1)  # rank 0 may host the store: it waits for this before going on
+            return step_dir
+        view.waiter.poll(lambda: store.add(prefix + "written", 0) >= view.world_size,
+                         "waiting for every rank to write its checkpoint files", others)
+        entries = [RankFiles.model_validate_json(store.get(prefix + f"rank/{r}")) for r in range(view.world_size)]
+    manifest = CheckpointManifest(
+        step=step, num_ranks=view.world_size, num_stages=view.plan.num_stages,
+        plan_fingerprint=plan_fingerprint(view.plan), model_name=view.plan.data.model_name,
+        saved_at=time.time(), ranks=tuple(entries),
+    )
+    try:
+        write_atomically(step_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+        write_atomically(root / "latest", name + "\n")
+        if keep is not None:
+            _collect_garbage(root, keep, name)
+    except OSError as exc:
+        raise CheckpointError(f"rank 0 could not commit the checkpoint {step_dir}: {exc}; save again") from exc
+    if store is not None:
+        store.set(prefix + "done", name)
+        view.waiter.poll(lambda: store.add(prefix + "seen", 0) >= view.world_size - 1,
+                         "waiting for every rank to see the checkpoint committed", others)
+    log.info("checkpoint of step %d written to %s", step, step_dir)
+    return step_dir
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    view: RankView, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None
+) -> int:
+    """Load this rank's tensors (and optimizer and RNG state) from the checkpoint in
+    ``directory`` (its ``latest``, or a ``step_<k>`` directory); returns its step."""
+    path = resolve_checkpoint(Path(directory))
+    manifest = read_manifest(path)
+    own = next((e for e in manifest.ranks if e.rank == view.rank), None)
+    same_layout = (
+        manifest.num_ranks == view.world_size and own is not None and set(own.tensors) == set(view.tensors)
+    )
+    if optimizer is not None and not same_layout:
+        raise CheckpointError(
+            f"the checkpoint in {path} was saved by {manifest.num_ranks} ranks and its rank {view.rank} "
+            "holds other tensors than this rank: optimizer state loads only into the same plan layout; "
+            "load it with the plan it was saved with, or without optimizer= to start the optimizer afresh"
+        )
+    if manifest.plan_fingerprint != plan_fingerprint(view.plan):
+        log.info("checkpoint %s comes from another plan; matching its tensors by FQN", path)
+    where: dict[str, RankFiles] = {}
+    for entry in ([own] if own is not None else []) + list(manifest.ranks):
+        for name in entry.tensors:
+            where.setdefault(name, entry)
+    missing = sorted(set(view.tensors) - set(where))
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint in {path} (model {manifest.model_name!r}) lacks {len(missing)} tensor(s) of "
+            f"rank {view.rank}'s stages, e.g. {missing[:5]}: it was saved from another model; load a "
+            "checkpoint of this model, or start without it (no --resume)"
+        )
+    wanted: dict[int, list[str]] = {}
+    for name in view.tensors:
+        wanted.setdefault(where[name].rank, []).append(name)
+    entries = {e.rank: e for e in manifest.ranks}
+    values: dict[str, torch.Tensor] = {}
+    for rank, names in wanted.items():
+        values.update(read_tensors(path, entries[rank], MODEL_FILE, names))
+    for name, value in values.items():
+        target = view.tensors[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint {path} but "
+                f"{tuple(target.shape)} here: it was saved from another model; load a checkpoint of this model"
+            )
+    with torch.no_grad():
+        for name, value in values.items():
+            view.tensors[name].copy_(value)
+    if own is not None and optimizer is not None:
+        if OPTIMIZER_FILE not in own.files:
+            raise CheckpointError(
+                f"the checkpoint in {path} holds no optimizer state (it was saved without optimizer=); "
+                "load it without optimizer="
+            )
+        opt_meta: Any = read_json(path, own, OPTIMIZER_JSON)
+        optimizer_from_files(optimizer, view.param_names, read_tensors(path, own, OPTIMIZER_FILE), opt_meta)
+    if own is not None and same_layout:
+        rng_from_files(read_tensors(path, own, RNG_FILE), read_json(path, own, RNG_JSON))
+    log.info("rank %d loaded checkpoint %s (step %d)", view.rank, path, manifest.step)
+    return manifest.step
+
+
+def merge_checkpoint(directory: str | os.PathLike[str], plan: Plan) -> dict[str, torch.Tensor]:
+    """The original model's full state dict from the checkpoint in ``directory``: loads
+    into the model ``plan`` was made from with ``strict=True`` (tied names included)."""
+    from pipec.errors import PlanError
+    from pipec.split import merge_state_dicts
+
+    path = resolve_checkpoint(Path(directory))
+    manifest = read_manifest(path)
+    parts = [read_tensors(path, entry, MODEL_FILE) for entry in manifest.ranks]
+    try:
+        return merge_state_dicts(parts, plan=plan)
+    except PlanError as exc:
+        raise CheckpointError(f"the checkpoint in {path} cannot be merged: {exc}") from exc
+
+
+__all__ = [
+    "CheckpointManifest",
+    "RankView",
+    "load_checkpoint",
+    "merge_checkpoint",
+    "plan_fingerprint",
+    "read_manifest",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,217 @@
+"""No hang: when one rank raises, dies, stops or stalls, the other raises within seconds.
+
+Two Gloo ranks train a 2-stage chain under 1F1B; at step 2 the last rank (the
+one that calls the loss) misbehaves in a real way: it raises and stays alive
+with its connections open (so rank 0 can only learn it from the store),
+SIGKILLs itself, SIGSTOPs itself, or sleeps; or rank 0 (which hosts the c10d
+store here) SIGKILLs itself from a forward pre-hook; or rank 1 fails inside the
+tied-gradient all-reduce or while writing a checkpoint. The survivor must
+raise a ``PeerFailure`` naming the failed rank, where it stopped (rank,
+action, step) and the failed rank's step, well within 60 s.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _handmade import Chain, chain_plan
+from _workers import _child, fork_is_safe, free_port
+
+from pipec.schedule.generators import make_schedule
+
+FAULT_STEP = 2
+
+
+def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], timeout: float = 60.0,
+                    linger: float = 0.0) -> list[Any]:
+    """Like ``_workers.run_ranks``, but ranks may die: their result is None. Waits for
+    ``survivors``, then up to ``linger`` seconds for the others to end by themselves,
+    then kills whatever is left (a stopped or sleeping rank)."""
+    if not fork_is_safe():
+        pytest.skip("forked ranks cannot run autograd after this process used CUDA")
+    ctx = mp.get_context("fork")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, paths[r], args, "gloo"))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for r in survivors:
+            procs[r].join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r in survivors if procs[r].is_alive()]
+        deadline = time.monotonic() + linger
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        reports = [torch.load(p, weights_only=False) if Path(p).exists() else None for p in paths]
+    assert not hung, f"ranks {hung} did not finish within {timeout} s: a hang"
+    for r in survivors:
+        assert reports[r] is not None, f"rank {r} died"
+        assert reports[r]["ok"], f"rank {r} failed: {reports[r]['error']}\n{reports[r]['traceback']}"
+    return [rep["result"] if rep is not None else None for rep in reports]
+
+
+def _misbehave(kind: str) -> None:
+    if kind == "raise":
+        raise ValueError("loss exploded")
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if kind == "sleep":
+        time.sleep(120)
+
+
+def _train(rank: int, world_size: int, kind: str, directory: str = "") -> dict[str, Any]:
+    import pipec.runtime.checkpoint as checkpoint
+    from pipec.errors import RuntimeFailure
+    from pipec.runtime.runtime import PipelineRuntime
+
+    step = {"n": 0}
+    calls = {"n": 0}
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if step["n"] == FAULT_STEP and calls["n"] % 4 == 1 and kind in ("raise", "kill", "stop", "sleep"):
+            _misbehave(kind)
+        return ((out - y) ** 2).mean()
+
+    torch.manual_seed(0)
+    tied = kind == "tied"
+    model = Chain(2, tied=tied)
+    plan = chain_plan(model, make_schedule("1f1b", 2, 4), batch=8, bounds=[0, 1, 2], tied=tied)
+    pipe = PipelineRuntime(plan, loss_fn, timeout=3.0 if kind == "sleep" else 30.0,
+                           heartbeat_timeout=2.0 if kind == "stop" else 30.0)
+    if kind == "raise" and rank == 1:  # keep its connections open: rank 0 must watch the store
+        pipe._monitor.break_connections = lambda: None  # type: ignore[method-assign,union-attr]
+    if kind == "kill_rank0" and rank == 0:
+        def pre_hook(module: Any, inputs: Any) -> None:
+            if step["n"] == FAULT_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        pipe.stage_modules[0].register_forward_pre_hook(pre_hook)
+    if kind == "tied" and rank == 1:
+        end_step = pipe._tied.end_step
+
+        def failing_end_step() -> None:
+            if step["n"] == FAULT_STEP:
+                raise OSError("injected failure before the all-reduce")
+            end_step()
+
+        pipe._tied.end_step = failing_end_step  # type: ignore[method-assign]
+    if kind == "save" and rank == 1:
+        def failing_write(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        checkpoint._write_rank = failing_write  # type: ignore[assignment]
+    x, y = torch.randn(8, 8), torch.randn(8, 8)
+    report: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        for step["n"] in range(4):
+            started = time.monotonic()
+            if kind == "save" and step["n"] == FAULT_STEP:
+                pipe.save_checkpoint(directory, step=step["n"])
+            pipe.step(x, target=y)
+    except RuntimeFailure as e:
+        report = {
+            "type": type(e).__name__, "where": (e.rank, e.action, e.step), "message": str(e),
+            "failed": (getattr(e, "failed_rank", None), getattr(e, "failed_action", None),
+                       getattr(e, "failed_step", None)),
+            "elapsed": time.monotonic() - started,
+        }
+    except OSError as e:
+        report = {"type": type(e).__name__, "message": str(e)}
+    if kind == "raise":
+        # rank 1 stays alive with its connections open until rank 0 has stopped (20 s at
+        # most): rank 0 can only learn of the failure from the store
+        import torch.distributed as dist
+
+        store = dist.distributed_c10d._get_default_store()
+        if rank == 0:
+            store.set("test/rank0_stopped", "1")
+        else:
+            try:
+                pipe.step(x, target=y)
+            except RuntimeFailure as e:
+                report["again"] = str(e)
+            waited = time.monotonic() + 20
+            try:
+                while not store.check(["test/rank0_stopped"]) and time.monotonic() < waited:
+                    time.sleep(0.05)
+            except RuntimeError:  # rank 0, which hosts the store, has already exited
+                pass
+    return report
+
+
+def _check_survivor(report: dict[str, Any], *, rank: int, action: str | None, failed: tuple[Any, ...],
+                    says: str) -> None:
+    assert report["type"] == "PeerFailure", report
+    assert report["where"] == (rank, action, FAULT_STEP), report
+    assert report["failed"] == failed, report
+    assert says in report["message"], report
+    assert report["elapsed"] < 60, report
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_that_raises_and_stays_alive_stops_its_peer_through_the_store() -> None:
+    reports = run_with_faults(_train, 2, "raise", survivors=[0, 1])
+    _check_survivor(reports[0], rank=0, action="0RECV_B0", failed=(1, "1F0", FAULT_STEP), says="loss exploded")
+    assert reports[0]["elapsed"] < 10  # the store: rank 1 kept its connections open for 20 s
+    assert reports[1]["where"] == (1, "1F0", FAULT_STEP)
+    assert "already failed" in reports[1]["again"]
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_rank_is_named_unreachable() -> None:
+    reports = run_with_faults(_train, 2, "kill", survivors=[0])
+    assert reports[1] is None
+    _check_survivor(reports[0], rank=0, action="0RECV_B0", failed=(1, None, FAULT_STEP), says="unreachable")
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_rank_hosting_the_store_is_named_unreachable() -> None:
+    reports = run_with_faults(_train, 2, "kill_rank0", survivors=[1])
+    assert reports[0] is None
+    _check_survivor(reports[1], rank=1, action="1RECV_F0", failed=(0, None, FAULT_STEP), says="unreachable")
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_rank_is_found_by_its_missing_heartbeat() -> None:
+    reports = run_with_faults(_train, 2, "stop", survivors=[0])
+    _check_survivor(reports[0], rank=0, action="0RECV_B0", failed=(1, None, FAULT_STEP), says="no heartbeat")
+    assert reports[0]["elapsed"] < 15  # heartbeat_timeout is 2 s
+
+
+@pytest.mark.timeout(90)
+def test_a_wait_never_outlasts_its_timeout() -> None:
+    reports = run_with_faults(_train, 2, "sleep", survivors=[0])
+    _check_survivor(reports[0], rank=0, action="0RECV_B0", failed=(1, None, FAULT_STEP), says="within 3 s")
+    assert 3 <= reports[0]["elapsed"] < 15
+
+
+@pytest.mark.timeout(90)
+def test_a_failure_before_the_tied_all_reduce_stops_the_peer_inside_it() -> None:
+    reports = run_with_faults(_train, 2, "tied", survivors=[0, 1])
+    _check_survivor(reports[0], rank=0, action=None, failed=(1, None, FAULT_STEP), says="injected failure")
+    assert reports[1]["type"] == "OSError"
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_that_cannot_write_its_checkpoint_stops_the_others(tmp_path: Path) -> None:
+    reports = run_with_faults(_train, 2, "save", str(tmp_path), survivors=[0, 1])
+    _check_survivor(reports[0], rank=0, action=None, failed=(1, None, FAULT_STEP), says="No space left")
+    assert reports[1]["type"] == "CheckpointError" or "No space" in reports[1]["message"]
