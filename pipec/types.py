@@ -26,6 +26,10 @@ class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+_DTYPE_NAMES = frozenset({
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128", "uint8", "int8",
+    "int16", "int32", "int64", "bool", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64",
+})
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
 
 
@@ -43,8 +47,12 @@ class TensorMeta(FrozenModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        dtype = getattr(torch, self.dtype)
-        assert isinstance(dtype, torch.dtype)
+        """The ``torch.dtype``; only real dtype names are looked up (plan.json is data)."""
+        dtype = getattr(torch, self.dtype, None) if self.dtype in _DTYPE_NAMES else None
+        if not isinstance(dtype, torch.dtype):
+            from pipec.errors import PlanError
+
+            raise PlanError(f"unknown tensor dtype {self.dtype!r}; expected one of {sorted(_DTYPE_NAMES)}")
         return dtype
 
     @classmethod
