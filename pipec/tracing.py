@@ -14,8 +14,23 @@ Two capture methods:
   model since v5). Shapes are specialised to the example inputs.
 
 ``"auto"`` tries fx, checks the graph reproduces the model's output, and falls
-back to export when fx fails or differs. Every traced graph is checked against
-the eager model on the example inputs (same RNG seed) before it is returned.
+back to export when fx fails or differs.
+
+What runs, and why it is cheap: a forward of a large model on a laptop CPU
+takes tens of seconds, so the tracer runs as few as it can.
+
+- fx graphs come from symbolic tracing, which can silently bake in Python
+  values, so each is checked against the eager model on the example inputs
+  (same RNG seed). The one interpreter run that computes the graph's output
+  for that comparison also records every node's :class:`TensorMeta`: eager
+  reference + one graph run.
+- export graphs come from running the model's own forward on fake tensors;
+  whatever export could not reproduce it raises on. Each node's
+  ``meta["val"]`` already holds a fake tensor with its shape and dtype, so the
+  metas come from there and nothing runs on real data (an interpreter run
+  is the fallback for a node without one).
+- The eager model runs only where its output is compared (fx), or after
+  every method failed, to say whether the model itself fails on the inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import inspect
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,8 +69,10 @@ def trace(
     """Trace ``model`` called as ``model(*example_inputs, **example_kwargs)``.
 
     ``leaf_modules`` (fx only) lists module classes or qualified names kept as
-    single opaque nodes. ``check`` compares the graph's output with the eager
-    model's on the example inputs; a mismatch is a :class:`TraceError`.
+    single opaque nodes. ``check`` compares an fx graph's output with the eager
+    model's on the example inputs; a mismatch is a :class:`TraceError` (and
+    ``"auto"`` falls back to export). An export graph is not re-run: export
+    traced the model's own forward on these inputs (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(
@@ -74,22 +92,37 @@ def trace(
     _check_signature(model, args, kwargs)
     leaves = tuple(leaf_modules)
 
-    reference = _run_eager(model, args, kwargs) if check else None
+    reference: list[Any] = []  # the eager output, computed on first need
+
+    def eager() -> Any:
+        if not reference:
+            reference.append(_run_eager(model, args, kwargs))
+        return reference[0]
+
+    if _has_lazy_parameters(model):
+        eager()  # the first forward materialises lazy parameters; trace the initialised model
     tried: list[tuple[str, str]] = []
     for candidate in ("fx", "export") if method == "auto" else (method,):
         try:
             if candidate == "fx":
-                traced = _trace_fx(model, args, kwargs, leaves)
+                capture = _trace_fx(model, args, kwargs, leaves)
             else:
                 with _quiet_torch_export():
-                    traced = _trace_export(model, args, kwargs)
-            if reference is not None:
-                _check_output(traced, args, kwargs, reference)
+                    capture = _trace_export(model, args, kwargs)
         except TraceError as exc:
             tried.append((candidate, str(exc)))
+            continue
         except Exception as exc:  # anything torch raises while tracing
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            tried.append((candidate, f"{type(exc).__name__}: {first}"))
+            tried.append((candidate, _first_line(exc)))
+            continue
+        # outside the try: a model that fails on its inputs is that error, not a method's
+        expected = eager() if check and candidate == "fx" else None
+        try:
+            traced = _annotate(model, capture, expected)
+        except TraceError as exc:
+            tried.append((candidate, str(exc)))
+        except Exception as exc:  # the graph fails where the model ran
+            tried.append((candidate, _first_line(exc)))
         else:
             if tried:
                 log.info("traced %s with %s after %s failed", traced.model_name, candidate,
@@ -97,6 +130,7 @@ def trace(
             else:
                 log.info("traced %s with %s", traced.model_name, candidate)
             return traced
+    eager()  # a model that fails on the example inputs is reported as such
     reasons = "\n".join(f"  - {m}: {why}" for m, why in tried)
     advice = (
         "mark the untraceable submodule as a leaf (leaf_modules=[MyBlock]) or pass method='export'"
@@ -121,6 +155,17 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
+def _first_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
+
+
+def _has_lazy_parameters(model: nn.Module) -> bool:
+    from torch.nn.parameter import is_lazy
+
+    return any(is_lazy(t) for t in [*model.parameters(), *model.buffers()])
+
+
 def _check_signature(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
     try:
         sig = inspect.signature(model.forward)
@@ -143,10 +188,9 @@ def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any
             torch.manual_seed(0)
             return model(*args, **kwargs)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise TraceError(
-            f"{type(model).__name__} fails on the example inputs before any tracing: "
-            f"{type(exc).__name__}: {first}. It was called with {_describe_inputs(model, args, kwargs)}. "
+            f"{type(model).__name__} fails on the example inputs, called eagerly (no tracing): "
+            f"{_first_line(exc)}. It was called with {_describe_inputs(model, args, kwargs)}. "
             "Check that example_inputs (shapes, dtypes, device) are what forward expects "
             "(pipec.partition traces one micro-batch: dim 0 divided by num_microbatches)"
         ) from exc
@@ -173,21 +217,18 @@ def _describe_inputs(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
     return ", ".join(f"{n}: {_describe(v)}" for n, v in zip(names, values))
 
 
-def _check_output(traced: TracedGraph, args: tuple[Any, ...], kwargs: Mapping[str, Any], reference: Any) -> None:
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        flat = traced.flatten_inputs(args, kwargs)
-        got = traced.unflatten_output(traced.graph_module(*flat))
+def _check_output(method: str, got: Any, reference: Any) -> None:
+    """TraceError unless the graph's output ``got`` matches the eager ``reference``."""
     ref_leaves = [x for x in pytree.tree_leaves(_plain(reference)) if isinstance(x, torch.Tensor)]
     got_leaves = [x for x in pytree.tree_leaves(_plain(got)) if isinstance(x, torch.Tensor)]
     if len(ref_leaves) != len(got_leaves):
         raise TraceError(
-            f"the {traced.method} graph returns {len(got_leaves)} tensors, the model {len(ref_leaves)}"
+            f"the {method} graph returns {len(got_leaves)} tensors, the model {len(ref_leaves)}"
         )
     for i, (r, g) in enumerate(zip(ref_leaves, got_leaves)):
         if r.shape != g.shape or not torch.allclose(r.float(), g.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
             raise TraceError(
-                f"the {traced.method} graph's output {i} differs from the model's "
+                f"the {method} graph's output {i} differs from the model's "
                 f"(shape {tuple(g.shape)} vs {tuple(r.shape)})"
             )
 
@@ -199,6 +240,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_plain(v) for v in value) if isinstance(value, list) else tuple(_plain(v) for v in value)
     return value
+
+
+# -- capture -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Capture:
+    """A captured graph before annotation, with its calling convention."""
+
+    gm: fx.GraphModule
+    method: str
+    flat_inputs: tuple[Any, ...]
+    flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]]
+    unflatten: Callable[[Any], Any]
 
 
 # -- fx ------------------------------------------------------------------------
@@ -218,7 +273,7 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], leaves: Sequence[LeafSpec]) -> TracedGraph:
+def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], leaves: Sequence[LeafSpec]) -> _Capture:
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -245,8 +300,7 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
             out.append(value)
         return tuple(out)
 
-    flat_inputs = flatten(args, kwargs)
-    return _annotate(model, gm, "fx", flat_inputs, flatten, lambda out: out)
+    return _Capture(gm, "fx", flatten(args, kwargs), flatten, lambda out: out)
 
 
 # -- export ----------------------------------------------------------------------
@@ -275,7 +329,7 @@ def _quiet_torch_export() -> Iterator[None]:
             log.debug("torch.export printed:\n%s", printed.getvalue())
 
 
-def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> TracedGraph:
+def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Capture:
     ep = torch.export.export(model, args, dict(kwargs), strict=False)
     gm = ep.module()
     if not isinstance(gm, fx.GraphModule):
@@ -306,10 +360,19 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
     def unflatten(out: Any) -> Any:
         return pytree.tree_unflatten(list(out), out_spec)
 
-    return _annotate(model, gm, "export", flatten(args, kwargs), flatten, unflatten)
+    return _Capture(gm, "export", flatten(args, kwargs), flatten, unflatten)
 
 
 # -- annotation ------------------------------------------------------------------------
+
+
+#: per node name: the TensorMeta of each tensor in its value, and whether the value is one tensor
+_Values = tuple[dict[str, tuple[TensorMeta, ...]], dict[str, bool]]
+
+
+def _metas_of(value: Any) -> tuple[TensorMeta, ...]:
+    leaves = pytree.tree_leaves(_plain(value))
+    return tuple(TensorMeta.of(x) for x in leaves if isinstance(x, torch.Tensor))
 
 
 class _Recorder(fx.Interpreter):
@@ -322,10 +385,42 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
-        leaves = pytree.tree_leaves(_plain(value))
-        self.metas[n.name] = tuple(TensorMeta.of(x) for x in leaves if isinstance(x, torch.Tensor))
+        self.metas[n.name] = _metas_of(value)
         self.is_tensor[n.name] = isinstance(value, torch.Tensor)
         return value
+
+
+def _run_recording(capture: _Capture) -> tuple[_Values, Any]:
+    """One interpreter run on the example inputs: every node's metas, and the graph's output."""
+    recorder = _Recorder(capture.gm)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        output = recorder.run(*capture.flat_inputs)
+    return (recorder.metas, recorder.is_tensor), output
+
+
+def _recorded_values(gm: fx.GraphModule) -> _Values | None:
+    """The metas torch.export left in ``node.meta["val"]`` (fake tensors), without running
+    anything; None when a node has no value recorded or a shape is symbolic."""
+    vals: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            vals[node.name] = fx.node.map_arg(node.args[0], lambda n: vals[n.name])
+        elif "val" in node.meta:
+            vals[node.name] = node.meta["val"]
+        else:
+            return None
+    metas: dict[str, tuple[TensorMeta, ...]] = {}
+    is_tensor: dict[str, bool] = {}
+    for name, value in vals.items():
+        leaves = pytree.tree_leaves(_plain(value))
+        if not all(isinstance(d, int) for x in leaves if isinstance(x, torch.Tensor) for d in x.shape):
+            return None
+        if any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves):
+            return None
+        metas[name] = _metas_of(value)
+        is_tensor[name] = isinstance(value, torch.Tensor)
+    return metas, is_tensor
 
 
 def _module_path(node: fx.Node) -> str:
@@ -338,18 +433,19 @@ def _module_path(node: fx.Node) -> str:
     return str(path).removeprefix("L['self'].").removeprefix("L['self']")
 
 
-def _annotate(
-    model: nn.Module,
-    gm: fx.GraphModule,
-    method: str,
-    flat_inputs: tuple[Any, ...],
-    flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]],
-    unflatten: Callable[[Any], Any],
-) -> TracedGraph:
-    recorder = _Recorder(gm)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        recorder.run(*flat_inputs)
+def _annotate(model: nn.Module, capture: _Capture, reference: Any = None) -> TracedGraph:
+    """Annotate a captured graph; with a ``reference`` (the eager output), check it first.
+
+    Metas come from export's recorded values when it left them; otherwise one
+    interpreter run records them and also yields the output that is checked.
+    """
+    gm = capture.gm
+    values = _recorded_values(gm) if capture.method == "export" else None
+    if values is None or reference is not None:
+        values, output = _run_recording(capture)
+        if reference is not None:
+            _check_output(capture.method, capture.unflatten(output), reference)
+    metas, is_tensor = values
 
     # Canonical names: what model.named_parameters() yields (first name of a tied tensor).
     canonical: dict[int, str] = {}
@@ -408,11 +504,11 @@ def _annotate(
                 target=_target_name(node),
                 inputs=tuple(n.name for n in node.all_input_nodes),
                 users=tuple(u.name for u in node.users),
-                outputs=recorder.metas.get(node.name, ()),
+                outputs=metas.get(node.name, ()),
                 module_path=_module_path(node),
                 params=node_reads,
                 param_bytes=sum(tensors[f][0].numel() * tensors[f][0].element_size() for f in node_reads),
-                is_tensor=recorder.is_tensor.get(node.name, False),
+                is_tensor=is_tensor.get(node.name, False),
             )
         )
     saved_keys = set(model.state_dict(keep_vars=True))
@@ -432,14 +528,14 @@ def _annotate(
     }
     return TracedGraph(
         graph_module=gm,
-        method=method,
+        method=capture.method,
         nodes=tuple(nodes),
         params=params,
         input_names=tuple(n.name for n in gm.graph.nodes if n.op == "placeholder"),
-        example_inputs=flat_inputs,
+        example_inputs=capture.flat_inputs,
         model_name=type(model).__name__,
-        _flatten=flatten,
-        _unflatten=unflatten,
+        _flatten=capture.flatten,
+        _unflatten=capture.unflatten,
     )
 
 

@@ -30,20 +30,37 @@ to plan a mixed-precision run from an fp32 trace). Bytes are as traced.
 ``saved_bytes`` uses the same saved-tensor hooks as the profiler, on fake
 tensors. If a node cannot run on fake tensors (data-dependent shapes), the
 whole graph is counted on its real example inputs on the CPU instead.
+
+Repeated layers repeat nodes: on fake tensors, an aten op (or a tensor method,
+or an ``operator`` function) called with the same non-tensor arguments and
+tensors of the same metadata (shape, strides, offset, storage size, dtype,
+device, whether it needs a gradient, whether it is a parameter, which
+arguments are the same tensor) launches the same kernels, forward and
+backward. Such a node is counted once and its tallies reused
+(:func:`count_key`); a node that mutates an input, a ``call_module`` node and
+any other Python function are always counted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipec.costs.hardware import DTYPE_NAMES, HardwareSpec
-from pipec.costs.node_exec import NodeFailure, NodeRun, backward_targets, tensors_in, walk
+from pipec.costs.node_exec import (
+    NodeFailure,
+    NodeRun,
+    backward_targets,
+    storage_bytes,
+    tensors_in,
+    walk,
+)
 from pipec.errors import CostModelError
 from pipec.types import NodeCost, TracedGraph
 
@@ -100,6 +117,57 @@ class NodeCount:
     forward: Tally = field(default_factory=Tally)
     input_grad: Tally = field(default_factory=Tally)
     weight_grad: Tally = field(default_factory=Tally)
+
+    def copy(self) -> NodeCount:
+        return NodeCount(replace(self.forward), replace(self.input_grad), replace(self.weight_grad))
+
+
+class _NotAKey(Exception):
+    """An argument whose effect on the kernels :func:`count_key` cannot vouch for."""
+
+
+_PLAIN = (bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def count_key(run: NodeRun) -> Hashable | None:
+    """What decides the kernels a node launches on fake tensors, forward and both
+    backwards; None for a node whose count must not be shared (see the module docstring)."""
+    node = run.node
+    target = node.target
+    op: Hashable
+    if run.mutates or node.op not in ("call_function", "call_method"):
+        return None
+    if node.op == "call_method":
+        op = ("method", str(target))
+    elif isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or (
+        callable(target) and getattr(operator, getattr(target, "__name__", ""), None) is target
+    ):
+        op = target
+    else:
+        return None
+    params = {id(t) for t in run.params}
+    leaves = {id(t) for t in run.input_leaves}
+    first_seen: dict[int, int] = {}  # the same tensor passed twice sums two gradients
+
+    def describe(x: Any) -> Hashable:
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided:
+                raise _NotAKey
+            role = 0 if id(x) in params else 1 if id(x) in leaves else 2
+            return ("tensor", tuple(x.shape), tuple(x.stride()), x.storage_offset(), storage_bytes(x),
+                    x.dtype, x.device, x.requires_grad, role, first_seen.setdefault(id(x), len(first_seen)))
+        if isinstance(x, (tuple, list)):
+            return (type(x).__name__, tuple(describe(v) for v in x))
+        if isinstance(x, dict):
+            return ("dict", tuple((k, describe(v)) for k, v in x.items()))
+        if x is None or type(x) in _PLAIN:
+            return (type(x).__name__, x)
+        raise _NotAKey
+
+    try:
+        return (op, describe(run.args), describe(run.kwargs))
+    except (_NotAKey, RuntimeError, TypeError):
+        return None
 
 
 class _KernelCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -212,8 +280,14 @@ class AnalyticCostModel:
 
     def _walk(self, traced: TracedGraph, *, fake: bool) -> tuple[dict[str, NodeCount], dict[str, int]]:
         counts: dict[str, NodeCount] = {}
+        # only on fake tensors: on real ones a data-dependent op's kernels depend on the data
+        same_as: dict[Hashable, NodeCount] = {}
 
         def visit(run: NodeRun) -> None:
+            key = count_key(run) if fake else None
+            if key is not None and key in same_as:
+                counts[run.node.name] = same_as[key].copy()
+                return
             count = NodeCount()
             try:
                 with torch.enable_grad():
@@ -229,6 +303,8 @@ class AnalyticCostModel:
             except Exception as err:
                 raise NodeFailure(run.node, err) from err
             counts[run.node.name] = count
+            if key is not None:
+                same_as[key] = count.copy()
 
         if not fake:
             return counts, walk(traced, visit, device=torch.device("cpu"))
@@ -276,4 +352,4 @@ def _check_transfer(num_bytes: int, src_rank: int, dst_rank: int) -> None:
         )
 
 
-__all__ = ["AnalyticCostModel", "NodeCount", "Tally", "link_time"]
+__all__ = ["AnalyticCostModel", "NodeCount", "Tally", "count_key", "link_time"]

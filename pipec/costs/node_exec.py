@@ -296,4 +296,5 @@ def walk(
     return walker.saved_bytes()
 
 
-__all__ = ["FREE_OPS", "NodeFailure", "NodeRun", "backward_targets", "storage_key", "tensors_in", "walk"]
+__all__ = ["FREE_OPS", "NodeFailure", "NodeRun", "backward_targets", "storage_bytes", "storage_key", "tensors_in",
+           "walk"]

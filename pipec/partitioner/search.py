@@ -22,6 +22,16 @@ forward/backward reach under those necessary conditions. Hence if some split
 meets the caps, the DP returns the exact optimum over all splits that do; the
 work is proportional to the number of pairs in the windows, small when the
 cap is close to the optimum.
+
+The cap alone leaves wide windows when one node is much longer than the
+average stage (an LM head): every stage may then span many nodes, and the
+pairs grow with their square. :func:`_narrow` keeps, per end ``j``, only the
+starts that can attain its minimum -- exactly: a few starts near where the
+previous stages' best value meets this stage's compute time give an upper
+bound ``u`` on the minimum; a start whose compute time alone, or whose
+previous value, exceeds ``u`` costs more than the minimum (communication
+only adds), so it is neither the minimum nor the first start attaining it.
+Values and back-pointers are those of the full DP, bit for bit.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ I64 = npt.NDArray[np.int64]
 
 _SLACK = 1e-9  # relative: window bounds include pairs a rounding error away from the cap
 _CHUNK = 1 << 20  # pairs evaluated per numpy call
+_PROBES = (-1, 0, 1)  # starts tried around the second crossing for an upper bound
+_NARROW_FROM = 16  # ends with fewer candidate starts are relaxed in full
 
 
 def _room(problem: ChainProblem) -> tuple[I64, I64, I64]:
@@ -153,6 +165,8 @@ def capped_dp(
         b = np.searchsorted(positions, ends, side="left")
         keep = b > a
         ends, a, counts = ends[keep], a[keep], (b - a)[keep]
+        if objective == "time":
+            a, counts = _narrow(problem, k, positions, values, ends, a, counts, time_cap, memory_caps[k])
         new_values = np.full(len(ends), np.inf)
         new_back = np.zeros(len(ends), dtype=np.int64)
         for block in _blocks(counts):
@@ -173,16 +187,15 @@ def capped_dp(
 
 
 def _blocks(counts: I64) -> list[slice]:
-    """Consecutive ranges of ``counts`` summing to about ``_CHUNK`` pairs each."""
-    out, start, total = [], 0, 0
-    for idx, c in enumerate(counts.tolist()):
-        if total and total + c > _CHUNK:
-            out.append(slice(start, idx))
-            start, total = idx, 0
-        total += c
-    if start < len(counts):
-        out.append(slice(start, len(counts)))
-    return out
+    """Consecutive ranges of ``counts`` of about ``_CHUNK`` pairs each (at most ``_CHUNK``
+    plus one end's count); each end is relaxed on its own, so any grouping gives the same result."""
+    if len(counts) == 0:
+        return []
+    before = np.cumsum(counts) - counts  # pairs ahead of each end
+    total = int(before[-1] + counts[-1])
+    edges = np.unique(np.searchsorted(before, np.arange(0, total, _CHUNK), side="right") - 1)
+    bounds = [*edges[edges > 0].tolist(), len(counts)]
+    return [slice(lo, hi) for lo, hi in zip([0, *bounds[:-1]], bounds)]
 
 
 def _relax(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I64, a: I64,
@@ -194,21 +207,79 @@ def _relax(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I64
     total = int(cnt.sum())
     seg = np.repeat(np.arange(len(cnt)), cnt)
     idx = np.repeat(a[block], cnt) + (np.arange(total) - offsets[seg])
-    i, j = positions[idx], ends[block][seg]
-    time = stage_times(problem, k, i, j) if np.isfinite(time_cap) or objective == "time" else None
-    ok = np.ones(total, dtype=bool) if time is None else time <= time_cap
-    cost = time if time is not None else np.zeros(total)
-    if np.isfinite(memory_cap) or objective == "memory":
-        memory = stage_memories(problem, k, i, j)
-        ok &= memory <= memory_cap
-        if objective == "memory":
-            cost = memory.astype(np.float64)
-    cand = np.where(ok, np.maximum(values[idx], cost), np.inf)
+    cand = _candidates(problem, k, positions[idx], ends[block][seg], values[idx], time_cap, memory_cap, objective)
     best = np.minimum.reduceat(cand, offsets)
     hit = np.where(cand == best[seg], np.arange(total), total)
     arg = np.minimum.reduceat(hit, offsets)
     out_values[block] = best
     out_back[block] = idx[np.minimum(arg, total - 1)]
+
+
+def _candidates(problem: ChainProblem, k: int, i: I64, j: I64, before: F64, time_cap: float,
+                memory_cap: float, objective: str) -> F64:
+    """``max(before, cost_k(i, j))`` per pair, inf where the pair breaks a cap."""
+    time = stage_times(problem, k, i, j) if np.isfinite(time_cap) or objective == "time" else None
+    ok = np.ones(len(i), dtype=bool) if time is None else time <= time_cap
+    cost = time if time is not None else np.zeros(len(i))
+    if np.isfinite(memory_cap) or objective == "memory":
+        memory = stage_memories(problem, k, i, j)
+        ok &= memory <= memory_cap
+        if objective == "memory":
+            cost = memory.astype(np.float64)
+    out: F64 = np.where(ok, np.maximum(before, cost), np.inf)
+    return out
+
+
+def _narrow(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I64, a: I64, counts: I64,
+            time_cap: float, memory_cap: float) -> tuple[I64, I64]:
+    """Per end ``j``, the sub-range of its starts ``positions[a : a + counts]`` that can
+    attain ``min_i max(values[i], time_k(i, j))`` (see the module docstring); same ``(a, counts)`` form.
+
+    Why it is exact: ``time_k(i, j) >= compute(i, j)`` in floating point too (it adds
+    terms >= 0 to the very ``compute`` computed here), so with ``u`` the candidate
+    value of some start, a start with ``compute(i, j) > u`` or ``values[i] > u`` has
+    a candidate value ``> u >= min``.
+    """
+    wide = np.flatnonzero(counts > _NARROW_FROM)
+    if len(wide) == 0:
+        return a, counts
+    pt = problem.tables.prefix_time
+    speed = problem.tables.speed[k]
+    full_a, full_counts = a, counts
+    a, b, ends = a[wide], a[wide] + counts[wide], ends[wide]
+    at_start, at_end = pt[positions], pt[ends]
+
+    def compute(idx: I64) -> F64:  # exactly the compute term of stage_times
+        c: F64 = (at_end - at_start[idx]) / speed
+        return c
+
+    # best previous value over every later start: non-decreasing, so searchable
+    suffix_min = np.minimum.accumulate(values[::-1])[::-1]
+    # where the previous value meets this stage's compute time (``suffix_min[x] >= compute(x)``,
+    # rearranged), then where it meets compute plus the transfers there: the minimum is near
+    level = suffix_min + at_start / speed
+    cross = np.clip(np.searchsorted(level, at_end / speed), a, b - 1)
+    time = stage_times(problem, k, positions[cross], ends)
+    upper = np.where((time <= time_cap) & (memory_cap == np.inf), np.maximum(values[cross], time), np.inf)
+    again = np.searchsorted(level, at_end / speed + (time - compute(cross)))
+    probes = np.concatenate([np.clip(again + d, a, b - 1) for d in _PROBES])
+    tried = _candidates(problem, k, positions[probes], np.tile(ends, len(_PROBES)), values[probes],
+                        time_cap, memory_cap, "time")
+    upper = np.minimum(upper, tried.reshape(len(_PROBES), len(ends)).min(axis=0))
+    bounded = np.isfinite(upper)
+    # first start whose compute time is within the bound (compute falls as the start rises)
+    lo: I64 = a.copy()
+    hi: I64 = b.copy()
+    while (active := lo < hi).any():
+        mid = (lo + hi) // 2
+        yes = compute(np.minimum(mid, b - 1)) <= upper
+        hi = np.where(active & yes, mid, hi)
+        lo = np.where(active & ~yes, mid + 1, lo)
+    stop = np.searchsorted(suffix_min, upper, side="right")
+    new_a, new_counts = full_a.copy(), full_counts.copy()
+    new_a[wide] = np.where(bounded, np.maximum(a, lo), a)
+    new_counts[wide] = np.where(bounded, np.minimum(b, stop), b) - new_a[wide]
+    return new_a, new_counts
 
 
 __all__ = ["capped_dp", "monotone_minmax", "windows"]
