@@ -12,8 +12,7 @@ profiler.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pipec._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "AnalyticCostModel": "pipec.costs.analytic",
@@ -28,12 +27,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipec.costs' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -11,8 +11,7 @@ exact min-max split), :mod:`~pipec.partitioner.baselines`,
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from pipec._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "partition": "pipec.partitioner.api",
@@ -32,12 +31,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipec.partitioner' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
