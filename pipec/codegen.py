@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -37,6 +36,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from pipec._imports import import_file
 from pipec.errors import PlanError
 from pipec.plan import FORMAT_VERSION, Plan, PlanData
 from pipec.split import StageModule
@@ -263,13 +263,13 @@ def load_stage_module(directory: Path, data: PlanData, index: int) -> StageModul
     """Import ``stage_<index>.py`` under a fresh module name and fill it from safetensors."""
     file = directory / stage_file(index)
     name = f"_pipec_plan_stage_{index}_{next(_import_counter)}"
-    spec = importlib.util.spec_from_file_location(name, file)
-    if spec is None or spec.loader is None:
-        raise PlanError(f"cannot import {file}; {_RERUN}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        module = import_file(file, name)
+    except ImportError as exc:
+        raise PlanError(f"cannot import {file}; {_RERUN}") from exc
+    except Exception as exc:
+        raise PlanError(f"{file} fails to build class Stage{index}: {type(exc).__name__}: {exc}; {_RERUN}") from exc
+    try:
         stage = getattr(module, f"Stage{index}")()
     except Exception as exc:
         sys.modules.pop(name, None)

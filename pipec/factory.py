@@ -8,7 +8,6 @@ the loss and an example batch again.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from pipec._imports import import_file
 from pipec.errors import ConfigError
 
 _KNOWN_KEYS = {"model", "example_inputs", "example_kwargs", "loss_fn", "target"}
@@ -60,15 +60,11 @@ def load_factory(spec: str) -> FactoryResult:
     module_name = f"pipec_factory_{abs(hash(str(path.resolve())))}"
     module = sys.modules.get(module_name)
     if module is None:
-        loader_spec = importlib.util.spec_from_file_location(module_name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise ConfigError(f"factory: cannot import {str(path)!r} as a Python module; give the path to a .py file")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module
         try:
-            loader_spec.loader.exec_module(module)
+            module = import_file(path, module_name)
+        except ImportError as exc:
+            raise ConfigError(f"factory: cannot import {str(path)!r} as a Python module; give the path to a .py file") from exc
         except Exception as exc:
-            del sys.modules[module_name]
             raise ConfigError(
                 f"factory: importing {str(path)!r} failed: {type(exc).__name__}: {exc}; "
                 "fix the file (run `python FILE.py` to see the traceback)"
