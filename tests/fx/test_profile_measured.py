@@ -19,7 +19,7 @@ FREE = ("placeholder", "get_attr", "output")
 def mlp() -> tuple[pipec.TracedGraph, Profile]:
     # wide enough that each matmul takes ~1 ms: timer noise cannot fake a fused I/W
     torch.manual_seed(0)
-    model, inputs = models.MLP((128, 512, 256, 512, 128, 64)), (torch.randn(256, 128),)
+    model, inputs = models.MLP((256, 512, 512, 512, 512, 256)), (torch.randn(256, 256),)
     traced = pipec.trace(model, inputs, method="fx")
     return traced, pipec.profile(traced, repeats=3, warmup=1, progress=False)
 
@@ -144,7 +144,7 @@ def test_profile_errors_say_what_to_do() -> None:
 def test_profile_on_cuda_and_back() -> None:
     # wide enough that each matmul takes ~1 ms: timer noise cannot fake a fused I/W
     torch.manual_seed(0)
-    model, inputs = models.MLP((128, 512, 256, 512, 128, 64)), (torch.randn(256, 128),)
+    model, inputs = models.MLP((256, 512, 512, 512, 512, 256)), (torch.randn(256, 256),)
     traced = pipec.trace(model, inputs, method="fx")
     prof = pipec.profile(traced, device="cuda", repeats=3, progress=False)
     assert prof.device.startswith("cuda") and prof.memory_capacity
