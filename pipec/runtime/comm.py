@@ -6,7 +6,18 @@ NCCL when CUDA is available, one device per local rank. :class:`P2P` moves the
 tensors of :mod:`pipec.runtime.routing` between ranks with ``isend``/``irecv``
 into receive buffers preallocated once from the plan's per-micro-batch boundary
 shapes and reused every step. Sends are asynchronous and kept alive until they
-complete; receives block.
+complete; a receive action blocks until its data is in.
+
+On Gloo every receive of a step is posted when the step starts
+(:meth:`P2P.post_receives`): Gloo moves a message only once its receiver has
+posted the matching receive (the receiver notifies the sender, then the data
+follows), so a receive posted at the moment it is needed puts that
+notification's round trip on the critical path of every transfer; posted
+early, the data lands as soon as it is sent. Each (stage, message,
+micro-batch) has its own buffer, so early receives never overwrite data in
+use. NCCL runs a pair's operations in issue order on one stream, where an
+early receive would block the sends queued behind it: there receives are
+posted when their action runs.
 
 Every message has a deterministic tag (boundary, destination stage,
 micro-batch, direction) so Gloo matches messages by tag. NCCL ignores tags and
@@ -133,8 +144,11 @@ def _irecv(buf: torch.Tensor, src: int, tag: int) -> dist.Work:
 class _Message:
     name: str
     peer_stage: int  # the other end: destination on send, source on receive
+    peer_rank: int
     boundary: Boundary
     tag_base: int  # tag without the micro-batch and direction
+    shape: tuple[int, ...]  # the boundary's, looked up once (the hot path reads these)
+    dtype: torch.dtype
 
 
 class P2P:
@@ -164,7 +178,8 @@ class P2P:
         me = info.rank
 
         def msg(name: str, peer: int, b: Boundary, consumer: int) -> _Message:
-            return _Message(name, peer, b, index[name] * num_stages + consumer)
+            return _Message(name, peer, rank_of(peer), b, index[name] * num_stages + consumer,
+                            tuple(b.shape), b.meta.torch_dtype)
 
         self._send_f: dict[int, list[_Message]] = {}
         self._recv_f: dict[int, list[_Message]] = {}
@@ -194,21 +209,23 @@ class P2P:
             self._send_b[s] = [m for m in self._recv_f[s] if m.name in grad_in]
         # one receive buffer per (stage, message, micro-batch), reused across steps
         self._fbuf = {
-            (s, m.name, m.peer_stage, mb): self._empty(m.boundary)
+            (s, m.name, m.peer_stage, mb): self._empty(m)
             for s, msgs in self._recv_f.items()
             for m in msgs
             for mb in range(num_microbatches)
         }
         self._bbuf = {
-            (s, m.name, m.peer_stage, mb): self._empty(m.boundary)
+            (s, m.name, m.peer_stage, mb): self._empty(m)
             for s, msgs in self._recv_b.items()
             for m in msgs
             for mb in range(num_microbatches)
         }
         self._zeros: dict[str, torch.Tensor] = {}
+        # receives posted ahead of their action: (direction, stage, micro-batch) -> requests
+        self._posted: dict[tuple[int, int, int], list[Request]] = {}
 
-    def _empty(self, b: Boundary) -> torch.Tensor:
-        return torch.empty(b.shape, dtype=b.meta.torch_dtype, device=self.info.device)
+    def _empty(self, m: _Message) -> torch.Tensor:
+        return torch.empty(m.shape, dtype=m.dtype, device=self.info.device)
 
     def _tag(self, m: _Message, microbatch: int, direction: int) -> int:
         if not self._use_tags:
@@ -218,6 +235,42 @@ class P2P:
     def has_forward_sends(self, stage: int) -> bool:
         return bool(self._send_f.get(stage))
 
+    # -- receives posted ahead -------------------------------------------
+    @property
+    def posts_early(self) -> bool:
+        """Whether :meth:`post_receives` posts anything (Gloo: yes; NCCL: no)."""
+        return self._use_tags
+
+    def post_receives(self, receives: Sequence[tuple[int, int, int]]) -> None:
+        """Post the step's receives ``(direction, stage, micro-batch)`` now, so their
+        data moves as soon as the peer sends it; no-op on NCCL (see the module doc)."""
+        if not self._use_tags:
+            return
+        self._posted.clear()
+        for direction, stage, microbatch in receives:
+            self._posted[(direction, stage, microbatch)] = self._post(direction, stage, microbatch)
+
+    def discard_posted(self) -> None:
+        """Forget receives posted for a step that ended early (its process group is
+        being torn down); their buffers are not read again."""
+        self._posted.clear()
+
+    def _post(self, direction: int, stage: int, microbatch: int) -> list[Request]:
+        works: list[Request] = []
+        if direction == FORWARD:
+            for m in self._recv_f[stage]:
+                buf = self._fbuf[(stage, m.name, m.peer_stage, microbatch)]
+                works.append((_irecv(buf, m.peer_rank, self._tag(m, microbatch, FORWARD)), m.peer_rank))
+        else:
+            for m in self._recv_b[stage]:
+                buf = self._bbuf[(stage, m.name, m.peer_stage, microbatch)]
+                works.append((_irecv(buf, m.peer_rank, self._tag(m, microbatch, BACKWARD)), m.peer_rank))
+        return works
+
+    def _receive(self, direction: int, stage: int, microbatch: int) -> list[Request]:
+        posted = self._posted.pop((direction, stage, microbatch), None)
+        return posted if posted is not None else self._post(direction, stage, microbatch)
+
     # -- forward ---------------------------------------------------------
     def send_forward(self, stage: int, microbatch: int, outputs: Mapping[str, torch.Tensor]) -> None:
         for m in self._send_f[stage]:
@@ -225,13 +278,8 @@ class P2P:
 
     def recv_forward(self, stage: int, microbatch: int) -> dict[str, torch.Tensor]:
         """Receive every remote input of ``stage`` for ``microbatch``; returns the buffers."""
-        works: list[Request] = []
-        out: dict[str, torch.Tensor] = {}
-        for m in self._recv_f[stage]:
-            buf = self._fbuf[(stage, m.name, m.peer_stage, microbatch)]
-            src = self.rank_of(m.peer_stage)
-            works.append((_irecv(buf, src, self._tag(m, microbatch, FORWARD)), src))
-            out[m.name] = buf
+        works = self._receive(FORWARD, stage, microbatch)
+        out = {m.name: self._fbuf[(stage, m.name, m.peer_stage, microbatch)] for m in self._recv_f[stage]}
         self.waiter.wait(works, f"receiving the inputs of stage {stage} for micro-batch {microbatch}")
         return out
 
@@ -243,22 +291,15 @@ class P2P:
             if g is None:
                 g = self._zeros.get(m.name)
                 if g is None:
-                    g = self._zeros[m.name] = torch.zeros(
-                        m.boundary.shape, dtype=m.boundary.meta.torch_dtype, device=self.info.device
-                    )
+                    g = self._zeros[m.name] = torch.zeros(m.shape, dtype=m.dtype, device=self.info.device)
             # the consumer of the message is ``stage``; tag it like the forward message
             self._isend(g, m, microbatch, BACKWARD)
 
     def recv_backward(self, stage: int, microbatch: int) -> dict[tuple[str, int], torch.Tensor]:
         """Receive the gradients of ``stage``'s outputs from remote consumers,
         keyed by (boundary name, consumer stage)."""
-        works: list[Request] = []
-        out: dict[tuple[str, int], torch.Tensor] = {}
-        for m in self._recv_b[stage]:
-            buf = self._bbuf[(stage, m.name, m.peer_stage, microbatch)]
-            src = self.rank_of(m.peer_stage)
-            works.append((_irecv(buf, src, self._tag(m, microbatch, BACKWARD)), src))
-            out[(m.name, m.peer_stage)] = buf
+        works = self._receive(BACKWARD, stage, microbatch)
+        out = {(m.name, m.peer_stage): self._bbuf[(stage, m.name, m.peer_stage, microbatch)] for m in self._recv_b[stage]}
         self.waiter.wait(works, f"receiving the output gradients of stage {stage} for micro-batch {microbatch}")
         return out
 
@@ -266,15 +307,15 @@ class P2P:
     def _isend(self, tensor: torch.Tensor, m: _Message, microbatch: int, direction: int) -> None:
         b = m.boundary
         t = tensor.detach()
-        if tuple(t.shape) != b.shape or t.dtype != b.meta.torch_dtype:
+        if t.shape != m.shape or t.dtype != m.dtype:
             what = "tensor" if direction == FORWARD else "gradient of"
             raise RuntimeError(
-                f"{what} {m.name!r} for micro-batch {microbatch}: the plan expects shape {b.shape} "
+                f"{what} {m.name!r} for micro-batch {microbatch}: the plan expects shape {m.shape} "
                 f"{b.dtype}, found {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}; shapes "
                 "must not depend on the data, re-plan with inputs shaped like the real batch"
             )
         t = t.contiguous()
-        dst = self.rank_of(m.peer_stage)
+        dst = m.peer_rank
         work = dist.isend(t, dst=dst, tag=self._tag(m, microbatch, direction))
         if work is None:
             raise RuntimeError(f"isend to rank {dst} returned no request; is this rank in the process group?")

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipec.errors import RuntimeFailure
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
-from pipec.runtime.comm import P2P
+from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.failure import PeerFailure
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.timeline import Clock, TimelineEvent
@@ -54,6 +54,28 @@ class StepResult:
     outputs: dict[int, Any]  # micro-batch -> model output (inference, last stage only)
     timeline: list[TimelineEvent]
     started: float = 0.0  # perf_counter seconds at the step's start
+
+
+def _early_receives(actions: Sequence[Action]) -> tuple[list[tuple[int, int, int]], int]:
+    """The receives ``(direction, stage, micro-batch)`` of ``actions`` and the index of the
+    action before which they are all posted (see :meth:`pipec.runtime.comm.P2P.post_receives`):
+    before the first receive or the second compute action, whichever comes first. A rank
+    that starts by computing starts at once and sends its first result before it spends
+    time posting (tens of microseconds per request, more for the first request after a
+    collective)."""
+    receives = [
+        (FORWARD if a.kind == ActionKind.RECV_F else BACKWARD, a.stage, a.microbatch)
+        for a in actions
+        if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)
+    ]
+    if not receives:
+        return receives, -1
+    computed = False
+    for i, a in enumerate(actions):
+        if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B) or (a.kind.is_compute and computed):
+            return receives, i
+        computed = computed or a.kind.is_compute
+    return receives, -1  # unreachable: a receive exists
 
 
 class Executor:
@@ -96,6 +118,8 @@ class Executor:
             ActionKind.SEND_B: self._send_backward,
             ActionKind.RECV_B: self._recv_backward,
         }
+        self._early_receives = {train: _early_receives(self.actions if train else self.forward_actions)
+                                for train in (True, False)}
         # per-step state
         self._slots: dict[tuple[int, int], _Slot] = {}
         self._send_grads: dict[tuple[int, int], dict[str, torch.Tensor | None]] = {}
@@ -123,11 +147,15 @@ class Executor:
         self._result = StepResult({}, {}, [])
         self._step = step
         actions = self.actions if train else self.forward_actions
+        early = self.p2p is not None and self.p2p.posts_early
+        receives, post_at = self._early_receives[train] if early else ([], -1)
         self.clock.begin()
         current: Action | None = None
         try:
             with torch.set_grad_enabled(train):
-                for current in actions:
+                for i, current in enumerate(actions):
+                    if i == post_at and self.p2p is not None:
+                        self.p2p.post_receives(receives)
                     started = self.clock.start()
                     self._handlers[current.kind](current)
                     self.clock.stop(started, str(current))
@@ -148,6 +176,8 @@ class Executor:
             ) from e
         finally:
             self._slots, self._send_grads = {}, {}
+            if self.p2p is not None:
+                self.p2p.discard_posted()
             self._microbatches, self._targets = (), None
         self._result.timeline = self.clock.events(self.rank)
         self._result.started = self.clock.origin

@@ -59,11 +59,38 @@ def _reference(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _count_late_receives() -> dict[str, int]:
+    """Count receives posted when their action runs rather than ahead (Gloo posts every
+    receive of a step ahead: :meth:`pipec.runtime.comm.P2P.post_receives`)."""
+    from pipec.runtime import comm
+
+    counts = {"early": 0, "late": 0}
+    post, post_all = comm.P2P._post, comm.P2P.post_receives
+    inside = [False]
+
+    def counted_post(self: Any, *args: Any) -> Any:
+        counts["early" if inside[0] else "late"] += 1
+        return post(self, *args)
+
+    def counted_post_all(self: Any, *args: Any) -> None:
+        inside[0] = True
+        try:
+            post_all(self, *args)
+        finally:
+            inside[0] = False
+
+    comm.P2P._post = counted_post  # type: ignore[method-assign]
+    comm.P2P.post_receives = counted_post_all  # type: ignore[method-assign]
+    return counts
+
+
 def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: str) -> dict[str, Any]:
     from pipec.runtime.runtime import PipelineRuntime
 
+    counts = _count_late_receives()
     results: dict[str, Any] = {}
     for key, case in cases.items():
+        counts.update(early=0, late=0)
         plan = chain_plan(case["model"], case["schedule"], batch=BATCH, bounds=case["bounds"],
                           tied=case["tied"], lower=case["prelower"])
         pipe = PipelineRuntime(plan)
@@ -76,6 +103,8 @@ def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: st
                 grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
             opt.step()
         out = pipe.forward(case["xs"][0])
+        assert pipe._executor.p2p is not None
+        left_posted = len(pipe._executor.p2p._posted)
         pipe.save_timeline(Path(tmp) / key / f"timeline_rank{rank}.json")
         results[key] = {
             "losses": losses,
@@ -85,6 +114,8 @@ def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: st
             "timeline": pipe.timeline(),
             "forward_actions": [str(a) for a in pipe.schedule.actions[rank] if "F" in a.kind.value],
             "actions": [str(a) for a in pipe.schedule.actions[rank]],
+            "receives": dict(counts),
+            "left_posted": left_posted,
         }
     return results
 
@@ -124,6 +155,11 @@ def test_every_schedule_matches_single_process_training(tmp_path: Path) -> None:
         with torch.no_grad():
             torch.testing.assert_close(last[0]["output"], model(case["xs"][0]), rtol=1e-4, atol=1e-6)
         for rank, r in enumerate(per_rank):
+            # on Gloo every receive was posted ahead of its action, and each one was used
+            recvs = sum(1 for a in r[key]["actions"] if "RECV" in a) * SGD_STEPS + sum(
+                1 for a in r[key]["forward_actions"] if "RECV" in a)
+            assert r[key]["receives"] == {"early": recvs, "late": 0}, (key, rank)
+            assert r[key]["left_posted"] == 0, (key, rank)
             if r[key] is not last[0]:
                 assert r[key]["output"] is None
             # the timeline of the last run (forward) names each forward action once, in order
