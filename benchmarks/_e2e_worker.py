@@ -63,7 +63,7 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
     """Both plans, identical on every rank: rank 0 profiles, rank 1 receives the profile."""
     import pipec
     from pipec.costs.profiled import ProfiledCostModel
-    from pipec.partitioner.api import first_microbatch
+    from pipec.partitioner.api import first_microbatch, first_target
     from pipec.partitioner.assemble import plan_from_split
     from pipec.profiling import Profile
 
@@ -74,7 +74,8 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
         traced = pipec.trace(model, mb_args)
         for _ in range(3):  # a profile taken while other processes held the core is redone
             started, delayed = time.perf_counter(), run_delay()
-            profile_json = pipec.profile(traced, progress=False).model_dump_json()
+            profile_json = pipec.profile(traced, progress=False, loss_fn=loss_fn,
+                                         target=first_target(made["target"], args.microbatches)).model_dump_json()
             took = [profile_json, time.perf_counter() - started, run_delay() - delayed]
             if box[0] is None or took[2] / took[1] < box[2] / box[1]:
                 box = took
@@ -82,7 +83,8 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
                 break
     dist.broadcast_object_list(box, src=0)
     profile = Profile.model_validate_json(box[0])
-    # cost_model="profile" is ProfiledCostModel(pipec.profile(traced)); made once, on rank 0
+    # cost_model="profile" is ProfiledCostModel(pipec.profile(traced, loss_fn=..., target=...));
+    # made once, on rank 0
     cost_model = ProfiledCostModel(profile)
     auto = pipec.partition(
         model, inputs, num_stages=2, num_microbatches=args.microbatches, schedule=SCHEDULE,
@@ -94,6 +96,7 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
         batch_size=args.batch, loss_fn=loss_fn,
     )
     plans = {"auto": auto, "equal-blocks": equal}
+    auto.profile_loss = profile.loss  # for the report
     splits = [[list(st.nodes) for st in p.stages] for p in plans.values()]
     gathered: list[Any] = [None, None]
     dist.all_gather_object(gathered, splits)

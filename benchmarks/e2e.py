@@ -7,9 +7,10 @@ pipec's runtime, 2 Gloo ranks each pinned to one core with one thread, 1F1B,
 the same micro-batches:
 
 - auto: ``pipec.partition(..., num_stages=2, strategy="optimal")`` costed by
-  a profile of one micro-batch -- what ``cost_model="profile"`` does
-  (``ProfiledCostModel(pipec.profile(traced))``), made once, on rank 0's
-  core with one thread, and sent to rank 1 so both build the same plan;
+  a profile of one micro-batch and its loss -- what ``cost_model="profile"``
+  with ``loss_fn`` and ``target`` does (``ProfiledCostModel(pipec.profile(traced,
+  loss_fn=..., target=...))``), made once, on rank 0's core with one thread,
+  and sent to rank 1 so both build the same plan;
 - equal-blocks: what users place by hand -- the embeddings and the first half
   of the transformer blocks on stage 0; the second half, the final norm and
   the LM head on stage 1 (``plan_from_split`` at ``transformer.h.{L/2}``).
@@ -31,7 +32,7 @@ when fewer than 3 are quiet). Printed:
   net of the time another process held the core;
 - where the rest goes: waiting in RECV; the time after the executor (splitting
   the batch, the tied-gradient all-reduce); the loss, which runs inside the
-  last stage's F and B but is not in the traced graph the profile costs; and
+  last stage's F and B, as profiled and as timed on rank 1; and
   the simulator re-run with the measured per-stage times, which separates the
   compute costs from the schedule and communication model.
 
@@ -202,8 +203,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], plans: dict[
                   f"{'':10s} {ms(sx['recv'][s]):>9s} {ms(sx['outside'][s]):>8s}")
     print()
     loss_f, loss_b = results[1]["loss_time"]
+    profiled = plans["auto"].profile_loss
     print(f"loss (cross-entropy over {args.vocab} logits, one micro-batch; runs inside stage 1's F and B, "
-          f"outside the profiled graph): fwd {ms(loss_f).strip()} ms, bwd {ms(loss_b).strip()} ms")
+          f"costed on its last node): timed on rank 1 fwd {ms(loss_f).strip()} ms, bwd {ms(loss_b).strip()} ms; "
+          + ("not profiled" if profiled is None else
+             f"profiled fwd {ms(profiled.forward_time).strip()} ms, bwd {ms(profiled.backward_time).strip()} ms"))
     print("after the executor, on the rank that finishes last (the other waits there for it): "
           + ", ".join(f"{name} {ms(min(stats[name]['outside']))} ms" for name in PLANS)
           + " -- splitting the batch and the tied-gradient all-reduce, not in the simulator")

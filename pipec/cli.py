@@ -162,6 +162,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         example_kwargs=made.example_kwargs or None,
         method=args.method,
+        target=made.target,
     )
     plan = partition(made.model, made.example_inputs, **kwargs)
     plan = plan.with_factory(spec)

@@ -43,8 +43,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
-from pipec.costs.node_exec import FREE_OPS, NodeFailure, NodeRun, backward_targets, walk
+from pipec.costs.node_exec import (
+    FREE_OPS,
+    NodeFailure,
+    NodeRun,
+    backward_targets,
+    storage_bytes,
+    storage_key,
+    walk,
+)
 from pipec.costs.timer import Timer, node_thunks, progress_bar
 from pipec.errors import ConfigError, ProfileError
 from pipec.types import FrozenModel, NodeCost, TracedGraph
@@ -68,6 +77,9 @@ class Profile(FrozenModel):
     forward_time: float  # whole model, seconds
     forward_backward_time: float  # whole model, seconds
     nodes: dict[str, NodeCost]
+    # the loss on the model's output (forward; backward as input_grad_time; the bytes
+    # its backward keeps), when pipec.profile was given loss_fn; None otherwise
+    loss: NodeCost | None = None
 
     @property
     def node_time(self) -> float:
@@ -135,6 +147,52 @@ def _whole_model(traced: TracedGraph, inputs: tuple[Any, ...]) -> tuple[Callable
     return forward, forward_backward
 
 
+def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: torch.device,
+                  timer: Timer) -> NodeCost | None:
+    """The loss's forward and backward time on ``output`` (its float tensors as leaves),
+    and the bytes its backward keeps; None, logged, if it fails there."""
+    leaves, spec = pytree.tree_flatten(output)
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+              for x in leaves]
+    out = pytree.tree_unflatten(leaves, spec)
+    if target is not None:
+        target = pytree.tree_map(lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, target)
+    inputs = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def forward() -> Any:
+        return loss_fn(out) if target is None else loss_fn(out, target)
+
+    def forward_backward() -> None:
+        loss = forward()
+        if inputs:
+            torch.autograd.grad(loss, inputs, allow_unused=True)
+
+    own = {storage_key(x) for x in inputs}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if storage_key(t) not in own:
+            kept[storage_key(t)] = storage_bytes(t)
+        return t
+
+    try:
+        with torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = forward()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise TypeError(f"it returned {found}, not a scalar tensor")
+            f = timer.per_call(lambda n: [forward] * n)
+            fb = timer.per_call(lambda n: [forward_backward] * n) if loss.requires_grad else f
+    except Exception as err:
+        how = "loss_fn(output)" if target is None else "loss_fn(output, target)"
+        log.warning("the loss is not costed: %s failed on the example output (%s: %s); pass the "
+                    "micro-batch's target if it needs one", how, type(err).__name__, err)
+        return None
+    return NodeCost(forward_time=f, input_grad_time=max(fb - f, 0.0), weight_grad_time=0.0,
+                    saved_bytes=sum(kept.values()))
+
+
 def _resolve_device(traced: TracedGraph, device: str | torch.device | None) -> torch.device:
     if device is None:
         first = next(iter(traced.graph_module.parameters()), None)
@@ -175,11 +233,19 @@ def profile(
     repeats: int = 5,
     warmup: int = 2,
     progress: bool | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+    target: Any = None,
 ) -> Profile:
     """Measure every node of ``traced`` on ``device`` (default: where its parameters are).
 
     ``progress``: a transient progress bar on stderr -- ``None`` shows it on a
     terminal once profiling takes more than a couple of seconds.
+
+    ``loss_fn`` (with ``target``, one micro-batch like the example inputs; without,
+    ``loss_fn(output)`` is called, as the runtime does) is timed too, forward and
+    backward, on the model's output: it runs in the last stage but is not in the
+    traced graph (cross-entropy over a large vocabulary costs as much as a few
+    layers). A loss that fails on the example output is logged and left out.
     """
     if not isinstance(traced, TracedGraph):
         raise ConfigError(f"traced: expected a pipec.TracedGraph (from pipec.trace), found {type(traced).__name__}")
@@ -222,6 +288,8 @@ def profile(
                 with torch.enable_grad():
                     forward_time = timer.per_call(lambda n: [whole[0]] * n)
                     forward_backward_time = timer.per_call(lambda n: [whole[1]] * n)
+                loss_cost = None if loss_fn is None else _measure_loss(
+                    traced.unflatten_output(whole[0]()), loss_fn, target, dev, timer)
         except NodeFailure as failure:
             raise _node_error(failure.node, dev, failure.error) from failure.error
         except torch.cuda.OutOfMemoryError as err:
@@ -242,7 +310,7 @@ def profile(
         model_name=traced.model_name, device=str(dev), device_name=name,
         torch_version=torch.__version__, num_threads=torch.get_num_threads(), repeats=repeats,
         warmup=warmup, memory_capacity=memory, forward_time=forward_time,
-        forward_backward_time=forward_backward_time, nodes=nodes,
+        forward_backward_time=forward_backward_time, nodes=nodes, loss=loss_cost,
     )
     log.info("profiled %s on %s: %d nodes, sum %.3g s vs whole model %.3g s (fwd+bwd)",
              traced.model_name, dev, len(nodes), result.node_time, forward_backward_time)

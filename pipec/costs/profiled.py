@@ -13,15 +13,39 @@ inter-node by ``rank // gpus_per_node``); a shipped hardware file that names
 the profiled GPU in ``device_match``; else the ``cpu`` file (Gloo over
 loopback). ``memory_capacity``: the argument, else ``spec``'s, else the
 profiled GPU's memory (none on CPU, whose ranks share the host's memory).
+
+**Whole-model correction** (``whole_model_correction=True``, the default).
+Each node is timed alone, repeatedly, on inputs that stay in cache and with
+its output's memory reused call after call; in a stage's forward and
+backward every op also pays the interpreter and the autograd engine between
+ops and writes fresh memory. The profile measures the whole graph too, so
+the differences ``whole - sum of nodes`` are known, forward and backward
+apart. The forward's, when positive, is spread evenly over the compute
+nodes -- a fixed cost per op, which is how it behaves: a stage of one big
+matmul is timed right alone, a stage of hundreds of small ops is not. The
+backward's scales every node's I and W by ``whole / sum``: there the gap
+grows with the work (large gradients written to fresh memory), not with the
+count of ops. A negative forward gap (a GPU overlapping the host's dispatch
+with the kernels of small ops) scales the forward times instead. On a
+6-layer GPT-2 on one CPU core the nodes sum to 0.92 of the whole forward and
+0.90 of the whole backward; for stages of 44 to 245 of its nodes run alone,
+the corrected times came within 2-12% of the measured forward and backward
+(most within 5%), the uncorrected ones 4-24% under.
+
+**The loss.** A profile taken with ``loss_fn`` holds the loss's cost
+(``Profile.loss``); it runs on the last stage right after the model's output,
+so it is added to the last compute node -- the one node every split puts on
+the last stage.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pipec.costs.analytic import _check_transfer
 from pipec.costs.hardware import HardwareSpec, list_cost_models, load_hardware
+from pipec.costs.node_exec import FREE_OPS
 from pipec.errors import CostModelError
 from pipec.profiling import Profile
 from pipec.types import NodeCost, TracedGraph
@@ -56,6 +80,7 @@ class ProfiledCostModel:
         link_latency: float | None = None,
         memory_capacity: int | str | None = None,
         spec: HardwareSpec | None = None,
+        whole_model_correction: bool = True,
     ) -> None:
         if not isinstance(profile, Profile):
             raise CostModelError(
@@ -67,6 +92,7 @@ class ProfiledCostModel:
         if link_latency is not None and not link_latency >= 0:
             raise CostModelError(f"link_latency: expected seconds >= 0, found {link_latency!r}")
         self.profile = profile
+        self.whole_model_correction = whole_model_correction
         self.spec = spec if spec is not None else default_spec(profile)
         self.link_bandwidth = link_bandwidth
         self.link_latency = link_latency
@@ -102,7 +128,19 @@ class ProfiledCostModel:
                 f"{len(missing)} node(s) not profiled {missing[:5]}, {len(extra)} profiled node(s) "
                 f"not in the graph {extra[:5]}; re-run pipec.profile on this traced graph"
             )
-        return {n: self.profile.nodes[n] for n in names}
+        costs = {n: self.profile.nodes[n] for n in names}
+        compute = [n.name for n in traced.nodes if n.op not in FREE_OPS]
+        if self.whole_model_correction:
+            costs = corrected_to_whole(costs, compute, self.profile.forward_time, self.profile.forward_backward_time)
+        loss = self.profile.loss
+        if loss is not None and compute:
+            last = costs[compute[-1]]
+            costs[compute[-1]] = last.model_copy(update={
+                "forward_time": last.forward_time + loss.forward_time,
+                "input_grad_time": last.input_grad_time + loss.input_grad_time,
+                "saved_bytes": last.saved_bytes + loss.saved_bytes,
+            })
+        return costs
 
     def comm_time(self, num_bytes: int, src_rank: int, dst_rank: int) -> float:
         _check_transfer(num_bytes, src_rank, dst_rank)
@@ -116,4 +154,29 @@ class ProfiledCostModel:
         return latency + num_bytes / bandwidth
 
 
-__all__ = ["ProfiledCostModel", "default_spec"]
+def corrected_to_whole(
+    costs: Mapping[str, NodeCost], compute: Sequence[str], whole_forward: float, whole_forward_backward: float
+) -> dict[str, NodeCost]:
+    """``costs`` corrected to the whole-model times (see the module docstring): the
+    forward gap spread evenly over the ``compute`` nodes, their backward scaled to the
+    whole backward; nodes outside ``compute`` are unchanged."""
+    out = dict(costs)
+    nodes = [n for n in compute if n in costs]
+    sum_f = sum(costs[n].forward_time for n in nodes)
+    sum_b = sum(costs[n].backward_time for n in nodes)
+    whole_b = max(whole_forward_backward - whole_forward, 0.0)
+    extra_f = whole_forward - sum_f
+    scale_b = whole_b / sum_b if sum_b > 0 else 1.0
+    for n in nodes:
+        c = costs[n]
+        f = c.forward_time
+        if extra_f > 0:
+            f += extra_f / len(nodes)
+        elif sum_f > 0:
+            f *= whole_forward / sum_f
+        out[n] = c.model_copy(update={"forward_time": f, "input_grad_time": c.input_grad_time * scale_b,
+                                      "weight_grad_time": c.weight_grad_time * scale_b})
+    return out
+
+
+__all__ = ["ProfiledCostModel", "corrected_to_whole", "default_spec"]

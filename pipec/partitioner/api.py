@@ -60,6 +60,7 @@ def partition(
     method: str = "auto",
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
+    target: Any = None,
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -74,6 +75,10 @@ def partition(
     ``"auto"``: :func:`pipec.partitioner.auto.partition_auto` then searches them
     and keeps the fastest simulated configuration that fits memory (see that
     module for how ``num_stages`` is read when ``stages_per_rank="auto"``).
+
+    ``loss_fn`` with ``target`` (the full batch's, split like the inputs; without
+    it ``loss_fn(output)`` is called) is profiled with the model when
+    ``cost_model="profile"``, and its time and memory count on the last stage.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(
@@ -91,6 +96,7 @@ def partition(
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
+            target=target,
         )
     config.count("num_stages", num_stages)
     stages_per_rank = config.count("stages_per_rank", stages_per_rank)
@@ -113,7 +119,8 @@ def partition(
 
     started = time.perf_counter()
     traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=leaf_modules)
-    model_costs = resolve_cost_model(cost_model, traced)
+    model_costs = resolve_cost_model(cost_model, traced, loss_fn=loss_fn,
+                                     target=first_target(target, num_microbatches))
     node_costs = model_costs.node_costs(traced)
     log.info("traced and costed %s (%d nodes) in %.2fs", traced.model_name, len(traced.nodes),
              time.perf_counter() - started)
@@ -217,15 +224,17 @@ def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, 
     return make_schedule(name, num_stages, num_microbatches, stages_per_rank)
 
 
-def resolve_cost_model(cost_model: object, traced: TracedGraph) -> CostModel:
-    """``"profile"`` (measure here), a hardware name or JSON path, or a CostModel object."""
+def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Callable[..., Any] | None = None,
+                       target: Any = None) -> CostModel:
+    """``"profile"`` (measure here, the loss too when ``loss_fn`` is given; ``target`` is
+    one micro-batch's), a hardware name or JSON path, or a CostModel object."""
     if isinstance(cost_model, CostModel):
         return cost_model
     if cost_model == "profile":
         from pipec.costs.profiled import ProfiledCostModel
         from pipec.profiling import profile
 
-        return ProfiledCostModel(profile(traced))
+        return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target))
     if isinstance(cost_model, (str, Path)):
         from pipec.costs.hardware import load_cost_model
 
@@ -268,6 +277,15 @@ def default_microbatches(batch: int | None, num_ranks: int) -> int:
     return max(d for d in range(1, min(batch, 2 * num_ranks) + 1) if batch % d == 0)
 
 
+def first_target(target: Any, num_microbatches: int) -> Any:
+    """Micro-batch 0 of ``target`` (None stays None), split as the runtime splits it."""
+    if target is None:
+        return None
+    from pipec.runtime.microbatch import split_target
+
+    return split_target(target, num_microbatches, torch.device("cpu"))[0]
+
+
 def first_microbatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], num_microbatches: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Micro-batch 0: every tensor input with a dim 0 cut into ``num_microbatches`` equal parts."""
     for where, tensor in _tensor_leaves(args, kwargs):
@@ -286,4 +304,4 @@ def first_microbatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], num_micro
 
 
 __all__ = ["AUTO", "batch_size", "chain_for", "check_auto_arguments", "default_microbatches",
-           "first_microbatch", "partition", "partition_traced", "resolve_cost_model", "split_inputs"]
+           "first_microbatch", "first_target", "partition", "partition_traced", "resolve_cost_model", "split_inputs"]

@@ -146,7 +146,7 @@ def partition_auto(
     schedule: str, stages_per_rank: int | str, loss_fn: Callable[..., Any] | None,
     cost_model: str | Path | CostModel, memory_limit: MemoryLimit, device_speeds: Sequence[float] | None,
     strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
-    optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str],
+    optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
 ) -> Plan:
     """:func:`pipec.partition` with some of its choices ``"auto"`` (see the module docstring)."""
     from pipec.costs.timer import progress_bar
@@ -166,7 +166,8 @@ def partition_auto(
     for m in sorted({c.num_microbatches for c in space.configs}):
         mb_args, mb_kwargs = api.first_microbatch(args, kwargs, m)
         traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=leaf_modules)
-        model_costs = api.resolve_cost_model(cost_model, traced)
+        model_costs = api.resolve_cost_model(cost_model, traced, loss_fn=loss_fn,
+                                             target=api.first_target(target, m))
         costed[m] = Costed(traced, model_costs.node_costs(traced), model_costs)
         log.info("auto-plan: traced and costed micro-batch size %s (%d micro-batches)",
                  batch // m if batch else "-", m)

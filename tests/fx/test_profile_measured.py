@@ -116,7 +116,11 @@ def test_profiled_cost_model_checks_node_names(mlp: tuple[pipec.TracedGraph, Pro
     traced, prof = mlp
     model = ProfiledCostModel(prof)
     assert isinstance(model, pipec.CostModel)
-    assert dict(model.node_costs(traced)) == prof.nodes
+    assert dict(ProfiledCostModel(prof, whole_model_correction=False).node_costs(traced)) == prof.nodes
+    # corrected: the nodes add up to the whole model, forward and backward
+    costs = model.node_costs(traced)
+    assert sum(c.forward_time for c in costs.values()) == pytest.approx(prof.forward_time, rel=1e-9)
+    assert sum(c.total_time for c in costs.values()) == pytest.approx(prof.forward_backward_time, rel=1e-9)
     other, inputs = models.example("two_input")
     with pytest.raises(CostModelError, match="re-run pipec.profile"):
         model.node_costs(pipec.trace(other, inputs, method="fx"))
@@ -158,3 +162,58 @@ def test_profile_on_cuda_and_back() -> None:
     code = traced.graph_module.code
     prof = pipec.profile(traced, device="cuda", repeats=2, progress=False)
     assert prof.node_time > 0 and traced.graph_module.code == code
+
+
+class _Classifier(nn.Module):
+    """A small body and a wide head: the loss over 4096 classes is not free."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128))
+        self.head = nn.Linear(128, 4096)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(self.body(x))}
+
+
+def _ce(out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out["logits"], target)
+
+
+def test_the_loss_is_profiled_and_counted_on_the_last_node() -> None:
+    torch.manual_seed(0)
+    model, x, y = _Classifier(), torch.randn(64, 64), torch.randint(0, 4096, (64,))
+    traced = pipec.trace(model, (x,), method="fx")
+    prof = pipec.profile(traced, repeats=3, warmup=1, progress=False, loss_fn=_ce, target=y)
+    assert prof.loss is not None
+    assert prof.loss.forward_time > 0 and prof.loss.input_grad_time > 0 and prof.loss.weight_grad_time == 0
+    assert prof.loss.saved_bytes >= 64 * 4096 * 4  # cross-entropy keeps its softmax for backward
+    assert Profile.model_validate_json(prof.model_dump_json()).loss == prof.loss
+    plain = ProfiledCostModel(prof.model_copy(update={"loss": None})).node_costs(traced)
+    with_loss = ProfiledCostModel(prof).node_costs(traced)
+    compute = [n.name for n in traced.nodes if n.op not in FREE]
+    for name in compute[:-1]:
+        assert with_loss[name] == plain[name]
+    last, before = with_loss[compute[-1]], plain[compute[-1]]
+    assert last.forward_time == pytest.approx(before.forward_time + prof.loss.forward_time)
+    assert last.input_grad_time == pytest.approx(before.input_grad_time + prof.loss.input_grad_time)
+    assert last.saved_bytes == before.saved_bytes + prof.loss.saved_bytes
+
+
+def test_partition_profiles_the_loss_with_the_target() -> None:
+    torch.manual_seed(0)
+    model, x, y = _Classifier(), torch.randn(64, 64), torch.randint(0, 4096, (64,))
+    with_loss = pipec.partition(model, (x,), num_stages=2, num_microbatches=2, loss_fn=_ce, target=y)
+    without = pipec.partition(model, (x,), num_stages=2, num_microbatches=2)
+    # the last stage carries the loss: its time is larger by a loss's worth (profiles differ by noise)
+    last = lambda p: p.stages[-1].forward_time + p.stages[-1].backward_time  # noqa: E731
+    assert last(with_loss) > 0 and with_loss.stages[-1].memory_bytes > without.stages[-1].memory_bytes
+
+
+def test_a_loss_that_fails_on_the_example_output_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    model, x = _Classifier(), torch.randn(8, 64)
+    traced = pipec.trace(model, (x,), method="fx")
+    with caplog.at_level("WARNING", logger="pipec.profiling"):
+        prof = pipec.profile(traced, repeats=1, warmup=0, progress=False, loss_fn=_ce)  # needs a target
+    assert prof.loss is None
+    assert "the loss is not costed" in caplog.text and "target" in caplog.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipec.costs.hardware import load_cost_model, load_hardware
-from pipec.costs.profiled import ProfiledCostModel
+from pipec.costs.profiled import ProfiledCostModel, corrected_to_whole
 from pipec.errors import CostModelError
 from pipec.profiling import Profile
 from pipec.types import NodeCost
@@ -75,3 +75,30 @@ def test_profile_round_trips_through_json(tmp_path) -> None:  # type: ignore[no-
 
     with pytest.raises(ProfileError, match="re-run"):
         Profile.load(tmp_path / "bad.json")
+
+
+def _cost(f: float, i: float, w: float) -> NodeCost:
+    return NodeCost(forward_time=f, input_grad_time=i, weight_grad_time=w)
+
+
+def test_whole_model_forward_gap_is_a_fixed_cost_per_op_backward_gap_scales() -> None:
+    # one big node timed right, three small ones; the whole model took 0.9 s more
+    # forward than the nodes' sum, and its backward 16.9 s against their 16.3 s
+    costs = {"big": _cost(10.0, 8.0, 8.0), "a": _cost(0.1, 0.1, 0.0), "b": _cost(0.1, 0.0, 0.0),
+             "c": _cost(0.1, 0.05, 0.15), "x": _cost(0.0, 0.0, 0.0)}
+    out = corrected_to_whole(costs, ["big", "a", "b", "c"], whole_forward=11.2, whole_forward_backward=11.2 + 16.9)
+    assert out["x"] == costs["x"]  # not a compute node: unchanged
+    for n in ("big", "a", "b", "c"):
+        assert out[n].forward_time == pytest.approx(costs[n].forward_time + 0.225)
+        assert out[n].input_grad_time == pytest.approx(costs[n].input_grad_time * 16.9 / 16.3)
+        assert out[n].weight_grad_time == pytest.approx(costs[n].weight_grad_time * 16.9 / 16.3)
+    assert out["b"].backward_time == 0.0
+    assert sum(c.total_time for c in out.values()) == pytest.approx(11.2 + 16.9)
+
+
+def test_whole_model_faster_than_its_nodes_scales_them() -> None:
+    costs = {"a": _cost(2.0, 1.0, 1.0), "b": _cost(2.0, 2.0, 0.0)}
+    out = corrected_to_whole(costs, ["a", "b"], whole_forward=2.0, whole_forward_backward=4.0)
+    assert out["a"].forward_time == pytest.approx(1.0) and out["b"].forward_time == pytest.approx(1.0)
+    assert out["a"].input_grad_time == pytest.approx(0.5) and out["b"].input_grad_time == pytest.approx(1.0)
+    assert all(c.forward_time >= 0 and c.backward_time >= 0 for c in out.values())
