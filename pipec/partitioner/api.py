@@ -238,6 +238,9 @@ def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Call
     if isinstance(cost_model, (str, Path)):
         from pipec.costs.hardware import load_cost_model
 
+        if loss_fn is not None:
+            log.info("the analytic cost model %s does not cost the loss; profile (cost_model='profile') "
+                     "to count it on the last stage", cost_model)
         return load_cost_model(cost_model)
     raise ConfigError(
         f"cost_model: expected 'profile', a name in cost_models/ such as 'h100-sxm', a JSON path or "
