@@ -96,13 +96,13 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
         batch_size=args.batch, loss_fn=loss_fn,
     )
     plans = {"auto": auto, "equal-blocks": equal}
-    auto.profile_loss = profile.loss  # for the report
     splits = [[list(st.nodes) for st in p.stages] for p in plans.values()]
     gathered: list[Any] = [None, None]
     dist.all_gather_object(gathered, splits)
     if gathered[0] != gathered[1]:
         raise SystemExit("the ranks built different plans from the same profile")
-    return {"plans": plans, "profile_time": (float(box[1]), float(box[2]))}
+    loss = None if profile.loss is None else (profile.loss.forward_time, profile.loss.backward_time)
+    return {"plans": plans, "profile_time": (float(box[1]), float(box[2])), "profile_loss": loss}
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, made: dict[str, Any],
         dist.broadcast(more, src=0)  # rank 0's clock decides for both
         if not more.item():
             break
-    result: dict[str, Any] = {"rank": rank, "steps": steps}
+    result: dict[str, Any] = {"rank": rank, "steps": steps, "profile_loss": built["profile_loss"]}
     if rank == 1:
         result["loss_time"] = loss_time(made, args)
     gathered: list[Any] = [None, None]

@@ -203,11 +203,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], plans: dict[
                   f"{'':10s} {ms(sx['recv'][s]):>9s} {ms(sx['outside'][s]):>8s}")
     print()
     loss_f, loss_b = results[1]["loss_time"]
-    profiled = plans["auto"].profile_loss
+    profiled = results[0]["profile_loss"]  # (forward, backward) seconds, or None
     print(f"loss (cross-entropy over {args.vocab} logits, one micro-batch; runs inside stage 1's F and B, "
           f"costed on its last node): timed on rank 1 fwd {ms(loss_f).strip()} ms, bwd {ms(loss_b).strip()} ms; "
           + ("not profiled" if profiled is None else
-             f"profiled fwd {ms(profiled.forward_time).strip()} ms, bwd {ms(profiled.backward_time).strip()} ms"))
+             f"profiled fwd {ms(profiled[0]).strip()} ms, bwd {ms(profiled[1]).strip()} ms"))
     print("after the executor, on the rank that finishes last (the other waits there for it): "
           + ", ".join(f"{name} {ms(min(stats[name]['outside']))} ms" for name in PLANS)
           + " -- splitting the batch and the tied-gradient all-reduce, not in the simulator")

@@ -8,8 +8,9 @@ into receive buffers preallocated once from the plan's per-micro-batch boundary
 shapes and reused every step. Sends are asynchronous and kept alive until they
 complete; a receive action blocks until its data is in.
 
-On Gloo every receive of a step is posted when the step starts
-(:meth:`P2P.post_receives`): Gloo moves a message only once its receiver has
+On Gloo every receive of a step is posted ahead, early in the step
+(:meth:`P2P.post_receives`; where exactly: the executor's
+``_early_receives``): Gloo moves a message only once its receiver has
 posted the matching receive (the receiver notifies the sender, then the data
 follows), so a receive posted at the moment it is needed puts that
 notification's round trip on the critical path of every transfer; posted
@@ -236,11 +237,6 @@ class P2P:
         return bool(self._send_f.get(stage))
 
     # -- receives posted ahead -------------------------------------------
-    @property
-    def posts_early(self) -> bool:
-        """Whether :meth:`post_receives` posts anything (Gloo: yes; NCCL: no)."""
-        return self._use_tags
-
     def post_receives(self, receives: Sequence[tuple[int, int, int]]) -> None:
         """Post the step's receives ``(direction, stage, micro-batch)`` now, so their
         data moves as soon as the peer sends it; no-op on NCCL (see the module doc)."""
@@ -255,17 +251,14 @@ class P2P:
         being torn down); their buffers are not read again."""
         self._posted.clear()
 
+    def _messages(self, direction: int, stage: int, microbatch: int) -> list[tuple[_Message, torch.Tensor]]:
+        """``stage``'s incoming messages in one direction, each with its receive buffer."""
+        msgs, bufs = (self._recv_f, self._fbuf) if direction == FORWARD else (self._recv_b, self._bbuf)
+        return [(m, bufs[(stage, m.name, m.peer_stage, microbatch)]) for m in msgs[stage]]
+
     def _post(self, direction: int, stage: int, microbatch: int) -> list[Request]:
-        works: list[Request] = []
-        if direction == FORWARD:
-            for m in self._recv_f[stage]:
-                buf = self._fbuf[(stage, m.name, m.peer_stage, microbatch)]
-                works.append((_irecv(buf, m.peer_rank, self._tag(m, microbatch, FORWARD)), m.peer_rank))
-        else:
-            for m in self._recv_b[stage]:
-                buf = self._bbuf[(stage, m.name, m.peer_stage, microbatch)]
-                works.append((_irecv(buf, m.peer_rank, self._tag(m, microbatch, BACKWARD)), m.peer_rank))
-        return works
+        return [(_irecv(buf, m.peer_rank, self._tag(m, microbatch, direction)), m.peer_rank)
+                for m, buf in self._messages(direction, stage, microbatch)]
 
     def _receive(self, direction: int, stage: int, microbatch: int) -> list[Request]:
         posted = self._posted.pop((direction, stage, microbatch), None)
@@ -279,7 +272,7 @@ class P2P:
     def recv_forward(self, stage: int, microbatch: int) -> dict[str, torch.Tensor]:
         """Receive every remote input of ``stage`` for ``microbatch``; returns the buffers."""
         works = self._receive(FORWARD, stage, microbatch)
-        out = {m.name: self._fbuf[(stage, m.name, m.peer_stage, microbatch)] for m in self._recv_f[stage]}
+        out = {m.name: buf for m, buf in self._messages(FORWARD, stage, microbatch)}
         self.waiter.wait(works, f"receiving the inputs of stage {stage} for micro-batch {microbatch}")
         return out
 
@@ -299,7 +292,7 @@ class P2P:
         """Receive the gradients of ``stage``'s outputs from remote consumers,
         keyed by (boundary name, consumer stage)."""
         works = self._receive(BACKWARD, stage, microbatch)
-        out = {(m.name, m.peer_stage): self._bbuf[(stage, m.name, m.peer_stage, microbatch)] for m in self._recv_b[stage]}
+        out = {(m.name, m.peer_stage): buf for m, buf in self._messages(BACKWARD, stage, microbatch)}
         self.waiter.wait(works, f"receiving the output gradients of stage {stage} for micro-batch {microbatch}")
         return out
 

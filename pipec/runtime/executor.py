@@ -147,8 +147,7 @@ class Executor:
         self._result = StepResult({}, {}, [])
         self._step = step
         actions = self.actions if train else self.forward_actions
-        early = self.p2p is not None and self.p2p.posts_early
-        receives, post_at = self._early_receives[train] if early else ([], -1)
+        receives, post_at = self._early_receives[train]
         self.clock.begin()
         current: Action | None = None
         try:

@@ -205,9 +205,11 @@ def test_partition_profiles_the_loss_with_the_target() -> None:
     model, x, y = _Classifier(), torch.randn(64, 64), torch.randint(0, 4096, (64,))
     with_loss = pipec.partition(model, (x,), num_stages=2, num_microbatches=2, loss_fn=_ce, target=y)
     without = pipec.partition(model, (x,), num_stages=2, num_microbatches=2)
-    # the last stage carries the loss: its time is larger by a loss's worth (profiles differ by noise)
-    last = lambda p: p.stages[-1].forward_time + p.stages[-1].backward_time  # noqa: E731
-    assert last(with_loss) > 0 and with_loss.stages[-1].memory_bytes > without.stages[-1].memory_bytes
+    # the last stage carries the loss; its time is compared with the profile's in the test
+    # above (two profiles differ by timer noise), its memory -- the softmax the loss keeps -- here
+    last = with_loss.stages[-1]
+    assert last.forward_time + last.backward_time > 0
+    assert last.memory_bytes > without.stages[-1].memory_bytes
 
 
 def test_a_loss_that_fails_on_the_example_output_is_left_out(caplog: pytest.LogCaptureFixture) -> None:
