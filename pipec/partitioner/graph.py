@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 
+from pipec.costs.node_exec import FREE_OPS
 from pipec.errors import PartitionError
 from pipec.partitioner.problem import ChainProblem, ChainTensor, CommTime, ParamGroup
 from pipec.types import NodeCost, NodeInfo, TracedGraph
 
-NOT_COMPUTE = ("placeholder", "get_attr", "output")
+NOT_COMPUTE = FREE_OPS  # the ops that cost nothing are the ones that are not chain positions
 
 
 @dataclass(frozen=True)
