@@ -20,7 +20,8 @@ deadline passes (the peer not yet heard from, named).
 
 Collectives (the tied-gradient all-reduce) run on Gloo's worker threads, so
 they can be polled: :meth:`Waiter.wait_collective` polls ``is_completed()``
-with short sleeps and asks the monitor between polls. With NCCL
+with short sleeps (growing with the time waited, so the overshoot stays a
+small fraction of the collective) and asks the monitor between polls. With NCCL
 (``inline=True``) ``work.wait()`` only makes the CUDA stream wait, without
 blocking the CPU; the deadline is the process group's timeout, which NCCL's
 watchdog enforces.
@@ -91,15 +92,21 @@ class Waiter:
                 self.monitor.waiting(None)
 
     def wait_collective(self, work: dist.Work, peers: Sequence[int], what: str) -> None:
-        """Wait for a collective of ``peers`` by polling it, asking the monitor between polls."""
-        deadline = time.monotonic() + self.timeout
-        delay = 1e-4
+        """Wait for a collective of ``peers`` by polling it, asking the monitor between polls.
+
+        The sleep between polls is 1/16 of the time waited so far (0.1 ms at
+        least, ``poll_interval`` at most), so completion is noticed within ~6% of
+        the collective's duration: a doubling backoff overshoots by up to 100%
+        (a 26 ms all-reduce noticed at 51 ms), which a step pays in full.
+        """
+        started = time.monotonic()
+        deadline = started + self.timeout
         while not self.inline and not work.is_completed():
             self._known_failure(peers)
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise PeerFailure(self._timed_out(peers[0], what), rank=self.rank)
-            time.sleep(delay)
-            delay = min(delay * 2, self.poll_interval)
+            time.sleep(min(max(1e-4, (now - started) / 16), self.poll_interval))
         try:
             if self.inline:
                 work.wait()
