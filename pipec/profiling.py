@@ -31,12 +31,16 @@ tiny ops (views, getitem) are not lost in timer noise, and the harness's own
 per-call cost is subtracted, clamped at zero -- for backward also the fixed
 cost of a ``torch.autograd.grad`` call, which a whole-model backward pays
 once. CPU: ``time.perf_counter``; CUDA: CUDA events after a synchronisation.
+The whole model's forward and forward+backward (and the loss's) are sampled
+in alternation -- the whole model's half before the nodes and half after --
+so a spell of a slower machine falls on both alike (:class:`_Alternating`).
 """
 
 from __future__ import annotations
 
 import logging
 import platform
+import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,6 +151,37 @@ def _whole_model(traced: TracedGraph, inputs: tuple[Any, ...]) -> tuple[Callable
     return forward, forward_backward
 
 
+class _Alternating:
+    """A forward and its forward + backward (whole model, or the loss), timed in alternation.
+
+    On a shared machine the speed drifts for seconds at a time. Timing all
+    forwards, then all forward + backwards, lets one slow spell fall on one of
+    the two only -- and the backward, their difference, off by as much as the
+    forward (seen: 72 ms against 154 ms for the same model). Samples alternate
+    (the whole model's: half before the nodes are timed and half after) and
+    each figure is the median of its samples.
+    """
+
+    def __init__(self, pair: tuple[Callable[[], Any], Callable[[], Any]], timer: Timer) -> None:
+        self.timer = timer
+        self.makes = [lambda n: [pair[0]] * n, lambda n: [pair[1]] * n]
+        with torch.enable_grad():
+            self.calls = [timer.calls_per_sample(make) for make in self.makes]
+        self.samples: tuple[list[float], list[float]] = ([], [])
+
+    def take(self, rounds: int) -> None:
+        with torch.enable_grad():
+            for _ in range(rounds):
+                for make, calls, out in zip(self.makes, self.calls, self.samples):
+                    out.append(self.timer.sample(make, calls))
+
+    def medians(self) -> tuple[float, float]:
+        if not self.samples[0]:
+            self.take(1)
+        forward, forward_backward = (statistics.median(s) for s in self.samples)
+        return forward, forward_backward
+
+
 def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: torch.device,
                   timer: Timer) -> NodeCost | None:
     """The loss's forward and backward time on ``output`` (its float tensors as leaves),
@@ -182,8 +217,14 @@ def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: to
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise TypeError(f"it returned {found}, not a scalar tensor")
-            f = timer.per_call(lambda n: [forward] * n)
-            fb = timer.per_call(lambda n: [forward_backward] * n) if loss.requires_grad else f
+            if loss.requires_grad:
+                for _ in range(timer.warmup):
+                    forward_backward()
+                samples = _Alternating((forward, forward_backward), timer)
+                samples.take(timer.repeats)
+                f, fb = samples.medians()
+            else:
+                f = fb = timer.per_call(lambda n: [forward] * n)
     except Exception as err:
         how = "loss_fn(output)" if target is None else "loss_fn(output, target)"
         log.warning("the loss is not costed: %s failed on the example output (%s: %s); pass the "
@@ -284,10 +325,11 @@ def profile(
                         f"{traced.model_name} failed on {dev} with its example inputs: "
                         f"{type(err).__name__}: {err}; check that it runs there"
                     ) from err
+                whole_samples = _Alternating(whole, timer)
+                whole_samples.take(repeats // 2)
                 saved = walk(traced, visit, device=dev)
-                with torch.enable_grad():
-                    forward_time = timer.per_call(lambda n: [whole[0]] * n)
-                    forward_backward_time = timer.per_call(lambda n: [whole[1]] * n)
+                whole_samples.take(repeats - repeats // 2)
+                forward_time, forward_backward_time = whole_samples.medians()
                 loss_cost = None if loss_fn is None else _measure_loss(
                     traced.unflatten_output(whole[0]()), loss_fn, target, dev, timer)
         except NodeFailure as failure:

@@ -95,6 +95,15 @@ class Timer:
             f()
         return time.perf_counter() - t0
 
+    def calls_per_sample(self, make: Callable[[int], list[Callable[[], Any]]]) -> int:
+        """How many calls of ``make``'s thunk one sample batches (one call is timed to know)."""
+        single = self._sample(make(1))
+        return max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_TIME / max(single, 1e-7))))
+
+    def sample(self, make: Callable[[int], list[Callable[[], Any]]], calls: int) -> float:
+        """One sample: seconds per call over ``calls`` calls, net of the harness, >= 0."""
+        return max(0.0, self._sample(make(calls)) / calls - self.overhead)
+
     def per_call(
         self,
         make: Callable[[int], list[Callable[[], Any]]],
@@ -106,8 +115,7 @@ class Timer:
         """Seconds per call: ``reduce`` (median) of samples, net of the harness, >= 0."""
         for f in make(self.warmup if warmup is None else warmup):
             f()
-        single = self._sample(make(1))
-        n = max(1, min(_MAX_CALLS, math.ceil(_SAMPLE_TIME / max(single, 1e-7))))
+        n = self.calls_per_sample(make)
         samples = [self._sample(make(n)) / n for _ in range(self.repeats if repeats is None else repeats)]
         return max(0.0, reduce(samples) - self.overhead)
 

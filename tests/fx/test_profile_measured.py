@@ -219,3 +219,48 @@ def test_a_loss_that_fails_on_the_example_output_is_left_out(caplog: pytest.LogC
         prof = pipec.profile(traced, repeats=1, warmup=0, progress=False, loss_fn=_ce)  # needs a target
     assert prof.loss is None
     assert "the loss is not costed" in caplog.text and "target" in caplog.text
+
+
+def test_whole_model_forward_and_backward_are_sampled_in_alternation() -> None:
+    """A slow spell of the machine must fall on both figures alike, not on the forward
+    alone (their difference is the backward): samples alternate, some before and some
+    after the nodes are timed."""
+    from pipec import profiling
+
+    log: list[str] = []
+
+    class FakeTimer:
+        def calls_per_sample(self, make: object) -> int:
+            return 1
+
+        def sample(self, make: object, calls: int) -> float:
+            for f in make(calls):  # type: ignore[operator]
+                f()
+            return {"F": 1.0, "FB": 3.0}[log[-1]] + len(log) * 1e-3
+
+    samples = profiling._Alternating((lambda: log.append("F"), lambda: log.append("FB")), FakeTimer())  # type: ignore[arg-type]
+    samples.take(2)
+    samples.take(1)
+    assert log == ["F", "FB"] * 3
+    forward, forward_backward = samples.medians()
+    assert forward == pytest.approx(1.003) and forward_backward == pytest.approx(3.004)
+
+    order: list[str] = []
+    real_take, real_walk = profiling._Alternating.take, profiling.walk
+
+    def take(self: object, rounds: int) -> None:
+        order.append(f"whole x{rounds}")
+        real_take(self, rounds)  # type: ignore[arg-type]
+
+    def walk(*args: object, **kwargs: object) -> object:
+        order.append("nodes")
+        return real_walk(*args, **kwargs)  # type: ignore[arg-type]
+
+    mp = pytest.MonkeyPatch()
+    with mp.context() as m:
+        m.setattr(profiling._Alternating, "take", take)
+        m.setattr(profiling, "walk", walk)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        prof = pipec.profile(pipec.trace(model, (torch.randn(4, 8),)), repeats=5, progress=False)
+    assert order == ["whole x2", "nodes", "whole x3"]
+    assert prof.forward_backward_time >= 0 and prof.forward_time >= 0
