@@ -30,11 +30,13 @@ when fewer than 3 are quiet). Printed:
 - per stage, the plan's forward / backward time per micro-batch against the
   medians over micro-batches and steps of ``pipe.timeline()``, as measured and
   net of the time another process held the core;
-- where the rest goes: waiting in RECV; the time after the executor (splitting
-  the batch, the tied-gradient all-reduce); the loss, which runs inside the
-  last stage's F and B, as profiled and as timed on rank 1; and
-  the simulator re-run with the measured per-stage times, which separates the
-  compute costs from the schedule and communication model.
+- where the rest goes: waiting in RECV; the tied-gradient all-reduce after
+  the schedule (``ALLREDUCE`` in ``pipe.timeline()``), measured and as the
+  cost model predicts it (``plan.data.tied_groups[0].allreduce_time``); the
+  rest of the step outside the actions (splitting the batch); the loss, which
+  runs inside the last stage's F and B, as profiled and as timed on rank 1;
+  and the simulator re-run with the measured per-stage times and all-reduce,
+  which separates the compute costs from the schedule and communication model.
 
 Run (about 1 minute on a quiet 2-core box, at most ~3 minutes)::
 
@@ -61,9 +63,11 @@ from _e2e_worker import PLANS, QUIET, SCHEDULE, load_gpt2_example, worker
 
 
 def kind_of(text: str) -> str:
+    """F, B, SEND_F, ... of a timeline entry; ALLREDUCE for the tied-gradient all-reduce."""
     from pipec.schedule.ir import Action
+    from pipec.viz.trace_json import ALLREDUCE
 
-    return str(Action.parse(text).kind.value)
+    return ALLREDUCE if text == ALLREDUCE else str(Action.parse(text).kind.value)
 
 
 def save_raw(path: Path, results: list[dict[str, Any]], plans: dict[str, Any], profile_time: tuple[float, float]) -> None:
@@ -120,9 +124,11 @@ def quiet_steps(results: list[dict[str, Any]], name: str) -> list[int]:
 def stage_stats(results: list[dict[str, Any]], name: str, keep: Sequence[int]) -> dict[str, list[float]]:
     """Per stage (= rank), medians over the kept steps (and micro-batches) of the
     F and B durations (``F``, ``B``), the same less the time another process held
-    the core (``F net``, ``B net``), the time waiting in RECV and the time
-    outside the executor (splitting the batch, the tied-gradient all-reduce)."""
-    out: dict[str, list[float]] = {k: [] for k in ("F", "B", "F net", "B net", "recv", "outside")}
+    the core (``F net``, ``B net``), the time waiting in RECV, the tied-gradient
+    all-reduce (``ALLREDUCE``, from the rank's last action's end: waiting for the
+    other holder included) and the rest of the step outside the schedule's
+    actions and the all-reduce (``outside``: splitting the batch)."""
+    out: dict[str, list[float]] = {k: [] for k in ("F", "B", "F net", "B net", "recv", "outside", "ALLREDUCE")}
     for r in results:
         steps = [r["steps"][name][i] for i in keep]
         for kind in ("F", "B"):
@@ -132,18 +138,25 @@ def stage_stats(results: list[dict[str, Any]], name: str, keep: Sequence[int]) -
             out[f"{kind} net"].append(statistics.median(d - x for d, x in acts))
         out["recv"].append(statistics.median(
             sum(e - b for b, e, _, text in st.timeline if "RECV" in text) for st in steps))
-        out["outside"].append(statistics.median(st.local - max(e for _, e, _, _ in st.timeline) for st in steps))
+        out["ALLREDUCE"].append(statistics.median(
+            sum(e - b for b, e, _, text in st.timeline if kind_of(text) == "ALLREDUCE") for st in steps))
+        out["outside"].append(statistics.median(st.local - (st.timeline[-1][1] - st.timeline[0][0]) for st in steps))
     return out
 
 
-def simulate_with(plan: Any, forward: Sequence[float], backward: Sequence[float]) -> float:
-    """The plan's simulated step with these per-stage compute times and its own comm model."""
+def simulate_with(plan: Any, forward: Sequence[float], backward: Sequence[float],
+                  allreduce: float | None = None) -> float:
+    """The plan's simulated step with these per-stage compute times, its own comm
+    model and its tied-gradient all-reduce (``allreduce`` seconds in its place, if given)."""
     from pipec.schedule.lowering import lower
-    from pipec.schedule.simulator import plan_costs, simulate
+    from pipec.schedule.simulator import plan_collectives, plan_costs, simulate
 
     costs, _ = plan_costs(plan)
+    collectives = plan_collectives(plan)
+    if allreduce is not None:
+        collectives = tuple(c._replace(duration=allreduce) for c in collectives)
     sim = simulate(lower(plan.schedule, plan.boundaries), forward=forward, input_grad=backward,
-                   weight_grad=0.0, comm=costs.comm, boundaries=plan.boundaries)
+                   weight_grad=0.0, comm=costs.comm, boundaries=plan.boundaries, collectives=collectives)
     return sim.step_time
 
 
@@ -193,14 +206,14 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], plans: dict[
     print("per stage, ms per micro-batch: predicted (plan.stages) / measured (medians over micro-batches and steps")
     print("of pipe.timeline()); 'net' = measured less the time another process held the core")
     print(f"{'plan':13s} {'stage':>5s} {'fwd pred':>9s} {'meas':>7s} {'net':>7s} {'p/net':>6s} "
-          f"{'bwd pred':>9s} {'meas':>7s} {'net':>7s} {'p/net':>6s}  per step: {'recv wait':>9s} {'outside':>8s}")
+          f"{'bwd pred':>9s} {'meas':>7s} {'net':>7s} {'p/net':>6s}  per step: {'recv wait':>9s} {'all-red.':>8s}")
     for name in PLANS:
         st, sx = plans[name].stages, stats[name]
         for s in range(2):
             f, b = st[s].forward_time, st[s].backward_time
             print(f"{name:13s} {s:5d} {ms(f):>9s} {ms(sx['F'][s]):>7s} {ms(sx['F net'][s]):>7s} {f / sx['F net'][s]:6.2f} "
                   f"{ms(b):>9s} {ms(sx['B'][s]):>7s} {ms(sx['B net'][s]):>7s} {b / sx['B net'][s]:6.2f}  "
-                  f"{'':10s} {ms(sx['recv'][s]):>9s} {ms(sx['outside'][s]):>8s}")
+                  f"{'':10s} {ms(sx['recv'][s]):>9s} {ms(sx['ALLREDUCE'][s]):>8s}")
     print()
     loss_f, loss_b = results[1]["loss_time"]
     profiled = results[0]["profile_loss"]  # (forward, backward) seconds, or None
@@ -208,14 +221,19 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], plans: dict[
           f"costed on its last node): timed on rank 1 fwd {ms(loss_f).strip()} ms, bwd {ms(loss_b).strip()} ms; "
           + ("not profiled" if profiled is None else
              f"profiled fwd {ms(profiled[0]).strip()} ms, bwd {ms(profiled[1]).strip()} ms"))
-    print("after the executor, on the rank that finishes last (the other waits there for it): "
-          + ", ".join(f"{name} {ms(min(stats[name]['outside']))} ms" for name in PLANS)
-          + " -- splitting the batch and the tied-gradient all-reduce, not in the simulator")
+    print("tied-gradient all-reduce (lm_head.weight = transformer.wte.weight, "
+          f"{plans['auto'].data.tied_groups[0].num_bytes / 1e6:.1f} MB) after the schedule, on the rank "
+          "that finishes last (the other waits there for it): "
+          + ", ".join(f"{name} {ms(min(stats[name]['ALLREDUCE']))} ms" for name in PLANS)
+          + f"; predicted {ms(plans['auto'].data.tied_groups[0].allreduce_time)} ms")
+    print("the rest of the step, before the first action and after the all-reduce (splitting the batch), "
+          "not in the simulator: " + ", ".join(
+              f"{name} {ms(statistics.median(stats[name]['outside']))} ms" for name in PLANS))
     for name in PLANS:
         sx = stats[name]
-        wall = simulate_with(plans[name], sx["F"], sx["B"])
-        net = simulate_with(plans[name], sx["F net"], sx["B net"])
-        print(f"simulator with the measured per-stage F/B ({name}): {ms(wall).strip()} ms "
+        wall = simulate_with(plans[name], sx["F"], sx["B"], min(sx["ALLREDUCE"]))
+        net = simulate_with(plans[name], sx["F net"], sx["B net"], min(sx["ALLREDUCE"]))
+        print(f"simulator with the measured per-stage F/B and all-reduce ({name}): {ms(wall).strip()} ms "
               f"(/ measured {wall / med[name]:.3f}); with net F/B {ms(net).strip()} ms")
 
 

@@ -32,7 +32,10 @@ FORMAT_VERSION = 1
 class StageInfo(FrozenModel):
     """One pipeline stage. Times are per micro-batch on the stage's own device
     (already divided by its rank's relative speed); ``comm_time`` is the time
-    its incoming and outgoing boundary transfers cost it."""
+    its incoming and outgoing boundary transfers cost it; ``tied_time`` is its
+    share per micro-batch of the tied-gradient all-reduces it joins once per
+    step (what the partitioner charges; the simulator runs the all-reduce at
+    the end of the step, :attr:`TiedGroup.allreduce_time`)."""
 
     index: int
     rank: int
@@ -45,11 +48,12 @@ class StageInfo(FrozenModel):
     memory_bytes: int
     first_module: str = ""
     last_module: str = ""
+    tied_time: float = 0.0
 
     @property
     def time(self) -> float:
         """The stage's time per micro-batch as the partitioner counts it."""
-        return self.forward_time + self.backward_time + self.comm_time
+        return self.forward_time + self.backward_time + self.comm_time + self.tied_time
 
 
 class Boundary(FrozenModel):
@@ -71,12 +75,15 @@ class Boundary(FrozenModel):
 
 class TiedGroup(FrozenModel):
     """A parameter used by several stages (tied embeddings): it lives on each,
-    under its canonical FQN, and the runtime sums its gradient across them."""
+    under its canonical FQN, and the runtime sums its gradient across them
+    after each step: one all-reduce among the holders' ranks, which the cost
+    model puts at ``allreduce_time`` seconds."""
 
     fqn: str
     aliases: tuple[str, ...] = ()
     stages: tuple[int, ...]
     num_bytes: int
+    allreduce_time: float = 0.0
 
 
 class InputSpec(FrozenModel):

@@ -2,7 +2,8 @@
 
 Input: a :class:`pipec.plan.Plan`. Output: a string -- one row per stage
 (rank, node count, first ... last module, parameters, forward / backward /
-communication time per micro-batch, memory) rendered by ``rich`` without
+communication time per micro-batch -- boundary transfers and the share of a
+tied-gradient all-reduce -- memory) rendered by ``rich`` without
 colour codes, then the bottleneck against the lower bound
 ``max(total / num_stages, largest node)``. A plan the auto-planner chose also
 lists every candidate configuration it simulated, and says why the winner won.
@@ -52,7 +53,7 @@ def plan_summary(plan: Plan) -> str:
         mark = " *" if st is slowest else ""
         table.add_row(f"{st.index}{mark}", str(st.rank), str(len(st.nodes)),
                       _modules(st.first_module, st.last_module), _count(st.num_params),
-                      _ms(st.forward_time), _ms(st.backward_time), _ms(st.comm_time),
+                      _ms(st.forward_time), _ms(st.backward_time), _ms(st.comm_time + st.tied_time),
                       format_bytes(st.memory_bytes))
     out = io.StringIO()
     console = Console(file=out, width=_WIDTH, color_system=None, force_terminal=False,
@@ -71,7 +72,9 @@ def plan_summary(plan: Plan) -> str:
         f"= max(total / num_stages, largest node); ratio {ratio:.3f}",
         f"{len(d.boundaries)} boundary tensors ({format_bytes(sum(b.num_bytes for b in d.boundaries))} "
         f"per micro-batch), {len(d.tied_groups)} tied parameter groups"
-        + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)}" for g in d.tied_groups) if d.tied_groups else ""),
+        + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)} (gradient all-reduce "
+                            f"{format_seconds(g.allreduce_time)} per step, after the schedule)"
+                            for g in d.tied_groups) if d.tied_groups else ""),
     ]
     limits = {m for m in d.memory_limit if m is not None}
     if limits:

@@ -170,6 +170,9 @@ class CostModel(Protocol):
 
     Implemented by :class:`pipec.costs.ProfiledCostModel` (measured) and
     :class:`pipec.costs.AnalyticCostModel` (roofline from ``cost_models/*.json``).
+    Both also have ``allreduce_time(num_bytes, ranks) -> seconds`` (the
+    tied-gradient exchange); a cost model without it gets a ring all-reduce
+    built from ``comm_time``.
     """
 
     @property

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -333,6 +333,11 @@ class AnalyticCostModel:
 
     def comm_time(self, num_bytes: int, src_rank: int, dst_rank: int) -> float:
         return link_time(self.spec, num_bytes, src_rank, dst_rank)
+
+    def allreduce_time(self, num_bytes: int, ranks: Sequence[int]) -> float:
+        """Seconds for an all-reduce of ``num_bytes`` among ``ranks`` (a ring; see
+        :meth:`~pipec.costs.hardware.HardwareSpec.allreduce_time`)."""
+        return self.spec.allreduce_time(num_bytes, ranks)
 
 
 def link_time(spec: HardwareSpec, num_bytes: int, src_rank: int, dst_rank: int) -> float:

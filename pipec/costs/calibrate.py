@@ -13,7 +13,9 @@ What is measured, on the first GPU if there is one, else on the CPU:
 - memory bandwidth: a large tensor copy (bytes read + written);
 - kernel launch overhead: a one-element in-place add, many back to back;
 - the link: ping-pong between two local processes on 127.0.0.1
-  (:mod:`pipec.runtime.p2p_bench`; NCCL with two GPUs, else Gloo). There is
+  (:mod:`pipec.runtime.p2p_bench`; NCCL with two GPUs, else Gloo), and an
+  all-reduce of the largest message between the same two (its bus
+  bandwidth: the tied-gradient exchange once per step). There is
   no second node to measure, so the inter-node figures repeat the local ones.
 
 The figures are what kernels achieve, so both efficiency factors are 1.
@@ -160,6 +162,7 @@ def calibrate(
         "inter_node_bandwidth": link.bandwidth,
         "inter_node_latency": link.latency,
         "kernel_launch_overhead": overhead,
+        "allreduce_bandwidth": link.allreduce_bandwidth,
         "source": {
             "peak_flops": f"{stamp}: median FLOP/s of {n}x{n}x{n} torch.matmul",
             "memory_bandwidth": f"{stamp}: copy of {copy_bytes} bytes, bytes read + written",
@@ -170,6 +173,8 @@ def calibrate(
             "inter_node_bandwidth": "not measured (one machine): copied from intra_node_bandwidth",
             "inter_node_latency": "not measured (one machine): copied from intra_node_latency",
             "kernel_launch_overhead": f"{stamp}: one-element in-place add, back to back",
+            "allreduce_bandwidth": f"{stamp}: {backend} all-reduce (sum) of {link.allreduce_bytes} bytes of "
+                                   "float32 between two processes, bus bandwidth (bytes / time for two ranks)",
             "compute_efficiency": "1: the peak figures are achieved (measured) rates",
             "memory_efficiency": "1: the bandwidth figure is an achieved (measured) rate",
         },

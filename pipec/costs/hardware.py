@@ -16,6 +16,7 @@ and the file's ``source`` maps each field to where its figure comes from
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,9 @@ class HardwareSpec(FrozenModel):
     inter_node_bandwidth: float = Field(gt=0)  # bytes/s per direction
     inter_node_latency: float = Field(ge=0)  # seconds
     kernel_launch_overhead: float = Field(ge=0)  # seconds per kernel
+    # bytes/s: bus bandwidth of an all-reduce within a node (nccl-tests' busbw,
+    # 2 (n - 1) / n * bytes / time); None = intra_node_bandwidth (an ideal ring)
+    allreduce_bandwidth: float | None = Field(default=None, gt=0)
     compute_efficiency: float = Field(default=1.0, gt=0, le=1)
     memory_efficiency: float = Field(default=1.0, gt=0, le=1)
     device_match: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name()
@@ -106,6 +110,47 @@ class HardwareSpec(FrozenModel):
         if src_rank // self.gpus_per_node == dst_rank // self.gpus_per_node:
             return self.intra_node_bandwidth, self.intra_node_latency
         return self.inter_node_bandwidth, self.inter_node_latency
+
+    @property
+    def allreduce_efficiency(self) -> float:
+        """What an all-reduce's bus bandwidth reaches of a point-to-point link's
+        (``allreduce_bandwidth / intra_node_bandwidth``, at most 1; 1 when not given)."""
+        if self.allreduce_bandwidth is None:
+            return 1.0
+        return min(1.0, self.allreduce_bandwidth / self.intra_node_bandwidth)
+
+    def allreduce_time(
+        self,
+        num_bytes: int,
+        ranks: Sequence[int],
+        *,
+        link_bandwidth: float | None = None,
+        link_latency: float | None = None,
+    ) -> float:
+        """Seconds for a ring all-reduce of ``num_bytes`` among ``ranks``.
+
+        ``2 (n - 1)`` steps, each moving ``num_bytes / n`` over every link of the
+        ring at once, so as slow as the ring's slowest link at
+        :attr:`allreduce_efficiency` of its bandwidth (Patarasuk and Yuan,
+        "Bandwidth optimal all-reduce algorithms for clusters of workstations",
+        JPDC 69(2), 2009): ``2 (n - 1) * latency + 2 (n - 1) / n * num_bytes /
+        bus_bandwidth``. ``link_bandwidth`` / ``link_latency`` replace every
+        link's figures (a profiled cost model's overrides). 0 for fewer than two ranks.
+        """
+        ring = sorted(set(ranks))
+        n = len(ring)
+        if num_bytes < 0 or any(r < 0 for r in ring):
+            raise CostModelError(
+                f"allreduce_time: expected num_bytes >= 0 and ranks >= 0, found num_bytes={num_bytes}, "
+                f"ranks={list(ranks)}"
+            )
+        if n < 2:
+            return 0.0
+        links = [self.link(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
+        bandwidth = min(bw for bw, _ in links) if link_bandwidth is None else link_bandwidth
+        latency = max(lat for _, lat in links) if link_latency is None else link_latency
+        bus = bandwidth * self.allreduce_efficiency
+        return 2 * (n - 1) * latency + 2 * (n - 1) / n * num_bytes / bus
 
 
 def cost_models_dir() -> Path:

@@ -11,7 +11,9 @@ Hockney, "The communication challenge for MPP", Parallel Computing 20(3),
 ``link_latency`` (every pair of ranks); the links of ``spec`` (intra- or
 inter-node by ``rank // gpus_per_node``); a shipped hardware file that names
 the profiled GPU in ``device_match``; else the ``cpu`` file (Gloo over
-loopback). ``memory_capacity``: the argument, else ``spec``'s, else the
+loopback). A tied gradient's all-reduce is a ring over the same links at the
+file's ``allreduce_bandwidth`` (Gloo's, measured by ``pipec calibrate``, is
+about 0.4 of its point-to-point bandwidth). ``memory_capacity``: the argument, else ``spec``'s, else the
 profiled GPU's memory (none on CPU, whose ranks share the host's memory).
 
 **Whole-model correction** (``whole_model_correction=True``, the default).
@@ -152,6 +154,13 @@ class ProfiledCostModel:
         if self.link_latency is not None:
             latency = self.link_latency
         return latency + num_bytes / bandwidth
+
+    def allreduce_time(self, num_bytes: int, ranks: Sequence[int]) -> float:
+        """Seconds for an all-reduce of ``num_bytes`` among ``ranks``: a ring over the
+        links above, at the spec's all-reduce efficiency (see
+        :meth:`~pipec.costs.hardware.HardwareSpec.allreduce_time`)."""
+        return self.spec.allreduce_time(num_bytes, ranks, link_bandwidth=self.link_bandwidth,
+                                        link_latency=self.link_latency)
 
 
 def corrected_to_whole(

@@ -181,6 +181,7 @@ def chain_for(
     return build_chain(
         traced, node_costs, num_stages=sched.num_stages, num_ranks=ranks,
         comm_time=cost_model.comm_time if cost_model is not None else None,
+        allreduce_time=config.allreduce_time(cost_model),
         device_speeds=config.device_speeds(device_speeds, ranks),
         memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
         schedule=sched.name, num_microbatches=sched.num_microbatches,

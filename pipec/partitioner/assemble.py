@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipec.partitioner import config
-from pipec.partitioner.chain import check_cuts, evaluate, stage_params
+from pipec.partitioner.chain import check_cuts, evaluate, stage_params, stage_tied_time
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import (
     GraphChain,
@@ -63,11 +63,12 @@ def build_plan_data(
         forward = sum(node_costs[n].forward_time for n in names) / speed
         backward = sum(node_costs[n].backward_time for n in names) / speed
         numel, param_bytes = stage_params(problem, i, j)
+        tied_share = stage_tied_time(problem, k, i, j)
         stages.append(StageInfo(
             index=k, rank=problem.rank_of(k), nodes=names, num_params=numel, param_bytes=param_bytes,
             forward_time=forward, backward_time=backward,
-            comm_time=max(0.0, solution.stage_times[k] - forward - backward),
-            memory_bytes=solution.stage_memory[k],
+            comm_time=max(0.0, solution.stage_times[k] - forward - backward - tied_share),
+            tied_time=tied_share, memory_bytes=solution.stage_memory[k],
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
     boundaries = []
@@ -82,8 +83,10 @@ def build_plan_data(
     for fqn, group in zip(chain.param_fqns, problem.params):
         holders = sorted({stage_of(u) for u in group.users})
         if len(holders) > 1 and not group.is_buffer:
+            ranks = sorted({problem.rank_of(k) for k in holders})
             tied.append(TiedGroup(fqn=fqn, aliases=traced.params[fqn].aliases, stages=tuple(holders),
-                                  num_bytes=group.num_bytes))
+                                  num_bytes=group.num_bytes,
+                                  allreduce_time=problem.exchange_time(group.num_bytes, ranks)))
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
         for n in traced.nodes if n.op == "placeholder"
@@ -144,6 +147,7 @@ def plan_from_split(
     chain = build_chain(
         traced, node_costs, num_stages=num_stages, num_ranks=ranks,
         comm_time=cost_model.comm_time if cost_model is not None else None,
+        allreduce_time=config.allreduce_time(cost_model),
         device_speeds=config.device_speeds(device_speeds, ranks),
         memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
         schedule=schedule, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),

@@ -12,7 +12,7 @@ in the tests and the reported plan all use bit-identical numbers.
     sum(compute_time[i:j]) / speed(rank(k))
     + sum over received tensors  m(t) * comm_time(bytes, rank(k-1), rank(k))
     + sum over sent tensors      m(t) * comm_time(bytes, rank(k), rank(k+1))
-    + sum over split tied groups comm_time(bytes, link) / num_microbatches
+    + sum over split tied groups allreduce_time(bytes, link's ranks) / num_microbatches
 
 ``m(t)`` is 2 for floating tensors (activation forward, gradient backward)
 and 1 otherwise. A stage *receives* a tensor produced before ``i`` with a
@@ -22,10 +22,12 @@ at ``>= j`` -- once per tensor, however many later stages read it. A skip
 stages in between pay nothing for it. The ranks used are those of the
 neighbouring stages: exact when all links between ranks are alike (one node),
 an approximation across nodes, where a skip's real link may differ. A tied
-parameter group with users on this stage and elsewhere exchanges its gradient
-once per step, charged to every holder and spread over the step's
-micro-batches; the link is the stage's send link (its receive link on the
-last stage).
+parameter group with users on this stage and elsewhere all-reduces its
+gradient once per step, charged to every holder and spread over the step's
+micro-batches (:func:`stage_tied_times`); the ranks are those of the stage's
+send link (its receive link on the last stage). The simulator puts the real
+all-reduce at the end of the step instead
+(:func:`pipec.schedule.simulator.simulate_plan`).
 
 **Stage memory** (bytes)::
 
@@ -61,6 +63,16 @@ def stage_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F6
     if len(tab.tensor_bytes) and problem.comm_time is not None:
         time = time + tab.received(tab.comm_cumulative("recv", tab.recv_pair[stage]), i, j)
         time = time + tab.sent(tab.comm_cumulative("send", tab.send_pair[stage]), i, j)
+    return time + stage_tied_times(problem, stage, i, j)
+
+
+def stage_tied_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F64:
+    """The share per micro-batch of the tied-gradient all-reduces that stage ``stage``
+    over ``[starts[n], ends[n])`` joins, for every ``n`` (part of :func:`stage_times`)."""
+    tab = problem.tables
+    i = np.asarray(starts, dtype=np.int64)
+    j = np.asarray(ends, dtype=np.int64)
+    time: F64 = np.zeros(len(i), dtype=np.float64)
     if tab.tied_users and problem.comm_time is not None:
         exchange = tab.tied_exchange(tab.tie_pair[stage]) / problem.num_microbatches
         for g, (inside, outside) in enumerate(tab.tied_masks(i, j)):
@@ -88,6 +100,13 @@ def stage_time(problem: ChainProblem, stage: int, start: int, end: int) -> float
     _check_segment(problem, stage, start, end)
     one = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
     return float(stage_times(problem, stage, *one)[0])
+
+
+def stage_tied_time(problem: ChainProblem, stage: int, start: int, end: int) -> float:
+    """Seconds per micro-batch of :func:`stage_time` that are tied-gradient all-reduce."""
+    _check_segment(problem, stage, start, end)
+    one = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
+    return float(stage_tied_times(problem, stage, *one)[0])
 
 
 def stage_memory(problem: ChainProblem, stage: int, start: int, end: int) -> int:
@@ -173,6 +192,8 @@ __all__ = [
     "stage_memories",
     "stage_memory",
     "stage_params",
+    "stage_tied_time",
+    "stage_tied_times",
     "stage_time",
     "stage_times",
 ]

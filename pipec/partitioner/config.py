@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 from pipec.errors import ConfigError
+from pipec.partitioner.problem import AllReduceTime
 from pipec.types import CostModel
 from pipec.units import parse_bytes
 
@@ -73,6 +74,14 @@ def device_speeds(speeds: Sequence[float] | None, num_ranks: int) -> tuple[float
             )
         out.append(float(s))
     return tuple(out)
+
+
+def allreduce_time(cost_model: CostModel | None) -> AllReduceTime | None:
+    """The cost model's ``allreduce_time(num_bytes, ranks)`` when it has one (the
+    shipped ones do; it is not part of the :class:`~pipec.types.CostModel`
+    protocol), else None: the partitioner then builds a ring from ``comm_time``."""
+    method = getattr(cost_model, "allreduce_time", None)
+    return method if callable(method) else None
 
 
 def num_ranks(num_stages: int, stages_per_rank: int) -> int:

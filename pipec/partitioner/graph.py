@@ -28,7 +28,7 @@ import torch
 
 from pipec.costs.node_exec import FREE_OPS
 from pipec.errors import PartitionError
-from pipec.partitioner.problem import ChainProblem, ChainTensor, CommTime, ParamGroup
+from pipec.partitioner.problem import AllReduceTime, ChainProblem, ChainTensor, CommTime, ParamGroup
 from pipec.types import NodeCost, NodeInfo, TracedGraph
 
 NOT_COMPUTE = FREE_OPS  # the ops that cost nothing are the ones that are not chain positions
@@ -70,6 +70,7 @@ def build_chain(
     num_stages: int,
     num_ranks: int | None = None,
     comm_time: CommTime | None = None,
+    allreduce_time: AllReduceTime | None = None,
     device_speeds: Sequence[float] | None = None,
     memory_limit: Sequence[int | None] | None = None,
     schedule: str = "1f1b",
@@ -122,6 +123,7 @@ def build_chain(
         params=groups,
         saved_bytes=tuple(int(node_costs[n].saved_bytes) for n in names),
         comm_time=comm_time,
+        allreduce_time=allreduce_time,
         num_ranks=num_ranks,
         device_speeds=None if device_speeds is None else tuple(float(s) for s in device_speeds),
         memory_limit=None if memory_limit is None else tuple(memory_limit),

@@ -59,6 +59,7 @@ class Tables:
         p = problem
         n, s = p.num_nodes, p.num_stages
         self.n = n
+        self.exchange_time = p.exchange_time
         self.prefix_time: F64 = np.concatenate(([0.0], np.cumsum(np.asarray(p.compute_time, dtype=np.float64))))
         saved = np.zeros(n, dtype=np.int64) if p.saved_bytes is None else np.asarray(p.saved_bytes, dtype=np.int64)
         self.prefix_saved: I64 = np.concatenate(([0], np.cumsum(saved))).astype(np.int64)
@@ -180,11 +181,18 @@ class Tables:
         return self._cache[key]
 
     def tied_exchange(self, pair: int) -> F64:
-        """Seconds to exchange each tied group's gradient over ``pair`` (once per step; 0 for buffers)."""
+        """Seconds to all-reduce each tied group's gradient between the ranks of
+        ``pair`` (once per step; 0 for buffers)."""
         if pair not in self.tied_comm:
-            sizes = np.asarray(self.tied_bytes, dtype=np.int64)
-            trainable = np.asarray(self.tied_trainable, dtype=bool)
-            self.tied_comm[pair] = np.where(trainable, self._comm_per_byte_size(pair, sizes), 0.0)
+            ranks = self.pairs[pair]
+            values = np.array([self.exchange_time(int(b), ranks) if trainable else 0.0
+                               for b, trainable in zip(self.tied_bytes, self.tied_trainable)], dtype=np.float64)
+            if not np.all(np.isfinite(values) & (values >= 0)):
+                raise CostModelError(
+                    f"allreduce_time of a tied gradient between ranks {list(ranks)} returned "
+                    f"{values.tolist()}; expected finite seconds >= 0 -- fix the cost model's link figures"
+                )
+            self.tied_comm[pair] = values
         return self.tied_comm[pair]
 
     # -- queries ----------------------------------------------------------------------

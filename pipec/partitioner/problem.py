@@ -13,7 +13,7 @@ Units: seconds (float) and bytes (int).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -25,6 +25,22 @@ if TYPE_CHECKING:
 
 CommTime = Callable[[int, int, int], float]
 """``comm_time(num_bytes, src_rank, dst_rank) -> seconds``, as on :class:`pipec.CostModel`."""
+
+AllReduceTime = Callable[[int, Sequence[int]], float]
+"""``allreduce_time(num_bytes, ranks) -> seconds``, as on the shipped cost models."""
+
+
+def ring_allreduce_time(comm_time: CommTime, num_bytes: int, ranks: Sequence[int]) -> float:
+    """An all-reduce from point-to-point costs alone, for cost models without
+    ``allreduce_time``: a ring of ``2 (n - 1)`` steps, each moving ``num_bytes / n``
+    over every link at once, as slow as the slowest link. 0 for fewer than two ranks."""
+    ring = sorted(set(ranks))
+    n = len(ring)
+    if n < 2:
+        return 0.0
+    chunk = -(-num_bytes // n)
+    step = max(float(comm_time(chunk, a, b)) for a, b in zip(ring, ring[1:] + ring[:1]))
+    return 2 * (n - 1) * step
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,9 @@ class ChainProblem:
       0 and ``N`` are ignored. ``None``: every cut is allowed.
     - ``saved_bytes[i]``: activations node ``i`` keeps for backward.
     - ``comm_time``: seconds to move bytes between two ranks; ``None`` = free.
+    - ``allreduce_time``: seconds to all-reduce bytes among ranks (a tied
+      gradient, once per step); ``None`` = a ring over ``comm_time``
+      (:func:`ring_allreduce_time`).
     - ``memory_limit``: one entry per rank (``None`` = unlimited), or ``None``.
     - ``in_flight``: micro-batches whose activations stage ``k`` holds at its
       peak; ``None`` = the closed form for ``schedule``
@@ -83,6 +102,7 @@ class ChainProblem:
     params: tuple[ParamGroup, ...] = ()
     saved_bytes: tuple[int, ...] | None = None
     comm_time: CommTime | None = None
+    allreduce_time: AllReduceTime | None = None
     num_ranks: int | None = None
     device_speeds: tuple[float, ...] | None = None
     memory_limit: tuple[int | None, ...] | None = None
@@ -111,6 +131,14 @@ class ChainProblem:
 
     def limit_of(self, rank: int) -> int | None:
         return None if self.memory_limit is None else self.memory_limit[rank]
+
+    def exchange_time(self, num_bytes: int, ranks: Sequence[int]) -> float:
+        """Seconds to all-reduce ``num_bytes`` among ``ranks`` (0 without a comm model)."""
+        if len(set(ranks)) < 2 or self.comm_time is None:
+            return 0.0
+        if self.allreduce_time is not None:
+            return float(self.allreduce_time(num_bytes, tuple(sorted(set(ranks)))))
+        return ring_allreduce_time(self.comm_time, num_bytes, ranks)
 
     def cut_positions(self) -> list[int]:
         """Interior cuts ``1 .. N-1`` that are allowed, ascending."""

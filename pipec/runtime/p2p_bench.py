@@ -1,4 +1,4 @@
-"""Point-to-point latency and bandwidth between two local processes.
+"""Point-to-point and all-reduce latency and bandwidth between two local processes.
 
 Phase: calibration (called by :func:`pipec.costs.calibrate.calibrate`); it
 lives in ``pipec/runtime/`` because only the runtime imports
@@ -8,9 +8,16 @@ Input: a backend (``"gloo"`` on CPU, ``"nccl"`` between two local GPUs) and
 message sizes. Two processes are spawned on 127.0.0.1; rank 0 and rank 1
 ping-pong a buffer of each size ``iters`` times, and the one-way time is half
 a round trip (the method of the OSU and nccl-tests point-to-point latency
-benchmarks). Output: :class:`P2PResult` -- latency (one-way time of the
-smallest message) and bandwidth (largest message's bytes over its one-way
-time net of the latency), the alpha-beta link model.
+benchmarks). Then both all-reduce (sum) the largest buffer, as float32,
+``iters`` times: the tied-gradient exchange the runtime does once per step.
+Output: :class:`P2PResult` -- latency (one-way time of the smallest message)
+and bandwidth (largest message's bytes over its one-way time net of the
+latency), the alpha-beta link model; and the all-reduce's *bus bandwidth*
+(nccl-tests' definition: ``2 (n - 1) / n * bytes / time``, which is ``bytes /
+time`` for two ranks, net of the two latencies of a two-step ring), the figure
+a link must reach for a ring all-reduce to take that long. NCCL's all-reduce
+runs near the link's bandwidth; Gloo's over loopback, which also copies and
+sums on the CPU, well below it (0.4 of it on a 2-vCPU VM).
 
 Every wait is bounded: the process group has a timeout, the parent waits at
 most ``timeout`` seconds for a result, then kills what is left.
@@ -41,6 +48,9 @@ class P2PResult:
     latency: float  # seconds, one way, smallest message
     bandwidth: float  # bytes/s, one way, largest message
     one_way_time: dict[int, float]  # message bytes -> seconds
+    allreduce_bandwidth: float | None = None  # bytes/s, bus bandwidth of a two-rank all-reduce
+    allreduce_time: float | None = None  # seconds, one all-reduce of allreduce_bytes
+    allreduce_bytes: int = 0
 
 
 def _free_port() -> int:
@@ -82,8 +92,23 @@ def _worker(rank: int, port: int, backend: str, sizes: tuple[int, ...], iters: i
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[size] = (time.perf_counter() - start) / (2 * iters)
+        # the largest buffer as float32 (rounded down to whole floats), summed across both
+        grad = torch.ones(max(1, sizes[-1] // 4), dtype=torch.float32, device=device)
+        for _ in range(2):
+            dist.all_reduce(grad)
+        samples = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - start)
+        allreduce = (grad.numel() * 4, sorted(samples)[len(samples) // 2])
         if rank == 0:
-            results.put(("ok", times))
+            results.put(("ok", (times, allreduce)))
         dist.barrier()
         dist.destroy_process_group()
     except Exception as err:  # reported to the parent, which raises ProfileError
@@ -132,12 +157,18 @@ def measure_p2p(
             "check that two local processes can open TCP ports (firewall), "
             "or set GLOO_SOCKET_IFNAME=lo for gloo"
         )
-    times: dict[int, float] = payload
+    times: dict[int, float] = payload[0]
+    reduce_bytes, reduce_time = payload[1]
     latency = times[sizes[0]]
     largest = sizes[-1]
     bandwidth = largest / max(times[largest] - latency, times[largest] * 1e-3)
-    log.info("%s p2p: latency %.3g s, bandwidth %.3g B/s", backend, latency, bandwidth)
-    return P2PResult(backend=backend, latency=latency, bandwidth=bandwidth, one_way_time=times)
+    # two ranks: a two-step ring, each step half the bytes; bus bandwidth = bytes / time
+    allreduce_bandwidth = reduce_bytes / max(reduce_time - 2 * latency, reduce_time * 1e-3)
+    log.info("%s p2p: latency %.3g s, bandwidth %.3g B/s; all-reduce of %d bytes %.3g s (bus bandwidth %.3g B/s)",
+             backend, latency, bandwidth, reduce_bytes, reduce_time, allreduce_bandwidth)
+    return P2PResult(backend=backend, latency=latency, bandwidth=bandwidth, one_way_time=times,
+                     allreduce_bandwidth=allreduce_bandwidth, allreduce_time=reduce_time,
+                     allreduce_bytes=reduce_bytes)
 
 
 __all__ = ["P2PResult", "measure_p2p"]

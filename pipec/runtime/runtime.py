@@ -62,6 +62,7 @@ from pipec.runtime.setup import (
 from pipec.runtime.tied import TiedGradReducer, share_local_parameters
 from pipec.runtime.timeline import TimelineEvent, TimelineLog, write_chrome_trace
 from pipec.runtime.waiting import Waiter
+from pipec.viz.trace_json import ALLREDUCE
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class PipelineRuntime:
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
-            self._tied.end_step()
+            self._end_step_timed(result)
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -267,6 +268,18 @@ class PipelineRuntime:
         """Stop this runtime's failure monitor (its thread also stops when the runtime is freed)."""
         if self._monitor is not None:
             self._monitor.close()
+
+    def _end_step_timed(self, result: StepResult) -> None:
+        """The tied-gradient all-reduces, timed into the step's timeline as one
+        ``ALLREDUCE`` span (on the executor's clock, so on CUDA its events)."""
+        if not len(self._tied):
+            self._tied.end_step()
+            return
+        clock = self._executor.clock
+        started = clock.start()
+        self._tied.end_step()
+        clock.stop(started, ALLREDUCE)
+        result.timeline.append(clock.events(self.rank)[-1])
 
     def _record(self, result: StepResult) -> None:
         self._timelines.add(self._step, result.started, result.timeline)

@@ -11,7 +11,10 @@ keeps the recent steps with each step's start on this rank's clock, and
 
 Steps are laid end to end: ``ts`` counts from the first kept step's start.
 The events come from :func:`pipec.viz.trace_json.chrome_trace`; this module
-adds ``args.step`` so several steps of one rank can be told apart.
+adds ``args.step`` so several steps of one rank can be told apart. Besides
+the schedule's actions a step may hold one ``ALLREDUCE`` span: the
+tied-gradient all-reduces after the last action
+(:data:`pipec.viz.trace_json.ALLREDUCE`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ contention other than each rank running one action at a time.
 Memory: ``activation_bytes[s]`` is held per micro-batch of stage ``s`` from the
 start of its ``F`` to the end of its ``B`` (or of its ``W`` when split). A
 micro-batch is *in flight* on a rank over the same interval.
+
+After the schedule, ``collectives`` run in the order given (the runtime's
+tied-gradient all-reduces): each starts when the last of its ranks is free
+and holds all of them for its duration; the step ends with the last of them.
 """
 
 from __future__ import annotations
@@ -85,6 +89,23 @@ def per_stage(name: str, value: float | Sequence[float], num_stages: int) -> tup
     if any(not math.isfinite(v) or v < 0 for v in out):
         raise ConfigError(f"{name}: expected finite numbers >= 0, found {tuple(out)}; fix the costs")
     return tuple(out)
+
+
+class Collective(NamedTuple):
+    """A collective after the schedule: ``ranks`` take part, it lasts ``duration`` seconds."""
+
+    name: str
+    ranks: tuple[int, ...]
+    duration: float
+
+
+class CollectiveSpan(NamedTuple):
+    """A :class:`Collective` as it ran: ``[start, end)`` on each of ``ranks``."""
+
+    start: float
+    end: float
+    ranks: tuple[int, ...]
+    name: str
 
 
 class TimelineEvent(NamedTuple):
@@ -243,6 +264,7 @@ class Simulation:
     memory: tuple[tuple[tuple[float, int], ...], ...]  # per rank: (time, bytes) after each change
     peak_memory: tuple[int, ...]  # per rank
     timeline: tuple[TimelineEvent, ...]  # sorted by start, then end, then rank
+    collectives: tuple[CollectiveSpan, ...] = ()  # after the schedule, in order
 
     @property
     def num_ranks(self) -> int:
@@ -258,9 +280,11 @@ def simulate(
     comm: float | Sequence[float] = 0.0,
     activation_bytes: float | Sequence[float] | None = None,
     boundaries: Sequence[BoundarySpec] | None = None,
+    collectives: Sequence[Collective] = (),
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
-    or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`.
+    or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
+    ``collectives`` run after the schedule (see the module docstring).
 
     Raises :class:`~pipec.errors.ScheduleError` (with the schedule drawn) when the
     schedule is invalid or deadlocks, :class:`~pipec.errors.ConfigError` for bad costs.
@@ -279,14 +303,48 @@ def simulate(
     held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
     graph = stage_graph(n, schedule.num_ranks, boundaries)
     check_static(schedule, graph, check_pair_order=False)  # timing does not depend on it
+    after = _check_collectives(collectives, schedule.num_ranks)
     run = execute(schedule, graph, costs)
     if not run.finished:
         raise_deadlock(schedule, graph, run)
-    return _summarise(schedule, run, costs, tuple(round(b) for b in held))
+    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after)
+
+
+def _check_collectives(collectives: Sequence[Collective], num_ranks: int) -> tuple[Collective, ...]:
+    out = []
+    for i, c in enumerate(collectives):
+        c = Collective(*c)
+        ranks = tuple(sorted(set(int(r) for r in c.ranks)))
+        if not ranks or ranks[0] < 0 or ranks[-1] >= num_ranks:
+            raise ConfigError(
+                f"collectives[{i}] ({c.name!r}): expected ranks in 0..{num_ranks - 1}, found {list(c.ranks)}; "
+                "name the ranks of the schedule that take part"
+            )
+        if not math.isfinite(c.duration) or c.duration < 0:
+            raise ConfigError(
+                f"collectives[{i}] ({c.name!r}): expected a duration of finite seconds >= 0, found {c.duration!r}"
+            )
+        out.append(Collective(str(c.name), ranks, float(c.duration)))
+    return tuple(out)
+
+
+def _run_collectives(
+    collectives: tuple[Collective, ...], free: list[float]
+) -> tuple[CollectiveSpan, ...]:
+    """Each collective from when its last rank is free; ``free`` is updated."""
+    spans = []
+    for c in collectives:
+        start = max(free[r] for r in c.ranks)
+        end = start + c.duration
+        for r in c.ranks:
+            free[r] = end
+        spans.append(CollectiveSpan(start, end, c.ranks, c.name))
+    return tuple(spans)
 
 
 def _summarise(
-    schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...]
+    schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...],
+    collectives: tuple[Collective, ...] = (),
 ) -> Simulation:
     timeline: list[TimelineEvent] = []
     busy, peaks, memory, peak_memory = [], [], [], []
@@ -319,7 +377,9 @@ def _summarise(
         memory.append(tuple(points))
         peak_memory.append(peak_bytes)
     timeline.sort()  # by start, then end, then rank
-    step_time = max((e.end for e in timeline), default=0.0)
+    free = [max((t[2] for t in times), default=0.0) for times in run.times]
+    spans = _run_collectives(collectives, free)
+    step_time = max([e.end for e in timeline] + [s.end for s in spans], default=0.0)
     capacity = len(busy) * step_time
     return Simulation(
         schedule=schedule,
@@ -330,12 +390,14 @@ def _summarise(
         memory=tuple(memory),
         peak_memory=tuple(peak_memory),
         timeline=tuple(timeline),
+        collectives=spans,
     )
 
 
 def simulate_plan(plan: Plan) -> Simulation:
     """Simulate ``plan.schedule``, lowered with ``plan.boundaries``, under the
-    plan's own per-stage costs (see :func:`plan_costs`)."""
+    plan's own per-stage costs (see :func:`plan_costs`), then the tied-gradient
+    all-reduces (:func:`plan_collectives`)."""
     costs, held = plan_costs(plan)
     lowered = lower(plan.schedule, plan.boundaries)
     return simulate(
@@ -346,7 +408,22 @@ def simulate_plan(plan: Plan) -> Simulation:
         comm=costs.comm,
         activation_bytes=held,
         boundaries=plan.boundaries,
+        collectives=plan_collectives(plan),
     )
+
+
+def plan_collectives(plan: Plan) -> tuple[Collective, ...]:
+    """The runtime's collectives after each step: one all-reduce per tied group
+    among its holders' ranks, in the plan's order (as
+    :class:`~pipec.runtime.tied.TiedParameters` issues them), lasting the
+    group's ``allreduce_time``. Groups whose stages share one rank need none."""
+    rank_of = {st.index: st.rank for st in plan.stages}
+    out = []
+    for g in plan.data.tied_groups:
+        ranks = tuple(sorted({rank_of[s] for s in g.stages}))
+        if len(ranks) > 1:
+            out.append(Collective(f"all-reduce {g.fqn}", ranks, g.allreduce_time))
+    return tuple(out)
 
 
 def plan_costs(plan: Plan) -> tuple[Costs, tuple[float, ...]]:

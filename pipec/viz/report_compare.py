@@ -29,7 +29,7 @@ _COMPUTE = ("F", "B", "I", "W")
 
 def measured_simulation(measured: Measured, step: int, data: PlanData) -> Simulation:
     """One measured step as a :class:`Simulation` (no memory figures), for drawing."""
-    from pipec.schedule.simulator import Simulation, TimelineEvent
+    from pipec.schedule.simulator import CollectiveSpan, Simulation, TimelineEvent
 
     events = sorted((TimelineEvent(s, e, r, a) for s, e, r, a in measured.timeline(step)), key=lambda e: (e.start, e.rank))
     num_ranks = max([data.num_ranks, *(e.rank + 1 for e in events)])
@@ -56,6 +56,8 @@ def measured_simulation(measured: Measured, step: int, data: PlanData) -> Simula
         memory=tuple(((0.0, 0),) for _ in range(num_ranks)),
         peak_memory=(0,) * num_ranks,
         timeline=tuple(events),
+        collectives=tuple(CollectiveSpan(c.start, c.end, (c.rank,), "all-reduce (tied gradients)")
+                          for c in measured.spans(step) if c.rank < num_ranks),
     )
 
 

@@ -9,9 +9,11 @@ the plan directory, a Chrome-trace document::
 :func:`load_measured` reads every such file into a :class:`Measured`; a file
 that is missing is simply absent, a file that is malformed is left out with a
 warning (logged and kept in :attr:`Measured.warnings` so the report shows it).
-Events whose name is not an action (``"step"``, ``"optimizer"``) are ignored.
-When an event carries no ``args.step``, the k-th occurrence of an action on a
-rank is taken to belong to step k.
+Events named ``ALLREDUCE`` (the tied-gradient all-reduce after a step's
+actions) are kept apart, as :attr:`Measured.collectives`, and count in the
+step's time; other events whose name is not an action (``"step"``,
+``"optimizer"``) are ignored. When an event carries no ``args.step``, the
+k-th occurrence of an action on a rank is taken to belong to step k.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from pipec.errors import ScheduleError
 from pipec.schedule.ir import Action
+from pipec.viz.trace_json import ALLREDUCE
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,21 @@ class MeasuredAction:
 
 
 @dataclass(frozen=True)
+class MeasuredSpan:
+    """A measured span that is not an action (an all-reduce): seconds from its step's start."""
+
+    rank: int
+    name: str
+    step: int
+    start: float
+    duration: float
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+@dataclass(frozen=True)
 class Measured:
     """Every measured action of every rank, grouped into training steps."""
 
@@ -58,6 +76,7 @@ class Measured:
     ranks: tuple[int, ...]
     files: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    collectives: tuple[MeasuredSpan, ...] = ()  # ALLREDUCE spans, counted in step_times
 
     @property
     def num_steps(self) -> int:
@@ -84,6 +103,10 @@ class Measured:
             (m.start, m.end, m.rank, m.action) for m in self.actions if m.step == step
         )
 
+    def spans(self, step: int) -> list[MeasuredSpan]:
+        """The collectives of one step, by start."""
+        return sorted((c for c in self.collectives if c.step == step), key=lambda c: (c.start, c.rank))
+
 
 class _Malformed(Exception):
     """A timeline file that cannot be read; the message says why."""
@@ -96,8 +119,12 @@ def _number(event: dict[str, object], key: str, index: int) -> float:
     return float(value)
 
 
-def _read_events(path: Path, rank: int) -> list[tuple[int | None, Action, float, float]]:
-    """``(step or None, action, ts seconds, dur seconds)`` of one file's action events."""
+Event = tuple[int | None, "Action | str", float, float]  # (step or None, action or ALLREDUCE, ts, dur)
+
+
+def _read_events(path: Path, rank: int) -> list[Event]:
+    """``(step or None, action, ts seconds, dur seconds)`` of one file's action
+    events, and of its ALLREDUCE spans (the name in place of the action)."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -105,17 +132,19 @@ def _read_events(path: Path, rank: int) -> list[tuple[int | None, Action, float,
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
         raise _Malformed("expected an object with a 'traceEvents' list (Chrome trace format)")
-    out: list[tuple[int | None, Action, float, float]] = []
+    out: list[Event] = []
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise _Malformed(f"event {index} is {type(event).__name__}, expected an object")
         name = event.get("name")
         if event.get("ph", "X") != "X" or not isinstance(name, str):
             continue
-        try:
-            action = Action.parse(name)
-        except ScheduleError:
-            continue  # a non-action span such as "step" or "optimizer"
+        action: Action | str = ALLREDUCE
+        if name != ALLREDUCE:
+            try:
+                action = Action.parse(name)
+            except ScheduleError:
+                continue  # a non-action span such as "step" or "optimizer"
         ts = _number(event, "ts", index)
         dur = _number(event, "dur", index)
         if dur < 0:
@@ -125,15 +154,13 @@ def _read_events(path: Path, rank: int) -> list[tuple[int | None, Action, float,
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise _Malformed(f"event {index} ({name!r}) has args.step={step!r}, expected an int >= 0")
         out.append((step, action, ts * _US, dur * _US))
-    if not out:
+    if not any(isinstance(e[1], Action) for e in out):
         raise _Malformed(f"no action events (names such as '{rank}F0') with ph='X'")
     return out
 
 
-def _assign_steps(
-    raw: list[tuple[int | None, Action, float, float]],
-) -> list[tuple[int, Action, float, float]]:
-    seen: dict[Action, int] = {}
+def _assign_steps(raw: list[Event]) -> list[tuple[int, Action | str, float, float]]:
+    seen: dict[Action | str, int] = {}
     out = []
     for step, action, ts, dur in sorted(raw, key=lambda e: e[2]):
         if step is None:
@@ -150,7 +177,7 @@ def load_measured(directory: str | Path) -> Measured | None:
     is malformed); malformed files are skipped with a logged warning.
     """
     directory = Path(directory)
-    per_rank: dict[int, list[tuple[int, Action, float, float]]] = {}
+    per_rank: dict[int, list[tuple[int, Action | str, float, float]]] = {}
     files: list[str] = []
     warnings: list[str] = []
     paths = sorted(directory.glob(TIMELINE_GLOB)) if directory.is_dir() else []
@@ -175,7 +202,7 @@ def load_measured(directory: str | Path) -> Measured | None:
 
 
 def _group_steps(
-    per_rank: dict[int, list[tuple[int, Action, float, float]]],
+    per_rank: dict[int, list[tuple[int, Action | str, float, float]]],
     files: tuple[str, ...],
     warnings: tuple[str, ...],
 ) -> Measured:
@@ -191,6 +218,13 @@ def _group_steps(
         MeasuredAction(rank, action, index[step], ts - origin[step], dur)
         for rank, events in sorted(per_rank.items())
         for step, action, ts, dur in events
+        if isinstance(action, Action)
+    )
+    spans = tuple(
+        MeasuredSpan(rank, action, index[step], ts - origin[step], dur)
+        for rank, events in sorted(per_rank.items())
+        for step, action, ts, dur in events
+        if not isinstance(action, Action)
     )
     return Measured(
         actions=actions,
@@ -198,4 +232,5 @@ def _group_steps(
         ranks=tuple(sorted(per_rank)),
         files=files,
         warnings=warnings,
+        collectives=spans,
     )

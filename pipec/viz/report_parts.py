@@ -116,7 +116,7 @@ def _time_bar(st: StageInfo, scale: float) -> str:
     parts = [
         ("f", st.forward_time, "forward", palette.kind_fill(st.index, "F")),
         ("b", st.backward_time, "backward", palette.kind_fill(st.index, "B")),
-        ("c", st.comm_time, "comm", palette.COMM_COLOUR),
+        ("c", st.comm_time + st.tied_time, "comm", palette.COMM_COLOUR),
     ]
     spans = "".join(
         f'<span class="{cls}" style="width:{100 * t / scale:.2f}%;background:{colour}" '
@@ -141,7 +141,7 @@ def stage_table(data: PlanData) -> str:
             f'<td class="n" data-v="{st.num_params}" title="{st.num_params:,}">{fmt_count(st.num_params)}</td>'
             f'<td class="n" data-v="{st.forward_time}">{fmt_ms(st.forward_time)}</td>'
             f'<td class="n" data-v="{st.backward_time}">{fmt_ms(st.backward_time)}</td>'
-            f'<td class="n" data-v="{st.comm_time}">{fmt_ms(st.comm_time)}</td>'
+            f'<td class="n" data-v="{st.comm_time + st.tied_time}">{fmt_ms(st.comm_time + st.tied_time)}</td>'
             f'<td data-v="{st.time}">{_time_bar(st, scale)}</td>'
             f'<td class="n" data-v="{st.memory_bytes}" title="{st.memory_bytes:,} bytes">'
             f"{esc(fmt_bytes(st.memory_bytes))}</td></tr>"
@@ -189,6 +189,7 @@ def tied_groups(data: PlanData) -> str:
         f"<li><code>{esc(g.fqn)}</code> ({esc(fmt_bytes(g.num_bytes))}) on stages "
         f"{esc(', '.join(map(str, g.stages)))}"
         + (f", also named {esc(', '.join(g.aliases))}" if g.aliases else "")
+        + f"; gradient all-reduce {esc(fmt_time(g.allreduce_time))} per step, after the schedule"
         + "</li>"
         for g in data.tied_groups
     )

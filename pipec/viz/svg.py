@@ -235,6 +235,22 @@ def schedule_svg(
             body.append(
                 _box(e, x0, x1, y, row_height, KIND_COLOUR[a.kind], opacity, palette.LIGHT_INK, tip)
             )
+    for c in sim.collectives:
+        x0, x1 = x(c.start), x(c.end)
+        tip = f"{c.name} on ranks {', '.join(map(str, c.ranks))}: {label(c.start)} - {label(c.end)}"
+        for r in c.ranks:
+            y = top + r * row_height
+            text = ""
+            if x1 - x0 >= 70:
+                text = (
+                    f'<text x="{(x0 + x1) / 2:.2f}" y="{y + row_height / 2 + 2:.1f}" fill="{palette.ink_on(palette.COMM_COLOUR)}" '
+                    f'text-anchor="middle" font-size="10" pointer-events="none">all-reduce</text>'
+                )
+            body.append(
+                f'<g data-kind="collective"><rect x="{x0:.2f}" y="{y + 2:.1f}" width="{max(x1 - x0, 0.5):.2f}" '
+                f'height="{row_height - 8}" fill="{palette.COMM_COLOUR}" stroke="white" stroke-width="0.5">'
+                f"<title>{escape(tip)}</title></rect>{text}</g>"
+            )
     body += _ticks(left, left + plot, top + row_height * sim.num_ranks + 4, sim.step_time, label)
     return _document(width, height, body)
 

@@ -17,6 +17,9 @@ from typing import Any
 from pipec.errors import ScheduleError
 from pipec.schedule.ir import Action
 
+#: The name of the span a runtime step's tied-gradient all-reduces take, after its actions.
+ALLREDUCE = "ALLREDUCE"
+
 
 def _as_action(action: Action | str) -> Action | None:
     if isinstance(action, Action):

@@ -25,6 +25,8 @@ def test_quick_calibration_writes_a_loadable_file(tmp_path: Path) -> None:
     assert 0 < spec.intra_node_latency < 0.1 and 0 < spec.kernel_launch_overhead < 1e-3
     data = json.loads(out.read_text())
     assert "calibrate" in data["source"]["peak_flops"]
+    assert spec.allreduce_bandwidth is not None and spec.allreduce_bandwidth > 0
+    assert "all-reduce" in data["source"]["allreduce_bandwidth"]
     # overwrite in place, with another name
     calibrate(out, name="renamed", quick=True)
     assert pipec.load_cost_model(str(out)).spec.name == "renamed"
@@ -36,6 +38,10 @@ def test_p2p_bandwidth_grows_with_message_size() -> None:
     result = measure_p2p(backend="gloo", sizes=(4, big), iters=5, timeout=45)
     assert result.one_way_time[big] > result.one_way_time[4] > 0
     assert result.latency == result.one_way_time[4]
+    # the all-reduce of the largest buffer (float32), and its bus bandwidth
+    assert result.allreduce_bytes == big and result.allreduce_time is not None and result.allreduce_time > 0
+    assert result.allreduce_bandwidth == pytest.approx(
+        big / max(result.allreduce_time - 2 * result.latency, result.allreduce_time * 1e-3))
 
 
 def test_calibrate_rejects_bad_arguments(tmp_path: Path) -> None:

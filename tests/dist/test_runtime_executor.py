@@ -116,6 +116,7 @@ def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: st
             "actions": [str(a) for a in pipe.schedule.actions[rank]],
             "receives": dict(counts),
             "left_posted": left_posted,
+            "tied_groups": len(pipe._tied),
         }
     return results
 
@@ -168,7 +169,10 @@ def test_every_schedule_matches_single_process_training(tmp_path: Path) -> None:
             assert all(e[2] == rank and 0 <= e[0] <= e[1] for e in tl)
             doc = json.loads((tmp_path / key / f"timeline_rank{rank}.json").read_text())
             names = [e["name"] for e in doc["traceEvents"] if e["ph"] == "X"]
-            assert names == r[key]["actions"] * SGD_STEPS + r[key]["forward_actions"]
+            # a training step on a rank holding a tied parameter ends with its all-reduce
+            allreduce = ["ALLREDUCE"] if r[key]["tied_groups"] else []
+            assert names == (r[key]["actions"] + allreduce) * SGD_STEPS + r[key]["forward_actions"]
+            assert any(r2[key]["tied_groups"] for r2 in per_rank) == bool(case["tied"]), key
 
 
 def test_report_reads_the_saved_timelines(tmp_path: Path) -> None:

@@ -103,6 +103,32 @@ def test_tied_embedding_is_a_tied_group_on_both_holders() -> None:
     assert group.stages == (0, 2) and group.num_bytes == 64 * 16 * 4
     assert plan.stages[0].param_bytes >= group.num_bytes and plan.stages[2].param_bytes >= group.num_bytes
     torch.testing.assert_close(run_stages(plan, tokens), model(tokens))
+    # ByteCost has no allreduce_time: a two-rank ring of its transfers, once per step
+    half = group.num_bytes // 2
+    assert group.allreduce_time == pytest.approx(2 * ByteCost().comm_time(half, 0, 2))
+    # the holders' stage time carries its share per micro-batch, apart from the boundary comm
+    for st in plan.stages:
+        assert st.tied_time == (pytest.approx(group.allreduce_time / 2) if st.index in (0, 2) else 0.0)
+    assert max(st.time for st in plan.stages) == pytest.approx(plan.data.bottleneck)
+    # the simulated step ends with the all-reduce between ranks 0 and 2
+    sim = plan.simulate()
+    (span,) = sim.collectives
+    assert span.ranks == (0, 2) and span.end - span.start == pytest.approx(group.allreduce_time)
+    assert sim.step_time == pytest.approx(span.end)
+
+
+def test_the_cost_models_allreduce_prices_the_tied_gradient() -> None:
+    class WithAllReduce(ByteCost):
+        def allreduce_time(self, num_bytes: int, ranks: Any) -> float:
+            return 1e-3 * len(tuple(ranks)) + num_bytes * 1e-9
+
+    torch.manual_seed(0)
+    model, tokens = TiedLM(), torch.randint(0, 64, (2, 6))
+    traced, costs = traced_of(model, tokens)
+    plan = partition_traced(traced, costs, num_stages=2, num_microbatches=4, cost_model=WithAllReduce())
+    (group,) = plan.data.tied_groups
+    assert group.allreduce_time == pytest.approx(2e-3 + group.num_bytes * 1e-9)
+    assert [st.tied_time for st in plan.stages] == pytest.approx([group.allreduce_time / 4] * 2)
 
 
 @pytest.mark.parametrize("make", [MLP, ResNet, TwoInput])

@@ -102,3 +102,66 @@ def test_whole_model_faster_than_its_nodes_scales_them() -> None:
     assert out["a"].forward_time == pytest.approx(1.0) and out["b"].forward_time == pytest.approx(1.0)
     assert out["a"].input_grad_time == pytest.approx(0.5) and out["b"].input_grad_time == pytest.approx(1.0)
     assert all(c.forward_time >= 0 and c.backward_time >= 0 for c in out.values())
+
+
+# -- all-reduce (the tied-gradient exchange) --------------------------------------
+
+
+def test_allreduce_is_a_ring_at_the_files_allreduce_bandwidth() -> None:
+    cpu = load_hardware("cpu")
+    assert cpu.allreduce_bandwidth is not None
+    assert cpu.allreduce_efficiency == pytest.approx(cpu.allreduce_bandwidth / cpu.intra_node_bandwidth)
+    n_bytes = 24_576_000
+    # two ranks: two steps of half the bytes at the bus bandwidth, two latencies
+    assert cpu.allreduce_time(n_bytes, [0, 1]) == pytest.approx(
+        2 * cpu.intra_node_latency + n_bytes / cpu.allreduce_bandwidth)
+    # slower than one transfer of the same bytes: Gloo copies and sums on the CPU
+    assert cpu.allreduce_time(n_bytes, [1, 0]) > load_cost_model("cpu").comm_time(n_bytes, 0, 1)
+    assert cpu.allreduce_time(n_bytes, [0]) == 0.0 and cpu.allreduce_time(n_bytes, [1, 1]) == 0.0
+    with pytest.raises(CostModelError, match="num_bytes"):
+        cpu.allreduce_time(-1, [0, 1])
+
+
+def test_allreduce_across_nodes_runs_at_the_slowest_link() -> None:
+    h100 = load_hardware("h100-sxm")
+    assert h100.allreduce_bandwidth is None and h100.allreduce_efficiency == 1.0  # an ideal ring
+    n_bytes = 2**30
+    eight = h100.allreduce_time(n_bytes, range(8))
+    assert eight == pytest.approx(14 * h100.intra_node_latency + 2 * 7 / 8 * n_bytes / h100.intra_node_bandwidth)
+    two_nodes = h100.allreduce_time(n_bytes, [0, 8])
+    assert two_nodes == pytest.approx(2 * h100.inter_node_latency + n_bytes / h100.inter_node_bandwidth)
+    assert two_nodes > eight
+
+
+def test_profiled_allreduce_takes_the_link_overrides() -> None:
+    default = ProfiledCostModel(_profile())
+    spec = default.spec
+    n_bytes = 10**7
+    assert default.allreduce_time(n_bytes, [0, 1]) == pytest.approx(spec.allreduce_time(n_bytes, [0, 1]))
+    fast = ProfiledCostModel(_profile(), link_bandwidth=1e11, link_latency=0.0)
+    # the override is the point-to-point link; the all-reduce keeps the file's efficiency
+    assert fast.allreduce_time(n_bytes, [0, 1]) == pytest.approx(n_bytes / (1e11 * spec.allreduce_efficiency))
+
+
+def test_a_cost_model_without_allreduce_gets_a_ring_of_its_transfers() -> None:
+    from pipec.partitioner import config
+    from pipec.partitioner.problem import ChainProblem, ring_allreduce_time
+
+    def comm(num_bytes: int, src: int, dst: int) -> float:
+        return 0.0 if src == dst else 1e-3 + num_bytes / 1e9
+
+    class PointToPointOnly:
+        comm_time = staticmethod(comm)
+
+    assert config.allreduce_time(PointToPointOnly()) is None  # type: ignore[arg-type]
+    assert config.allreduce_time(load_cost_model("cpu")) is not None
+    assert config.allreduce_time(None) is None
+    # 4 ranks: 6 steps of a quarter of the bytes each
+    assert ring_allreduce_time(comm, 4 * 10**6, [3, 0, 1, 2]) == pytest.approx(6 * (1e-3 + 1e6 / 1e9))
+    assert ring_allreduce_time(comm, 10**6, [2, 2]) == 0.0
+    p = ChainProblem(compute_time=(1.0, 1.0), num_stages=2, comm_time=comm)
+    assert p.exchange_time(2 * 10**6, (0, 1)) == pytest.approx(2 * (1e-3 + 1e6 / 1e9))
+    q = ChainProblem(compute_time=(1.0, 1.0), num_stages=2, comm_time=comm, allreduce_time=lambda b, r: 0.5)
+    assert q.exchange_time(2 * 10**6, (1, 0)) == 0.5 and q.exchange_time(10, (1,)) == 0.0
+    free = ChainProblem(compute_time=(1.0, 1.0), num_stages=2)  # no comm model: transfers are free
+    assert free.exchange_time(10**6, (0, 1)) == 0.0

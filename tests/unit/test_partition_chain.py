@@ -33,7 +33,9 @@ def naive_time(p: ChainProblem, k: int, i: int, j: int) -> float:
         inside = [i <= u < j for u in g.users]
         if any(inside) and not all(inside) and not g.is_buffer:
             src, dst = ((k, k + 1) if k < p.num_stages - 1 else (k - 1, k))
-            total += p.comm_time(g.num_bytes, src % r, dst % r) / p.num_microbatches
+            if src % r != dst % r:  # a two-rank ring all-reduce: 2 steps of half the bytes
+                half = -(-g.num_bytes // 2)
+                total += 2 * p.comm_time(half, src % r, dst % r) / p.num_microbatches
     return total
 
 

@@ -108,3 +108,33 @@ def test_reads_what_the_runtime_writes(tmp_path: Path) -> None:
     assert m.step_times == pytest.approx((0.003, 0.002))
     assert m.durations(1, "F") == pytest.approx([0.002, 0.001])
     assert [str(a) for *_, a in m.timeline(1)] == ["1F0", "1SEND_F0"]
+
+
+def test_allreduce_spans_are_kept_apart_and_end_the_step(tmp_path: Path) -> None:
+    from pipec.viz.report_compare import measured_simulation
+
+    write(tmp_path, 0, [event("0F0", 0, 10, step=0), event("0B0", 30, 20, step=0),
+                        event("ALLREDUCE", 50, 15, step=0), event("optimizer", 65, 5, step=0)])
+    write(tmp_path, 1, [event("1F0", 10, 10, 1, step=0), event("1B0", 20, 10, 1, step=0),
+                        event("ALLREDUCE", 30, 35, 1, step=0)])
+    m = load_measured(tmp_path)
+    assert m is not None
+    assert [str(a.action) for a in m.actions] == ["0F0", "0B0", "1F0", "1B0"]
+    spans = m.spans(0)
+    assert [(c.rank, c.name) for c in spans] == [(1, "ALLREDUCE"), (0, "ALLREDUCE")]
+    assert [(c.start, c.duration) for c in spans] == [pytest.approx((30e-6, 35e-6)), pytest.approx((50e-6, 15e-6))]
+    assert m.step_times == pytest.approx((65e-6,))  # to the all-reduce's end; "optimizer" is ignored
+    from pipec.plan import PlanData
+    from pipec.schedule.generators import make_schedule
+
+    data = PlanData.model_construct(num_ranks=2, num_stages=2, num_microbatches=1, stages_per_rank=1,
+                                    schedule=make_schedule("1f1b", 2, 1))
+    sim = measured_simulation(m, 0, data)
+    assert [c.ranks for c in sim.collectives] == [(1,), (0,)]
+    assert [c.start for c in sim.collectives] == pytest.approx([30e-6, 50e-6])
+    assert sim.step_time == pytest.approx(65e-6)
+
+
+def test_a_file_of_allreduce_spans_only_is_malformed(tmp_path: Path) -> None:
+    write(tmp_path, 0, [event("ALLREDUCE", 0, 10, step=0)])
+    assert load_measured(tmp_path) is None

@@ -196,3 +196,55 @@ def test_simulate_is_exported() -> None:
 
     assert pipec.simulate is simulate
     assert pipec.Simulation.__name__ == "Simulation"
+
+
+# -- collectives after the schedule (the tied-gradient all-reduce) ----------------
+
+
+def test_collectives_start_when_their_last_rank_is_free() -> None:
+    from pipec.schedule.simulator import Collective, CollectiveSpan
+
+    plain = simulate(make_schedule("1f1b", 2, 2), forward=1.0, input_grad=2.0, weight_grad=1.0)
+    assert plain.collectives == () and plain.step_time == 12.0  # rank 1 ends at 9, rank 0 at 12
+    sim = simulate(make_schedule("1f1b", 2, 2), forward=1.0, input_grad=2.0, weight_grad=1.0,
+                   collectives=[Collective("embed", (1, 0), 2.5), ("rank 1 only", (1,), 1.0)])
+    # the first waits for rank 0 (free at 12); the second runs on rank 1 after it
+    assert sim.collectives == (CollectiveSpan(12.0, 14.5, (0, 1), "embed"),
+                               CollectiveSpan(14.5, 15.5, (1,), "rank 1 only"))
+    assert sim.step_time == 15.5
+    assert sim.busy_time == plain.busy_time  # a collective is not compute
+    assert sim.bubble_fraction == pytest.approx(1 - 16 / (2 * 15.5))
+    assert sim.timeline == plain.timeline
+    early = simulate(make_schedule("1f1b", 2, 2), forward=1.0, input_grad=2.0, weight_grad=1.0,
+                     collectives=[Collective("rank 1", (1,), 2.0)])
+    assert early.collectives[0].start == 9.0 and early.step_time == 12.0  # inside rank 0's tail
+
+
+@pytest.mark.parametrize(
+    "collective, fragment",
+    [(("x", (0, 2), 1.0), "ranks in 0..1"), (("x", (), 1.0), "ranks in 0..1"),
+     (("x", (0, 1), -1.0), "finite seconds"), (("x", (0, 1), float("nan")), "finite seconds")],
+)
+def test_bad_collectives_are_rejected(collective: tuple[object, ...], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        simulate(make_schedule("1f1b", 2, 2), forward=1, input_grad=1, weight_grad=1,
+                 collectives=[collective])  # type: ignore[list-item]
+
+
+def test_simulate_plan_ends_with_the_tied_all_reduce() -> None:
+    from pipec.plan import Plan, TiedGroup
+    from pipec.schedule.simulator import plan_collectives
+
+    plan = _plan()
+    plain = plan.simulate()  # type: ignore[attr-defined]
+    tied = TiedGroup(fqn="w", aliases=("head.w",), stages=(0, 1), num_bytes=64, allreduce_time=1.25)
+    with_tied = Plan(plan.data.model_copy(update={"tied_groups": (tied,)}))  # type: ignore[attr-defined]
+    assert [tuple(c) for c in plan_collectives(with_tied)] == [("all-reduce w", (0, 1), 1.25)]
+    sim = with_tied.simulate()
+    last = max(e.end for e in sim.timeline)
+    assert last == pytest.approx(plain.step_time)
+    assert sim.collectives[0].start == pytest.approx(last)
+    assert sim.step_time == pytest.approx(plain.step_time + 1.25)
+    # stages sharing one rank exchange nothing
+    one_rank = tied.model_copy(update={"stages": (0, 0)})
+    assert plan_collectives(Plan(plan.data.model_copy(update={"tied_groups": (one_rank,)}))) == ()  # type: ignore[attr-defined]

@@ -115,3 +115,14 @@ def test_chrome_trace_accepts_measured_text_actions() -> None:
         ("optimizer", "other", 250000.0),
         ("0B0", "B", 250000.0),
     ]
+
+
+def test_schedule_svg_draws_the_collectives_after_the_schedule() -> None:
+    from pipec.schedule.simulator import Collective
+
+    sim = simulate(make_schedule("1f1b", 2, 2), forward=1.0, input_grad=2.0, weight_grad=1.0,
+                   collectives=[Collective("all-reduce embed.weight", (0, 1), 4.0)])
+    svg = schedule_svg(sim, width=960)
+    ET.fromstring(svg)
+    assert svg.count('data-kind="collective"') == 2  # one box on each rank
+    assert "all-reduce embed.weight on ranks 0, 1" in svg and ">all-reduce</text>" in svg
