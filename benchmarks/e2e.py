@@ -4,7 +4,10 @@ The model is ``examples/gpt2.py`` (random weights) with a vocabulary large
 enough that the tied LM head costs about as much as all transformer blocks
 together. Two plans of the same traced graph and the same node costs run on
 pipec's runtime, 2 Gloo ranks each pinned to one core with one thread, 1F1B,
-the same micro-batches:
+the same micro-batches: 8 of 2 sequences each. (With 4, the fill, the drain
+and the tied-gradient all-reduce -- ~150 ms that no split changes -- were a
+quarter of the step, and the best split could only reach ~1.2x on equal
+blocks; pipelines run with several micro-batches per stage for that reason.)
 
 - auto: ``pipec.partition(..., num_stages=2, strategy="optimal")`` costed by
   a profile of one micro-batch and its loss -- what ``cost_model="profile"``
@@ -38,10 +41,10 @@ when fewer than 3 are quiet). Printed:
   and the simulator re-run with the measured per-stage times and all-reduce,
   which separates the compute costs from the schedule and communication model.
 
-Run (about 1 minute on a quiet 2-core box, at most ~3 minutes)::
+Run (about 1.5 minutes on a quiet 2-core box, at most ~3 minutes)::
 
     .venv/bin/python benchmarks/e2e.py [--pairs 15] [--budget 120] [--save steps.json]
-        [--layers 6 --dim 256 --vocab 24000 --seq 128 --batch 8 --microbatches 4]
+        [--layers 6 --dim 256 --vocab 24000 --seq 128 --batch 16 --microbatches 8]
 """
 
 from __future__ import annotations
@@ -248,8 +251,8 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=24000)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=15, help="quiet pairs to collect (default 15)")
     ap.add_argument("--budget", type=float, default=120.0,
                     help="seconds of timed pairs at most, quiet or not (default 120)")
