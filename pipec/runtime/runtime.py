@@ -388,7 +388,8 @@ class PipelineRuntime:
 
     # -- timelines ----------------------------------------------------------
     def timeline(self) -> list[TimelineEvent]:
-        """``(start, end, rank, action)`` of this rank's last step, seconds from its start."""
+        """``(start, end, rank, action)`` of this rank's last step, seconds from its start;
+        a training step on a rank holding a tied parameter ends with an ``ALLREDUCE`` entry."""
         return self._timelines.last()
 
     def save_timeline(self, path: str | os.PathLike[str]) -> Path:

@@ -122,6 +122,9 @@ def action_comparison(measured: Measured, predicted: Simulation | None) -> str:
             f'<td class="n">{len(durations)}</td>{_ratio_cells(_median(pred.get((stage, kind), [])), _median(durations))}'
             f'<td class="n">{esc(tip)}</td></tr>'
         )
+    allreduce = allreduce_row(measured, predicted)
+    if allreduce:
+        rows[False].append(allreduce)
     head = (
         "<thead><tr><th>stage</th><th>action</th><th class=n>count</th><th class=n>predicted ms</th>"
         "<th class=n>measured ms</th><th class=n>ratio</th><th class=n>measured range</th></tr></thead>"
@@ -130,10 +133,34 @@ def action_comparison(measured: Measured, predicted: Simulation | None) -> str:
     if rows[False]:
         out += (
             f"<details><summary>communication actions ({len(rows[False])} kinds): a RECV lasts as long "
-            f'as the rank waited</summary><table class="sortable">{head}<tbody>{"".join(rows[False])}'
+            "as the rank waited; ALLREDUCE is the tied-gradient all-reduce after the step, as the last "
+            f'rank to join it saw it</summary><table class="sortable">{head}<tbody>{"".join(rows[False])}'
             "</tbody></table></details>"
         )
     return out
+
+
+def measured_allreduce(measured: Measured) -> list[float]:
+    """Per step, the tied-gradient all-reduce as the last rank to join it saw it: the
+    shortest ``ALLREDUCE`` span of the step (the others include waiting for that rank)."""
+    per_step: dict[int, float] = {}
+    for c in measured.collectives:
+        per_step[c.step] = min(per_step.get(c.step, c.duration), c.duration)
+    return [per_step[k] for k in sorted(per_step)]
+
+
+def allreduce_row(measured: Measured, predicted: Simulation | None) -> str:
+    """The all-reduce's row of the communication table ('' when no step had one)."""
+    durations = measured_allreduce(measured)
+    if not durations:
+        return ""
+    pred = sum(c.end - c.start for c in predicted.collectives) if predicted is not None else None
+    tip = f"min {fmt_time(min(durations))}, max {fmt_time(max(durations))}"
+    return (
+        '<tr><td data-v="-1">–</td><td class="mono">ALLREDUCE</td>'
+        f'<td class="n">{len(durations)}</td>{_ratio_cells(pred or None, _median(durations))}'
+        f'<td class="n">{esc(tip)}</td></tr>'
+    )
 
 
 def _width(sim: Simulation, longest: float, width: int) -> int:

@@ -133,6 +133,17 @@ def test_allreduce_spans_are_kept_apart_and_end_the_step(tmp_path: Path) -> None
     assert [c.ranks for c in sim.collectives] == [(1,), (0,)]
     assert [c.start for c in sim.collectives] == pytest.approx([30e-6, 50e-6])
     assert sim.step_time == pytest.approx(65e-6)
+    # the per-action table: the all-reduce as the last rank to join saw it (15 us, not
+    # rank 1's 35 us of waiting), against the predicted collectives
+    from pipec.schedule.simulator import Collective, simulate
+    from pipec.viz.report_compare import action_comparison, measured_allreduce
+
+    assert measured_allreduce(m) == pytest.approx([15e-6])
+    predicted = simulate(make_schedule("1f1b", 2, 1), forward=1e-5, input_grad=1e-5, weight_grad=0.0,
+                         collectives=[Collective("all-reduce w", (0, 1), 1e-5)])
+    table = action_comparison(m, predicted)
+    row = table[table.index(">ALLREDUCE<"):]
+    assert ">0.01<" in row and ">0.015<" in row and "1.50\u00d7" in row
 
 
 def test_a_file_of_allreduce_spans_only_is_malformed(tmp_path: Path) -> None:
