@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "validate": "pipec.schedule.validator",
     "simulate": "pipec.schedule.simulator",
     "Simulation": "pipec.schedule.simulator",
+    "Collective": "pipec.schedule.simulator",
     "load": "pipec.codegen",
     "merge_state_dicts": "pipec.split",
     "PipelineRuntime": "pipec.runtime.runtime",

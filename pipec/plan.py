@@ -77,13 +77,14 @@ class TiedGroup(FrozenModel):
     """A parameter used by several stages (tied embeddings): it lives on each,
     under its canonical FQN, and the runtime sums its gradient across them
     after each step: one all-reduce among the holders' ranks, which the cost
-    model puts at ``allreduce_time`` seconds."""
+    model puts at ``allreduce_time`` seconds (None in plans saved before pipec
+    priced it: not simulated, shown as not priced)."""
 
     fqn: str
     aliases: tuple[str, ...] = ()
     stages: tuple[int, ...]
     num_bytes: int
-    allreduce_time: float = 0.0
+    allreduce_time: float | None = None
 
 
 class InputSpec(FrozenModel):

@@ -39,6 +39,12 @@ def _modules(first: str, last: str) -> str:
     return first if first == last else f"{first} … {last}"
 
 
+def _allreduce(seconds: float | None) -> str:
+    if seconds is None:
+        return "gradient all-reduce not priced: plan saved by an older pipec"
+    return f"gradient all-reduce {format_seconds(seconds)} per step, after the schedule"
+
+
 def plan_summary(plan: Plan) -> str:
     """The plan's stages as a text table, with its bottleneck and lower bound."""
     d = plan.data
@@ -72,8 +78,7 @@ def plan_summary(plan: Plan) -> str:
         f"= max(total / num_stages, largest node); ratio {ratio:.3f}",
         f"{len(d.boundaries)} boundary tensors ({format_bytes(sum(b.num_bytes for b in d.boundaries))} "
         f"per micro-batch), {len(d.tied_groups)} tied parameter groups"
-        + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)} (gradient all-reduce "
-                            f"{format_seconds(g.allreduce_time)} per step, after the schedule)"
+        + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)} ({_allreduce(g.allreduce_time)})"
                             for g in d.tied_groups) if d.tied_groups else ""),
     ]
     limits = {m for m in d.memory_limit if m is not None}

@@ -55,6 +55,15 @@ def build_plan_data(
     def stage_of(position: int) -> int:
         return int(np.searchsorted(cuts, position, side="right")) - 1
 
+    tied = []
+    for fqn, group in zip(chain.param_fqns, problem.params):
+        holders = sorted({stage_of(u) for u in group.users})
+        if len(holders) > 1 and not group.is_buffer:
+            ranks = sorted({problem.rank_of(k) for k in holders})
+            tied.append(TiedGroup(fqn=fqn, aliases=traced.params[fqn].aliases, stages=tuple(holders),
+                                  num_bytes=group.num_bytes,
+                                  allreduce_time=problem.exchange_time(group.num_bytes, ranks)))
+    reported = tied_shares(tied, problem.num_stages, problem.rank_of, problem.num_microbatches)
     stages = []
     for k in range(problem.num_stages):
         i, j = solution.cuts[k], solution.cuts[k + 1]
@@ -63,12 +72,13 @@ def build_plan_data(
         forward = sum(node_costs[n].forward_time for n in names) / speed
         backward = sum(node_costs[n].backward_time for n in names) / speed
         numel, param_bytes = stage_params(problem, i, j)
-        tied_share = stage_tied_time(problem, k, i, j)
+        # the search's own tied charge comes off; the real groups' share goes on
+        charged = stage_tied_time(problem, k, i, j)
         stages.append(StageInfo(
             index=k, rank=problem.rank_of(k), nodes=names, num_params=numel, param_bytes=param_bytes,
             forward_time=forward, backward_time=backward,
-            comm_time=max(0.0, solution.stage_times[k] - forward - backward - tied_share),
-            tied_time=tied_share, memory_bytes=solution.stage_memory[k],
+            comm_time=max(0.0, solution.stage_times[k] - forward - backward - charged),
+            tied_time=reported[k], memory_bytes=solution.stage_memory[k],
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
     boundaries = []
@@ -79,14 +89,6 @@ def build_plan_data(
             meta = infos[name].outputs[0]
             boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
                                        shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes))
-    tied = []
-    for fqn, group in zip(chain.param_fqns, problem.params):
-        holders = sorted({stage_of(u) for u in group.users})
-        if len(holders) > 1 and not group.is_buffer:
-            ranks = sorted({problem.rank_of(k) for k in holders})
-            tied.append(TiedGroup(fqn=fqn, aliases=traced.params[fqn].aliases, stages=tuple(holders),
-                                  num_bytes=group.num_bytes,
-                                  allreduce_time=problem.exchange_time(group.num_bytes, ranks)))
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
         for n in traced.nodes if n.op == "placeholder"
@@ -106,6 +108,28 @@ def build_plan_data(
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
     )
+
+
+def tied_shares(
+    groups: Sequence[TiedGroup], num_stages: int, rank_of: Callable[[int], int], num_microbatches: int
+) -> list[float]:
+    """Per stage, its share per micro-batch of the all-reduces its rank joins:
+    ``allreduce_time / num_microbatches`` of each group held on two ranks or more,
+    on the first of the group's stages on each of those ranks (a rank joins once).
+
+    The search charges a two-rank all-reduce to every stage with a tied user
+    elsewhere (it cannot know the other holders' ranks while it places one
+    stage); the plan reports what the runtime does.
+    """
+    out = [0.0] * num_stages
+    for g in groups:
+        first_on: dict[int, int] = {}
+        for k in g.stages:
+            first_on.setdefault(rank_of(k), k)
+        if len(first_on) > 1 and g.allreduce_time is not None:
+            for k in first_on.values():
+                out[k] += g.allreduce_time / num_microbatches
+    return out
 
 
 def lower_bound(chain: GraphChain, node_costs: Mapping[str, NodeCost]) -> float:
@@ -160,4 +184,4 @@ def plan_from_split(
     return Plan(data, traced=traced, loss_fn=loss_fn)
 
 
-__all__ = ["build_plan_data", "lower_bound", "plan_from_split"]
+__all__ = ["build_plan_data", "lower_bound", "plan_from_split", "tied_shares"]

@@ -25,8 +25,12 @@ an approximation across nodes, where a skip's real link may differ. A tied
 parameter group with users on this stage and elsewhere all-reduces its
 gradient once per step, charged to every holder and spread over the step's
 micro-batches (:func:`stage_tied_times`); the ranks are those of the stage's
-send link (its receive link on the last stage). The simulator puts the real
-all-reduce at the end of the step instead
+send link (its receive link on the last stage). That is an approximation --
+placing one stage, the search does not know the other holders' ranks, so a
+group whose holders share a rank, or span three ranks or more, is charged a
+two-rank all-reduce all the same. The plan reports the real groups' share
+(:func:`pipec.partitioner.assemble.tied_shares`), and the simulator runs the
+real all-reduce at the end of the step
 (:func:`pipec.schedule.simulator.simulate_plan`).
 
 **Stage memory** (bytes)::

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipec.errors import CostModelError
+from pipec.partitioner.problem import exchange_time
 
 if TYPE_CHECKING:
     from pipec.partitioner.problem import ChainProblem
@@ -59,7 +60,7 @@ class Tables:
         p = problem
         n, s = p.num_nodes, p.num_stages
         self.n = n
-        self.exchange_time = p.exchange_time
+        self._allreduce = p.allreduce_time  # plain callables, not bound to p: no reference cycle
         self.prefix_time: F64 = np.concatenate(([0.0], np.cumsum(np.asarray(p.compute_time, dtype=np.float64))))
         saved = np.zeros(n, dtype=np.int64) if p.saved_bytes is None else np.asarray(p.saved_bytes, dtype=np.int64)
         self.prefix_saved: I64 = np.concatenate(([0], np.cumsum(saved))).astype(np.int64)
@@ -185,7 +186,7 @@ class Tables:
         ``pair`` (once per step; 0 for buffers)."""
         if pair not in self.tied_comm:
             ranks = self.pairs[pair]
-            values = np.array([self.exchange_time(int(b), ranks) if trainable else 0.0
+            values = np.array([exchange_time(self.comm, self._allreduce, int(b), ranks) if trainable else 0.0
                                for b, trainable in zip(self.tied_bytes, self.tied_trainable)], dtype=np.float64)
             if not np.all(np.isfinite(values) & (values >= 0)):
                 raise CostModelError(

@@ -43,6 +43,18 @@ def ring_allreduce_time(comm_time: CommTime, num_bytes: int, ranks: Sequence[int
     return 2 * (n - 1) * step
 
 
+def exchange_time(
+    comm_time: CommTime | None, allreduce_time: AllReduceTime | None, num_bytes: int, ranks: Sequence[int]
+) -> float:
+    """Seconds to all-reduce ``num_bytes`` among ``ranks``: ``allreduce_time`` when
+    given, else a ring over ``comm_time``; 0 for one rank or without a comm model."""
+    if len(set(ranks)) < 2 or comm_time is None:
+        return 0.0
+    if allreduce_time is not None:
+        return float(allreduce_time(num_bytes, tuple(sorted(set(ranks)))))
+    return ring_allreduce_time(comm_time, num_bytes, ranks)
+
+
 @dataclass(frozen=True)
 class ChainTensor:
     """A value produced by the node at ``producer`` and read by later nodes.
@@ -134,11 +146,7 @@ class ChainProblem:
 
     def exchange_time(self, num_bytes: int, ranks: Sequence[int]) -> float:
         """Seconds to all-reduce ``num_bytes`` among ``ranks`` (0 without a comm model)."""
-        if len(set(ranks)) < 2 or self.comm_time is None:
-            return 0.0
-        if self.allreduce_time is not None:
-            return float(self.allreduce_time(num_bytes, tuple(sorted(set(ranks)))))
-        return ring_allreduce_time(self.comm_time, num_bytes, ranks)
+        return exchange_time(self.comm_time, self.allreduce_time, num_bytes, ranks)
 
     def cut_positions(self) -> list[int]:
         """Interior cuts ``1 .. N-1`` that are allowed, ascending."""

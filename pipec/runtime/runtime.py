@@ -159,6 +159,7 @@ class PipelineRuntime:
         )
         self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
         self._timelines = TimelineLog()
+        self._allreduce_pending = False
         self._step = 0
         log.info(
             "rank %d: stages %s on %s, %d actions, schedule %s",
@@ -191,6 +192,7 @@ class PipelineRuntime:
                 "or to pipec.partition(..., loss_fn=...)"
             )
         self._check_usable()
+        self._resolve_allreduce()
         try:
             microbatches = self._microbatches(inputs, kwargs)
             targets = None
@@ -215,6 +217,7 @@ class PipelineRuntime:
         """Inference on the full batch: the model's output (micro-batches concatenated
         along dim 0) on the rank holding the last stage, None elsewhere."""
         self._check_usable()
+        self._resolve_allreduce()
         try:
             microbatches = self._microbatches(inputs, kwargs)
             with torch.no_grad():
@@ -271,7 +274,9 @@ class PipelineRuntime:
 
     def _end_step_timed(self, result: StepResult) -> None:
         """The tied-gradient all-reduces, timed into the step's timeline as one
-        ``ALLREDUCE`` span (on the executor's clock, so on CUDA its events)."""
+        ``ALLREDUCE`` span (on the executor's clock, so on CUDA its events). On
+        CUDA the span is resolved later (:meth:`_resolve_allreduce`), so the
+        step returns without waiting for the all-reduce, as NCCL allows."""
         if not len(self._tied):
             self._tied.end_step()
             return
@@ -279,7 +284,17 @@ class PipelineRuntime:
         started = clock.start()
         self._tied.end_step()
         clock.stop(started, ALLREDUCE)
-        result.timeline.append(clock.events(self.rank)[-1])
+        if clock.cuda:
+            self._allreduce_pending = True
+        else:
+            result.timeline.append(clock.last_event(self.rank))
+
+    def _resolve_allreduce(self) -> None:
+        """Add a CUDA step's ALLREDUCE span to its timeline, before the clock is reused
+        (next step) or the timeline is read."""
+        if self._allreduce_pending:
+            self._allreduce_pending = False
+            self._timelines.append_to_last(self._executor.clock.last_event(self.rank))
 
     def _record(self, result: StepResult) -> None:
         self._timelines.add(self._step, result.started, result.timeline)
@@ -390,10 +405,12 @@ class PipelineRuntime:
     def timeline(self) -> list[TimelineEvent]:
         """``(start, end, rank, action)`` of this rank's last step, seconds from its start;
         a training step on a rank holding a tied parameter ends with an ``ALLREDUCE`` entry."""
+        self._resolve_allreduce()
         return self._timelines.last()
 
     def save_timeline(self, path: str | os.PathLike[str]) -> Path:
         """Write this rank's recent steps as Chrome trace JSON (see :mod:`pipec.runtime.timeline`)."""
+        self._resolve_allreduce()
         return write_chrome_trace(Path(path), self._timelines.steps())
 
     def __repr__(self) -> str:

@@ -67,6 +67,15 @@ class Clock:
         else:
             self._cpu.append((started - self._t0, time.perf_counter() - self._t0, text))
 
+    def last_event(self, rank: int) -> TimelineEvent:
+        """The last span recorded, alone (on CUDA this waits for its end event only)."""
+        if self.cuda:
+            s, e, t = self._events[-1]
+            e.synchronize()
+            return (self._e0.elapsed_time(s) / 1e3, self._e0.elapsed_time(e) / 1e3, rank, t)
+        s0, e0, t0 = self._cpu[-1]
+        return (s0, e0, rank, t0)
+
     def events(self, rank: int) -> list[TimelineEvent]:
         if self.cuda:
             torch.cuda.synchronize()
@@ -92,6 +101,12 @@ class TimelineLog:
 
     def add(self, step: int, started: float, events: list[TimelineEvent]) -> None:
         self._steps.append(StepTimeline(step, started, tuple(events)))
+
+    def append_to_last(self, event: TimelineEvent) -> None:
+        """Add ``event`` to the last step (a span resolved after the step was recorded)."""
+        if self._steps:
+            last = self._steps[-1]
+            self._steps[-1] = StepTimeline(last.step, last.started, (*last.events, event))
 
     def last(self) -> list[TimelineEvent]:
         return list(self._steps[-1].events) if self._steps else []

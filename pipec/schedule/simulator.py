@@ -258,7 +258,7 @@ class Simulation:
 
     schedule: Schedule
     step_time: float
-    bubble_fraction: float  # 1 - total busy time / (num_ranks * step_time)
+    bubble_fraction: float  # 1 - total busy time / (num_ranks * step_time); collectives count as idle
     busy_time: tuple[float, ...]  # per rank, compute only
     peak_inflight: tuple[int, ...]  # per rank
     memory: tuple[tuple[tuple[float, int], ...], ...]  # per rank: (time, bytes) after each change
@@ -312,9 +312,17 @@ def simulate(
 
 def _check_collectives(collectives: Sequence[Collective], num_ranks: int) -> tuple[Collective, ...]:
     out = []
-    for i, c in enumerate(collectives):
-        c = Collective(*c)
-        ranks = tuple(sorted(set(int(r) for r in c.ranks)))
+    for i, given in enumerate(collectives):
+        try:
+            c = Collective(*given)
+            ranks = tuple(sorted({int(r) for r in c.ranks}))
+            duration = float(c.duration)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"collectives[{i}]: expected (name, ranks, seconds) such as ('all-reduce w', (0, 1), 0.02), "
+                f"found {given!r} ({err})"
+            ) from None
+        c = Collective(str(c.name), ranks, duration)
         if not ranks or ranks[0] < 0 or ranks[-1] >= num_ranks:
             raise ConfigError(
                 f"collectives[{i}] ({c.name!r}): expected ranks in 0..{num_ranks - 1}, found {list(c.ranks)}; "
@@ -324,7 +332,7 @@ def _check_collectives(collectives: Sequence[Collective], num_ranks: int) -> tup
             raise ConfigError(
                 f"collectives[{i}] ({c.name!r}): expected a duration of finite seconds >= 0, found {c.duration!r}"
             )
-        out.append(Collective(str(c.name), ranks, float(c.duration)))
+        out.append(c)
     return tuple(out)
 
 
@@ -415,13 +423,14 @@ def simulate_plan(plan: Plan) -> Simulation:
 def plan_collectives(plan: Plan) -> tuple[Collective, ...]:
     """The runtime's collectives after each step: one all-reduce per tied group
     among its holders' ranks, in the plan's order (as
-    :class:`~pipec.runtime.tied.TiedParameters` issues them), lasting the
-    group's ``allreduce_time``. Groups whose stages share one rank need none."""
+    :class:`~pipec.runtime.tied.TiedGradReducer` issues them), lasting the
+    group's ``allreduce_time``. Groups whose stages share one rank need none;
+    groups of a plan saved before the all-reduce was priced are left out."""
     rank_of = {st.index: st.rank for st in plan.stages}
     out = []
     for g in plan.data.tied_groups:
         ranks = tuple(sorted({rank_of[s] for s in g.stages}))
-        if len(ranks) > 1:
+        if len(ranks) > 1 and g.allreduce_time is not None:
             out.append(Collective(f"all-reduce {g.fqn}", ranks, g.allreduce_time))
     return tuple(out)
 

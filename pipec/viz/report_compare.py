@@ -133,20 +133,31 @@ def action_comparison(measured: Measured, predicted: Simulation | None) -> str:
     if rows[False]:
         out += (
             f"<details><summary>communication actions ({len(rows[False])} kinds): a RECV lasts as long "
-            "as the rank waited; ALLREDUCE is the tied-gradient all-reduce after the step, as the last "
-            f'rank to join it saw it</summary><table class="sortable">{head}<tbody>{"".join(rows[False])}'
+            "as the rank waited; ALLREDUCE is the time the step runs past its last action: the "
+            f'tied-gradient all-reduce</summary><table class="sortable">{head}<tbody>{"".join(rows[False])}'
             "</tbody></table></details>"
         )
     return out
 
 
 def measured_allreduce(measured: Measured) -> list[float]:
-    """Per step, the tied-gradient all-reduce as the last rank to join it saw it: the
-    shortest ``ALLREDUCE`` span of the step (the others include waiting for that rank)."""
-    per_step: dict[int, float] = {}
-    for c in measured.collectives:
-        per_step[c.step] = min(per_step.get(c.step, c.duration), c.duration)
-    return [per_step[k] for k in sorted(per_step)]
+    """Per step with an all-reduce, the time the step ran past its last action: the
+    tied-gradient all-reduces once the last rank joined them (a rank's own
+    ``ALLREDUCE`` span also holds its wait for the others)."""
+    out = []
+    for step in sorted({c.step for c in measured.collectives}):
+        actions = [end for _, end, _, _ in measured.timeline(step)]
+        spans = [c.end for c in measured.spans(step)]
+        if actions:
+            out.append(max(0.0, max(spans) - max(actions)))
+    return out
+
+
+def predicted_allreduce(predicted: Simulation) -> float | None:
+    """The simulated step's time past its last action (the collectives), or None without any."""
+    if not predicted.collectives:
+        return None
+    return max(0.0, predicted.step_time - max((e.end for e in predicted.timeline), default=0.0))
 
 
 def allreduce_row(measured: Measured, predicted: Simulation | None) -> str:
@@ -154,10 +165,10 @@ def allreduce_row(measured: Measured, predicted: Simulation | None) -> str:
     durations = measured_allreduce(measured)
     if not durations:
         return ""
-    pred = sum(c.end - c.start for c in predicted.collectives) if predicted is not None else None
+    pred = predicted_allreduce(predicted) if predicted is not None else None
     tip = f"min {fmt_time(min(durations))}, max {fmt_time(max(durations))}"
     return (
-        '<tr><td data-v="-1">–</td><td class="mono">ALLREDUCE</td>'
+        '<tr><td data-v="-1">\u2013</td><td class="mono">ALLREDUCE</td>'
         f'<td class="n">{len(durations)}</td>{_ratio_cells(pred or None, _median(durations))}'
         f'<td class="n">{esc(tip)}</td></tr>'
     )

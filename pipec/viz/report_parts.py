@@ -189,7 +189,8 @@ def tied_groups(data: PlanData) -> str:
         f"<li><code>{esc(g.fqn)}</code> ({esc(fmt_bytes(g.num_bytes))}) on stages "
         f"{esc(', '.join(map(str, g.stages)))}"
         + (f", also named {esc(', '.join(g.aliases))}" if g.aliases else "")
-        + f"; gradient all-reduce {esc(fmt_time(g.allreduce_time))} per step, after the schedule"
+        + ("; gradient all-reduce not priced (plan saved by an older pipec)" if g.allreduce_time is None
+           else f"; gradient all-reduce {esc(fmt_time(g.allreduce_time))} per step, after the schedule")
         + "</li>"
         for g in data.tied_groups
     )

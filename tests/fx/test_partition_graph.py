@@ -190,3 +190,17 @@ def test_bad_manual_split(split: Any, message: str) -> None:
     traced, costs = traced_of(MLP(), torch.randn(2, 16))
     with pytest.raises(PartitionError, match=message):
         plan_from_split(traced, costs, split)
+
+
+def test_interleaved_tied_plan_reports_the_runtimes_all_reduce() -> None:
+    torch.manual_seed(0)
+    model, tokens = TiedLM(), torch.randint(0, 64, (4, 6))
+    traced, costs = traced_of(model, tokens)
+    plan = partition_traced(traced, costs, num_stages=4, num_microbatches=4, cost_model=ByteCost(),
+                            schedule="interleaved-1f1b", stages_per_rank=2)
+    (group,) = plan.data.tied_groups
+    assert group.stages == (0, 3) and [plan.stages[k].rank for k in group.stages] == [0, 1]
+    assert group.allreduce_time == pytest.approx(2 * ByteCost().comm_time(group.num_bytes // 2, 0, 1))
+    assert [st.tied_time for st in plan.stages] == pytest.approx([group.allreduce_time / 4, 0, 0, group.allreduce_time / 4])
+    (span,) = plan.simulate().collectives
+    assert span.ranks == (0, 1)

@@ -149,3 +149,25 @@ def test_allreduce_spans_are_kept_apart_and_end_the_step(tmp_path: Path) -> None
 def test_a_file_of_allreduce_spans_only_is_malformed(tmp_path: Path) -> None:
     write(tmp_path, 0, [event("ALLREDUCE", 0, 10, step=0)])
     assert load_measured(tmp_path) is None
+
+
+def test_the_clock_and_the_log_resolve_a_late_span() -> None:
+    import torch
+
+    from pipec.runtime.timeline import Clock, TimelineLog
+
+    clock = Clock(torch.device("cpu"))
+    clock.begin()
+    first = clock.start()
+    clock.stop(first, "0F0")
+    second = clock.start()
+    clock.stop(second, "ALLREDUCE")
+    start, end, rank, name = clock.last_event(3)
+    assert (rank, name) == (3, "ALLREDUCE") and 0.0 <= start <= end
+    log = TimelineLog()
+    log.append_to_last((0.0, 1.0, 0, "ALLREDUCE"))  # nothing recorded yet: ignored
+    assert log.steps() == []
+    log.add(0, 10.0, [(0.0, 0.5, 0, "0F0")])
+    log.append_to_last((0.5, 1.0, 0, "ALLREDUCE"))
+    assert log.last() == [(0.0, 0.5, 0, "0F0"), (0.5, 1.0, 0, "ALLREDUCE")]
+    assert log.steps()[-1].started == 10.0

@@ -248,3 +248,35 @@ def test_simulate_plan_ends_with_the_tied_all_reduce() -> None:
     # stages sharing one rank exchange nothing
     one_rank = tied.model_copy(update={"stages": (0, 0)})
     assert plan_collectives(Plan(plan.data.model_copy(update={"tied_groups": (one_rank,)}))) == ()  # type: ignore[attr-defined]
+
+
+def test_malformed_collectives_are_config_errors() -> None:
+    for bad in [("x", 3, 1.0), ("x", (0, 1)), ("x", (0, 1), "soon")]:
+        with pytest.raises(ConfigError, match=r"expected \(name, ranks, seconds\)"):
+            simulate(make_schedule("1f1b", 2, 2), forward=1, input_grad=1, weight_grad=1,
+                     collectives=[bad])  # type: ignore[list-item]
+
+
+def test_tied_shares_follow_the_runtimes_groups() -> None:
+    from pipec.partitioner.assemble import tied_shares
+    from pipec.plan import Plan, TiedGroup
+    from pipec.schedule.simulator import plan_collectives
+
+    def group(stages: tuple[int, ...], seconds: float | None) -> TiedGroup:
+        return TiedGroup(fqn="w", stages=stages, num_bytes=8, allreduce_time=seconds)
+
+    def rank_of(k: int) -> int:
+        return k % 2  # 4 stages interleaved on 2 ranks
+
+    # stages 0 and 2 share rank 0: no all-reduce, nothing charged
+    assert tied_shares([group((0, 2), 0.0)], 4, rank_of, 4) == [0.0] * 4
+    # stages 0, 2, 3 on ranks 0 and 1: one all-reduce, each rank charged once (its first stage)
+    assert tied_shares([group((0, 2, 3), 2.0)], 4, rank_of, 4) == [0.5, 0.0, 0.0, 0.5]
+    # three ranks, one per stage (1f1b on 3 ranks): all three holders
+    assert tied_shares([group((0, 1, 2), 3.0)], 3, lambda k: k, 2) == [1.5, 1.5, 1.5]
+    # an older plan's group, not priced: no share, no collective
+    assert tied_shares([group((0, 1), None)], 2, lambda k: k, 2) == [0.0, 0.0]
+    plan = _plan()
+    old = Plan(plan.data.model_copy(update={"tied_groups": (group((0, 1), None),)}))  # type: ignore[attr-defined]
+    assert plan_collectives(old) == ()
+    assert "not priced" in old.summary()
