@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import CostModelError
 from pipec.types import FrozenModel
 from pipec.units import parse_bytes
@@ -127,30 +128,29 @@ class HardwareSpec(FrozenModel):
         link_bandwidth: float | None = None,
         link_latency: float | None = None,
     ) -> float:
-        """Seconds for a ring all-reduce of ``num_bytes`` among ``ranks``.
-
-        ``2 (n - 1)`` steps, each moving ``num_bytes / n`` over every link of the
-        ring at once, so as slow as the ring's slowest link at
-        :attr:`allreduce_efficiency` of its bandwidth (Patarasuk and Yuan,
-        "Bandwidth optimal all-reduce algorithms for clusters of workstations",
-        JPDC 69(2), 2009): ``2 (n - 1) * latency + 2 (n - 1) / n * num_bytes /
-        bus_bandwidth``. ``link_bandwidth`` / ``link_latency`` replace every
-        link's figures (a profiled cost model's overrides). 0 for fewer than two ranks.
+        """Seconds for a ring all-reduce of ``num_bytes`` among ``ranks``
+        (:func:`pipec.costs.ring.ring_allreduce_time`), each link at
+        :attr:`allreduce_efficiency` of its bandwidth: ``2 (n - 1) * (latency +
+        num_bytes / n / bus_bandwidth)`` on the ring's slowest link.
+        ``link_bandwidth`` / ``link_latency`` replace every link's figures (a
+        profiled cost model's overrides). 0 for fewer than two ranks.
         """
-        ring = sorted(set(ranks))
-        n = len(ring)
-        if num_bytes < 0 or any(r < 0 for r in ring):
+        if num_bytes < 0 or any(r < 0 for r in ranks):
             raise CostModelError(
                 f"allreduce_time: expected num_bytes >= 0 and ranks >= 0, found num_bytes={num_bytes}, "
                 f"ranks={list(ranks)}"
             )
-        if n < 2:
-            return 0.0
-        links = [self.link(a, b) for a, b in zip(ring, ring[1:] + ring[:1])]
-        bandwidth = min(bw for bw, _ in links) if link_bandwidth is None else link_bandwidth
-        latency = max(lat for _, lat in links) if link_latency is None else link_latency
-        bus = bandwidth * self.allreduce_efficiency
-        return 2 * (n - 1) * latency + 2 * (n - 1) / n * num_bytes / bus
+        efficiency = self.allreduce_efficiency
+
+        def step(chunk: int, src: int, dst: int) -> float:
+            bandwidth, latency = self.link(src, dst)
+            if link_bandwidth is not None:
+                bandwidth = link_bandwidth
+            if link_latency is not None:
+                latency = link_latency
+            return latency + chunk / (bandwidth * efficiency)
+
+        return ring_allreduce_time(step, num_bytes, ranks)
 
 
 def cost_models_dir() -> Path:

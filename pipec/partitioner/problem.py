@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import PartitionError
 
 if TYPE_CHECKING:
@@ -30,24 +31,12 @@ AllReduceTime = Callable[[int, Sequence[int]], float]
 """``allreduce_time(num_bytes, ranks) -> seconds``, as on the shipped cost models."""
 
 
-def ring_allreduce_time(comm_time: CommTime, num_bytes: int, ranks: Sequence[int]) -> float:
-    """An all-reduce from point-to-point costs alone, for cost models without
-    ``allreduce_time``: a ring of ``2 (n - 1)`` steps, each moving ``num_bytes / n``
-    over every link at once, as slow as the slowest link. 0 for fewer than two ranks."""
-    ring = sorted(set(ranks))
-    n = len(ring)
-    if n < 2:
-        return 0.0
-    chunk = -(-num_bytes // n)
-    step = max(float(comm_time(chunk, a, b)) for a, b in zip(ring, ring[1:] + ring[:1]))
-    return 2 * (n - 1) * step
-
-
 def exchange_time(
     comm_time: CommTime | None, allreduce_time: AllReduceTime | None, num_bytes: int, ranks: Sequence[int]
 ) -> float:
     """Seconds to all-reduce ``num_bytes`` among ``ranks``: ``allreduce_time`` when
-    given, else a ring over ``comm_time``; 0 for one rank or without a comm model."""
+    given, else a ring over ``comm_time`` (:func:`pipec.costs.ring.ring_allreduce_time`);
+    0 for one rank or without a comm model."""
     if len(set(ranks)) < 2 or comm_time is None:
         return 0.0
     if allreduce_time is not None:
@@ -99,7 +88,7 @@ class ChainProblem:
     - ``comm_time``: seconds to move bytes between two ranks; ``None`` = free.
     - ``allreduce_time``: seconds to all-reduce bytes among ranks (a tied
       gradient, once per step); ``None`` = a ring over ``comm_time``
-      (:func:`ring_allreduce_time`).
+      (:func:`pipec.costs.ring.ring_allreduce_time`).
     - ``memory_limit``: one entry per rank (``None`` = unlimited), or ``None``.
     - ``in_flight``: micro-batches whose activations stage ``k`` holds at its
       peak; ``None`` = the closed form for ``schedule``

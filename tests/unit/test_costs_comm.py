@@ -144,8 +144,9 @@ def test_profiled_allreduce_takes_the_link_overrides() -> None:
 
 
 def test_a_cost_model_without_allreduce_gets_a_ring_of_its_transfers() -> None:
+    from pipec.costs.ring import ring_allreduce_time
     from pipec.partitioner import config
-    from pipec.partitioner.problem import ChainProblem, ring_allreduce_time
+    from pipec.partitioner.problem import ChainProblem
 
     def comm(num_bytes: int, src: int, dst: int) -> float:
         return 0.0 if src == dst else 1e-3 + num_bytes / 1e9
