@@ -202,7 +202,7 @@ class PipelineRuntime:
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
-            self._end_step_timed(result)
+            self._end_step_timed()
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -272,11 +272,11 @@ class PipelineRuntime:
         if self._monitor is not None:
             self._monitor.close()
 
-    def _end_step_timed(self, result: StepResult) -> None:
-        """The tied-gradient all-reduces, timed into the step's timeline as one
-        ``ALLREDUCE`` span (on the executor's clock, so on CUDA its events). On
-        CUDA the span is resolved later (:meth:`_resolve_allreduce`), so the
-        step returns without waiting for the all-reduce, as NCCL allows."""
+    def _end_step_timed(self) -> None:
+        """The tied-gradient all-reduces, timed on the executor's clock (on CUDA its
+        events) as one ``ALLREDUCE`` span of the step, added to the step's timeline
+        by :meth:`_resolve_allreduce` -- later, so on CUDA the step returns without
+        waiting for the all-reduce, as NCCL allows."""
         if not len(self._tied):
             self._tied.end_step()
             return
@@ -284,14 +284,11 @@ class PipelineRuntime:
         started = clock.start()
         self._tied.end_step()
         clock.stop(started, ALLREDUCE)
-        if clock.cuda:
-            self._allreduce_pending = True
-        else:
-            result.timeline.append(clock.last_event(self.rank))
+        self._allreduce_pending = True
 
     def _resolve_allreduce(self) -> None:
-        """Add a CUDA step's ALLREDUCE span to its timeline, before the clock is reused
-        (next step) or the timeline is read."""
+        """Add the last step's ALLREDUCE span to its timeline, before the clock is
+        reused (next step) or the timeline is read."""
         if self._allreduce_pending:
             self._allreduce_pending = False
             self._timelines.append_to_last(self._executor.clock.last_event(self.rank))
