@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a plan directory on N local processes through torchrun")
     r.add_argument("directory", type=Path)
-    r.add_argument("--nproc", type=_whole(1), required=True,
-                   help="processes (ranks); must equal the plan's ranks")
+    r.add_argument("--nproc", type=_whole(1), default=None,
+                   help="processes (ranks); default and only valid value: the plan's num_ranks")
     r.add_argument("--backend", choices=("gloo", "nccl"), default=None,
                    help="default: nccl when CUDA is available, else gloo")
     r.add_argument("--steps", type=_whole(1), default=5, help="training steps (default 5)")
@@ -203,7 +203,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipec.codegen import load
     from pipec.runtime.launch import run_plan
 
-    plan = load(args.directory)  # a missing or damaged plan fails here, before any process starts
+    # a missing, damaged or hand-edited plan fails here, before any process starts
+    plan = load(args.directory)
+    if args.nproc is None:
+        args.nproc = plan.num_ranks
     if args.nproc != plan.num_ranks:
         raise ConfigError(
             f"the plan in {args.directory} runs on {plan.num_ranks} ranks, but --nproc is {args.nproc}; "

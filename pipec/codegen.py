@@ -9,11 +9,17 @@ temporary directory beside the target, renamed into place only when complete::
     schedule.txt              the lowered schedule, one line per rank
     schedule.svg              the schedule drawn, when pipec.viz.svg is available
     run.py                    a torchrun entry point with an editable training loop
+    report.html               the plan drawn (redrawn by ``pipec show``)
+    manifest.json             the sha256 of each file above, written last (pipec.manifest)
 
 ``load(directory)`` (``pipec.load``) checks every file and returns a Plan whose
-stage modules come from ``stage_<k>.py`` + safetensors. Nothing is pickled and
-nothing from ``plan.json`` is evaluated; ``stage_<k>.py`` *is* code, so a plan
-directory is trusted like any script you run.
+stage modules come from ``stage_<k>.py`` + safetensors: the files against
+``manifest.json`` (a changed, missing or stray plan file is refused), the plan's
+invariants and its schedule (:mod:`pipec.plan_check`), ``schedule.txt``
+against the plan's schedule, and each weights file against its stage file --
+all before any stage file is imported. Nothing is pickled and nothing from
+``plan.json`` is evaluated; ``stage_<k>.py`` *is* code, so a plan directory is
+trusted like any script you run, and only as pipec wrote it.
 """
 
 from __future__ import annotations
@@ -37,14 +43,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipec._imports import import_file
-from pipec.errors import PlanError
+from pipec.errors import ConfigError, PlanError, ScheduleError
+from pipec.manifest import MANIFEST_FILE, manifest_problems, write_manifest
 from pipec.plan import FORMAT_VERSION, Plan, PlanData
+from pipec.plan_check import RERUN as _RERUN
+from pipec.plan_check import check_plan_data, check_schedule
+from pipec.schedule.ir import Schedule
 from pipec.split import StageModule
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-_RERUN = "re-run `pipec partition` (or plan.save(DIR)) to write the plan again"
 _TEMPLATES = Path(__file__).parent / "templates"
 _import_counter = itertools.count()
 
@@ -115,6 +124,9 @@ def _write_files(plan: Plan, out: Path) -> None:
     from pipec.viz.report import render_report
 
     (out / "report.html").write_text(render_report(plan, measured=None), encoding="utf-8")
+    checked = [PLAN_FILE, "schedule.txt"] + [name for k in range(plan.data.num_stages)
+                                             for name in (stage_file(k), weights_file(k))]
+    write_manifest(out, checked, recorded=("run.py", "report.html", "schedule.svg"))
 
 
 def _stage_text(plan: Plan, index: int, module: StageModule) -> str:
@@ -160,8 +172,18 @@ def _schedule_svg(schedule: Any) -> str | None:
 # -- loading ----------------------------------------------------------------------------
 
 
-def load(directory: str | Path) -> Plan:
+def load(directory: str | Path, *, verify: bool = True) -> Plan:
     """The plan saved in ``directory``; every file is checked before it is trusted.
+
+    Checks, before any stage file is imported: each file against
+    ``manifest.json`` (``verify=True``), ``plan.json``'s invariants and schedule,
+    ``schedule.txt`` against that schedule, each weights file against its stage
+    file. Problems that say more (an action missing from the schedule, a tensor
+    of the wrong shape) are reported before a bare checksum mismatch.
+
+    ``verify=False`` skips the manifest only -- for files you changed on purpose
+    (a stage file you edited): everything else is still checked. Save the
+    result to a new directory (``plan.save(NEW)``) to get a verified plan again.
 
     The returned Plan has no traced graph (``plan.traced is None``);
     ``plan.stage_module(k)`` imports ``stage_<k>.py`` and loads its weights.
@@ -171,10 +193,15 @@ def load(directory: str | Path) -> Plan:
             f"pipec.load: expected the path of a plan directory, found {type(directory).__name__}; "
             "pass the directory given to plan.save or `pipec partition -o`"
         )
+    if not isinstance(verify, bool):
+        raise ConfigError(f"pipec.load: verify must be True or False, found {verify!r}")
     path = Path(directory)
     if not path.is_dir():
         raise PlanError(f"no plan directory at {path}; expected the directory given to plan.save, or {_RERUN}")
+    problems = manifest_problems(path) if verify else []
     data = read_plan_data(path)
+    check_plan_data(data, path / PLAN_FILE)
+    _check_schedule_file(path, data)
     for index in range(data.num_stages):
         expected = stage_tensor_shapes(path, index)
         found = _weights_header(path, index)
@@ -186,7 +213,41 @@ def load(directory: str | Path) -> Plan:
                 f"{label} {names[:5]}" for label, names in
                 (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if names)
             raise PlanError(f"{path / weights_file(index)} does not match {stage_file(index)}: {detail}; {_RERUN}")
+    if problems:
+        raise PlanError(
+            f"refusing the plan in {path}: {'; '.join(problems)}. A plan directory is code (stage_<k>.py "
+            f"is imported) and pipec loads it only as it wrote it ({MANIFEST_FILE} holds each file's "
+            f"sha256). Restore the files pipec wrote, or {_RERUN}; to keep files you changed on purpose, "
+            "or a plan saved before pipec wrote manifests, save a verified copy with "
+            "pipec.load(DIR, verify=False).save(NEW_DIR) (its other checks still run)"
+        )
     return Plan(data, directory=path)
+
+
+def _check_schedule_file(directory: Path, data: PlanData) -> None:
+    """``schedule.txt`` (the lowered schedule, when present) is valid and lowers ``plan.json``'s."""
+    file = directory / "schedule.txt"
+    if not file.is_file():
+        return  # not read by the runtime (it lowers plan.json's schedule); verify=True reports it missing
+    sched = data.schedule
+    try:
+        lowered = Schedule.from_text(file.read_text(encoding="utf-8"), name=sched.name,
+                                     num_stages=sched.num_stages, num_microbatches=sched.num_microbatches,
+                                     stages_per_rank=sched.stages_per_rank)
+    except (ScheduleError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{file} cannot be read as a schedule ({exc}); {_RERUN}") from None
+    compute = sched.compute_only().actions
+    if lowered.num_ranks != len(compute):
+        raise PlanError(f"{file} has {lowered.num_ranks} rank lines, the schedule in {PLAN_FILE} has "
+                        f"{len(compute)} ranks; {_RERUN}")
+    for rank, (got, want) in enumerate(zip(lowered.compute_only().actions, compute)):
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            found = str(got[at]) if at < len(got) else "nothing"
+            expected = str(want[at]) if at < len(want) else "nothing"
+            raise PlanError(f"{file} does not lower the schedule in {PLAN_FILE}: rank {rank}'s compute action "
+                            f"#{at} is {found} there and {expected} in {PLAN_FILE}; {_RERUN}")
+    check_schedule(lowered, data, file)
 
 
 def read_plan_data(directory: Path) -> PlanData:

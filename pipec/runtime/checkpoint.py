@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import save_file
 from torch._C._distributed_c10d import Store
 
+from pipec._files import sha256_file
 from pipec.errors import CheckpointError
 from pipec.plan import Plan
 from pipec.runtime.checkpoint_io import (
@@ -67,7 +68,6 @@ from pipec.runtime.checkpoint_state import (
     optimizer_to_files,
     rng_from_files,
     rng_to_files,
-    sha256_file,
 )
 
 if TYPE_CHECKING:

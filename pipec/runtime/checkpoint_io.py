@@ -20,8 +20,9 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
+from pipec._files import sha256_file
 from pipec.errors import CheckpointError
-from pipec.runtime.checkpoint_state import fsync_path, sha256_file
+from pipec.runtime.checkpoint_state import fsync_path
 from pipec.types import FrozenModel
 
 CHECKPOINT_FORMAT_VERSION = 1

@@ -19,7 +19,6 @@ numpy's global generator as JSON.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import sys
@@ -32,14 +31,6 @@ import torch
 from pipec.errors import CheckpointError
 
 Json = Any  # a value json.dumps accepts
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

@@ -1,0 +1,113 @@
+"""Check a plan read from disk: its numbers agree with each other and its schedule is valid.
+
+Phase: codegen (used by :func:`pipec.codegen.load`, before any stage file is
+imported). Input: :class:`~pipec.plan.PlanData` as ``plan.json`` held it (pydantic
+has checked the types) and the file it came from, for messages. Output:
+``None``, or :class:`~pipec.errors.PlanError` naming the file, what was
+expected, what was found and what to do.
+
+pydantic checks each field; this checks what ties them together, the
+invariants every plan ``pipec.partition`` makes holds:
+
+1. sizes: ``num_stages``, ``num_ranks``, ``stages_per_rank`` and
+   ``num_microbatches`` equal the schedule's, and ``stages`` is stages
+   ``0 .. num_stages - 1`` in order;
+2. placement: each stage's ``rank`` is the rank the schedule runs it on;
+3. nodes: no node in two stages; every boundary is produced by a node of its
+   producer stage and read by later stages; tied groups and per-rank lists
+   name stages and ranks that exist;
+4. the schedule: :func:`pipec.schedule.validator.validate` with the plan's
+   boundaries -- every stage x micro-batch has its ``F`` and its backward
+   (``B``, or ``I`` and ``W``), in an order that cannot deadlock.
+
+A plan that breaks one would run with the wrong gradients or hang, so it is
+refused; the runtime trusts a loaded plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipec.errors import PlanError, ScheduleError
+from pipec.plan import PlanData
+from pipec.schedule.ir import Schedule
+
+RERUN = "re-run `pipec partition` (or plan.save(DIR)) to write the plan again"
+
+
+def _refuse(file: Path, problem: str) -> PlanError:
+    return PlanError(f"{file} is not a consistent plan: {problem}; it was edited or damaged after pipec "
+                     f"wrote it: {RERUN}")
+
+
+def check_plan_data(data: PlanData, file: Path) -> None:
+    """Raise :class:`PlanError` unless ``data`` (read from ``file``) holds the invariants above."""
+    _check_sizes(data, file)
+    _check_nodes(data, file)
+    check_schedule(data.schedule, data, file)
+
+
+def _check_sizes(data: PlanData, file: Path) -> None:
+    sched = data.schedule
+    for field, value, found in (("num_stages", data.num_stages, sched.num_stages),
+                                ("num_ranks", data.num_ranks, sched.num_ranks),
+                                ("stages_per_rank", data.stages_per_rank, sched.stages_per_rank),
+                                ("num_microbatches", data.num_microbatches, sched.num_microbatches)):
+        if value != found:
+            raise _refuse(file, f"{field} is {value} but its schedule {sched.name!r} has {field} {found}")
+    if data.num_stages != data.num_ranks * data.stages_per_rank:
+        raise _refuse(file, f"num_stages ({data.num_stages}) must be num_ranks ({data.num_ranks}) x "
+                            f"stages_per_rank ({data.stages_per_rank})")
+    indices = [st.index for st in data.stages]
+    if indices != list(range(data.num_stages)):
+        raise _refuse(file, f"expected stages 0..{data.num_stages - 1} in order (num_stages is "
+                            f"{data.num_stages}), found stages {indices}")
+    for st in data.stages:
+        if st.rank != sched.rank_of(st.index):
+            raise _refuse(file, f"stage {st.index} is on rank {st.rank}, but the schedule runs it on rank "
+                                f"{sched.rank_of(st.index)} (ranks 0..{data.num_ranks - 1})")
+    for field, values in (("memory_limit", data.memory_limit), ("device_speeds", data.device_speeds)):
+        if values and len(values) != data.num_ranks:
+            raise _refuse(file, f"{field} has {len(values)} entries, expected one per rank ({data.num_ranks})")
+
+
+def _check_nodes(data: PlanData, file: Path) -> None:
+    owner: dict[str, int] = {}
+    for st in data.stages:
+        for node in st.nodes:
+            if node in owner:
+                raise _refuse(file, f"node {node!r} is in stage {owner[node]} and in stage {st.index}")
+            owner[node] = st.index
+    last = data.num_stages - 1
+    for b in data.boundaries:
+        if not 0 <= b.producer_stage <= last:
+            raise _refuse(file, f"boundary {b.name!r} comes from stage {b.producer_stage}, but the plan "
+                                f"has stages 0..{last}")
+        if owner.get(b.name) != b.producer_stage:
+            where = f"stage {owner[b.name]}" if b.name in owner else "no stage"
+            raise _refuse(file, f"boundary {b.name!r} is produced by stage {b.producer_stage}, but node "
+                                f"{b.name!r} is in {where}")
+        if not b.consumer_stages or any(not b.producer_stage < c <= last for c in b.consumer_stages):
+            raise _refuse(file, f"boundary {b.name!r} from stage {b.producer_stage} is read by stages "
+                                f"{list(b.consumer_stages)}; expected later stages, up to {last}")
+    for g in data.tied_groups:
+        if any(not 0 <= s <= last for s in g.stages):
+            raise _refuse(file, f"tied parameter {g.fqn!r} lives on stages {list(g.stages)}, but the "
+                                f"plan has stages 0..{last}")
+
+
+def check_schedule(schedule: Schedule, data: PlanData, file: Path) -> None:
+    """:func:`~pipec.schedule.validator.validate` ``schedule`` (compute-only or
+    lowered) with the plan's boundaries; a :class:`PlanError` naming ``file``."""
+    from pipec.schedule.validator import validate
+
+    try:
+        validate(schedule, data.boundaries)
+    except ScheduleError as exc:
+        # the first paragraph names the action, stage and micro-batch; the grid stays
+        # on the cause (shown with --debug), one line is what a terminal can take
+        problem = str(exc).split("\n\n", 1)[0]
+        raise _refuse(file, problem) from exc
+
+
+__all__ = ["RERUN", "check_plan_data", "check_schedule"]
