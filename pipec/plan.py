@@ -130,7 +130,7 @@ class PlanData(FrozenModel):
     device_speeds: tuple[float, ...] = ()  # per rank
     optimizer_state_bytes_per_param: int = 8
     bottleneck: float  # slowest stage time
-    lower_bound: float  # max(total / num_stages, largest node)
+    lower_bound: float  # max(total / num_stages, largest node): compute only, no communication
     candidates: tuple[Candidate, ...] = ()
     node_modules: dict[str, str] = {}  # compute node -> owning module path (for pictures after load)
     factory: str | None = None  # "FILE.py:FACTORY" the CLI built the model from

@@ -4,8 +4,10 @@ Input: a :class:`pipec.plan.Plan`. Output: a string -- one row per stage
 (rank, node count, first ... last module, parameters, forward / backward /
 communication time per micro-batch -- boundary transfers and the share of a
 tied-gradient all-reduce -- memory) rendered by ``rich`` without
-colour codes, then the bottleneck against the lower bound
-``max(total / num_stages, largest node)``. A plan the auto-planner chose also
+colour codes, then the bottleneck (compute + communication of the slowest
+stage) against the lower bound ``max(total / num_stages, largest node)``, which
+counts compute only and says so: the boundary transfers and tied-gradient
+all-reduces of the "comm" column are left out of it. A plan the auto-planner chose also
 lists every candidate configuration it simulated, and says why the winner won.
 """
 
@@ -17,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipec.plan import Candidate, Plan, PlanData
+from pipec.plan import Candidate, Plan, PlanData, StageInfo
 from pipec.units import format_bytes, format_seconds
 
 _WIDTH = 120
@@ -43,6 +45,14 @@ def _allreduce(seconds: float | None) -> str:
     if seconds is None:
         return "gradient all-reduce not priced: plan saved by an older pipec"
     return f"gradient all-reduce {format_seconds(seconds)} per step, after the schedule"
+
+
+def _bottleneck_parts(slowest: StageInfo | None) -> str:
+    if slowest is None:
+        return "no stages"
+    compute = slowest.forward_time + slowest.backward_time
+    return (f"stage {slowest.index}, marked *: compute {format_seconds(compute)} + communication "
+            f"{format_seconds(slowest.comm_time + slowest.tied_time)}")
 
 
 def plan_summary(plan: Plan) -> str:
@@ -73,9 +83,10 @@ def plan_summary(plan: Plan) -> str:
     console.print(table)
     ratio = d.bottleneck / d.lower_bound if d.lower_bound > 0 else float("nan")
     lines = [
-        f"bottleneck {format_seconds(d.bottleneck)} per micro-batch (stage "
-        f"{slowest.index if slowest else '-'}, marked *); lower bound {format_seconds(d.lower_bound)} "
-        f"= max(total / num_stages, largest node); ratio {ratio:.3f}",
+        f"bottleneck {format_seconds(d.bottleneck)} per micro-batch ({_bottleneck_parts(slowest)}); "
+        f"lower bound {format_seconds(d.lower_bound)} = max(total compute / num_stages, largest node), "
+        "compute only: communication (boundary transfers, tied all-reduces) is left out, so the gap "
+        f"to it includes the communication; ratio {ratio:.3f}",
         f"{len(d.boundaries)} boundary tensors ({format_bytes(sum(b.num_bytes for b in d.boundaries))} "
         f"per micro-batch), {len(d.tied_groups)} tied parameter groups"
         + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)} ({_allreduce(g.allreduce_time)})"

@@ -85,7 +85,7 @@ def glance(
         card(
             "bottleneck",
             fmt_time(data.bottleneck),
-            f"lower bound {fmt_time(data.lower_bound)} ({gap * 100:+.1f}%)",
+            f"compute-only lower bound {fmt_time(data.lower_bound)} ({gap * 100:+.1f}%)",
         ),
         card(
             "peak memory",
@@ -106,7 +106,8 @@ def glance(
         '<div class="panel"><h3>Time per micro-batch by stage</h3>'
         f"<figure>{time_bars_svg(time_rows, reference=data.lower_bound)}</figure>"
         "<figcaption>Forward + backward + communication; dashed line: the lower bound "
-        "(total / stages, or the largest node).</figcaption></div></div>"
+        "(total compute / stages, or the largest node), which leaves communication out."
+        "</figcaption></div></div>"
     )
 
 
