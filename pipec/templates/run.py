@@ -37,7 +37,6 @@ from typing import Any
 import torch
 
 import pipec
-from pipec.codegen import read_plan_data
 from pipec.factory import FactoryResult, resolve_spec, split_spec
 from pipec.factory import load_factory as pipec_load_factory
 from pipec.plan import PlanData
@@ -100,7 +99,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
-    plan = read_plan_data(HERE)  # validated: pydantic, format_version
+    loaded = pipec.load(HERE)  # every file checked (manifest.json, schedule) before any code runs
+    plan = loaded.data
     torch.manual_seed(0)  # the same batch on every rank
     kwargs: dict[str, Any] = {}
     target: Any = None
@@ -115,7 +115,7 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
     else:
         inputs = random_batch(plan)
 
-    pipe = state["pipe"] = pipec.PipelineRuntime(HERE, loss_fn=loss_fn, backend=args.backend)
+    pipe = state["pipe"] = pipec.PipelineRuntime(loaded, loss_fn=loss_fn, backend=args.backend)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr)
     first = 0
     if args.resume:

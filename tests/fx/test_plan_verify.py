@@ -284,3 +284,19 @@ def test_run_nproc_defaults_to_the_plans_ranks(saved: Path, monkeypatch: pytest.
     monkeypatch.setattr(pipec.runtime.launch, "run_plan", fake_run_plan)
     assert pipec.cli.main(["run", str(saved), "--steps", "1"]) == 1
     assert calls == [pipec.load(saved).num_ranks] == [2]
+
+
+@pytest.mark.timeout(120)
+def test_run_py_by_hand_checks_the_plan_before_the_factory_runs(plan_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "factory_ran"
+    factory = tmp_path / "other.py"
+    factory.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                       "def make():\n    raise SystemExit('unreachable')\n")
+    edit_plan_json(plan_dir, lambda raw: raw.update(factory=f"{factory}:make"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, str(plan_dir / "run.py"), "--steps", "1"],
+                            capture_output=True, text=True, env=env, timeout=110)
+    assert result.returncode != 0
+    says(result.stderr, "changed since pipec wrote it: plan.json")
+    assert not marker.exists()
