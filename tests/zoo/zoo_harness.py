@@ -157,51 +157,64 @@ def reference_eval(case: ZooCase, model: nn.Module) -> Any:
 # -- the two ranks -----------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
-    """What the ranks run on one saved plan."""
+    """One phase (``"eval"``: ``pipe.eval(); pipe.forward(...)``, or ``"step"``: one
+    training step) on one saved plan. Each runs in a launch of its own: after a
+    failure a runtime breaks its connections on purpose (peers stop at once), so
+    nothing can run after it in the same process group."""
 
     directory: str
+    phase: str
     loss_fn: Callable[..., torch.Tensor]
     inputs: tuple[Any, ...]
     kwargs: Mapping[str, Any]
     target: Any
-    eval: bool
 
 
-def _ranks(rank: int, world_size: int, jobs: list[Job]) -> list[dict[str, Any]]:
+def _ranks(rank: int, world_size: int, job: Job) -> tuple[str, Any]:
+    try:
+        return _run_job(rank, job)
+    finally:
+        _all_done(world_size)
+
+
+def _all_done(world_size: int) -> None:
+    """Leave only when every rank is done. Here rank 0's process hosts the c10d
+    store (under torchrun the agent does): if it exited at once after a failure,
+    a rank still building its runtime would wait on the lost store for the
+    process group's timeout (30 minutes), not fail."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.add("zoo/done", 1)
+        deadline = time.monotonic() + RUNTIME_TIMEOUT
+        while store.add("zoo/done", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except Exception:  # the store is gone: nobody is left to wait for
+        return
+
+
+def _run_job(rank: int, job: Job) -> tuple[str, Any]:
     from pipec.runtime.runtime import PipelineRuntime
 
-    results: list[dict[str, Any]] = []
-    for job in jobs:
-        res: dict[str, Any] = {}
-        pipe = None
-        if job.eval:
-            try:
-                pipe = PipelineRuntime(job.directory, job.loss_fn, timeout=RUNTIME_TIMEOUT)
-                pipe.eval()
-                res["eval"] = ("ok", pipe.forward(*job.inputs, **job.kwargs))
-            except Exception as e:  # recorded per check; the training step still runs
-                res["eval"] = ("error", f"rank {rank}: {_error(e)}")
-                pipe = None
-        try:
-            if pipe is None:
-                pipe = PipelineRuntime(job.directory, job.loss_fn, timeout=RUNTIME_TIMEOUT)
-            pipe.train()
-            loss = pipe.step(*job.inputs, target=job.target, **job.kwargs)
-            grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
-            res["step"] = ("ok", loss, grads)
-        except Exception as e:
-            res["step"] = ("error", f"rank {rank}: {_error(e)}")
-        results.append(res)
-    return results
-
-
-def _launch(jobs: list[Job]) -> list[list[dict[str, Any]]] | str:
-    """Per job, each rank's results; or why the launch failed."""
     try:
-        per_rank = run_ranks(_ranks, NUM_STAGES, jobs, timeout=LAUNCH_TIMEOUT)
-    except (AssertionError, Exception) as e:  # a crash or hang of the whole launch
-        return f"2-rank launch failed: {e}"
-    return [[per_rank[r][j] for r in range(NUM_STAGES)] for j in range(len(jobs))]
+        pipe = PipelineRuntime(job.directory, job.loss_fn, timeout=RUNTIME_TIMEOUT)
+        if job.phase == "eval":
+            pipe.eval()
+            return "ok", pipe.forward(*job.inputs, **job.kwargs)
+        pipe.train()
+        loss = pipe.step(*job.inputs, target=job.target, **job.kwargs)
+        return "ok", (loss, {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None})
+    except Exception as e:  # the check reports it, with the other rank's outcome
+        return "error", f"rank {rank}: {_error(e)}"
+
+
+def _launch(job: Job) -> list[tuple[str, Any]]:
+    """Each rank's outcome of ``job``: ("ok", value) or ("error", why)."""
+    try:
+        return run_ranks(_ranks, NUM_STAGES, job, timeout=LAUNCH_TIMEOUT)
+    except Exception as e:  # a crash or hang of the whole launch
+        return [("error", f"2-rank launch failed: {e}")]
 
 
 # -- checks on what the ranks returned ---------------------------------------------
@@ -216,11 +229,11 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
 
 def _step_checks(case: ZooCase, ranks: list[dict[str, Any]], model: nn.Module,
                  compare_loss: bool) -> tuple[Check, Check]:
-    errors = [r["step"][1] for r in ranks if r["step"][0] == "error"]
+    errors = [r[1] for r in ranks if r[0] == "error"]
     if errors:
         return Check(False, "\n".join(errors)), _not_run("step")
     ref_loss, ref_grads = reference_step(case, model)
-    losses = [r["step"][1] for r in ranks if r["step"][1] is not None]
+    losses = [r[1][0] for r in ranks if r[1][0] is not None]
     if len(losses) != 1:
         step = Check(False, f"expected the loss on exactly one rank, found it on {len(losses)}")
     elif not torch.isfinite(losses[0]).all():
@@ -235,7 +248,7 @@ def _step_checks(case: ZooCase, ranks: list[dict[str, Any]], model: nn.Module,
     grads: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for r in ranks:
-        for n, g in r["step"][2].items():
+        for n, g in r[1][1].items():
             key = names.get(n, n)
             if key in grads and not torch.allclose(g, grads[key], **TOL):
                 problems.append(f"{key}: the ranks holding it disagree (max abs diff {_diff(g, grads[key]):.3g})")
@@ -272,10 +285,10 @@ def _tensor_leaves(value: Any) -> list[Any]:
 
 
 def _eval_check(case: ZooCase, ranks: list[dict[str, Any]], model: nn.Module) -> Check:
-    errors = [r["eval"][1] for r in ranks if r["eval"][0] == "error"]
+    errors = [r[1] for r in ranks if r[0] == "error"]
     if errors:
         return Check(False, "\n".join(errors))
-    outputs = [r["eval"][1] for r in ranks if r["eval"][1] is not None]
+    outputs = [r[1] for r in ranks if r[1] is not None]
     if len(outputs) != 1:
         return Check(False, f"expected the output on exactly one rank, found it on {len(outputs)}")
     got, want = _tensor_leaves(outputs[0]), _tensor_leaves(reference_eval(case, model))
@@ -363,27 +376,21 @@ def run_case(case: ZooCase, workdir: Path) -> CaseResult:
             checks[name] = _not_run("save_load")
         result.wall_time = time.perf_counter() - started
         return result
-    jobs = [Job(str(workdir / case.name), case.loss_fn, case.inputs, case.kwargs, case.target, eval=True)]
-    grad_model = pristine
-    grad_error = None
-    if case.grad_build is not None:  # the dropout-free twin, planned and saved the same way
-        grad_model = case.grad_build().train()
+    def job(directory: Path, phase: str) -> Job:
+        return Job(str(directory), phase, case.loss_fn, case.inputs, case.kwargs, case.target)
+
+    checks["eval"] = _eval_check(case, _launch(job(workdir / case.name, "eval")), pristine)
+    stepped = _launch(job(workdir / case.name, "step"))
+    if case.grad_build is None:
+        checks["step"], checks["grads"] = _step_checks(case, stepped, pristine, compare_loss=True)
+    else:  # the gradients of the dropout-free twin, planned and saved the same way
+        checks["step"], _ = _step_checks(case, stepped, pristine, compare_loss=False)
+        twin = case.grad_build().train()
         try:
-            twin = _partition(case, copy.deepcopy(grad_model)).save(workdir / f"{case.name}-p0")
-            jobs.append(Job(str(twin), case.loss_fn, case.inputs, case.kwargs, case.target, eval=False))
+            twin_dir = _partition(case, copy.deepcopy(twin)).save(workdir / f"{case.name}-p0")
         except Exception as e:
-            grad_error = f"partition/save of the dropout-free twin: {_error(e)}"
-    launched = _launch(jobs)
-    if isinstance(launched, str):
-        for name in ("step", "grads", "eval"):
-            checks[name] = Check(False, launched)
-    else:
-        checks["eval"] = _eval_check(case, launched[0], pristine)
-        if case.grad_build is None:
-            checks["step"], checks["grads"] = _step_checks(case, launched[0], pristine, compare_loss=True)
+            checks["grads"] = Check(False, f"partition/save of the dropout-free twin: {_error(e)}")
         else:
-            checks["step"], _ = _step_checks(case, launched[0], pristine, compare_loss=False)
-            checks["grads"] = (Check(False, grad_error) if grad_error is not None
-                               else _step_checks(case, launched[1], grad_model, compare_loss=True)[1])
+            checks["grads"] = _step_checks(case, _launch(job(twin_dir, "step")), twin, compare_loss=True)[1]
     result.wall_time = time.perf_counter() - started
     return result
