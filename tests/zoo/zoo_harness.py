@@ -17,9 +17,11 @@ For a :class:`zoo_models.ZooCase` :func:`run_case` does, in order:
 
 Each check records ok, a one-paragraph detail and, where one is measured, the
 max abs difference; a check that cannot run because an earlier one failed
-fails too, naming that check. The forward in eval mode runs before the
-training step, so BatchNorm running statistics are the user's in both.
-Both ranks of a model run in one process-group launch.
+fails too, naming that check. ``eval`` and ``step`` each run in a Gloo
+launch of their own (two forked ranks, about a second) from the saved plan,
+so BatchNorm running statistics are the user's in both.
+
+    python benchmarks/zoo.py     # the same checks as a table
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _step_checks(case: ZooCase, ranks: list[dict[str, Any]], model: nn.Module,
+def _step_checks(case: ZooCase, ranks: list[tuple[str, Any]], model: nn.Module,
                  compare_loss: bool) -> tuple[Check, Check]:
     errors = [r[1] for r in ranks if r[0] == "error"]
     if errors:
@@ -284,7 +286,7 @@ def _tensor_leaves(value: Any) -> list[Any]:
     return [x for x in leaves if isinstance(x, torch.Tensor) or per_microbatch(x)]
 
 
-def _eval_check(case: ZooCase, ranks: list[dict[str, Any]], model: nn.Module) -> Check:
+def _eval_check(case: ZooCase, ranks: list[tuple[str, Any]], model: nn.Module) -> Check:
     errors = [r[1] for r in ranks if r[0] == "error"]
     if errors:
         return Check(False, "\n".join(errors))
@@ -327,6 +329,7 @@ def _save_load(plan: pipec.Plan, directory: Path, pristine: nn.Module) -> tuple[
         if mismatch:
             problems.append(f"loaded plan differs in {mismatch}")
         want = pristine.state_dict()
+        params = dict(pristine.named_parameters(remove_duplicate=False))
         covered: set[int] = set()
         for s in range(loaded.num_stages):
             for k, v in loaded.stage_module(s).state_dict().items():
@@ -335,7 +338,7 @@ def _save_load(plan: pipec.Plan, directory: Path, pristine: nn.Module) -> tuple[
                 elif v.shape != want[k].shape or not torch.equal(v, want[k]):
                     problems.append(f"stage {s} {k} differs from the user's model")
                 else:
-                    covered.add(id(dict(pristine.named_parameters(remove_duplicate=False)).get(k)))
+                    covered.add(id(params.get(k)))
         lost = [n for n, p in pristine.named_parameters() if id(p) not in covered]
         if lost:
             problems.append(f"no stage holds the parameters {lost[:5]}")
