@@ -536,6 +536,7 @@ def _annotate(model: nn.Module, capture: _Capture, reference: Any = None) -> Tra
         model_name=type(model).__name__,
         _flatten=capture.flatten,
         _unflatten=capture.unflatten,
+        training=model.training,
     )
 
 

@@ -124,6 +124,7 @@ class TracedGraph:
     model_name: str
     _flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
     _unflatten: Callable[[Any], Any] = field(repr=False)
+    training: bool = True  # the model's train/eval mode when it was traced
 
     def node(self, name: str) -> NodeInfo:
         for n in self.nodes:

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError, PlanError
+from pipec.split.modes import follow_mode, seed_random_nodes
 from pipec.split.stage import GraphStage, StageModule, fetch_attr, rebuild_output
 from pipec.types import TracedGraph
 
@@ -54,6 +55,7 @@ def build_stage_module(plan: Plan, index: int) -> StageModule:
 # -- splitting the traced graph ----------------------------------------------------------
 
 _NOT_COMPUTE = ("placeholder", "get_attr", "output")
+_TRACED_NAME = "pipec_traced_name"  # node.meta key: the node's name in the whole traced graph
 
 
 class _Leaf:
@@ -106,6 +108,7 @@ class _StageBuilder:
                 self.env[node.name] = self._call_module(node)
             else:
                 self.env[node.name] = self.graph.node_copy(node, self._lookup)
+                self.env[node.name].meta[_TRACED_NAME] = node.name
         results: list[Any] = [self.env[name] for name in outputs]
         spec = None
         if is_last:
@@ -113,6 +116,8 @@ class _StageBuilder:
             results.append(value)
         self.graph.output(tuple(results))
         self._follow_device(graph_inputs + boundary_inputs)
+        follows_mode = follow_mode(self.graph, traced_training=self.traced.training, buffer=self._buffer)
+        seed_random_nodes(self.graph, {n: n.meta[_TRACED_NAME] for n in self.graph.nodes if _TRACED_NAME in n.meta})
         self.graph.lint()
         requires_grad = self._requires_grad(boundary_inputs + outputs)
         return GraphStage(
@@ -129,6 +134,8 @@ class _StageBuilder:
                      if f in traced.params and traced.params[f].aliases},
             non_persistent=self._non_persistent(),
             class_name=f"Stage{index}",
+            traced_training=self.traced.training,
+            follows_mode=follows_mode,
         )
 
     # -- what crosses the stage's border ---------------------------------------------
@@ -184,6 +191,14 @@ class _StageBuilder:
             self.tensors[name] = value
         return self.attrs[name]
 
+    def _buffer(self, fqn: str) -> fx.Node | None:
+        """A ``get_attr`` node of the model's tensor ``fqn`` (added to the stage), None if it has none."""
+        try:
+            value = fetch_attr(self.gm, fqn)
+        except AttributeError:
+            return None
+        return self._attr(self.canonical.get(fqn, fqn), value) if isinstance(value, torch.Tensor) else None
+
     def _call_module(self, node: fx.Node) -> Any:
         path = str(node.target)
         module = self.gm.get_submodule(path)
@@ -214,6 +229,7 @@ class _StageBuilder:
                 continue
             else:
                 local[n] = self.graph.node_copy(n, local.__getitem__)
+                local[n].meta[_TRACED_NAME] = f"{node.name}/{n.name}"  # stable however the graph is cut
         raise PlanError(f"module {path!r} traced to a graph without an output")
 
     # -- the model's output ----------------------------------------------------------------
