@@ -16,6 +16,7 @@ each micro-batch alone, as in the pipeline.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -63,7 +64,7 @@ def reference_step(
         raise ConfigError("reference_step needs a loss function: pass loss_fn, or partition with loss_fn=...")
     stages: dict[int, StageModule] = {}
     for k in range(plan.num_stages):
-        module = plan.stage_module(k)
+        module = copy.deepcopy(plan.stage_module(k))  # the plan keeps its own (the runtime's, in-process)
         if not isinstance(module, StageModule):
             raise ConfigError(f"stage {k} is a {type(module).__name__}, not a pipec StageModule")
         stages[k] = module
