@@ -165,12 +165,15 @@ def seed_random_nodes(graph: fx.Graph, names: Mapping[fx.Node, str]) -> list[str
 
 
 def _no_dropout(node: fx.Node) -> bool:
-    """Attention whose ``dropout_p`` is absent or a constant 0 draws nothing."""
+    """Dropout or attention whose probability (``p``, ``dropout_p``) is absent or a
+    constant 0 draws nothing (HF configs often set dropout to 0)."""
     names = argument_names(node) or ()
-    for name in TRAIN_ONLY_ARGS:
+    for name in ("p", *TRAIN_ONLY_ARGS):
         if name in names:
             found = argument(node, name)
-            return found is None or (isinstance(found[1], (int, float)) and not found[1])
+            if found is None:
+                return name in TRAIN_ONLY_ARGS  # attention's default is no dropout
+            return isinstance(found[1], (int, float)) and not found[1]
     return False
 
 
