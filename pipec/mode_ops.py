@@ -20,6 +20,13 @@ batch-norm, instance-norm and rrelu variant is covered by the same rule:
 Random operations are the aten operators tagged ``nondeterministic_seeded``,
 found the same way for ``torch`` functions and tensor methods by their aten
 name, plus the few ``torch.nn.functional`` ones with no aten twin.
+
+Limits: both tracers record a default argument as given, so a dropout
+called as ``F.dropout(x, 0.1)`` (on in eval too, eagerly) looks like one
+called with ``training=self.training`` and is switched off by ``eval()``.
+Mode arguments of user functions (fx ``wrap``) are left alone, and so is
+Python control flow on ``self.training`` other than the value of these
+arguments (it was decided when the graph was traced).
 """
 
 from __future__ import annotations
