@@ -125,6 +125,7 @@ class TracedGraph:
     _flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
     _unflatten: Callable[[Any], Any] = field(repr=False)
     training: bool = True  # the model's train/eval mode when it was traced
+    module_modes: Mapping[str, bool] = field(default_factory=dict, repr=False)  # path -> training, at trace
 
     def node(self, name: str) -> NodeInfo:
         for n in self.nodes:

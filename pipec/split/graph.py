@@ -12,10 +12,11 @@ recorded shapes when fx meets data-dependent control flow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -202,7 +203,8 @@ class _StageBuilder:
     def _call_module(self, node: fx.Node) -> Any:
         path = str(node.target)
         module = self.gm.get_submodule(path)
-        inlined = _trace_module(module, node, self.traced)
+        with _modes_at_trace(module, path, self.traced.module_modes):
+            inlined = _trace_module(module, node, self.traced)
         if inlined is None:
             shared = [n for n, _ in module.named_parameters(remove_duplicate=False)
                       if self.canonical.get(f"{path}.{n}", f"{path}.{n}") != f"{path}.{n}"]
@@ -309,6 +311,20 @@ class _StageBuilder:
 
 
 _Inlined = tuple[fx.GraphModule, list[Any], Callable[[Any], Any]]
+
+
+@contextlib.contextmanager
+def _modes_at_trace(module: nn.Module, path: str, modes: Mapping[str, bool]) -> Iterator[None]:
+    """Trace an fx leaf module through in the train/eval modes its submodules had when
+    the model was traced (the module is the user's: its mode may have changed since)."""
+    saved = [(m, m.training) for _, m in module.named_modules(remove_duplicate=False)]
+    try:
+        for name, m in module.named_modules(remove_duplicate=False):
+            m.training = modes.get(f"{path}.{name}" if name else path, m.training)
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 def _trace_module(module: nn.Module, node: fx.Node, traced: TracedGraph) -> _Inlined | None:

@@ -101,6 +101,20 @@ def test_stages_follow_train_and_eval(method: str, tmp_path: Path) -> None:
     check_modes([loaded.stage_module(k) for k in range(2)], loaded, model_now, (x,))
 
 
+def test_fx_stages_are_built_in_the_modes_the_model_was_traced_in() -> None:
+    """fx leaf modules are traced through when a stage is built; the model's mode may
+    have changed since partition (here: eval() to compute a reference)."""
+    torch.manual_seed(0)
+    model, x = DropBN(), torch.randn(8, 8)
+    traced = pipec.trace(model, (x,), method="fx")
+    model.eval()
+    plan = manual_plan(traced, 2)
+    stages = [plan.stage_module(k) for k in range(2)]
+    assert not model.bn.training, "building the stages changed the model's mode"
+    assert all(s.training for s in stages)
+    check_modes(stages, plan, copy.deepcopy(model), (x,))
+
+
 def test_eval_forward_is_the_models_not_off_by_batch_statistics() -> None:
     """The reported bug: after eval(), BatchNorm kept batch statistics (output off by 1.45)."""
     torch.manual_seed(0)
