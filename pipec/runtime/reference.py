@@ -51,7 +51,8 @@ def reference_step(
     **kwargs: Any,
 ) -> ReferenceStep:
     """What ``PipelineRuntime(plan, seed=seed).step(*inputs, target=target)`` computes
-    as its ``step``-th call (counting from 0), in this process.
+    after ``step`` earlier calls of its ``step`` or ``forward`` (or from a checkpoint
+    of step ``step``), in this process.
 
     The stages are fresh from the plan (its weights, or ``state_dict``: a full
     state dict with the original FQNs) in the mode the model was traced in.
