@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     "load": "pipec.codegen",
     "merge_state_dicts": "pipec.split",
     "PipelineRuntime": "pipec.runtime.runtime",
+    "reference_step": "pipec.runtime.reference",
+    "ReferenceStep": "pipec.runtime.reference",
 }
 
 __all__ = sorted(_EXPORTS)

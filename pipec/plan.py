@@ -134,6 +134,7 @@ class PlanData(FrozenModel):
     candidates: tuple[Candidate, ...] = ()
     node_modules: dict[str, str] = {}  # compute node -> owning module path (for pictures after load)
     factory: str | None = None  # "FILE.py:FACTORY" the CLI built the model from
+    batch_norm_layers: tuple[str, ...] = ()  # normalised per micro-batch (see pipec.mode_ops)
 
 
 class Plan:

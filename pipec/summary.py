@@ -92,6 +92,9 @@ def plan_summary(plan: Plan) -> str:
         + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)} ({_allreduce(g.allreduce_time)})"
                             for g in d.tied_groups) if d.tied_groups else ""),
     ]
+    if d.batch_norm_layers and d.num_microbatches > 1:
+        lines.append(f"batch norm per micro-batch ({', '.join(d.batch_norm_layers)}): statistics and gradients "
+                     f"are those of {d.num_microbatches} accumulated micro-batches, not of the full batch")
     limits = {m for m in d.memory_limit if m is not None}
     if limits:
         lines.append("memory limit per rank: " + ", ".join(format_bytes(m) for m in sorted(limits)))

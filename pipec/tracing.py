@@ -536,6 +536,8 @@ def _annotate(model: nn.Module, capture: _Capture, reference: Any = None) -> Tra
         model_name=type(model).__name__,
         _flatten=capture.flatten,
         _unflatten=capture.unflatten,
+        training=model.training,
+        module_modes={name: m.training for name, m in model.named_modules(remove_duplicate=False)},
     )
 
 

@@ -124,6 +124,8 @@ class TracedGraph:
     model_name: str
     _flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]] = field(repr=False)
     _unflatten: Callable[[Any], Any] = field(repr=False)
+    training: bool = True  # the model's train/eval mode when it was traced
+    module_modes: Mapping[str, bool] = field(default_factory=dict, repr=False)  # path -> training, at trace
 
     def node(self, name: str) -> NodeInfo:
         for n in self.nodes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,14 @@ def partition(
     if AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
 
-        return partition_auto(
+        return warn_batch_norm(partition_auto(
             model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
             schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
             target=target,
-        )
+        ))
     config.count("num_stages", num_stages)
     stages_per_rank = config.count("stages_per_rank", stages_per_rank)
     ranks = config.num_ranks(num_stages, stages_per_rank)
@@ -124,13 +125,28 @@ def partition(
     node_costs = model_costs.node_costs(traced)
     log.info("traced and costed %s (%d nodes) in %.2fs", traced.model_name, len(traced.nodes),
              time.perf_counter() - started)
-    return partition_traced(
+    return warn_batch_norm(partition_traced(
         traced, node_costs, cost_model=model_costs, num_stages=num_stages,
         num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
         loss_fn=loss_fn,
-    )
+    ))
+
+
+def warn_batch_norm(plan: Plan) -> Plan:
+    """Warn that the plan's BatchNorm layers see one micro-batch at a time (when there are several)."""
+    layers, num = plan.data.batch_norm_layers, plan.data.num_microbatches
+    if layers and num > 1:
+        shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        warnings.warn(
+            f"{len(layers)} BatchNorm layer(s) ({shown}) normalise each of the {num} micro-batches "
+            "alone: their batch statistics, running statistics and the gradients are those of "
+            "micro-batch gradient accumulation, not of the full batch. For full-batch statistics "
+            "use num_microbatches=1, or a per-sample norm (GroupNorm, LayerNorm).",
+            UserWarning, stacklevel=3,
+        )
+    return plan
 
 
 def partition_traced(

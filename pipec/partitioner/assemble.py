@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipec.mode_ops import batch_norm_layers
 from pipec.partitioner import config
 from pipec.partitioner.chain import check_cuts, evaluate, stage_params, stage_tied_time
 from pipec.partitioner.config import MemoryLimit
@@ -107,6 +108,7 @@ def build_plan_data(
         optimizer_state_bytes_per_param=problem.optimizer_state_bytes_per_param,
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
+        batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
     )
 
 

@@ -14,7 +14,9 @@ backward; ``I`` computes input gradients only (keeping the graph) and ``W`` the
 weight gradients later, reusing ``I``'s graph: the split of zero-bubble
 pipeline parallelism (Qi et al. 2023, section 2), in :mod:`pipec.runtime.backward`. The last stage's loss
 is scaled by ``1 / num_microbatches`` so accumulated gradients equal those of a
-mean-reduced loss on the full batch.
+mean-reduced loss on the full batch. Each forward runs in a
+:func:`~pipec.split.randomness.random_scope` of ``(seed, step, micro-batch)``,
+so dropout draws the same masks whatever the schedule or stage layout.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pipec.runtime.failure import PeerFailure
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.timeline import Clock, TimelineEvent
 from pipec.schedule.ir import Action, ActionKind
+from pipec.split.randomness import random_scope
 
 
 @dataclass
@@ -93,8 +96,10 @@ class Executor:
         p2p: P2P | None,
         num_microbatches: int,
         device: torch.device,
+        seed: int = 0,
     ) -> None:
         self.rank = rank
+        self.seed = seed
         self.stages = dict(stages)
         self.routes = dict(routes)
         self.actions = tuple(actions)
@@ -229,7 +234,8 @@ class Executor:
                     f"input {r.name!r} from stage {r.producer} has not arrived; the schedule needs "
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
-        result = self.stages[a.stage](*values)
+        with random_scope(self.seed, self._step, a.microbatch):  # random nodes: same draws on any layout
+            result = self.stages[a.stage](*values)
         if not isinstance(result, tuple):
             result = (result,)
         expected = len(routes.outputs) + (1 if routes.is_last else 0)

@@ -56,6 +56,7 @@ from pipec.runtime.setup import (
     as_plan,
     grad_flags,
     lowered_schedule,
+    resolve_seed,
     seconds,
     tensor_names,
 )
@@ -82,6 +83,18 @@ class PipelineRuntime:
     ``$PIPEC_TIMEOUT`` or 300 s) bounds every wait for a peer;
     ``heartbeat_timeout`` (default ``$PIPEC_HEARTBEAT_TIMEOUT`` or 30 s) is how
     long a peer may stay silent before it counts as unreachable.
+
+    ``seed`` seeds every random operation of the stages (dropout, ...): node
+    ``n`` of micro-batch ``m`` in step ``k`` draws from ``(seed, k, m, n)``, so
+    runs with the same seed give the same losses and gradients whatever the
+    stage layout or schedule, and :func:`pipec.reference_step` reproduces them
+    in one process. It defaults to ``torch.initial_seed()``: call
+    ``torch.manual_seed(s)`` with the same ``s`` on every rank before creating
+    the runtime for a reproducible run. ``step`` counts :meth:`step` and
+    :meth:`forward` calls (from a loaded checkpoint's step).
+
+    The stages start in the mode the model was traced in; :meth:`train` and
+    :meth:`eval` switch dropout and batch norm as on the original model.
     """
 
     def __init__(
@@ -93,8 +106,10 @@ class PipelineRuntime:
         backend: str | None = None,
         timeout: float | None = None,
         heartbeat_timeout: float | None = None,
+        seed: int | None = None,
     ) -> None:
         plan = as_plan(plan_or_dir)
+        self.seed = resolve_seed(seed)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
         self.timeout = seconds(timeout, "PIPEC_TIMEOUT", DEFAULT_TIMEOUT)
@@ -156,6 +171,7 @@ class PipelineRuntime:
             p2p=p2p,
             num_microbatches=plan.num_microbatches,
             device=self.device,
+            seed=self.seed,
         )
         self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
         self._timelines = TimelineLog()
@@ -298,11 +314,14 @@ class PipelineRuntime:
         self._step += 1
 
     def train(self, mode: bool = True) -> PipelineRuntime:
+        """Training (``mode=True``) or inference mode for dropout and batch norm, as
+        ``model.train(mode)`` on the original model; returns the runtime."""
         for m in self.stage_modules.values():
             m.train(mode)
         return self
 
     def eval(self) -> PipelineRuntime:
+        """Inference mode: no dropout, batch norm uses (and keeps) its running statistics."""
         return self.train(False)
 
     # -- parameters and state ----------------------------------------------

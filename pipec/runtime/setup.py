@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pipec.errors import ConfigError, PlanError
@@ -34,6 +35,15 @@ def seconds(value: float | None, env: str, default: float) -> float:
     if not value > 0:
         raise ConfigError(f"{env.removeprefix('PIPEC_').lower()}: expected seconds > 0, found {value}")
     return float(value)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed of the stages' random operations: ``seed``, or ``torch.initial_seed()``."""
+    if seed is None:
+        return int(torch.initial_seed())
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed: expected an int >= 0 (or None for torch.initial_seed()), found {seed!r}")
+    return seed
 
 
 def as_plan(plan_or_dir: Plan | str | os.PathLike[str]) -> Plan:

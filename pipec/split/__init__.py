@@ -33,6 +33,9 @@ Stage-module contract (what the runtime relies on; names are exact)
 ``aliases: Mapping[str, tuple[str, ...]]``
     Other state-dict names of the stage's tied tensors (``head.weight`` for
     ``embed.weight``), used by :func:`merge_state_dicts`.
+``traced_training: bool`` / ``follows_mode: bool``
+    The model's mode when it was traced (the stage starts in it), and whether
+    ``forward`` reads ``self.training`` (it has dropout or batch norm).
 
 Both kinds of stage module -- :class:`GraphStage` (built in memory) and the
 ``Stage<k>`` classes of generated ``stage_<k>.py`` files -- subclass
@@ -48,12 +51,16 @@ tensors: stages never share storage with the model or with each other.
 The graph of a stage holds only placeholders, ``get_attr`` of its tensors,
 ``call_function``/``call_method`` and the output: ``call_module`` nodes of fx
 graphs are inlined (traced through with fx, or with ``torch.export`` when fx
-cannot), so the graph is specialised to the model's train/eval mode at
-trace time, exactly as ``torch.export`` is: partition an ``eval()`` model for
-inference when it has dropout or batch norm.
+cannot). The trace bakes the model's train/eval mode in as constants; the
+stage graph reads ``self.training`` instead (:mod:`pipec.split.modes`), so
+``stage.train()`` / ``stage.eval()`` switch dropout and batch norm as on the
+original model, and its random nodes are seeded per node, step and
+micro-batch (:mod:`pipec.split.randomness`).
 
 Modules: :mod:`pipec.split.stage` (the stage-module classes), :mod:`pipec.split.graph`
-(splitting a traced graph), :mod:`pipec.split.state` (state dicts).
+(splitting a traced graph), :mod:`pipec.split.modes` (train/eval),
+:mod:`pipec.split.randomness` (seeded random nodes), :mod:`pipec.split.state`
+(state dicts).
 """
 
 from pipec.split.graph import build_stage_module

@@ -12,10 +12,11 @@ recorded shapes when fx meets data-dependent control flow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError, PlanError
+from pipec.split.modes import follow_mode, seed_random_nodes
 from pipec.split.stage import GraphStage, StageModule, fetch_attr, rebuild_output
 from pipec.types import TracedGraph
 
@@ -54,6 +56,7 @@ def build_stage_module(plan: Plan, index: int) -> StageModule:
 # -- splitting the traced graph ----------------------------------------------------------
 
 _NOT_COMPUTE = ("placeholder", "get_attr", "output")
+_TRACED_NAME = "pipec_traced_name"  # node.meta key: the node's name in the whole traced graph
 
 
 class _Leaf:
@@ -106,6 +109,7 @@ class _StageBuilder:
                 self.env[node.name] = self._call_module(node)
             else:
                 self.env[node.name] = self.graph.node_copy(node, self._lookup)
+                self.env[node.name].meta[_TRACED_NAME] = node.name
         results: list[Any] = [self.env[name] for name in outputs]
         spec = None
         if is_last:
@@ -113,6 +117,8 @@ class _StageBuilder:
             results.append(value)
         self.graph.output(tuple(results))
         self._follow_device(graph_inputs + boundary_inputs)
+        follows_mode = follow_mode(self.graph, traced_training=self.traced.training, buffer=self._buffer)
+        seed_random_nodes(self.graph, {n: n.meta[_TRACED_NAME] for n in self.graph.nodes if _TRACED_NAME in n.meta})
         self.graph.lint()
         requires_grad = self._requires_grad(boundary_inputs + outputs)
         return GraphStage(
@@ -129,6 +135,8 @@ class _StageBuilder:
                      if f in traced.params and traced.params[f].aliases},
             non_persistent=self._non_persistent(),
             class_name=f"Stage{index}",
+            traced_training=self.traced.training,
+            follows_mode=follows_mode,
         )
 
     # -- what crosses the stage's border ---------------------------------------------
@@ -184,10 +192,19 @@ class _StageBuilder:
             self.tensors[name] = value
         return self.attrs[name]
 
+    def _buffer(self, fqn: str) -> fx.Node | None:
+        """A ``get_attr`` node of the model's tensor ``fqn`` (added to the stage), None if it has none."""
+        try:
+            value = fetch_attr(self.gm, fqn)
+        except AttributeError:
+            return None
+        return self._attr(self.canonical.get(fqn, fqn), value) if isinstance(value, torch.Tensor) else None
+
     def _call_module(self, node: fx.Node) -> Any:
         path = str(node.target)
         module = self.gm.get_submodule(path)
-        inlined = _trace_module(module, node, self.traced)
+        with _modes_at_trace(module, path, self.traced.module_modes):
+            inlined = _trace_module(module, node, self.traced)
         if inlined is None:
             shared = [n for n, _ in module.named_parameters(remove_duplicate=False)
                       if self.canonical.get(f"{path}.{n}", f"{path}.{n}") != f"{path}.{n}"]
@@ -214,6 +231,7 @@ class _StageBuilder:
                 continue
             else:
                 local[n] = self.graph.node_copy(n, local.__getitem__)
+                local[n].meta[_TRACED_NAME] = f"{node.name}/{n.name}"  # stable however the graph is cut
         raise PlanError(f"module {path!r} traced to a graph without an output")
 
     # -- the model's output ----------------------------------------------------------------
@@ -293,6 +311,20 @@ class _StageBuilder:
 
 
 _Inlined = tuple[fx.GraphModule, list[Any], Callable[[Any], Any]]
+
+
+@contextlib.contextmanager
+def _modes_at_trace(module: nn.Module, path: str, modes: Mapping[str, bool]) -> Iterator[None]:
+    """Trace an fx leaf module through in the train/eval modes its submodules had when
+    the model was traced (the module is the user's: its mode may have changed since)."""
+    saved = [(m, m.training) for _, m in module.named_modules(remove_duplicate=False)]
+    try:
+        for name, m in module.named_modules(remove_duplicate=False):
+            m.training = modes.get(f"{path}.{name}" if name else path, m.training)
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 def _trace_module(module: nn.Module, node: fx.Node, traced: TracedGraph) -> _Inlined | None:

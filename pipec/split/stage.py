@@ -14,6 +14,7 @@ import functools
 import importlib
 import json
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
+
+MODE_ATTR = "training"  # what mode-following stage graphs read (pipec.split.modes)
 
 
 class StageModule(nn.Module):
@@ -36,6 +39,21 @@ class StageModule(nn.Module):
     requires_grad: Mapping[str, bool] = {}
     output_spec: str | None = None
     aliases: Mapping[str, tuple[str, ...]] = {}
+    traced_training: bool = True
+    follows_mode: bool = False
+
+    def train(self, mode: bool = True) -> StageModule:
+        """As ``nn.Module.train``; a stage traced in eval mode warns when switched to
+        training (what Python skipped in eval, e.g. attention dropout, is not in its graph)."""
+        if mode and not self.traced_training and self.follows_mode:
+            warnings.warn(
+                f"stage {self.index} was traced from a model in eval() mode; in training it runs "
+                "the dropout and batch norm its graph has, but not what the model's Python code "
+                "skips in eval (e.g. attention dropout written as `p if self.training else 0`). "
+                "Partition the model in train() mode to train it.",
+                UserWarning, stacklevel=2,
+            )
+        return super().train(mode)
 
     @property
     def boundary_input_names(self) -> tuple[str, ...]:
@@ -65,8 +83,13 @@ class GraphStage(fx.GraphModule, StageModule):
         aliases: Mapping[str, tuple[str, ...]],
         non_persistent: Iterable[str] = (),
         class_name: str = "Stage",
+        traced_training: bool = True,
+        follows_mode: bool = False,
     ) -> None:
-        super().__init__(dict(tensors), graph, class_name)
+        root: dict[str, Any] = dict(tensors)
+        if follows_mode:
+            root[MODE_ATTR] = traced_training  # read by the graph's get_attr node
+        super().__init__(root, graph, class_name)
         for fqn in non_persistent:
             owner, _, field = fqn.rpartition(".")
             self.get_submodule(owner)._non_persistent_buffers_set.add(field)
@@ -78,12 +101,16 @@ class GraphStage(fx.GraphModule, StageModule):
         self.requires_grad = dict(requires_grad)
         self.output_spec = output_spec
         self.aliases = dict(aliases)
+        self.traced_training = traced_training
+        self.follows_mode = follows_mode
+        nn.Module.train(self, traced_training)  # starts in the mode the model was traced in
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphStage:
         # fx's own deepcopy would drop the contract attributes and non-persistent flags
-        targets = dict.fromkeys(str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module"))
+        targets = dict.fromkeys(str(n.target) for n in self.graph.nodes
+                                if n.op in ("get_attr", "call_module") and n.target != MODE_ATTR)
         persistent = set(self.state_dict(keep_vars=True))
-        return GraphStage(
+        copied = GraphStage(
             {t: copy.deepcopy(fetch_attr(self, t), memo) for t in targets},
             copy.deepcopy(self.graph, memo),
             index=self.index,
@@ -96,7 +123,11 @@ class GraphStage(fx.GraphModule, StageModule):
             aliases=self.aliases,
             non_persistent=[n for n, _ in self.named_buffers() if n not in persistent],
             class_name=type(self).__name__,
+            traced_training=self.traced_training,
+            follows_mode=self.follows_mode,
         )
+        nn.Module.train(copied, self.training)
+        return copied
 
 
 def place_tensor(module: nn.Module, fqn: str, tensor: torch.Tensor, *, persistent: bool = True) -> None:

@@ -49,6 +49,9 @@ IS_LAST = {is_last!r}
 OUTPUT_SPEC = {output_spec!r}
 REQUIRES_GRAD = {requires_grad}
 ALIASES = {aliases}
+# the model's mode when traced; FOLLOWS_MODE: forward reads self.training (dropout, batch norm)
+TRACED_TRAINING = {traced_training!r}
+FOLLOWS_MODE = {follows_mode!r}
 # name: (shape, dtype, requires_grad)
 PARAMETERS = {parameters}
 # name: (shape, dtype, persistent)
@@ -64,9 +67,12 @@ class Stage{index}(StageModule):
     requires_grad = REQUIRES_GRAD
     output_spec = OUTPUT_SPEC
     aliases = ALIASES
+    traced_training = TRACED_TRAINING
+    follows_mode = FOLLOWS_MODE
 
     def __init__(self) -> None:
         super().__init__()
+        torch.nn.Module.train(self, TRACED_TRAINING)
         for name, (shape, dtype, trainable) in PARAMETERS.items():
             empty = torch.empty(shape, dtype=getattr(torch, dtype))
             place_tensor(self, name, torch.nn.Parameter(empty, requires_grad=trainable))
@@ -130,6 +136,8 @@ def stage_source(stage: GraphStage, data: PlanData) -> str:
         aliases=_literal({k: tuple(v) for k, v in stage.aliases.items()}),
         parameters=_literal(parameters),
         buffers=_literal(buffers),
+        traced_training=stage.traced_training,
+        follows_mode=stage.follows_mode,
         forward=forward,
     )
 
