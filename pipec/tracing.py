@@ -340,6 +340,12 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
         raise TraceError("torch.export returned a module without an output spec")
     # Plain calling convention: one argument per placeholder, flat tuple out.
     gm.graph._codegen = fx.graph.CodeGen()
+    # export's input check (a forward pre-hook) matches the call against the
+    # (args, kwargs) structure it was exported with, so a plain call with the
+    # keyword inputs flattened into positions fails it; ``flatten`` below checks
+    # the user's structure instead.
+    if hasattr(gm, "validate_inputs"):
+        gm.validate_inputs = False
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             gm.graph.erase_node(node)
