@@ -47,6 +47,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from pipec._preserve import preserved
 from pipec.errors import ConfigError, TraceError
 from pipec.types import NodeInfo, ParamInfo, TensorMeta, TracedGraph
 
@@ -90,8 +91,15 @@ def trace(
         )
     kwargs = dict(example_kwargs or {})
     _check_signature(model, args, kwargs)
-    leaves = tuple(leaf_modules)
+    # running the model (eagerly and as a graph) must leave it as it was: batch-norm
+    # statistics, RNG state, modes (pipec._preserve)
+    with preserved(model):
+        return _trace(model, args, kwargs, method, tuple(leaf_modules), check)
 
+
+def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], method: str,
+           leaves: tuple[LeafSpec, ...], check: bool) -> TracedGraph:
+    """Try the methods in turn (see :func:`trace`); inputs already checked."""
     reference: list[Any] = []  # the eager output, computed on first need
 
     def eager() -> Any:
@@ -345,7 +353,7 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
     # keyword inputs flattened into positions fails it; ``flatten`` below checks
     # the user's structure instead.
     if hasattr(gm, "validate_inputs"):
-        gm.validate_inputs = False
+        setattr(gm, "validate_inputs", False)  # noqa: B010 -- an attribute of export's module subclass
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             gm.graph.erase_node(node)
