@@ -178,3 +178,18 @@ def test_a_model_that_fails_to_trace_is_still_restored() -> None:
     with pytest.raises(pipec.PipecError):
         pipec.partition(model, _image(), num_stages=2, num_microbatches=2)
     _assert_same(before, model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profiling_on_cuda_leaves_the_cpu_model_and_both_rngs_untouched() -> None:
+    # profiling moves the graph (whose modules are the model's, with fx) to CUDA and back;
+    # the buffers must come back as the same objects holding the same values
+    torch.cuda.init()
+    torch.manual_seed(0)
+    model = _prepare(ConvBNDropout())
+    before = _state(model)
+    assert before["cuda_rng"] is not None
+    traced = pipec.trace(model, _image(), method="fx")
+    pipec.profile(traced, device="cuda", repeats=1, warmup=0, progress=False)
+    _assert_same(before, model)
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
