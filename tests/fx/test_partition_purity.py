@@ -193,3 +193,21 @@ def test_profiling_on_cuda_leaves_the_cpu_model_and_both_rngs_untouched() -> Non
     pipec.profile(traced, device="cuda", repeats=1, warmup=0, progress=False)
     _assert_same(before, model)
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
+
+
+def test_a_forward_that_writes_its_parameters_is_reported() -> None:
+    # parameters are not copied (that would double the memory): their writes cannot be undone
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.calls = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls.add_(1)
+            return self.lin(x)
+
+    model = Counts()
+    with pytest.warns(UserWarning, match=r"wrote its own parameters in place while pipec ran it \(calls\)"):
+        pipec.trace(model, (torch.randn(2, 4),), method="fx")
+    assert model.calls.item() > 0  # what the warning is about
