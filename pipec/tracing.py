@@ -123,8 +123,8 @@ def trace(
             except _Failed as again:
                 raise _trace_error(model, method, again.tried, kv_cache_off=True) from None
     log.warning(
-        "%s: traced with use_cache=False -- its config has use_cache=True, and with the KV cache "
-        "in its output %s could not trace it (%s). The plan's output has no past_key_values "
+        "%s: traced with use_cache=False -- its config has use_cache=True, and with it "
+        "%s could not trace the model (%s). The plan's output has no past_key_values "
         "(training does not use them). Set model.config.use_cache = False before partitioning "
         "to skip the failed attempt and this warning", traced.model_name,
         "/".join(m for m, _ in tried), "; ".join(f"{m}: {_headline(why)}" for m, why in tried))
@@ -214,7 +214,8 @@ def _opaque_reason(traced: TracedGraph, opaque: list[str]) -> str:
             "trace through, so its plan could not be written as stage code")
 
 
-_KV_CACHE = re.compile(r"cache_utils|DynamicCache|past_key_values|\bCache\b", re.IGNORECASE)
+#: what torch says when a KV cache object is in the way
+_KV_CACHE = re.compile(r"cache_utils|DynamicCache|past_key_values|\bCache\b")
 
 
 def _trace_error(model: nn.Module, method: str, tried: list[tuple[str, str]], *,
