@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from pipec._preserve import preserved
 from pipec.costs.node_exec import (
     FREE_OPS,
     NodeFailure,
@@ -312,7 +313,9 @@ def profile(
             advance()
 
         try:
-            with _moved(gm, home, dev):
+            # timing runs the graph many times in the model's mode: keep its batch-norm
+            # statistics, RNG state and modes as they were (the plan saves these buffers)
+            with preserved(gm), _moved(gm, home, dev):
                 inputs = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in traced.example_inputs)
                 whole = _whole_model(traced, inputs)
                 try:

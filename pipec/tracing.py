@@ -13,8 +13,15 @@ Two capture methods:
   graph module; the way in for models fx cannot trace (every HF transformers
   model since v5). Shapes are specialised to the example inputs.
 
-``"auto"`` tries fx, checks the graph reproduces the model's output, and falls
-back to export when fx fails or differs.
+``"auto"`` tries fx, checks the graph reproduces the model's output and that
+every module it leaves opaque can be inlined into stage code
+(:mod:`pipec.inlining`), and falls back to export when fx fails, differs or
+could not be saved; the log says which method was used and why.
+
+An HF model whose config has ``use_cache=True`` (the default of most decoder
+configs) returns its KV cache, which neither method captures: when every
+method fails on such a model, it is traced again with ``use_cache=False`` and
+a warning says so. Tracing leaves the model as it was (:mod:`pipec._preserve`).
 
 What runs, and why it is cheap: a forward of a large model on a laptop CPU
 takes tens of seconds, so the tracer runs as few as it can.
@@ -39,6 +46,7 @@ import contextlib
 import inspect
 import io
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +55,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from pipec._preserve import preserved
 from pipec.errors import ConfigError, TraceError
+from pipec.inlining import opaque_modules
 from pipec.types import NodeInfo, ParamInfo, TensorMeta, TracedGraph
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,9 @@ def trace(
     model's on the example inputs; a mismatch is a :class:`TraceError` (and
     ``"auto"`` falls back to export). An export graph is not re-run: export
     traced the model's own forward on these inputs (see the module docstring).
+    A model with ``config.use_cache=True`` that no method can trace is traced
+    with ``use_cache=False`` (unless ``example_kwargs`` sets ``use_cache``), with
+    a warning. The model's buffers, modes and the RNG state come out unchanged.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(
@@ -90,8 +103,51 @@ def trace(
         )
     kwargs = dict(example_kwargs or {})
     _check_signature(model, args, kwargs)
+    # running the model (eagerly and as a graph) must leave it as it was: batch-norm
+    # statistics, RNG state, modes (pipec._preserve)
     leaves = tuple(leaf_modules)
+    with preserved(model):
+        try:
+            return _trace(model, args, kwargs, method, leaves, check)
+        except _Failed as failed:
+            tried = failed.tried
+        configs = [] if "use_cache" in kwargs else _kv_cache_configs(model)
+        if not configs:
+            raise _trace_error(model, method, tried) from None
+        # An HF model whose config says use_cache=True returns its KV cache (a
+        # DynamicCache neither method can capture, or branches on it). Training
+        # through a pipeline has no use for it: trace without, and say so.
+        with _kv_cache_off(configs):
+            try:
+                traced = _trace(model, args, kwargs, method, leaves, check)
+            except _Failed as again:
+                raise _trace_error(model, method, again.tried, kv_cache_off=True) from None
+    log.warning(
+        "%s: traced with use_cache=False -- its config has use_cache=True, and with it "
+        "%s could not trace the model (%s). The plan's output has no past_key_values "
+        "(training does not use them). Set model.config.use_cache = False before partitioning "
+        "to skip the failed attempt and this warning", traced.model_name,
+        "/".join(m for m, _ in tried), "; ".join(f"{m}: {_headline(why)}" for m, why in tried))
+    return traced
 
+
+class _Failed(Exception):
+    """Every method failed (the model itself runs): ``tried`` holds (method, full reason)."""
+
+    def __init__(self, tried: list[tuple[str, str]]) -> None:
+        super().__init__(tried)
+        self.tried = tried
+
+
+def _trace(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], method: str,
+           leaves: tuple[LeafSpec, ...], check: bool) -> TracedGraph:
+    """Try the methods in turn (see :func:`trace`); inputs already checked.
+
+    With ``method="auto"`` an fx graph is kept only if every module it leaves
+    opaque can be inlined (:func:`pipec.inlining.opaque_modules`) -- else its
+    plan could not be written as stage code -- and export is tried; should
+    export fail too, the fx graph is returned (it runs in memory) with a warning.
+    """
     reference: list[Any] = []  # the eager output, computed on first need
 
     def eager() -> Any:
@@ -102,6 +158,7 @@ def trace(
     if _has_lazy_parameters(model):
         eager()  # the first forward materialises lazy parameters; trace the initialised model
     tried: list[tuple[str, str]] = []
+    unsaveable: TracedGraph | None = None  # an fx graph that runs but cannot be written as code
     for candidate in ("fx", "export") if method == "auto" else (method,):
         try:
             if candidate == "fx":
@@ -113,7 +170,7 @@ def trace(
             tried.append((candidate, str(exc)))
             continue
         except Exception as exc:  # anything torch raises while tracing
-            tried.append((candidate, _first_line(exc)))
+            tried.append((candidate, _message(exc)))
             continue
         # outside the try: a model that fails on its inputs is that error, not a method's
         expected = eager() if check and candidate == "fx" else None
@@ -121,27 +178,86 @@ def trace(
             traced = _annotate(model, capture, expected)
         except TraceError as exc:
             tried.append((candidate, str(exc)))
+            continue
         except Exception as exc:  # the graph fails where the model ran
-            tried.append((candidate, _first_line(exc)))
+            tried.append((candidate, _message(exc)))
+            continue
+        opaque = opaque_modules(traced) if candidate == "fx" else []
+        if opaque:
+            why = _opaque_reason(traced, opaque)
+            if method == "auto":
+                tried.append((candidate, why))
+                unsaveable = traced
+                continue
+            log.warning("%s: %s; plan.save() will fail -- partition with method='export' "
+                        "(or the default method='auto') to write the plan", traced.model_name, why)
+        if tried:
+            log.info("traced %s with %s, since %s", traced.model_name, candidate,
+                     "; ".join(f"{m}: {_headline(why)}" for m, why in tried))
         else:
-            if tried:
-                log.info("traced %s with %s after %s failed", traced.model_name, candidate,
-                         ", ".join(m for m, _ in tried))
-            else:
-                log.info("traced %s with %s", traced.model_name, candidate)
-            return traced
+            log.info("traced %s with %s", traced.model_name, candidate)
+        return traced
+    if unsaveable is not None:
+        log.warning("traced %s with fx, though %s; the plan works in memory but plan.save() cannot "
+                    "write its stages (export failed: %s)", unsaveable.model_name, tried[0][1],
+                    "; ".join(_headline(why) for _, why in tried[1:]))
+        return unsaveable
     eager()  # a model that fails on the example inputs is reported as such
-    reasons = "\n".join(f"  - {m}: {why}" for m, why in tried)
-    advice = (
-        "mark the untraceable submodule as a leaf (leaf_modules=[MyBlock]) or pass method='export'"
-        if method in ("auto", "fx") and "export" not in {m for m, _ in tried}
-        else "make the control flow in forward independent of tensor values (torch.cond), "
-        "or mark the offending submodule as a leaf with method='fx', leaf_modules=[...]"
-    )
-    raise TraceError(
-        f"could not trace {type(model).__name__}; tried {', '.join(m for m, _ in tried)}:\n"
+    raise _Failed(tried)
+
+
+def _opaque_reason(traced: TracedGraph, opaque: list[str]) -> str:
+    gm = traced.graph_module
+    shown = ", ".join(f"{p} ({type(gm.get_submodule(p)).__name__})" for p in opaque[:3])
+    more = f" and {len(opaque) - 3} more" if len(opaque) > 3 else ""
+    return (f"its graph keeps modules {shown}{more} opaque that neither fx nor torch.export can "
+            "trace through, so its plan could not be written as stage code")
+
+
+#: what torch says when a KV cache object is in the way
+_KV_CACHE = re.compile(r"cache_utils|DynamicCache|past_key_values|\bCache\b")
+
+
+def _trace_error(model: nn.Module, method: str, tried: list[tuple[str, str]], *,
+                 kv_cache_off: bool = False) -> TraceError:
+    """The TraceError of a model no method could trace: each method's full reason, and the fix."""
+    reasons = "\n".join(f"  - {m}: {_indent(why)}" for m, why in tried)
+    if any(_KV_CACHE.search(why) for _, why in tried):
+        advice = ("the KV cache is in the way: pass use_cache=False -- set model.config.use_cache = False "
+                  "(or build the model with use_cache=False in its config) -- and partition again")
+    elif method in ("auto", "fx") and "export" not in {m for m, _ in tried}:
+        advice = "mark the untraceable submodule as a leaf (leaf_modules=[MyBlock]) or pass method='export'"
+    else:
+        advice = ("make the control flow in forward independent of tensor values (torch.cond), "
+                  "or mark the offending submodule as a leaf with method='fx', leaf_modules=[...]")
+    note = (" (traced with use_cache=False too, since its config has use_cache=True)"
+            if kv_cache_off else "")
+    return TraceError(
+        f"could not trace {type(model).__name__}{note}; tried {', '.join(m for m, _ in tried)}:\n"
         f"{reasons}\nTo fix: {advice}."
     )
+
+
+def _kv_cache_configs(model: nn.Module) -> list[Any]:
+    """The HF configs in ``model`` with ``use_cache=True`` (each once)."""
+    configs: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "use_cache", None) is True:
+            configs.setdefault(id(config), config)
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def _kv_cache_off(configs: list[Any]) -> Iterator[None]:
+    """``use_cache=False`` on each of ``configs`` for the duration (the user's config comes back)."""
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
 
 
 # -- input handling ----------------------------------------------------------
@@ -155,9 +271,18 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
-def _first_line(exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {first}"
+def _message(exc: BaseException) -> str:
+    """The exception's type and its whole text (a cut message hides the fix torch suggests)."""
+    return f"{type(exc).__name__}: {str(exc).strip()}"
+
+
+def _headline(text: str) -> str:
+    """The first line of a reason, for one-line log messages (the error keeps it whole)."""
+    return (text.strip().splitlines() or [""])[0]
+
+
+def _indent(text: str) -> str:
+    return text.strip().replace("\n", "\n    ")
 
 
 def _has_lazy_parameters(model: nn.Module) -> bool:
@@ -190,7 +315,7 @@ def _run_eager(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any
     except Exception as exc:
         raise TraceError(
             f"{type(model).__name__} fails on the example inputs, called eagerly (no tracing): "
-            f"{_first_line(exc)}. It was called with {_describe_inputs(model, args, kwargs)}. "
+            f"{_message(exc)}. It was called with {_describe_inputs(model, args, kwargs)}. "
             "Check that example_inputs (shapes, dtypes, device) are what forward expects "
             "(pipec.partition traces one micro-batch: dim 0 divided by num_microbatches)"
         ) from exc
@@ -287,6 +412,15 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     tracer = _LeafTracer(leaves)
     graph = tracer.trace(model, concrete_args=concrete or None)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # A ``*args`` / ``**kwargs`` of forward becomes a placeholder that a plain call
+    # cannot fill positionally (HF models take ``**kwargs`` they pass down); one
+    # no node reads is dropped, so the graph takes one value per named input.
+    variadic = [n for n in gm.graph.nodes
+                if n.op == "placeholder" and str(n.target).startswith("*") and not n.users]
+    for node in variadic:
+        gm.graph.erase_node(node)
+    if variadic:
+        gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [str(n.target).lstrip("*") for n in placeholders]
 
@@ -340,6 +474,12 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
         raise TraceError("torch.export returned a module without an output spec")
     # Plain calling convention: one argument per placeholder, flat tuple out.
     gm.graph._codegen = fx.graph.CodeGen()
+    # export's input check (a forward pre-hook) matches the call against the
+    # (args, kwargs) structure it was exported with, so a plain call with the
+    # keyword inputs flattened into positions fails it; ``flatten`` below checks
+    # the user's structure instead.
+    if hasattr(gm, "validate_inputs"):
+        setattr(gm, "validate_inputs", False)  # noqa: B010 -- an attribute of export's module subclass
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             gm.graph.erase_node(node)

@@ -6,17 +6,17 @@ reads every model input it needs directly (each rank has the full batch),
 receives each boundary tensor straight from its producer, and holds copies
 of the tensors its nodes read (``get_attr`` nodes are duplicated into every
 stage that uses them) under their canonical FQNs. ``call_module`` nodes are
-inlined: traced through with fx, or with ``torch.export`` on inputs of the
-recorded shapes when fx meets data-dependent control flow.
+inlined (:func:`pipec.inlining.inline_module`: traced through with fx, or with
+``torch.export`` on inputs of the recorded shapes when fx meets data-dependent
+control flow).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError, PlanError
+from pipec.inlining import inline_module
 from pipec.split.modes import follow_mode, seed_random_nodes
 from pipec.split.stage import GraphStage, StageModule, fetch_attr, rebuild_output
 from pipec.types import TracedGraph
@@ -64,13 +65,6 @@ class _Leaf:
 
     def __init__(self, i: int) -> None:
         self.i = i
-
-
-class _FlatTracer(fx.Tracer):
-    """Traces through every module, so a stage graph has no ``call_module`` nodes."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return False
 
 
 class _StageBuilder:
@@ -204,7 +198,7 @@ class _StageBuilder:
         path = str(node.target)
         module = self.gm.get_submodule(path)
         with _modes_at_trace(module, path, self.traced.module_modes):
-            inlined = _trace_module(module, node, self.traced)
+            inlined = inline_module(module, node, self.traced)
         if inlined is None:
             shared = [n for n, _ in module.named_parameters(remove_duplicate=False)
                       if self.canonical.get(f"{path}.{n}", f"{path}.{n}") != f"{path}.{n}"]
@@ -310,9 +304,6 @@ class _StageBuilder:
         return out
 
 
-_Inlined = tuple[fx.GraphModule, list[Any], Callable[[Any], Any]]
-
-
 @contextlib.contextmanager
 def _modes_at_trace(module: nn.Module, path: str, modes: Mapping[str, bool]) -> Iterator[None]:
     """Trace an fx leaf module through in the train/eval modes its submodules had when
@@ -325,54 +316,6 @@ def _modes_at_trace(module: nn.Module, path: str, modes: Mapping[str, bool]) -> 
     finally:
         for m, training in saved:
             m.training = training
-
-
-def _trace_module(module: nn.Module, node: fx.Node, traced: TracedGraph) -> _Inlined | None:
-    """``module`` as a flat graph, the value for each of its placeholders, and
-    the function that rebuilds the module's output from the graph's output.
-
-    fx first (keeps ``torch.nn.functional`` calls readable); ``torch.export``
-    on inputs of the recorded shapes when fx meets data-dependent control flow
-    (e.g. ``BatchNorm``'s input check); None when neither works.
-    """
-    try:
-        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
-        if any(isinstance(x, fx.Node) for v in concrete.values() for x in pytree.tree_leaves(v)):
-            return None
-        graph = _FlatTracer().trace(module, concrete_args=concrete or None)
-        sub = fx.GraphModule(module, graph)
-        names = [str(n.target).lstrip("*") for n in graph.nodes if n.op == "placeholder"]
-        return sub, [bound.arguments.get(n) for n in names], _same
-    except Exception as exc:
-        log.debug("fx cannot trace through %s: %s", node.target, exc)
-    if node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
-        return None
-    try:
-        samples = tuple(_sample(traced, a.name) for a in node.args if isinstance(a, fx.Node))
-        exported = torch.export.export(module, samples, strict=False).module()
-        out_spec = getattr(exported, "_out_spec", None)
-        if not isinstance(exported, fx.GraphModule) or not isinstance(out_spec, pytree.TreeSpec):
-            return None
-        if sum(1 for n in exported.graph.nodes if n.op == "placeholder") != len(samples):
-            return None
-        spec: pytree.TreeSpec = out_spec
-        return exported, list(node.args), lambda flat: pytree.tree_unflatten(list(flat), spec)
-    except Exception as exc:
-        log.debug("torch.export cannot trace through %s: %s", node.target, exc)
-        return None
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _sample(traced: TracedGraph, name: str) -> torch.Tensor:
-    meta = traced.node(name).outputs[0]
-    if meta.is_floating:
-        return torch.randn(meta.shape, dtype=meta.torch_dtype)
-    return torch.zeros(meta.shape, dtype=meta.torch_dtype)
 
 
 def _own_copy(value: torch.Tensor | nn.Module) -> torch.Tensor | nn.Module:

@@ -41,7 +41,7 @@ shapes in PARAMETERS / BUFFERS in step with the weights file.
 import torch
 {imports}
 from pipec.split import StageModule, place_tensor
-
+{module_level}
 GRAPH_INPUT_NAMES = {graph_inputs!r}
 INPUT_NAMES = {input_names!r}
 OUTPUT_NAMES = {output_names!r}
@@ -101,7 +101,8 @@ def stage_source(stage: GraphStage, data: PlanData) -> str:
             "operations, so it cannot be written as code; partition with method='export'"
         )
     code = stage.graph.python_code(root_module="self")
-    forward = textwrap.indent(code.src.strip("\n"), "    ")
+    module_level, forward_src = _split_module_level(code.src)
+    forward = textwrap.indent(forward_src, "    ")
     dtype = _dtype_name
     parameters = {name: (tuple(p.shape), dtype(p), p.requires_grad) for name, p in stage.named_parameters()}
     buffers = {name: (tuple(b.shape), dtype(b), _persistent(stage, name)) for name, b in stage.named_buffers()}
@@ -127,6 +128,7 @@ def stage_source(stage: GraphStage, data: PlanData) -> str:
         inputs="\n".join(describe(n) for n in stage.input_names) or "    (none)",
         outputs="\n".join(outputs) or "    (none)",
         imports="\n".join(_imports(code.globals, code.src)),
+        module_level="".join(f"{line}\n" for line in module_level),
         graph_inputs=tuple(stage.graph_input_names),
         input_names=tuple(stage.input_names),
         output_names=tuple(stage.output_names),
@@ -140,6 +142,19 @@ def stage_source(stage: GraphStage, data: PlanData) -> str:
         follows_mode=stage.follows_mode,
         forward=forward,
     )
+
+
+def _split_module_level(src: str) -> tuple[list[str], str]:
+    """fx's code for a graph: the statements before ``def forward`` and the method.
+
+    fx writes ``wrap("fn")`` for each ``torch.fx.wrap``'ed function the graph
+    calls (torchvision's ``stochastic_depth``, say) above ``forward``; inside the
+    class body that raises "wrap must be called at the top level of a module",
+    so they go to the top of the file.
+    """
+    lines = src.strip("\n").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("def ")), 0)
+    return [line for line in lines[:start] if line.strip()], "\n".join(lines[start:])
 
 
 def _dtype_name(t: torch.Tensor) -> str:
