@@ -419,7 +419,8 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
                 if n.op == "placeholder" and str(n.target).startswith("*") and not n.users]
     for node in variadic:
         gm.graph.erase_node(node)
-    if variadic:
+    dropped = _drop_guarded_constants(gm.graph, concrete)
+    if variadic or dropped:
         gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [str(n.target).lstrip("*") for n in placeholders]
@@ -427,14 +428,60 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     def flatten(a: tuple[Any, ...], kw: Mapping[str, Any]) -> tuple[Any, ...]:
         b = sig.bind(*a, **kw)
         b.apply_defaults()
-        out = []
-        for name in names:
-            value = b.arguments.get(name)
-            # concrete (non-tensor) arguments are consumed by fx's own guard placeholders
-            out.append(value)
-        return tuple(out)
+        for name in dropped:
+            _check_constant(name, b.arguments.get(name), concrete[name])
+        return tuple(b.arguments.get(name) for name in names)
 
     return _Capture(gm, "fx", flatten(args, kwargs), flatten, lambda out: out)
+
+
+def _drop_guarded_constants(graph: fx.Graph, concrete: Mapping[str, Any]) -> list[str]:
+    """Remove the placeholders fx keeps for ``concrete_args`` (``labels_1`` for an
+    HF ``labels=None``) when only their guards read them; return the argument names.
+
+    fx bakes a concrete argument's value into the graph and keeps a placeholder
+    whose only readers are a guard (``_assert_is_none``, or ``==`` and
+    ``torch._assert``) checking the call passes the same value. Left in, the plan
+    asks every caller for ``labels_1``, ``return_dict_1`` ... that the model
+    never reads; the guard moves to ``flatten`` (:func:`_check_constant`) instead.
+    """
+    dropped = []
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        name = str(node.target)
+        if not (name.endswith("_1") and name[:-2] in concrete):
+            continue
+        guard: list[fx.Node] = []
+        frontier = [node]
+        while frontier:
+            current = frontier.pop()
+            for user in current.users:
+                if user not in guard:
+                    guard.append(user)
+                    frontier.append(user)
+        if any(u.op == "output" for u in guard) or any(
+            user not in guard for g in guard for user in g.users
+        ):
+            continue  # the value flows into the computation: keep it an input
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for g in sorted(guard, key=order.__getitem__, reverse=True):
+            graph.erase_node(g)
+        graph.erase_node(node)
+        dropped.append(name[:-2])
+    return dropped
+
+
+def _check_constant(name: str, found: Any, traced: Any) -> None:
+    """The guard fx would have run: a baked-in argument must be passed as traced."""
+    if traced is None or isinstance(traced, bool):
+        same = found is traced
+    else:
+        same = type(found) is type(traced) and bool(found == traced)
+    if not same:
+        raise TraceError(
+            f"argument {name!r} was traced with the value {traced!r} and is baked into the "
+            f"graph, but {found!r} was passed; partition again with example_kwargs="
+            f"{{{name!r}: ...}} set as you will call the model"
+        )
 
 
 # -- export ----------------------------------------------------------------------

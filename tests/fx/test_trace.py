@@ -155,3 +155,32 @@ def test_unknown_method() -> None:
     model, inputs = example("mlp")
     with pytest.raises(ConfigError, match="method"):
         pipec.trace(model, inputs, method="jit")
+
+
+class _OptionalArgs(nn.Module):
+    """An HF-style forward: optional ``labels=None`` and flags the graph bakes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, return_dict: bool = True,
+                **kwargs: object) -> object:
+        y = self.b(torch.relu(self.a(x)))
+        if labels is not None:
+            y = y + labels
+        return {"y": y} if return_dict else (y,)
+
+
+def test_fx_graph_asks_for_no_baked_optional_argument() -> None:
+    # regression (#13, zoo): HF EfficientNet under fx kept `labels_1`, `return_dict_1` as
+    # graph inputs, and every step failed with "missing input 'labels_1'"
+    x = torch.randn(8, 4)
+    traced = pipec.trace(_OptionalArgs(), (x,), method="fx")
+    assert traced.input_names == ("x",)
+    assert len(traced.flatten_inputs((x,), {"labels": None, "return_dict": True})) == 1
+    with pytest.raises(pipec.PipecError, match="'labels' was traced with the value None"):
+        traced.flatten_inputs((x,), {"labels": torch.ones(8, 4)})
+    with pytest.raises(pipec.PipecError, match="'return_dict'"):
+        traced.flatten_inputs((x,), {"return_dict": False})
