@@ -12,9 +12,13 @@ Autograd is cut at stage boundaries: a stage's boundary inputs are detached
 leaves, so each stage's backward is its own graph. ``B`` runs the full
 backward; ``I`` computes input gradients only (keeping the graph) and ``W`` the
 weight gradients later, reusing ``I``'s graph: the split of zero-bubble
-pipeline parallelism (Qi et al. 2023, section 2), in :mod:`pipec.runtime.backward`. The last stage's loss
-is scaled by ``1 / num_microbatches`` so accumulated gradients equal those of a
-mean-reduced loss on the full batch.
+pipeline parallelism (Qi et al. 2023, section 2), in :mod:`pipec.runtime.backward`. A mean
+loss (a scalar from ``loss_fn``) is scaled by ``1 / num_microbatches`` on the last
+stage so accumulated gradients equal those of a mean-reduced loss on the full
+batch. A ``(loss_sum, count)`` loss (:mod:`pipec.loss`) is backpropagated
+unscaled: the batch's total count is known only after the last micro-batch's
+forward, later than the first backward under 1F1B, so the runtime divides the
+step's gradients by it afterwards (:mod:`pipec.runtime.loss_scale`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipec.errors import RuntimeFailure
+from pipec.errors import ConfigError, RuntimeFailure
+from pipec.loss import loss_parts
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.failure import PeerFailure
@@ -50,10 +55,12 @@ class _Slot:
 
 @dataclass
 class StepResult:
-    losses: dict[int, torch.Tensor]  # micro-batch -> unscaled loss (last stage only)
+    losses: dict[int, torch.Tensor]  # micro-batch -> unscaled loss, or loss_sum (last stage only)
     outputs: dict[int, Any]  # micro-batch -> model output (inference, last stage only)
     timeline: list[TimelineEvent]
     started: float = 0.0  # perf_counter seconds at the step's start
+    # micro-batch -> count, when loss_fn returned (loss_sum, count) (last stage only)
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _early_receives(actions: Sequence[Action]) -> tuple[list[tuple[int, int, int]], int]:
@@ -256,14 +263,24 @@ class Executor:
         if self._loss_fn is None:
             raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
         if self._targets is None:
-            loss = self._loss_fn(output)
+            value = self._loss_fn(output)
         else:
-            loss = self._loss_fn(output, self._targets[a.microbatch])
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise self._fail(a, f"loss_fn must return a scalar tensor, found {found}; reduce it with .mean()")
-        self._result.losses[a.microbatch] = loss.detach().reshape(())
-        slot.scaled_loss = loss.reshape(()) / self.num_microbatches
+            value = self._loss_fn(output, self._targets[a.microbatch])
+        try:
+            loss, count = loss_parts(value)
+        except ConfigError as e:
+            raise self._fail(a, str(e)) from None
+        result = self._result
+        if (count is None) != (not result.counts) and (result.losses or result.counts):
+            kinds = "a scalar" if count is None else "a (loss_sum, count) tuple"
+            raise self._fail(a, f"loss_fn returned {kinds} here but not for the step's earlier micro-batches; "
+                                "return the same kind for every micro-batch")
+        result.losses[a.microbatch] = loss.detach()
+        if count is None:
+            slot.scaled_loss = loss / self.num_microbatches
+        else:  # divided by the batch's count after the step (pipec.runtime.loss_scale)
+            result.counts[a.microbatch] = count
+            slot.scaled_loss = loss
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()

@@ -7,7 +7,9 @@ plan's schedule (adding SEND/RECV actions) and hands both to the one
 :class:`~pipec.runtime.executor.Executor`. Every rank passes the full batch to
 :meth:`PipelineRuntime.step`; gradients accumulate into the local parameters
 exactly as ``loss_fn(model(*inputs), target).backward()`` would for a
-mean-reduced loss, and tied parameters get the sum over every rank holding them.
+mean-reduced loss (or of ``sum(loss_sum) / sum(count)`` for a ``loss_fn``
+returning ``(loss_sum, count)``, :mod:`pipec.runtime.loss_scale`), and tied
+parameters get the sum over every rank holding them.
 
 Usage (one process per rank)::
 
@@ -48,6 +50,7 @@ from pipec.runtime.failure import (
     create_monitor,
     record_of,
 )
+from pipec.runtime.loss_scale import CountNormalizer
 from pipec.runtime.microbatch import bind_inputs, merge_outputs, split_inputs, split_target
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
@@ -75,7 +78,11 @@ class PipelineRuntime:
     """Runs this rank's stages of ``plan_or_dir``.
 
     ``loss_fn(output, target)`` (or ``loss_fn(output)`` when no target is
-    given) must return a mean-reduced scalar; it defaults to the plan's.
+    given) returns the micro-batch's mean loss (a scalar tensor), or a tuple
+    ``(loss_sum, count)`` -- the loss summed over the micro-batch's items and
+    their number (a token-mean loss with padding, Hugging Face's
+    ``num_items_in_batch``) -- for a step loss of ``sum(loss_sum) / sum(count)``
+    over the whole batch (:mod:`pipec.loss`). It defaults to the plan's.
     ``device`` defaults to ``cuda:<local rank>`` under NCCL, else the CPU;
     ``backend`` ("gloo" / "nccl") is used only when this call initialises the
     process group from torchrun's environment. ``timeout`` (default
@@ -157,6 +164,10 @@ class PipelineRuntime:
             num_microbatches=plan.num_microbatches,
             device=self.device,
         )
+        self._counts = CountNormalizer(
+            info=self.info, source=self.schedule.rank_of(plan.num_stages - 1),
+            params=lambda: list(self.parameters()), waiter=self._waiter,
+        )
         self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
         self._timelines = TimelineLog()
         self._allreduce_pending = False
@@ -183,8 +194,10 @@ class PipelineRuntime:
         """One training step on the full batch (every rank passes it).
 
         Returns the mean of the micro-batch losses on the rank holding the last
-        stage, None elsewhere. Gradients accumulate into :meth:`parameters`;
-        call your optimizer's ``step`` and ``zero_grad`` afterwards.
+        stage -- ``sum(loss_sum) / sum(count)`` over the batch when ``loss_fn``
+        returns ``(loss_sum, count)`` -- and None elsewhere. Gradients accumulate
+        into :meth:`parameters` (those of that loss on the whole batch); call your
+        optimizer's ``step`` and ``zero_grad`` afterwards.
         """
         if self.loss_fn is None:
             raise ConfigError(
@@ -199,10 +212,13 @@ class PipelineRuntime:
             if self.is_last and target is not None:
                 targets = split_target(target, self.num_microbatches, self.device)
             self._tied.begin_step()
+            self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
+            count = self._counts.end_step(result.counts, self._step)
             self._end_step_timed()
+            self._counts.restore()
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -211,7 +227,10 @@ class PipelineRuntime:
         self._record(result)
         if not self.is_last:
             return None
-        return torch.stack([result.losses[m] for m in range(self.num_microbatches)]).mean()
+        losses = torch.stack([result.losses[m] for m in range(self.num_microbatches)])
+        if count is not None:
+            return (losses.sum() / count).to(losses.dtype)
+        return losses.mean()
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on the full batch: the model's output (micro-batches concatenated
