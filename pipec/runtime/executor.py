@@ -36,6 +36,7 @@ from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backw
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.failure import PeerFailure
 from pipec.runtime.routing import StageRoutes
+from pipec.runtime.shapes import baked_shape_message
 from pipec.runtime.timeline import Clock, TimelineEvent
 from pipec.schedule.ir import Action, ActionKind
 
@@ -136,6 +137,9 @@ class Executor:
         self._train = True
         self._step = 0
         self._result = StepResult({}, {}, [])
+        # set by the runtime when a step's input shapes differ from the plan's: said when a
+        # stage fails, since code traced on the example may have its shapes baked in
+        self.shape_note: str | None = None
 
     # -- the loop ----------------------------------------------------------
     def run(
@@ -236,7 +240,15 @@ class Executor:
                     f"input {r.name!r} from stage {r.producer} has not arrived; the schedule needs "
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
-        result = self.stages[a.stage](*values)
+        try:
+            result = self.stages[a.stage](*values)
+        except Exception as e:
+            if self.shape_note is None:
+                raise
+            message = baked_shape_message(a.stage, self.stages[a.stage], e, self.shape_note)
+            cause = RuntimeError(message)  # what the failure record shows the other ranks
+            cause.__cause__ = e
+            raise self._fail(a, message) from cause
         if not isinstance(result, tuple):
             result = (result,)
         expected = len(routes.outputs) + (1 if routes.is_last else 0)

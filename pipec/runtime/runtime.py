@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,7 +51,14 @@ from pipec.runtime.failure import (
     record_of,
 )
 from pipec.runtime.loss_scale import CountNormalizer
-from pipec.runtime.microbatch import bind_inputs, merge_outputs, split_inputs, split_target
+from pipec.runtime.microbatch import (
+    bind_inputs,
+    merge_outputs,
+    plan_shapes,
+    split_inputs,
+    split_target,
+    step_shapes,
+)
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -68,6 +75,10 @@ from pipec.runtime.waiting import Waiter
 from pipec.viz.trace_json import ALLREDUCE
 
 log = logging.getLogger(__name__)
+
+def _shapes_text(specs: Sequence[Any], shapes: Sequence[Any]) -> str:
+    return ", ".join(f"{s.name} {tuple(shape)}" for s, shape in zip(specs, shapes) if shape is not None)
+
 
 class LoadResult(NamedTuple):
     missing_keys: list[str]
@@ -150,6 +161,8 @@ class PipelineRuntime:
                 num_microbatches=plan.num_microbatches,
                 waiter=self._waiter,
             )
+        self._p2p = p2p
+        self._plan_shapes = plan_shapes(plan.data.inputs)
         self._tied = TiedGradReducer(
             plan.data.tied_groups, rank_of=self.schedule.rank_of, info=self.info, params=self._params,
             waiter=self._waiter, timeout=self.timeout,
@@ -183,12 +196,23 @@ class PipelineRuntime:
 
     # -- running -----------------------------------------------------------
     def _microbatches(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Split the batch and tell P2P and the executor the step's input shapes: a batch
+        size or sequence length other than the plan's runs (:mod:`pipec.runtime.comm`)."""
         specs = self.plan.data.inputs
         if self.plan.traced is not None:
             values = self.plan.traced.flatten_inputs(inputs, kwargs)
         else:
             values = bind_inputs(inputs, kwargs, specs)
-        return split_inputs(values, specs, self.num_microbatches, self.device, self._needed_inputs)
+        microbatches = split_inputs(values, specs, self.num_microbatches, self.device, self._needed_inputs)
+        shapes = step_shapes(values, specs, self.num_microbatches)
+        planned = shapes == self._plan_shapes
+        if self._p2p is not None:
+            self._p2p.begin_step(shapes, planned=planned)
+        self._executor.shape_note = None if planned else (
+            f"this step's micro-batch input shapes {_shapes_text(specs, shapes)} differ from the plan's "
+            f"{_shapes_text(specs, self._plan_shapes)}"
+        )
+        return microbatches
 
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor | None:
         """One training step on the full batch (every rank passes it).
@@ -216,6 +240,8 @@ class PipelineRuntime:
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
+            if self._p2p is not None:
+                self._p2p.end_step()
             count = self._counts.end_step(result.counts, self._step)
             self._end_step_timed()
             self._counts.restore()
@@ -241,6 +267,8 @@ class PipelineRuntime:
             microbatches = self._microbatches(inputs, kwargs)
             with torch.no_grad():
                 result = self._executor.run(microbatches, train=False, step=self._step)
+            if self._p2p is not None:
+                self._p2p.end_step()
         except BaseException as exc:
             self._on_failure(exc)
             raise
