@@ -284,8 +284,9 @@ class Executor:
             raise self._fail(a, str(e)) from None
         result = self._result
         if (count is None) != (not result.counts) and (result.losses or result.counts):
-            kinds = "a scalar" if count is None else "a (loss_sum, count) tuple"
-            raise self._fail(a, f"loss_fn returned {kinds} here but not for the step's earlier micro-batches; "
+            kinds = ("a scalar", "a (loss_sum, count) tuple")
+            now, before = kinds if count is None else kinds[::-1]
+            raise self._fail(a, f"loss_fn returned {now} here but {before} for the step's earlier micro-batches; "
                                 "return the same kind for every micro-batch")
         result.losses[a.microbatch] = loss.detach()
         if count is None:

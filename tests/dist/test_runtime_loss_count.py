@@ -112,3 +112,38 @@ def test_token_mean_over_uneven_padding_equals_full_batch() -> None:
     assert all(k is not None for k in kinds), kinds
     last = next(message for _, message in kinds if "loss_fn must return" in message)
     assert "a tuple of 3" in last and "(loss_sum, count)" in last
+
+
+@pytest.mark.timeout(120)
+def test_one_rank_interleaved_and_a_loss_that_changes_kind() -> None:
+    """Without a process group (one rank, two stages) the count needs no broadcast; a
+    loss_fn that returns a scalar after (loss_sum, count) is refused, as is a mix in a step."""
+    from pipec.errors import ConfigError, RuntimeFailure
+    from pipec.runtime.runtime import PipelineRuntime
+
+    zm = zoo_model("tied", microbatch=MICROBATCH, num_microbatches=NUM_MICROBATCHES, steps=1)
+    (inputs, target), = zm.batches
+    target = _padded(target, 0)
+    plan = zoo_plan(zm, num_ranks=1, schedule="interleaved-1f1b", num_microbatches=NUM_MICROBATCHES)
+    pipe = PipelineRuntime(plan, token_sum)
+    loss = pipe.step(*inputs, target=target)
+    model = zm.model
+    model.zero_grad()
+    want = token_mean(model(*inputs), target)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), **TOL)
+    for n, p in pipe.named_parameters():
+        torch.testing.assert_close(p.grad, dict(model.named_parameters())[n].grad, **TOL)
+
+    pipe.loss_fn = token_mean
+    with pytest.raises(ConfigError, match=r"step 1: loss_fn returned a scalar loss, but \(loss_sum, count\) at the first"):
+        pipe.step(*inputs, target=target)
+
+    calls = {"n": 0}
+
+    def mixed(out: torch.Tensor, y: torch.Tensor) -> Any:
+        calls["n"] += 1
+        return token_sum(out, y) if calls["n"] % 2 else token_mean(out, y)
+
+    with pytest.raises(RuntimeFailure, match=r"loss_fn returned a scalar here but a \(loss_sum, count\) tuple for the step.s earlier"):
+        PipelineRuntime(plan, mixed).step(*inputs, target=target)
