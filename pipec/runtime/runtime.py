@@ -222,6 +222,14 @@ class PipelineRuntime:
         returns ``(loss_sum, count)`` -- and None elsewhere. Gradients accumulate
         into :meth:`parameters` (those of that loss on the whole batch); call your
         optimizer's ``step`` and ``zero_grad`` afterwards.
+
+        The batch may have any size that splits into ``num_microbatches`` equal
+        micro-batches, and other sizes than the plan's example in its other
+        dimensions (a sequence length), as long as the stage code follows them:
+        code traced with the example's sizes baked in (torch.export specialises
+        views) fails on every rank, naming the stage and node. The first step of
+        each new input shape sends a small shape header with every boundary
+        tensor (:mod:`pipec.runtime.comm`); later ones run as fast as the plan's.
         """
         if self.loss_fn is None:
             raise ConfigError(
