@@ -76,6 +76,7 @@ from pipec.viz.trace_json import ALLREDUCE
 
 log = logging.getLogger(__name__)
 
+
 def _shapes_text(specs: Sequence[Any], shapes: Sequence[Any]) -> str:
     return ", ".join(f"{s.name} {tuple(shape)}" for s, shape in zip(specs, shapes) if shape is not None)
 
