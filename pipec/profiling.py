@@ -61,6 +61,7 @@ from pipec.costs.node_exec import (
 )
 from pipec.costs.timer import Timer, node_thunks, progress_bar
 from pipec.errors import ConfigError, ProfileError
+from pipec.loss import loss_parts
 from pipec.types import FrozenModel, NodeCost, TracedGraph
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,8 @@ def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: to
         target = pytree.tree_map(lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x, target)
     inputs = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
 
-    def forward() -> Any:
-        return loss_fn(out) if target is None else loss_fn(out, target)
+    def forward() -> Any:  # the loss tensor; a (loss_sum, count) pair gives its loss_sum (pipec.loss)
+        return loss_parts(loss_fn(out) if target is None else loss_fn(out, target)).loss
 
     def forward_backward() -> None:
         loss = forward()
@@ -215,9 +216,6 @@ def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: to
         with torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = forward()
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise TypeError(f"it returned {found}, not a scalar tensor")
             if loss.requires_grad:
                 for _ in range(timer.warmup):
                     forward_backward()

@@ -20,6 +20,23 @@ use. NCCL runs a pair's operations in issue order on one stream, where an
 early receive would block the sends queued behind it: there receives are
 posted when their action runs.
 
+**Shapes that follow the data.** A step may have another batch size or
+sequence length than the plan's example (:mod:`pipec.runtime.microbatch`), so
+its boundary tensors have other shapes, which a receiver must know to post its
+receive. Every rank gets the full batch, so every rank knows the step's
+per-micro-batch input shapes, and for a traced graph those decide every
+boundary's shape. :meth:`P2P.begin_step` takes them as the step's key: the
+plan's key runs on the preallocated buffers as above (the common case costs
+nothing); a key seen in an earlier step reuses the boundary shapes that step
+learnt (buffers allocated once per key change, receives posted ahead as
+usual); a new key makes a *learning* step, where each forward message is
+preceded by a small int64 header with its shape and receives are posted when
+their action runs -- every rank agrees which steps learn, because they see the
+same keys in the same order. Gradients need no header: a gradient has the
+shape of the forward tensor the receiver sent. A sender checks every tensor
+against the shape the receiver expects, so shapes that depend on the data
+(not only on the input shapes) fail the step instead of corrupting it.
+
 Every message has a deterministic tag (boundary, destination stage,
 micro-batch, direction) so Gloo matches messages by tag. NCCL ignores tags and
 matches messages between a pair of ranks in issue order, which the lowering
@@ -46,7 +63,12 @@ log = logging.getLogger(__name__)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FORWARD, BACKWARD = 0, 1
+FORWARD, BACKWARD, HEADER = 0, 1, 2  # HEADER: a forward message's shape, in learning steps
+
+PLANNED, KNOWN, LEARNING = "planned", "known", "learning"  # how a step knows its boundary shapes
+MAX_KNOWN_SHAPES = 1024  # input-shape keys remembered; past it all are forgotten (on every rank alike)
+
+_Key = tuple[int, str, int, int]  # (local stage, boundary, peer stage, micro-batch)
 
 
 @dataclass(frozen=True)
@@ -221,9 +243,64 @@ class P2P:
             for m in msgs
             for mb in range(num_microbatches)
         }
-        self._zeros: dict[str, torch.Tensor] = {}
+        self._zeros: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         # receives posted ahead of their action: (direction, stage, micro-batch) -> requests
         self._posted: dict[tuple[int, int, int], list[Request]] = {}
+        # boundary shapes of steps shaped unlike the plan (see the module doc)
+        self._mode = PLANNED
+        self._key: object = None
+        self._known: dict[object, tuple[dict[_Key, tuple[int, ...]], dict[_Key, tuple[int, ...]]]] = {}
+        self._in_shapes: dict[_Key, tuple[int, ...]] = {}  # forward inputs received (consumer's view)
+        self._out_shapes: dict[_Key, tuple[int, ...]] = {}  # forward outputs sent (producer's view)
+        self._bufs: dict[tuple[int, _Key], torch.Tensor] = {}  # (direction, key) -> receive buffer
+        self._bufs_key: object = None
+
+    # -- the step's shapes ---------------------------------------------------
+    def begin_step(self, key: object, *, planned: bool) -> None:
+        """Start a step whose per-micro-batch input shapes are ``key`` (``planned``: the
+        plan's own); see the module doc. Every rank must pass the same keys in the same order."""
+        self._key = key
+        if planned:
+            self._mode = PLANNED
+            return
+        known = self._known.get(key)
+        if known is None:
+            self._mode, self._in_shapes, self._out_shapes = LEARNING, {}, {}
+        else:
+            self._mode, (self._in_shapes, self._out_shapes) = KNOWN, known
+        if self._bufs_key != key:
+            self._bufs, self._bufs_key = {}, key
+
+    def end_step(self) -> None:
+        """The step completed: remember the shapes a learning step saw under its key."""
+        if self._mode == LEARNING:
+            if len(self._known) >= MAX_KNOWN_SHAPES:
+                self._known.clear()
+            self._known[self._key] = (self._in_shapes, self._out_shapes)
+            self._mode = KNOWN
+
+    @property
+    def learning(self) -> bool:
+        return self._mode == LEARNING
+
+    def _expected(self, direction: int, stage: int, m: _Message, microbatch: int) -> tuple[int, ...]:
+        """The shape of ``m`` for ``microbatch``: forward input (FORWARD) or output (BACKWARD)
+        of local ``stage``; in a learning step, known once the forward tensor passed."""
+        if self._mode == PLANNED:
+            return m.shape
+        shapes = self._in_shapes if direction == FORWARD else self._out_shapes
+        return shapes[(stage, m.name, m.peer_stage, microbatch)]
+
+    def _buffer(self, direction: int, stage: int, m: _Message, microbatch: int) -> torch.Tensor:
+        if self._mode == PLANNED:
+            bufs = self._fbuf if direction == FORWARD else self._bbuf
+            return bufs[(stage, m.name, m.peer_stage, microbatch)]
+        key = (direction, (stage, m.name, m.peer_stage, microbatch))
+        buf = self._bufs.get(key)
+        if buf is None:
+            shape = self._expected(direction, stage, m, microbatch)
+            buf = self._bufs[key] = torch.empty(shape, dtype=m.dtype, device=self.info.device)
+        return buf
 
     def _empty(self, m: _Message) -> torch.Tensor:
         return torch.empty(m.shape, dtype=m.dtype, device=self.info.device)
@@ -231,7 +308,7 @@ class P2P:
     def _tag(self, m: _Message, microbatch: int, direction: int) -> int:
         if not self._use_tags:
             return 0
-        return (m.tag_base * self.num_microbatches + microbatch) * 2 + direction
+        return (m.tag_base * self.num_microbatches + microbatch) * 3 + direction
 
     def has_forward_sends(self, stage: int) -> bool:
         return bool(self._send_f.get(stage))
@@ -240,7 +317,7 @@ class P2P:
     def post_receives(self, receives: Sequence[tuple[int, int, int]]) -> None:
         """Post the step's receives ``(direction, stage, micro-batch)`` now, so their
         data moves as soon as the peer sends it; no-op on NCCL (see the module doc)."""
-        if not self._use_tags:
+        if not self._use_tags or self._mode == LEARNING:
             return
         self._posted.clear()
         for direction, stage, microbatch in receives:
@@ -253,12 +330,17 @@ class P2P:
 
     def _messages(self, direction: int, stage: int, microbatch: int) -> list[tuple[_Message, torch.Tensor]]:
         """``stage``'s incoming messages in one direction, each with its receive buffer."""
-        msgs, bufs = (self._recv_f, self._fbuf) if direction == FORWARD else (self._recv_b, self._bbuf)
-        return [(m, bufs[(stage, m.name, m.peer_stage, microbatch)]) for m in msgs[stage]]
+        msgs = self._recv_f if direction == FORWARD else self._recv_b
+        return [(m, self._buffer(direction, stage, m, microbatch)) for m in msgs[stage]]
 
     def _post(self, direction: int, stage: int, microbatch: int) -> list[Request]:
-        return [(_irecv(buf, m.peer_rank, self._tag(m, microbatch, direction)), m.peer_rank)
-                for m, buf in self._messages(direction, stage, microbatch)]
+        return [self._irecv(buf, m, microbatch, direction) for m, buf in self._messages(direction, stage, microbatch)]
+
+    def _irecv(self, buf: torch.Tensor, m: _Message, microbatch: int, direction: int) -> Request:
+        try:
+            return _irecv(buf, m.peer_rank, self._tag(m, microbatch, direction)), m.peer_rank
+        except RuntimeError as error:  # the pair is closed: the peer failed or died
+            raise self.waiter.failure(m.peer_rank, f"posting a receive of {m.name!r}", error) from error
 
     def _receive(self, direction: int, stage: int, microbatch: int) -> list[Request]:
         posted = self._posted.pop((direction, stage, microbatch), None)
@@ -267,11 +349,39 @@ class P2P:
     # -- forward ---------------------------------------------------------
     def send_forward(self, stage: int, microbatch: int, outputs: Mapping[str, torch.Tensor]) -> None:
         for m in self._send_f[stage]:
-            self._isend(outputs[m.name], m, microbatch, FORWARD)
+            if self._mode == LEARNING:
+                self._send_header(outputs[m.name], stage, m, microbatch)
+            self._isend(outputs[m.name], m, microbatch, FORWARD, self._expected(BACKWARD, stage, m, microbatch))
+
+    def _send_header(self, tensor: torch.Tensor, stage: int, m: _Message, microbatch: int) -> None:
+        if tensor.dim() != len(m.shape):
+            raise RuntimeError(
+                f"tensor {m.name!r} for micro-batch {microbatch} has {tensor.dim()} dimensions "
+                f"{tuple(tensor.shape)}, the plan's has {len(m.shape)} {m.shape}; the stage's code does not "
+                "follow this batch's shape, re-plan with inputs shaped like the real batch"
+            )
+        shape = tuple(int(d) for d in tensor.shape)
+        self._out_shapes[(stage, m.name, m.peer_stage, microbatch)] = shape
+        header = torch.tensor(shape, dtype=torch.int64, device=self.info.device)
+        self._isend(header, m, microbatch, HEADER, shape=(len(shape),), dtype=torch.int64)
+
+    def _recv_learning(self, stage: int, microbatch: int) -> list[Request]:
+        """A learning step's forward receives: each message's shape header, then its data."""
+        works: list[Request] = []
+        for m in self._recv_f[stage]:
+            header = torch.empty(len(m.shape), dtype=torch.int64, device=self.info.device)
+            self.waiter.wait([self._irecv(header, m, microbatch, HEADER)],
+                             f"receiving the shape of {m.name!r} for stage {stage}, micro-batch {microbatch}")
+            self._in_shapes[(stage, m.name, m.peer_stage, microbatch)] = tuple(int(d) for d in header.tolist())
+            works.append(self._irecv(self._buffer(FORWARD, stage, m, microbatch), m, microbatch, FORWARD))
+        return works
 
     def recv_forward(self, stage: int, microbatch: int) -> dict[str, torch.Tensor]:
         """Receive every remote input of ``stage`` for ``microbatch``; returns the buffers."""
-        works = self._receive(FORWARD, stage, microbatch)
+        if self._mode == LEARNING:
+            works = self._recv_learning(stage, microbatch)
+        else:
+            works = self._receive(FORWARD, stage, microbatch)
         out = {m.name: buf for m, buf in self._messages(FORWARD, stage, microbatch)}
         self.waiter.wait(works, f"receiving the inputs of stage {stage} for micro-batch {microbatch}")
         return out
@@ -280,13 +390,14 @@ class P2P:
     def send_backward(self, stage: int, microbatch: int, grads: Mapping[str, torch.Tensor | None]) -> None:
         """Send the gradients of ``stage``'s remote inputs; a missing gradient is sent as zeros."""
         for m in self._send_b[stage]:
+            shape = self._expected(FORWARD, stage, m, microbatch)  # the forward input's
             g = grads.get(m.name)
             if g is None:
-                g = self._zeros.get(m.name)
+                g = self._zeros.get((m.name, shape))
                 if g is None:
-                    g = self._zeros[m.name] = torch.zeros(m.shape, dtype=m.dtype, device=self.info.device)
+                    g = self._zeros[(m.name, shape)] = torch.zeros(shape, dtype=m.dtype, device=self.info.device)
             # the consumer of the message is ``stage``; tag it like the forward message
-            self._isend(g, m, microbatch, BACKWARD)
+            self._isend(g, m, microbatch, BACKWARD, shape)
 
     def recv_backward(self, stage: int, microbatch: int) -> dict[tuple[str, int], torch.Tensor]:
         """Receive the gradients of ``stage``'s outputs from remote consumers,
@@ -297,15 +408,17 @@ class P2P:
         return out
 
     # -- bookkeeping -----------------------------------------------------
-    def _isend(self, tensor: torch.Tensor, m: _Message, microbatch: int, direction: int) -> None:
-        b = m.boundary
+    def _isend(self, tensor: torch.Tensor, m: _Message, microbatch: int, direction: int,
+               shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
         t = tensor.detach()
-        if t.shape != m.shape or t.dtype != m.dtype:
+        dtype = m.dtype if dtype is None else dtype
+        if t.shape != shape or t.dtype != dtype:
             what = "tensor" if direction == FORWARD else "gradient of"
+            whose = "the plan expects" if self._mode == PLANNED else "this batch's input shapes gave"
             raise RuntimeError(
-                f"{what} {m.name!r} for micro-batch {microbatch}: the plan expects shape {m.shape} "
-                f"{b.dtype}, found {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}; shapes "
-                "must not depend on the data, re-plan with inputs shaped like the real batch"
+                f"{what} {m.name!r} for micro-batch {microbatch}: {whose} shape {shape} "
+                f"{str(dtype).removeprefix('torch.')}, found {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}; "
+                "shapes must depend on the input shapes only, not on the data"
             )
         t = t.contiguous()
         dst = m.peer_rank

@@ -12,9 +12,14 @@ Autograd is cut at stage boundaries: a stage's boundary inputs are detached
 leaves, so each stage's backward is its own graph. ``B`` runs the full
 backward; ``I`` computes input gradients only (keeping the graph) and ``W`` the
 weight gradients later, reusing ``I``'s graph: the split of zero-bubble
-pipeline parallelism (Qi et al. 2023, section 2), in :mod:`pipec.runtime.backward`. The last stage's loss
-is scaled by ``1 / num_microbatches`` so accumulated gradients equal those of a
-mean-reduced loss on the full batch. Each forward runs in a
+pipeline parallelism (Qi et al. 2023, section 2), in :mod:`pipec.runtime.backward`. A mean
+loss (a scalar from ``loss_fn``) is scaled by ``1 / num_microbatches`` on the last
+stage so accumulated gradients equal those of a mean-reduced loss on the full
+batch. A ``(loss_sum, count)`` loss (:mod:`pipec.loss`) is backpropagated
+unscaled: the batch's total count is known only after the last micro-batch's
+forward, later than the first backward under 1F1B, so the runtime divides the
+step's gradients by it afterwards (:mod:`pipec.runtime.loss_scale`).
+Each forward runs in a
 :func:`~pipec.split.randomness.random_scope` of ``(seed, step, micro-batch)``,
 so dropout draws the same masks whatever the schedule or stage layout.
 """
@@ -28,11 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipec.errors import RuntimeFailure
+from pipec.errors import ConfigError, RuntimeFailure
+from pipec.loss import loss_parts
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.failure import PeerFailure
 from pipec.runtime.routing import StageRoutes
+from pipec.runtime.shapes import baked_shape_message
 from pipec.runtime.timeline import Clock, TimelineEvent
 from pipec.schedule.ir import Action, ActionKind
 from pipec.split.randomness import random_scope
@@ -53,10 +60,12 @@ class _Slot:
 
 @dataclass
 class StepResult:
-    losses: dict[int, torch.Tensor]  # micro-batch -> unscaled loss (last stage only)
+    losses: dict[int, torch.Tensor]  # micro-batch -> unscaled loss, or loss_sum (last stage only)
     outputs: dict[int, Any]  # micro-batch -> model output (inference, last stage only)
     timeline: list[TimelineEvent]
     started: float = 0.0  # perf_counter seconds at the step's start
+    # micro-batch -> count, when loss_fn returned (loss_sum, count) (last stage only)
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _early_receives(actions: Sequence[Action]) -> tuple[list[tuple[int, int, int]], int]:
@@ -134,6 +143,9 @@ class Executor:
         self._train = True
         self._step = 0
         self._result = StepResult({}, {}, [])
+        # set by the runtime when a step's input shapes differ from the plan's: said when a
+        # stage fails, since code traced on the example may have its shapes baked in
+        self.shape_note: str | None = None
 
     # -- the loop ----------------------------------------------------------
     def run(
@@ -234,8 +246,16 @@ class Executor:
                     f"input {r.name!r} from stage {r.producer} has not arrived; the schedule needs "
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
-        with random_scope(self.seed, self._step, a.microbatch):  # random nodes: same draws on any layout
-            result = self.stages[a.stage](*values)
+        try:
+            with random_scope(self.seed, self._step, a.microbatch):  # same draws on any layout
+                result = self.stages[a.stage](*values)
+        except Exception as e:
+            if self.shape_note is None:
+                raise
+            message = baked_shape_message(a.stage, self.stages[a.stage], e, self.shape_note)
+            cause = RuntimeError(message)  # what the failure record shows the other ranks
+            cause.__cause__ = e
+            raise self._fail(a, message) from cause
         if not isinstance(result, tuple):
             result = (result,)
         expected = len(routes.outputs) + (1 if routes.is_last else 0)
@@ -262,14 +282,25 @@ class Executor:
         if self._loss_fn is None:
             raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
         if self._targets is None:
-            loss = self._loss_fn(output)
+            value = self._loss_fn(output)
         else:
-            loss = self._loss_fn(output, self._targets[a.microbatch])
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise self._fail(a, f"loss_fn must return a scalar tensor, found {found}; reduce it with .mean()")
-        self._result.losses[a.microbatch] = loss.detach().reshape(())
-        slot.scaled_loss = loss.reshape(()) / self.num_microbatches
+            value = self._loss_fn(output, self._targets[a.microbatch])
+        try:
+            loss, count = loss_parts(value)
+        except ConfigError as e:
+            raise self._fail(a, str(e)) from None
+        result = self._result
+        if (count is None) != (not result.counts) and (result.losses or result.counts):
+            kinds = ("a scalar", "a (loss_sum, count) tuple")
+            now, before = kinds if count is None else kinds[::-1]
+            raise self._fail(a, f"loss_fn returned {now} here but {before} for the step's earlier micro-batches; "
+                                "return the same kind for every micro-batch")
+        result.losses[a.microbatch] = loss.detach()
+        if count is None:
+            slot.scaled_loss = loss / self.num_microbatches
+        else:  # divided by the batch's count after the step (pipec.runtime.loss_scale)
+            result.counts[a.microbatch] = count
+            slot.scaled_loss = loss
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()

@@ -1,9 +1,13 @@
 """Split a full batch into micro-batches and merge micro-batch outputs back.
 
 Phase: stage runtime (pure tensor bookkeeping, no communication). Inputs are
-split along dim 0 into ``num_microbatches`` equal chunks that must match the
-plan's per-micro-batch input shapes (:class:`pipec.plan.InputSpec`), because the
-receive buffers and the plan's costs were sized for them.
+split along dim 0 into ``num_microbatches`` equal chunks. A batch need not be
+the size the plan was made for, nor have its other dimensions (a sequence
+length): any batch whose dim 0 divides into ``num_microbatches`` equal parts
+runs, with the plan's dtypes and numbers of dimensions
+(:class:`pipec.plan.InputSpec`). :func:`step_shapes` is the step's
+per-micro-batch input shapes, the key under which the runtime remembers the
+boundary shapes they produce (:mod:`pipec.runtime.comm`).
 """
 
 from __future__ import annotations
@@ -51,7 +55,11 @@ def split_inputs(
 ) -> list[dict[str, Any]]:
     """``result[m][name]`` is micro-batch ``m`` of graph input ``name``. Tensors are
     chunked along dim 0 and moved to ``device``; other values go to every micro-batch.
-    Every input is checked; only those in ``needed`` (default: all) are kept."""
+    Every input is checked; only those in ``needed`` (default: all) are kept.
+
+    Raises :class:`ConfigError` for a tensor input whose dim 0 does not divide into
+    ``num_microbatches`` equal parts (naming batch sizes that do), or whose dtype or
+    number of dimensions differs from the plan's."""
     if len(values) != len(specs):
         raise ConfigError(
             f"expected {len(specs)} inputs {[s.name for s in specs]}, found {len(values)}"
@@ -68,12 +76,21 @@ def split_inputs(
                 mb[spec.name] = value
             continue
         want = spec.meta.shape
-        full = (want[0] * num_microbatches, *want[1:]) if want else None
-        if full is None or tuple(value.shape) != full:
+        if not want or value.dim() != len(want):
+            full = (want[0] * num_microbatches, *want[1:]) if want else ()
             raise ConfigError(
-                f"input {spec.name!r}: expected a batch of shape {full} ({num_microbatches} "
-                f"micro-batches of {want}), found {tuple(value.shape)}; pass a batch of that shape "
-                "or re-plan with example inputs shaped like the real batch"
+                f"input {spec.name!r}: expected a batch of {len(full)} dimensions like {full} "
+                f"({num_microbatches} micro-batches of {want}), found shape {tuple(value.shape)}; pass a batch "
+                "with the plan's dimensions or re-plan with example inputs shaped like the real batch"
+            )
+        rows = value.shape[0]
+        if rows == 0 or rows % num_microbatches:
+            below = (rows // num_microbatches) * num_microbatches
+            options = [n for n in (below, below + num_microbatches) if n > 0]
+            raise ConfigError(
+                f"input {spec.name!r}: a batch of {rows} along dim 0 does not split into {num_microbatches} "
+                f"equal micro-batches; pass a batch size divisible by {num_microbatches} "
+                f"(e.g. {' or '.join(map(str, options))}; the plan was made for {want[0] * num_microbatches})"
             )
         if value.dtype != spec.meta.torch_dtype:
             raise ConfigError(
@@ -84,6 +101,21 @@ def split_inputs(
             for mb, chunk in zip(out, value.to(device).chunk(num_microbatches, dim=0)):
                 mb[spec.name] = chunk
     return out
+
+
+def step_shapes(values: Sequence[Any], specs: Sequence[InputSpec], num_microbatches: int) -> tuple[Any, ...]:
+    """Per graph input, the micro-batch shape of this step's tensor (None for a
+    non-tensor input): the same on every rank, since every rank gets the full batch.
+    Call after :func:`split_inputs` checked ``values``."""
+    return tuple(
+        (v.shape[0] // num_microbatches, *v.shape[1:]) if s.meta is not None and isinstance(v, torch.Tensor) else None
+        for s, v in zip(specs, values)
+    )
+
+
+def plan_shapes(specs: Sequence[InputSpec]) -> tuple[Any, ...]:
+    """:func:`step_shapes` of a batch shaped like the plan's example."""
+    return tuple(tuple(s.meta.shape) if s.meta is not None else None for s in specs)
 
 
 def split_target(target: Any, num_microbatches: int, device: torch.device) -> list[Any]:

@@ -7,7 +7,9 @@ plan's schedule (adding SEND/RECV actions) and hands both to the one
 :class:`~pipec.runtime.executor.Executor`. Every rank passes the full batch to
 :meth:`PipelineRuntime.step`; gradients accumulate into the local parameters
 exactly as ``loss_fn(model(*inputs), target).backward()`` would for a
-mean-reduced loss, and tied parameters get the sum over every rank holding them.
+mean-reduced loss (or of ``sum(loss_sum) / sum(count)`` for a ``loss_fn``
+returning ``(loss_sum, count)``, :mod:`pipec.runtime.loss_scale`), and tied
+parameters get the sum over every rank holding them.
 
 Usage (one process per rank)::
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,7 +50,15 @@ from pipec.runtime.failure import (
     create_monitor,
     record_of,
 )
-from pipec.runtime.microbatch import bind_inputs, merge_outputs, split_inputs, split_target
+from pipec.runtime.loss_scale import CountNormalizer
+from pipec.runtime.microbatch import (
+    bind_inputs,
+    merge_outputs,
+    plan_shapes,
+    split_inputs,
+    split_target,
+    step_shapes,
+)
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -67,6 +77,11 @@ from pipec.viz.trace_json import ALLREDUCE
 
 log = logging.getLogger(__name__)
 
+
+def _shapes_text(specs: Sequence[Any], shapes: Sequence[Any]) -> str:
+    return ", ".join(f"{s.name} {tuple(shape)}" for s, shape in zip(specs, shapes) if shape is not None)
+
+
 class LoadResult(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -76,7 +91,11 @@ class PipelineRuntime:
     """Runs this rank's stages of ``plan_or_dir``.
 
     ``loss_fn(output, target)`` (or ``loss_fn(output)`` when no target is
-    given) must return a mean-reduced scalar; it defaults to the plan's.
+    given) returns the micro-batch's mean loss (a scalar tensor), or a tuple
+    ``(loss_sum, count)`` -- the loss summed over the micro-batch's items and
+    their number (a token-mean loss with padding, Hugging Face's
+    ``num_items_in_batch``) -- for a step loss of ``sum(loss_sum) / sum(count)``
+    over the whole batch (:mod:`pipec.loss`). It defaults to the plan's.
     ``device`` defaults to ``cuda:<local rank>`` under NCCL, else the CPU;
     ``backend`` ("gloo" / "nccl") is used only when this call initialises the
     process group from torchrun's environment. ``timeout`` (default
@@ -158,6 +177,8 @@ class PipelineRuntime:
                 num_microbatches=plan.num_microbatches,
                 waiter=self._waiter,
             )
+        self._p2p = p2p
+        self._plan_shapes = plan_shapes(plan.data.inputs)
         self._tied = TiedGradReducer(
             plan.data.tied_groups, rank_of=self.schedule.rank_of, info=self.info, params=self._params,
             waiter=self._waiter, timeout=self.timeout,
@@ -172,6 +193,10 @@ class PipelineRuntime:
             num_microbatches=plan.num_microbatches,
             device=self.device,
             seed=self.seed,
+        )
+        self._counts = CountNormalizer(
+            info=self.info, source=self.schedule.rank_of(plan.num_stages - 1),
+            params=lambda: list(self.parameters()), waiter=self._waiter,
         )
         self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
         self._timelines = TimelineLog()
@@ -188,19 +213,40 @@ class PipelineRuntime:
 
     # -- running -----------------------------------------------------------
     def _microbatches(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Split the batch and tell P2P and the executor the step's input shapes: a batch
+        size or sequence length other than the plan's runs (:mod:`pipec.runtime.comm`)."""
         specs = self.plan.data.inputs
         if self.plan.traced is not None:
             values = self.plan.traced.flatten_inputs(inputs, kwargs)
         else:
             values = bind_inputs(inputs, kwargs, specs)
-        return split_inputs(values, specs, self.num_microbatches, self.device, self._needed_inputs)
+        microbatches = split_inputs(values, specs, self.num_microbatches, self.device, self._needed_inputs)
+        shapes = step_shapes(values, specs, self.num_microbatches)
+        planned = shapes == self._plan_shapes
+        if self._p2p is not None:
+            self._p2p.begin_step(shapes, planned=planned)
+        self._executor.shape_note = None if planned else (
+            f"this step's micro-batch input shapes {_shapes_text(specs, shapes)} differ from the plan's "
+            f"{_shapes_text(specs, self._plan_shapes)}"
+        )
+        return microbatches
 
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor | None:
         """One training step on the full batch (every rank passes it).
 
         Returns the mean of the micro-batch losses on the rank holding the last
-        stage, None elsewhere. Gradients accumulate into :meth:`parameters`;
-        call your optimizer's ``step`` and ``zero_grad`` afterwards.
+        stage -- ``sum(loss_sum) / sum(count)`` over the batch when ``loss_fn``
+        returns ``(loss_sum, count)`` -- and None elsewhere. Gradients accumulate
+        into :meth:`parameters` (those of that loss on the whole batch); call your
+        optimizer's ``step`` and ``zero_grad`` afterwards.
+
+        The batch may have any size that splits into ``num_microbatches`` equal
+        micro-batches, and other sizes than the plan's example in its other
+        dimensions (a sequence length), as long as the stage code follows them:
+        code traced with the example's sizes baked in (torch.export specialises
+        views) fails on every rank, naming the stage and node. The first step of
+        each new input shape sends a small shape header with every boundary
+        tensor (:mod:`pipec.runtime.comm`); later ones run as fast as the plan's.
         """
         if self.loss_fn is None:
             raise ConfigError(
@@ -215,10 +261,15 @@ class PipelineRuntime:
             if self.is_last and target is not None:
                 targets = split_target(target, self.num_microbatches, self.device)
             self._tied.begin_step()
+            self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
+            if self._p2p is not None:
+                self._p2p.end_step()
+            count = self._counts.end_step(result.counts, self._step)
             self._end_step_timed()
+            self._counts.restore()
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -227,7 +278,10 @@ class PipelineRuntime:
         self._record(result)
         if not self.is_last:
             return None
-        return torch.stack([result.losses[m] for m in range(self.num_microbatches)]).mean()
+        losses = torch.stack([result.losses[m] for m in range(self.num_microbatches)])
+        if count is not None:
+            return (losses.sum() / count).to(losses.dtype)
+        return losses.mean()
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on the full batch: the model's output (micro-batches concatenated
@@ -238,6 +292,8 @@ class PipelineRuntime:
             microbatches = self._microbatches(inputs, kwargs)
             with torch.no_grad():
                 result = self._executor.run(microbatches, train=False, step=self._step)
+            if self._p2p is not None:
+                self._p2p.end_step()
         except BaseException as exc:
             self._on_failure(exc)
             raise

@@ -134,6 +134,11 @@ class Waiter:
             time.sleep(delay)
             delay = min(delay * 2, self.poll_interval)
 
+    def failure(self, peer: int, what: str, error: BaseException) -> PeerFailure:
+        """The :class:`PeerFailure` to raise when posting a request to ``peer`` fails
+        (its connection is already closed): the peer's published failure when it has one."""
+        return PeerFailure(self._explain(peer, what, error), rank=self.rank)
+
     def _explain(self, peer: int, what: str, error: BaseException) -> FailureRecord:
         """Why ``error`` ended a wait for ``peer``."""
         if self.monitor is not None and self.monitor.interrupted is not None:

@@ -88,8 +88,11 @@ def _plan() -> tuple[Chain, PipelineRuntime]:
 
 def test_wrong_batch_shape_says_what_to_pass() -> None:
     _, pipe = _plan()
-    with pytest.raises(ConfigError, match=r"expected a batch of shape \(4, 8\).*found \(6, 8\)"):
-        pipe.step(torch.randn(6, 8), target=torch.randn(6, 8))
+    with pytest.raises(ConfigError, match=r"a batch of 5 along dim 0 does not split into 2 equal micro-batches.*"
+                                          r"e\.g\. 4 or 6; the plan was made for 4"):
+        pipe.step(torch.randn(5, 8), target=torch.randn(5, 8))
+    with pytest.raises(ConfigError, match=r"expected a batch of 2 dimensions like \(4, 8\).*found shape \(4, 8, 1\)"):
+        pipe.step(torch.randn(4, 8, 1), target=torch.randn(4, 8, 1))
     with pytest.raises(ConfigError, match="dtype"):
         pipe.forward(torch.randn(4, 8, dtype=torch.float64))
     with pytest.raises(ConfigError, match="missing input 'x'"):
