@@ -7,7 +7,8 @@ loss and every parameter's gradient under its original FQN.
 
 It runs the plan's stage modules in order, one micro-batch at a time (each
 forward in the same :func:`~pipec.split.randomness.random_scope` as the
-runtime's), and backpropagates ``loss / num_microbatches`` per micro-batch.
+runtime's), and backpropagates ``loss / num_microbatches`` per micro-batch (a ``(loss_sum,
+count)`` loss: the sums, with the gradients divided by the batch's count).
 Random operations draw from ``(seed, step, micro-batch, node)``, so this is
 what every schedule and every stage layout computes: use it to check a
 pipeline, or to debug one without torch.distributed. Batch norm normalises
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pipec.errors import ConfigError
+from pipec.loss import LossParts, loss_parts
 from pipec.plan import Plan
 from pipec.runtime.microbatch import bind_inputs, split_inputs, split_target
 from pipec.runtime.setup import as_plan, resolve_seed
@@ -83,7 +85,7 @@ def reference_step(
     microbatches = split_inputs(values, plan.data.inputs, num, torch.device("cpu"))
     targets = split_target(target, num, torch.device("cpu")) if target is not None else None
     seed = resolve_seed(seed)
-    losses = []
+    losses: list[LossParts] = []
     for m, graph_inputs in enumerate(microbatches):
         known: dict[str, Any] = dict(graph_inputs)
         output: Any = None
@@ -94,16 +96,26 @@ def reference_step(
                 known.update(zip(stage.output_names, result))
                 if k == plan.num_stages - 1:
                     output = result[-1]
-        loss = loss_fn(output) if targets is None else loss_fn(output, targets[m])
-        (loss / num).backward()
-        losses.append(loss.detach().reshape(()))
+        parts = loss_parts(loss_fn(output) if targets is None else loss_fn(output, targets[m]))
+        # a mean loss is scaled per micro-batch; a (loss_sum, count) loss is summed and the
+        # step's gradients divided by the batch's count at the end, as the runtime does
+        scaled = parts.loss if parts.num_items is not None else parts.loss / num
+        torch.autograd.backward(scaled)
+        losses.append(LossParts(parts.loss.detach(), parts.num_items))
+    counted = [p.num_items is not None for p in losses]
+    if any(counted) and not all(counted):
+        raise ConfigError("loss_fn returned a (loss_sum, count) pair for some micro-batches and a "
+                          "scalar for others; return the same kind of value on every call")
+    total = torch.stack([p.num_items for p in losses if p.num_items is not None]).sum() if all(counted) else None
     seen: set[int] = set()
     grads: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         if id(p) not in seen and p.grad is not None:
             seen.add(id(p))
-            grads[name] = p.grad
-    return ReferenceStep(torch.stack(losses).mean(), grads)
+            grads[name] = p.grad if total is None else p.grad / total.to(p.grad.dtype)
+    if total is None:
+        return ReferenceStep(torch.stack([p.loss for p in losses]).mean(), grads)
+    return ReferenceStep((torch.stack([p.loss for p in losses]).sum() / total).to(losses[0].loss.dtype), grads)
 
 
 __all__ = ["ReferenceStep", "reference_step"]
