@@ -84,7 +84,7 @@ def _assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], w
         torch.testing.assert_close(g, w, **TOL, msg=lambda m, name=name: f"{where}: {name}: {m}")
 
 
-# name, schedule, stages per rank, the nodes that start stages 1, 2, ...
+# schedule, stages per rank, the nodes that start stages 1, 2, ...
 GATED_CASES = [
     ("gpipe", 1, ["proj"]),
     ("1f1b", 1, ["proj"]),
@@ -92,6 +92,11 @@ GATED_CASES = [
     ("zb-h1", 1, ["proj", "mid", "out"]),
     ("1f1b", 1, ["proj", "mid", "out"]),
     ("interleaved-1f1b", 2, ["proj", "mid", "out"]),
+    # stage 1 is ``proj`` alone: no boundary input, and not the first stage
+    ("zb-h1", 1, ["proj", "mul"]),
+    ("1f1b", 1, ["proj", "mul"]),
+    # stage 1 is ``sigmoid, proj``: one of its outputs depends on no boundary input
+    ("zb-h1", 1, ["sigmoid", "mul"]),
 ]
 
 
@@ -110,13 +115,14 @@ def _gated_plan(traced: TracedGraph, schedule: str, spr: int, starts: list[str])
                            stages_per_rank=spr, loss_fn=F.mse_loss)
 
 
-@pytest.mark.parametrize("schedule,spr,starts", GATED_CASES, ids=[f"{c[0]}-{len(c[2]) + 1}st" for c in GATED_CASES])
+@pytest.mark.parametrize("schedule,spr,starts", GATED_CASES, ids=[f"{c[0]}-from-{'-'.join(c[2])}" for c in GATED_CASES])
 def test_linear_of_a_model_input_on_a_later_stage(
     gated: tuple[nn.Module, TracedGraph, tuple[torch.Tensor, ...], torch.Tensor],
     schedule: str, spr: int, starts: list[str],
 ) -> None:
     """Issue #13, in one process: ``proj`` (a Linear of model input ``b``) lies on stage 1,
-    off the input side of its graph, and its output is read twice there."""
+    off the input side of its graph, and (in the reported split) its output is read twice
+    there."""
     model, traced, inputs, target = gated
     plan = _gated_plan(traced, schedule, spr, starts)
     assert "proj" in plan.data.stages[1].nodes
