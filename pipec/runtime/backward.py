@@ -25,9 +25,11 @@ reached again through the input side -- a ``Linear`` of a graph input whose
 output is read at two places of the input side (``tanh(h * gate) + h``), a
 parameter used twice along the input side (a shared layer), a target under
 another target of the same node -- so the other frontier nodes' shares would
-be counted twice. Where the graph has no such shape, the node's input-side
-outputs are not even computed. A root that is a leaf makes ``W`` fall back to
-a second backward from the stage outputs restricted to the parameters.
+be counted twice. In such a shape the node also computes its outputs towards
+the input side, which the post-hook drops; in any other (a chain of layers)
+``W`` runs no input-side work at all. A stage with no boundary input leaves all
+of its backward to ``W``; a root that is a leaf makes ``W`` fall back to a
+second backward from the stage outputs restricted to the parameters.
 """
 
 from __future__ import annotations
