@@ -9,14 +9,27 @@ the graph of a stage, call *input side* the nodes from which a boundary input
 is reachable (``I`` runs exactly those) and *frontier* the input-side nodes
 that also feed a parameter through a node off the input side (the
 ``AddmmBackward`` of a ``Linear``: one edge to the previous layer, one to its
-weight). ``I`` records the gradient arriving at each frontier node (a
-pre-hook); ``W`` then runs, per frontier node, only its edges towards the
-parameters (the weight-gradient matmul), and from there one backward through
-the parameter-only subgraphs. Gradients are linear, so the sum over frontier
-nodes plus the roots off the input side is the full weight gradient. Where the
-graph does not have this shape (a root that is a leaf, a parameter reachable
-from the input side other than through a frontier edge), ``W`` falls back to
-a second backward from the stage outputs restricted to the parameters.
+weight; the ``MulBackward`` of ``linear(raw_input) * gate``: one edge to the
+gate, one to the ``Linear`` of a graph input). ``I`` records the gradient
+arriving at each frontier node (a pre-hook). ``W`` then runs each frontier node
+once more from that gradient and keeps only its *own* outputs along its edges
+off the input side (a post-hook that also stops the propagation there): the
+local vector-Jacobian product, the weight-gradient matmul. Summed per target
+node, these seed one backward through the parameter-only subgraphs, together
+with the stage outputs off the input side. Gradients are linear, so that is
+the full weight gradient.
+
+Why the post-hook and not the value autograd captures at the target edge: that
+value sums every path from the frontier node to the target, and a target can be
+reached again through the input side -- a ``Linear`` of a graph input whose
+output is read at two places of the input side (``tanh(h * gate) + h``), a
+parameter used twice along the input side (a shared layer), a target under
+another target of the same node -- so the other frontier nodes' shares would
+be counted twice. In such a shape the node also computes its outputs towards
+the input side, which the post-hook drops; in any other (a chain of layers)
+``W`` runs no input-side work at all. A stage with no boundary input leaves all
+of its backward to ``W``; a root that is a leaf makes ``W`` fall back to a
+second backward from the stage outputs restricted to the parameters.
 """
 
 from __future__ import annotations
@@ -37,7 +50,8 @@ class PendingWeightGrad:
 
     tensors: list[torch.Tensor]
     grads: Grads
-    frontier: list[tuple[Node, list[GradientEdge]]] = field(default_factory=list)
+    # (frontier node, [(position in its next_functions, the edge there)]) per frontier node
+    frontier: list[tuple[Node, list[tuple[int, GradientEdge]]]] = field(default_factory=list)
     captured: dict[Node, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)
     side_roots: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     reuse: bool = False
@@ -85,11 +99,15 @@ def input_backward(
     input_side = _reaches(root_nodes, {get_gradient_edge(x).node for x in leaves})
     param_nodes = {get_gradient_edge(p).node for p in params}
     feeds_param = _reaches(root_nodes, param_nodes)
-    frontier: list[tuple[Node, list[GradientEdge]]] = []
+    frontier: list[tuple[Node, list[tuple[int, GradientEdge]]]] = []
     for node, on_input_side in input_side.items():
         if not on_input_side:
             continue
-        edges = [GradientEdge(c, nr) for c, nr in _children(node) if not input_side[c] and feeds_param[c]]
+        edges = [
+            (i, GradientEdge(c, nr))
+            for i, (c, nr) in enumerate(node.next_functions)
+            if c is not None and not input_side[c] and feeds_param[c]
+        ]
         if edges:
             frontier.append((node, edges))
     pending.frontier = frontier
@@ -118,7 +136,7 @@ def weight_backward(pending: PendingWeightGrad, params: Sequence[torch.Tensor]) 
     if not pending.reuse:
         torch.autograd.backward(pending.tensors, grad_tensors=pending.grads, inputs=list(params))
         return
-    # 1. each frontier node's edges towards the parameters, from the gradient I saw arrive
+    # 1. each frontier node's own outputs towards the parameters, from the gradient I saw arrive
     roots: dict[tuple[Node, int], torch.Tensor] = {}
     for node, edges in pending.frontier:
         arrived = pending.captured.get(node)
@@ -127,10 +145,7 @@ def weight_backward(pending: PendingWeightGrad, params: Sequence[torch.Tensor]) 
         outs = [GradientEdge(node, i) for i, g in enumerate(arrived) if g is not None]
         if not outs:
             continue
-        values = torch.autograd.grad(
-            outs, edges, [g for g in arrived if g is not None], retain_graph=True, allow_unused=True
-        )
-        for e, v in zip(edges, values):
+        for (_, e), v in zip(edges, _local_grads(node, edges, outs, [g for g in arrived if g is not None])):
             if v is not None:
                 key = (e.node, e.output_nr)
                 roots[key] = v if key not in roots else roots[key] + v
@@ -143,3 +158,27 @@ def weight_backward(pending: PendingWeightGrad, params: Sequence[torch.Tensor]) 
     if outputs:
         torch.autograd.backward(outputs, grad_tensors=seeds, inputs=list(params))
     pending.captured.clear()
+
+
+def _local_grads(
+    node: Node, edges: Sequence[tuple[int, GradientEdge]], outs: list[GradientEdge], seeds: list[torch.Tensor]
+) -> list[torch.Tensor | None]:
+    """What ``node`` alone sends along ``edges`` when ``seeds`` arrive at ``outs``.
+
+    A post-hook reads ``node``'s outputs and replaces them by None, so nothing
+    propagates past it: the values autograd would capture at the edges add
+    every other path from ``node`` to them (see the module docstring)."""
+    local: list[torch.Tensor | None] = [None] * len(edges)
+
+    def keep(grad_inputs: tuple[torch.Tensor | None, ...], _: tuple[torch.Tensor | None, ...]) -> Any:
+        for k, (i, _e) in enumerate(edges):
+            local[k] = grad_inputs[i]
+        return tuple(None for _ in grad_inputs)
+
+    targets = list({(e.node, e.output_nr): e for _, e in edges}.values())
+    handle = node.register_hook(keep)
+    try:
+        torch.autograd.grad(outs, targets, seeds, retain_graph=True, allow_unused=True)
+    finally:
+        handle.remove()
+    return local
