@@ -1,0 +1,75 @@
+"""The one-way architecture (ARCHITECTURE.md, "the layers"), checked on the source.
+
+``tests/import_graph.py`` parses every module under ``pipec/`` and counts every
+import -- top-level, in functions, under ``TYPE_CHECKING``, relative, and
+string references such as lazy-export tables and ``importlib.import_module``.
+Its ``LAYERS`` table is the layer of each module, bottom to top:
+
+  0 basic values        errors, units, types, _lazy, _imports, _files, _version
+  1 saved data          schedule.ir, plan (data only), timeline_format, manifest
+  2 schedule library    schedule.* (generators, lowering, validator, grid, simulator)
+  3 tracing, costs      tracing, profiling, costs.*
+  4 partitioner         partitioner.*
+  5 split, codegen      split.*, codegen, templates.stage, plan_check, factory
+  6 runtime             runtime.* (the only users of torch.distributed)
+  7 viz                 viz.*, summary
+  8 facade              facade (Plan, partition, load), pipec/__init__ (lazy names)
+  9 cli                 cli, __main__, templates/run.py (the plan directory's script)
+
+The schedule IR sits with the plan data because ``plan.json`` holds a
+``Schedule``; the rest of the schedule library sits below the partitioner, which
+sizes memory by the schedule.
+"""
+
+from __future__ import annotations
+
+import import_graph
+import pytest
+
+GRAPH = import_graph.build()
+
+
+def test_every_module_has_a_layer() -> None:
+    assert GRAPH.unlayered() == []
+
+
+def test_the_graph_sees_every_kind_of_import(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pkg = tmp_path / "pipec"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('_EXPORTS = {"thing": "pipec.sub.d"}\n')
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from pipec.b import x\n"
+        "def f():\n    from .sub import c\n"
+        "import importlib\nimportlib.import_module('pipec.sub.d')\n"
+        "import torch\ntorch.distributed.barrier()\n"
+    )
+    (pkg / "b.py").write_text("from pipec import a\n")
+    (pkg / "sub" / "c.py").write_text("from .. import b\nfrom . import d\n")
+    (pkg / "sub" / "d.py").write_text("import torch.distributed as dist\n")
+    graph = import_graph.build(pkg)
+    assert graph.targets("pipec.a") == {"pipec.b", "pipec.sub.c", "pipec.sub.d"}
+    assert graph.targets("pipec.b") == {"pipec.a"}
+    assert graph.targets("pipec.sub.c") == {"pipec.b", "pipec.sub.d"}
+    assert graph.targets("pipec") == {"pipec.sub.d"}
+    assert graph.cycles() == [["pipec.a", "pipec.b", "pipec.sub.c"]]
+    assert set(graph.distributed) == {"pipec.a", "pipec.sub.d"}
+
+
+@pytest.mark.xfail(strict=True, reason="#14: the import circles are being broken")
+def test_no_import_cycles() -> None:
+    assert GRAPH.cycles() == []
+
+
+@pytest.mark.xfail(strict=True, reason="#14: the upward imports are being removed")
+def test_no_module_imports_a_higher_layer() -> None:
+    up = [
+        f"{e.source} -> {e.target} (line {e.line})"
+        for e in GRAPH.upward_edges()
+    ]
+    assert up == []
+
+
+def test_only_the_runtime_imports_torch_distributed() -> None:
+    assert GRAPH.distributed_outside_runtime() == {}
