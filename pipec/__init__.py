@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "ProfiledCostModel": "pipec.costs.profiled",
     "AnalyticCostModel": "pipec.costs.analytic",
     "HardwareSpec": "pipec.costs.hardware",
-    "load_cost_model": "pipec.costs.hardware",
+    "load_cost_model": "pipec.costs.analytic",
     "partition": "pipec.partitioner.api",
     "Plan": "pipec.plan",
     "PlanData": "pipec.plan",

@@ -18,7 +18,7 @@ _EXPORTS: dict[str, str] = {
     "AnalyticCostModel": "pipec.costs.analytic",
     "ProfiledCostModel": "pipec.costs.profiled",
     "HardwareSpec": "pipec.costs.hardware",
-    "load_cost_model": "pipec.costs.hardware",
+    "load_cost_model": "pipec.costs.analytic",
     "load_hardware": "pipec.costs.hardware",
     "list_cost_models": "pipec.costs.hardware",
     "calibrate": "pipec.costs.calibrate",

@@ -47,12 +47,13 @@ import logging
 import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipec.costs.hardware import DTYPE_NAMES, HardwareSpec
+from pipec.costs.hardware import DTYPE_NAMES, HardwareSpec, load_hardware, spec_from_dict
 from pipec.costs.node_exec import (
     NodeFailure,
     NodeRun,
@@ -357,4 +358,34 @@ def _check_transfer(num_bytes: int, src_rank: int, dst_rank: int) -> None:
         )
 
 
-__all__ = ["AnalyticCostModel", "NodeCount", "Tally", "count_key", "link_time"]
+
+def load_cost_model(name_or_path: str | Path, **overrides: Any) -> AnalyticCostModel:
+    """An analytic (roofline) cost model for a shipped or custom hardware file.
+
+    ``overrides`` replace fields of the file (``memory_capacity="40GiB"``,
+    ``gpus_per_node=4``, ...); ``dtype=`` is passed to
+    :class:`~pipec.costs.analytic.AnalyticCostModel` (which peak to use).
+    """
+    dtype = overrides.pop("dtype", None)
+    spec = load_hardware(name_or_path)
+    if overrides:
+        unknown = sorted(set(overrides) - set(HardwareSpec.model_fields))
+        if unknown:
+            raise CostModelError(
+                f"load_cost_model: unknown override(s) {unknown}; "
+                f"valid ones are {sorted(HardwareSpec.model_fields)} and 'dtype'"
+            )
+        spec = spec_from_dict(
+            {**spec.model_dump(), **overrides}, where=f"{spec.name!r} with overrides"
+        )
+    return AnalyticCostModel(spec, dtype=dtype)
+
+
+__all__ = [
+    "AnalyticCostModel",
+    "NodeCount",
+    "Tally",
+    "count_key",
+    "link_time",
+    "load_cost_model",
+]

@@ -6,7 +6,7 @@ Input: a name of a shipped file (``"h100-sxm"``, ``"a100-sxm-80gb"``, ``"cpu"``)
 or a path to a JSON file written by hand or by ``pipec calibrate``.
 Output: a validated :class:`HardwareSpec`, or an
 :class:`~pipec.costs.analytic.AnalyticCostModel` built on one
-(:func:`load_cost_model`).
+(:func:`pipec.costs.analytic.load_cost_model`).
 
 Every figure in a file is in base units -- FLOP/s, bytes/s, bytes, seconds --
 and the file's ``source`` maps each field to where its figure comes from
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -26,9 +26,6 @@ from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import CostModelError
 from pipec.types import FrozenModel
 from pipec.units import parse_bytes
-
-if TYPE_CHECKING:
-    from pipec.costs.analytic import AnalyticCostModel
 
 #: dtype names a ``peak_flops`` table may use, and the torch dtypes they stand for.
 DTYPE_NAMES: dict[str, str] = {
@@ -155,9 +152,7 @@ class HardwareSpec(FrozenModel):
 
 def cost_models_dir() -> Path:
     """The repository's ``cost_models/`` folder (pipec is installed editable)."""
-    import pipec
-
-    return Path(pipec.__file__).resolve().parent.parent / "cost_models"
+    return Path(__file__).resolve().parents[2] / "cost_models"
 
 
 def list_cost_models() -> list[str]:
@@ -242,36 +237,11 @@ def load_hardware(name_or_path: str | Path) -> HardwareSpec:
     return spec_from_dict(data, where=repr(str(path)))
 
 
-def load_cost_model(name_or_path: str | Path, **overrides: Any) -> AnalyticCostModel:
-    """An analytic (roofline) cost model for a shipped or custom hardware file.
-
-    ``overrides`` replace fields of the file (``memory_capacity="40GiB"``,
-    ``gpus_per_node=4``, ...); ``dtype=`` is passed to
-    :class:`~pipec.costs.analytic.AnalyticCostModel` (which peak to use).
-    """
-    from pipec.costs.analytic import AnalyticCostModel
-
-    dtype = overrides.pop("dtype", None)
-    spec = load_hardware(name_or_path)
-    if overrides:
-        unknown = sorted(set(overrides) - set(HardwareSpec.model_fields))
-        if unknown:
-            raise CostModelError(
-                f"load_cost_model: unknown override(s) {unknown}; "
-                f"valid ones are {sorted(HardwareSpec.model_fields)} and 'dtype'"
-            )
-        spec = spec_from_dict(
-            {**spec.model_dump(), **overrides}, where=f"{spec.name!r} with overrides"
-        )
-    return AnalyticCostModel(spec, dtype=dtype)
-
-
 __all__ = [
     "DTYPE_NAMES",
     "HardwareSpec",
     "cost_models_dir",
     "list_cost_models",
-    "load_cost_model",
     "load_hardware",
     "spec_from_dict",
 ]

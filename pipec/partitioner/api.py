@@ -253,7 +253,7 @@ def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Call
 
         return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target))
     if isinstance(cost_model, (str, Path)):
-        from pipec.costs.hardware import load_cost_model
+        from pipec.costs.analytic import load_cost_model
 
         if loss_fn is not None:
             log.info("the analytic cost model %s does not cost the loss; profile (cost_model='profile') "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipec.costs.hardware import load_cost_model, load_hardware
+from pipec.costs.analytic import load_cost_model
+from pipec.costs.hardware import load_hardware
 from pipec.costs.profiled import ProfiledCostModel, corrected_to_whole
 from pipec.errors import CostModelError
 from pipec.profiling import Profile

@@ -8,13 +8,8 @@ from typing import Any
 
 import pytest
 
-from pipec.costs.hardware import (
-    HardwareSpec,
-    cost_models_dir,
-    list_cost_models,
-    load_cost_model,
-    load_hardware,
-)
+from pipec.costs.analytic import load_cost_model
+from pipec.costs.hardware import HardwareSpec, cost_models_dir, list_cost_models, load_hardware
 from pipec.errors import CostModelError
 
 SHIPPED = ("h100-sxm", "a100-sxm-80gb", "cpu")
