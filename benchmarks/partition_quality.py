@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipec
-from pipec.costs.hardware import load_cost_model
+from pipec.costs.analytic import load_cost_model
 from pipec.partitioner.algorithm import STRATEGIES
 from pipec.partitioner.api import partition_traced
 from pipec.partitioner.graph import build_chain
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.search import monotone_minmax
 
 
@@ -145,7 +146,7 @@ def main() -> None:
                     solve_time = time.perf_counter() - started
             bound = plans["optimal"].data.lower_bound
             problem = build_chain(traced, costs, num_stages=num_stages).problem
-            compute, _ = monotone_minmax(problem, [problem.tables.prefix_time] * num_stages)
+            compute, _ = monotone_minmax(problem, [tables_of(problem).prefix_time] * num_stages)
             ratios = [compute / bound] + [plans[s].data.bottleneck / bound for s in STRATEGIES]
             worst = max(worst, ratios[1] / ratios[0])
             assert all(ratios[1] <= r + 1e-12 for r in ratios[2:]), "a baseline beat the optimal split"

@@ -34,6 +34,7 @@ from pipec.partitioner.api import (
     resolve_cost_model,
 )
 from pipec.partitioner.assemble import build_plan_data
+from pipec.partitioner.liveness import tables_of
 from pipec.plan import Plan
 from pipec.tracing import trace
 
@@ -75,7 +76,7 @@ def main() -> None:
     now = timed("cost", now)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=None,
                       device_speeds=None, optimizer_state_bytes_per_param=8)
-    chain.problem.tables  # noqa: B018  (builds the liveness tables)
+    tables_of(chain.problem)  # builds the liveness tables
     now = timed("chain", now)
     solution = solve(chain.problem, "optimal")
     now = timed("solve", now)

@@ -45,9 +45,9 @@ import numpy as np
 from pipec.errors import PartitionError
 from pipec.partitioner.baselines import BASELINES
 from pipec.partitioner.chain import evaluate, fits, stage_memories, stage_times
-from pipec.partitioner.memory import min_memory_limit
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem, ChainSolution
-from pipec.partitioner.search import capped_dp, monotone_minmax, windows
+from pipec.partitioner.search import capped_dp, min_memory_limit, monotone_minmax, windows
 from pipec.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def check_cut_count(problem: ChainProblem) -> None:
 
 def optimal(problem: ChainProblem) -> ChainSolution:
     """The split with the smallest bottleneck that fits memory (see the module docstring)."""
-    tab = problem.tables
+    tab = tables_of(problem)
     s = problem.num_stages
     caps = [_limit(problem, k) for k in range(s)]
     lower, compute_cuts = monotone_minmax(problem, [tab.prefix_time / tab.speed[k] for k in range(s)])

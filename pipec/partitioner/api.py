@@ -34,8 +34,8 @@ from pipec.partitioner.algorithm import STRATEGIES, solve
 from pipec.partitioner.assemble import build_plan_data
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
-from pipec.partitioner.memory import in_flight_from_schedule
 from pipec.plan import Plan
+from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
 

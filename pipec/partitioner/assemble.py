@@ -29,9 +29,9 @@ from pipec.partitioner.graph import (
     is_plain_tensor,
     split_to_cuts,
 )
-from pipec.partitioner.memory import in_flight_from_schedule
 from pipec.partitioner.problem import ChainSolution
 from pipec.plan import Boundary, InputSpec, Plan, PlanData, StageInfo, TiedGroup
+from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
 

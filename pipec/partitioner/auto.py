@@ -47,7 +47,7 @@ from torch import nn
 from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import api, config
 from pipec.partitioner.config import MemoryLimit
-from pipec.partitioner.memory import min_memory_limit
+from pipec.partitioner.search import min_memory_limit
 from pipec.plan import Candidate, Plan
 from pipec.types import CostModel, NodeCost, TracedGraph
 from pipec.units import format_bytes, format_seconds

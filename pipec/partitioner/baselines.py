@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem
 from pipec.partitioner.search import monotone_minmax
 
@@ -49,7 +50,7 @@ def equal_count(problem: ChainProblem) -> tuple[int, ...]:
 
 def greedy(problem: ChainProblem) -> tuple[int, ...]:
     """Stage ``k`` ends where the running compute time first reaches its share of the total."""
-    tab = problem.tables
+    tab = tables_of(problem)
     s = problem.num_stages
     share = np.cumsum(tab.speed) / tab.speed.sum() * tab.prefix_time[-1]
     targets = [float(np.searchsorted(tab.prefix_time, share[k - 1], side="left")) for k in range(1, s)]
@@ -58,7 +59,7 @@ def greedy(problem: ChainProblem) -> tuple[int, ...]:
 
 def by_params(problem: ChainProblem) -> tuple[int, ...]:
     """Min-max parameter count per stage (a tied group counts at its first user)."""
-    tab = problem.tables
+    tab = tables_of(problem)
     numel = np.diff(tab.prefix_numel).astype(np.float64)
     for users, count in zip(tab.tied_users, tab.tied_numel):
         numel[int(users[0])] += count

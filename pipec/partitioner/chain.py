@@ -41,7 +41,7 @@ real all-reduce at the end of the step
 
 where a tied group counts on every stage that uses it and ``in_flight[k]``
 is the number of micro-batches stage ``k`` holds at its peak
-(:mod:`pipec.partitioner.memory`). A rank's memory is the sum over its stages.
+(:mod:`pipec.schedule.in_flight`). A rank's memory is the sum over its stages.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipec.errors import PartitionError
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem, ChainSolution, ChainTensor, ParamGroup
 
 F64 = npt.NDArray[np.float64]
@@ -60,7 +61,7 @@ I64 = npt.NDArray[np.int64]
 
 def stage_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F64:
     """Time of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised)."""
-    tab = problem.tables
+    tab = tables_of(problem)
     i = np.asarray(starts, dtype=np.int64)
     j = np.asarray(ends, dtype=np.int64)
     time: F64 = (tab.prefix_time[j] - tab.prefix_time[i]) / tab.speed[stage]
@@ -73,7 +74,7 @@ def stage_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F6
 def stage_tied_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F64:
     """The share per micro-batch of the tied-gradient all-reduces that stage ``stage``
     over ``[starts[n], ends[n])`` joins, for every ``n`` (part of :func:`stage_times`)."""
-    tab = problem.tables
+    tab = tables_of(problem)
     i = np.asarray(starts, dtype=np.int64)
     j = np.asarray(ends, dtype=np.int64)
     time: F64 = np.zeros(len(i), dtype=np.float64)
@@ -86,7 +87,7 @@ def stage_tied_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) 
 
 def stage_memories(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> I64:
     """Memory of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised)."""
-    tab = problem.tables
+    tab = tables_of(problem)
     i = np.asarray(starts, dtype=np.int64)
     j = np.asarray(ends, dtype=np.int64)
     mono = tab.prefix_memory(stage)
@@ -122,7 +123,7 @@ def stage_memory(problem: ChainProblem, stage: int, start: int, end: int) -> int
 
 def stage_params(problem: ChainProblem, start: int, end: int) -> tuple[int, int]:
     """``(numel, bytes)`` of the trainable parameters positions ``[start, end)`` read."""
-    tab = problem.tables
+    tab = tables_of(problem)
     numel = int(tab.prefix_numel[end] - tab.prefix_numel[start])
     num_bytes = int(tab.prefix_param_bytes[end] - tab.prefix_param_bytes[start])
     i, j = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
@@ -150,7 +151,7 @@ def check_cuts(problem: ChainProblem, cuts: Sequence[int]) -> tuple[int, ...]:
             f"cut positions: expected {s + 1} strictly increasing positions from 0 to {n} "
             f"(one non-empty stage each), found {list(c)}"
         )
-    tab = problem.tables
+    tab = tables_of(problem)
     bad = [x for x in c[1:-1] if not tab.cuttable[x]]
     if bad:
         raise PartitionError(

@@ -20,16 +20,14 @@ lifetimes in positions).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pipec.errors import CostModelError
-from pipec.partitioner.problem import exchange_time
-
-if TYPE_CHECKING:
-    from pipec.partitioner.problem import ChainProblem
+from pipec.partitioner.problem import ChainProblem, exchange_time
+from pipec.schedule.in_flight import in_flight_formula
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -67,8 +65,6 @@ class Tables:
         self.speed: F64 = np.array([p.speed_of(k) for k in range(s)], dtype=np.float64)
         self.cuttable = np.ones(n + 1, dtype=bool) if p.cuttable is None else np.array(p.cuttable, dtype=bool)
         self.cuttable[0] = self.cuttable[n] = True
-        from pipec.partitioner.memory import in_flight_formula
-
         flight = p.in_flight if p.in_flight is not None else in_flight_formula(
             p.schedule, s, p.ranks, p.num_microbatches)
         self.in_flight: I64 = np.asarray(flight, dtype=np.int64)
@@ -222,4 +218,18 @@ class Tables:
         return out
 
 
-__all__ = ["Tables"]
+def tables_of(problem: ChainProblem) -> Tables:
+    """The :class:`Tables` of ``problem``, built on first use and kept with it.
+
+    Kept in the problem's ``__dict__`` (a frozen dataclass, so through
+    ``object.__setattr__``) so they live exactly as long as the problem does;
+    the problem itself does not know this module (no import circle).
+    """
+    found = problem.__dict__.get("_tables")
+    if not isinstance(found, Tables):
+        found = Tables(problem)
+        object.__setattr__(problem, "_tables", found)
+    return found
+
+
+__all__ = ["Tables", "tables_of"]

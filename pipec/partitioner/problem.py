@@ -15,14 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import PartitionError
-
-if TYPE_CHECKING:
-    from pipec.partitioner.liveness import Tables
 
 CommTime = Callable[[int, int, int], float]
 """``comm_time(num_bytes, src_rank, dst_rank) -> seconds``, as on :class:`pipec.CostModel`."""
@@ -92,7 +87,7 @@ class ChainProblem:
     - ``memory_limit``: one entry per rank (``None`` = unlimited), or ``None``.
     - ``in_flight``: micro-batches whose activations stage ``k`` holds at its
       peak; ``None`` = the closed form for ``schedule``
-      (:func:`pipec.partitioner.memory.in_flight_formula`).
+      (:func:`pipec.schedule.in_flight.in_flight_formula`).
     - ``optimizer_state_bytes_per_param``: 8 = Adam's two fp32 moments.
     """
 
@@ -144,12 +139,6 @@ class ChainProblem:
             return list(range(1, n))
         return [c for c in range(1, n) if self.cuttable[c]]
 
-    @cached_property
-    def tables(self) -> Tables:
-        """Arrays precomputed for fast stage costs (built once, on first use)."""
-        from pipec.partitioner.liveness import Tables
-
-        return Tables(self)
 
 
 @dataclass(frozen=True)

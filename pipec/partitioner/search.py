@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipec.partitioner.chain import stage_memories, stage_times
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem
 
 F64 = npt.NDArray[np.float64]
@@ -55,7 +56,7 @@ _NARROW_FROM = 16  # ends with fewer candidate starts are relaxed in full
 
 def _room(problem: ChainProblem) -> tuple[I64, I64, I64]:
     """``prev[x]``/``next[x]``: the nearest allowed cut <= / >= x; ``cuts``: the allowed interior cuts."""
-    tab = problem.tables
+    tab = tables_of(problem)
     n = problem.num_nodes
     allowed = np.flatnonzero(tab.cuttable).astype(np.int64)  # includes 0 and N
     x = np.arange(n + 1)
@@ -103,7 +104,7 @@ def monotone_minmax(problem: ChainProblem, prefixes: Sequence[F64]) -> tuple[flo
 
 def windows(problem: ChainProblem, time_cap: float, memory_caps: Sequence[float]) -> tuple[I64, I64] | None:
     """``(lo, hi)``: every split meeting the caps has ``lo[k] <= c_k <= hi[k]``; None if empty."""
-    tab = problem.tables
+    tab = tables_of(problem)
     s, n = problem.num_stages, problem.num_nodes
     prev, nxt, inner = _room(problem)
     pt = tab.prefix_time
@@ -144,7 +145,7 @@ def capped_dp(
     if win is None:
         return None
     lo, hi = win
-    tab = problem.tables
+    tab = tables_of(problem)
     s = problem.num_stages
     pt = tab.prefix_time
     positions = np.zeros(1, dtype=np.int64)
@@ -243,8 +244,8 @@ def _narrow(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I6
     wide = np.flatnonzero(counts > _NARROW_FROM)
     if len(wide) == 0:
         return a, counts
-    pt = problem.tables.prefix_time
-    speed = problem.tables.speed[k]
+    pt = tables_of(problem).prefix_time
+    speed = tables_of(problem).speed[k]
     full_a, full_counts = a, counts
     a, b, ends = a[wide], a[wide] + counts[wide], ends[wide]
     at_start, at_end = pt[positions], pt[ends]
@@ -282,5 +283,27 @@ def _narrow(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I6
     return new_a, new_counts
 
 
-__all__ = ["capped_dp", "monotone_minmax", "windows"]
+
+def min_memory_limit(problem: ChainProblem) -> tuple[int, bool]:
+    """The smallest per-rank memory limit for which some split fits, ignoring time.
+
+    Returns ``(bytes, exact)``: exact (the minimum over splits of the largest
+    stage memory) with one stage per rank; with several stages per rank the
+    per-stage minimum is returned as a lower bound (``exact`` False).
+    Phase: partition, used for the advice of an infeasible-memory error.
+    """
+    tab = tables_of(problem)
+    s = problem.num_stages
+    prefixes = [tab.prefix_memory(k).astype("float64") for k in range(s)]
+    lower, _ = monotone_minmax(problem, prefixes)
+    result = None
+    for cap in [float(lower) * f for f in (1.0, 1.05, 1.25, 2.0, 4.0, 16.0)] + [float("inf")]:
+        result = capped_dp(problem, time_cap=float("inf"), memory_caps=[cap] * s, objective="memory")
+        if result is not None:
+            break
+    if result is None:  # unreachable when enough cut positions exist; keep a bound
+        return int(lower), False
+    return int(result[0]), problem.ranks == s
+
+__all__ = ["capped_dp", "min_memory_limit", "monotone_minmax", "windows"]
 

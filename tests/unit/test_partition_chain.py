@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from pipec.errors import PartitionError
 from pipec.partitioner.chain import check_cuts, evaluate, stage_memory, stage_params, stage_time
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem, ChainTensor, ParamGroup
 
 
@@ -88,7 +89,7 @@ def test_stage_cost_matches_the_definition(p: ChainProblem, data: st.DataObject)
     i = 0 if k == 0 else data.draw(st.integers(k, n - (s - k)))
     j = n if k == s - 1 else data.draw(st.integers(i + 1, n - (s - k - 1)))
     assert stage_time(p, k, i, j) == pytest.approx(naive_time(p, k, i, j), rel=1e-12, abs=1e-12)
-    flight = p.tables.in_flight[k]
+    flight = tables_of(p).in_flight[k]
     assert stage_memory(p, k, i, j) == naive_memory(p, k, i, j, int(flight))
 
 

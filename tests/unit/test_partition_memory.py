@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipec.partitioner.memory import in_flight_formula, in_flight_from_schedule
+from pipec.schedule.in_flight import in_flight_formula, in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pipec.errors import PartitionError
 from pipec.partitioner.algorithm import STRATEGIES, exhaustive, solve
 from pipec.partitioner.chain import evaluate, fits
-from pipec.partitioner.memory import min_memory_limit
 from pipec.partitioner.problem import ChainProblem, ChainSolution, ChainTensor, ParamGroup
+from pipec.partitioner.search import min_memory_limit
 
 
 def link(num_bytes: int, src: int, dst: int) -> float:

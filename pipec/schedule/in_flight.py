@@ -1,4 +1,6 @@
-"""Phase partition: micro-batches in flight per stage, and the smallest memory that fits.
+"""Micro-batches in flight per stage: how much activation memory a schedule holds.
+
+Phase: schedule library, used by the partitioner to size each stage's memory.
 
 Input: a schedule (name or :class:`pipec.schedule.ir.Schedule`) and sizes.
 Output: ``in_flight[k]``, the number of micro-batches whose activations stage
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import logging
 
-from pipec.partitioner.problem import ChainProblem
+from pipec.schedule.generators import make_schedule
 from pipec.schedule.ir import ActionKind, Schedule
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,6 @@ def in_flight_formula(schedule: str, num_stages: int, num_ranks: int, num_microb
     s, r, m = num_stages, num_ranks, num_microbatches
     if s % r == 0:
         try:
-            from pipec.schedule.generators import make_schedule
-
             return in_flight_from_schedule(make_schedule(schedule, s, m, s // r))
         except Exception as exc:  # unknown name or sizes the generator refuses
             log.debug("in_flight: no generated %s schedule for S=%d R=%d m=%d (%s); using the closed form",
@@ -68,28 +68,4 @@ def in_flight_formula(schedule: str, num_stages: int, num_ranks: int, num_microb
     return (m,) * s  # gpipe, and the safe bound for anything unknown
 
 
-def min_memory_limit(problem: ChainProblem) -> tuple[int, bool]:
-    """The smallest per-rank memory limit for which some split fits, ignoring time.
-
-    Returns ``(bytes, exact)``: exact (the minimum over splits of the largest
-    stage memory) with one stage per rank; with several stages per rank the
-    per-stage minimum is returned as a lower bound (``exact`` False).
-    Phase: partition, used for the advice of an infeasible-memory error.
-    """
-    from pipec.partitioner.search import capped_dp, monotone_minmax
-
-    tab = problem.tables
-    s = problem.num_stages
-    prefixes = [tab.prefix_memory(k).astype("float64") for k in range(s)]
-    lower, _ = monotone_minmax(problem, prefixes)
-    result = None
-    for cap in [float(lower) * f for f in (1.0, 1.05, 1.25, 2.0, 4.0, 16.0)] + [float("inf")]:
-        result = capped_dp(problem, time_cap=float("inf"), memory_caps=[cap] * s, objective="memory")
-        if result is not None:
-            break
-    if result is None:  # unreachable when enough cut positions exist; keep a bound
-        return int(lower), False
-    return int(result[0]), problem.ranks == s
-
-
-__all__ = ["in_flight_formula", "in_flight_from_schedule", "min_memory_limit"]
+__all__ = ["in_flight_formula", "in_flight_from_schedule"]
