@@ -63,8 +63,8 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
     """Both plans, identical on every rank: rank 0 profiles, rank 1 receives the profile."""
     import pipec
     from pipec.costs.profiled import ProfiledCostModel
-    from pipec.partitioner.api import first_microbatch, first_target
     from pipec.partitioner.assemble import plan_from_split
+    from pipec.partitioner.inputs import first_microbatch, first_target
     from pipec.profiling import Profile
 
     model, inputs, loss_fn = made["model"], made["example_inputs"], made["loss_fn"]

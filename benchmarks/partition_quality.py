@@ -31,10 +31,10 @@ from torch import nn
 import pipec
 from pipec.costs.analytic import load_cost_model
 from pipec.partitioner.algorithm import STRATEGIES
-from pipec.partitioner.api import partition_traced
 from pipec.partitioner.graph import build_chain
 from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.search import monotone_minmax
+from pipec.partitioner.single import partition_traced
 
 
 class Block(nn.Module):

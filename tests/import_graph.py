@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("pipec.schedule.ir", "pipec.plan", "pipec.timeline_format", "pipec.manifest"),
     ),
     ("schedule library", ("pipec.schedule.*",)),
-    ("tracing, costs", ("pipec.tracing", "pipec.profiling", "pipec.costs.*")),
+    ("tracing, costs", ("pipec.tracing", "pipec.profiling", "pipec.microbatch", "pipec.costs.*")),
     ("partitioner", ("pipec.partitioner.*",)),
     (
         "split, codegen",

@@ -5,8 +5,10 @@ plain data), :mod:`~pipec.partitioner.chain` (the one stage-cost function),
 :mod:`~pipec.partitioner.search` and :mod:`~pipec.partitioner.algorithm` (the
 exact min-max split), :mod:`~pipec.partitioner.baselines`,
 :mod:`~pipec.partitioner.graph` and :mod:`~pipec.partitioner.assemble`
-(traced graph <-> chain <-> plan data), :mod:`~pipec.partitioner.api`
-(:func:`pipec.partition`). Names are imported lazily.
+(traced graph <-> chain <-> plan data), :mod:`~pipec.partitioner.single`
+(one configuration), :mod:`~pipec.partitioner.auto` (the search over
+configurations) and :mod:`~pipec.partitioner.api` (:func:`pipec.partition`).
+Names are imported lazily.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pipec._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "partition": "pipec.partitioner.api",
-    "partition_traced": "pipec.partitioner.api",
+    "partition_traced": "pipec.partitioner.single",
     "plan_from_split": "pipec.partitioner.assemble",
     "ChainProblem": "pipec.partitioner.problem",
     "ChainTensor": "pipec.partitioner.problem",

@@ -45,16 +45,24 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from pipec.errors import ConfigError, PartitionError, ScheduleError
-from pipec.partitioner import api, config
+from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.inputs import (
+    AUTO,
+    batch_size,
+    default_microbatches,
+    first_microbatch,
+    first_target,
+    split_inputs,
+)
 from pipec.partitioner.search import min_memory_limit
+from pipec.partitioner.single import chain_for, check_strategy, partition_traced, resolve_cost_model
 from pipec.plan import Candidate, Plan
 from pipec.types import CostModel, NodeCost, TracedGraph
 from pipec.units import format_bytes, format_seconds
 
 log = logging.getLogger(__name__)
 
-AUTO = api.AUTO
 INTERLEAVED_DEPTHS = (2, 4)  # stages per rank tried for interleaved-1f1b
 MICROBATCHES_PER_RANK = 8  # "auto" micro-batches: divisors of the batch up to this times num_ranks
 
@@ -95,7 +103,7 @@ def search_space(
         high = MICROBATCHES_PER_RANK * ranks
         counts = [d for d in range(1, min(batch, high) + 1) if batch % d == 0] if batch else [1]
     elif num_microbatches is None:
-        counts = [api.default_microbatches(batch, ranks)]
+        counts = [default_microbatches(batch, ranks)]
     else:
         counts = [config.count("num_microbatches", num_microbatches, high=batch,
                                advice="" if batch is None else f" (the batch has {batch} samples along dim 0)")]
@@ -152,11 +160,11 @@ def partition_auto(
     from pipec.costs.timer import progress_bar
     from pipec.tracing import trace
 
-    args, kwargs = api.split_inputs(example_inputs, example_kwargs)
-    batch = api.batch_size(args, kwargs)
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    batch = batch_size(args, kwargs)
     space = search_space(num_stages=num_stages, schedule=schedule, num_microbatches=num_microbatches,
                          stages_per_rank=stages_per_rank, batch=batch)
-    api.check_strategy(strategy)
+    check_strategy(strategy)
     config.device_speeds(device_speeds, space.num_ranks)
     if memory_limit is not None:
         config.memory_limits(memory_limit, space.num_ranks, None)
@@ -164,10 +172,10 @@ def partition_auto(
     leaf_modules = tuple(leaf_modules)
     costed: dict[int, Costed] = {}  # by micro-batch size: every shape, cost and boundary depends on it
     for m in sorted({c.num_microbatches for c in space.configs}):
-        mb_args, mb_kwargs = api.first_microbatch(args, kwargs, m)
+        mb_args, mb_kwargs = first_microbatch(args, kwargs, m)
         traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=leaf_modules)
-        model_costs = api.resolve_cost_model(cost_model, traced, loss_fn=loss_fn,
-                                             target=api.first_target(target, m))
+        model_costs = resolve_cost_model(cost_model, traced, loss_fn=loss_fn,
+                                             target=first_target(target, m))
         costed[m] = Costed(traced, model_costs.node_costs(traced), model_costs)
         log.info("auto-plan: traced and costed micro-batch size %s (%d micro-batches)",
                  batch // m if batch else "-", m)
@@ -214,13 +222,13 @@ def run_trial(
     )
     need = None
     try:
-        plan = api.partition_traced(costed.traced, costed.node_costs, memory_limit=limits, **common)
+        plan = partition_traced(costed.traced, costed.node_costs, memory_limit=limits, **common)
     except PartitionError as exc:
         # split again without a limit: the step time it would have, and the memory it needs
-        plan = api.partition_traced(costed.traced, costed.node_costs, memory_limit=[None] * num_ranks,
+        plan = partition_traced(costed.traced, costed.node_costs, memory_limit=[None] * num_ranks,
                                     **common)
         log.info("auto-plan: %s does not fit: %s", cfg.label, " ".join(str(exc).split()))
-        chain = api.chain_for(costed.traced, costed.node_costs, plan.schedule, cost_model=costed.cost_model,
+        chain = chain_for(costed.traced, costed.node_costs, plan.schedule, cost_model=costed.cost_model,
                               memory_limit=limits, device_speeds=device_speeds,
                               optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
         need = min_memory_limit(chain.problem)[0]

@@ -21,7 +21,7 @@ early receive would block the sends queued behind it: there receives are
 posted when their action runs.
 
 **Shapes that follow the data.** A step may have another batch size or
-sequence length than the plan's example (:mod:`pipec.runtime.microbatch`), so
+sequence length than the plan's example (:mod:`pipec.microbatch`), so
 its boundary tensors have other shapes, which a receiver must know to post its
 receive. Every rank gets the full batch, so every rank knows the step's
 per-micro-batch input shapes, and for a traced graph those decide every

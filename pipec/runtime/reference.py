@@ -26,8 +26,8 @@ import torch
 
 from pipec.errors import ConfigError
 from pipec.loss import LossParts, loss_parts
+from pipec.microbatch import bind_inputs, split_inputs, split_target
 from pipec.plan import Plan
-from pipec.runtime.microbatch import bind_inputs, split_inputs, split_target
 from pipec.runtime.setup import as_plan, resolve_seed
 from pipec.runtime.tied import share_local_parameters
 from pipec.split import StageModule

@@ -39,6 +39,14 @@ import torch
 from torch import nn
 
 from pipec.errors import ConfigError, RuntimeFailure
+from pipec.microbatch import (
+    bind_inputs,
+    merge_outputs,
+    plan_shapes,
+    split_inputs,
+    split_target,
+    step_shapes,
+)
 from pipec.plan import Plan
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.comm import P2P, ProcessGroupInfo, init_process_group
@@ -51,14 +59,6 @@ from pipec.runtime.failure import (
     record_of,
 )
 from pipec.runtime.loss_scale import CountNormalizer
-from pipec.runtime.microbatch import (
-    bind_inputs,
-    merge_outputs,
-    plan_shapes,
-    split_inputs,
-    split_target,
-    step_shapes,
-)
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,

@@ -12,7 +12,7 @@ from models import example
 
 import pipec
 from pipec.errors import ConfigError, PartitionError
-from pipec.partitioner.api import partition_traced
+from pipec.partitioner.single import partition_traced
 from pipec.plan import Candidate, PlanData
 from pipec.schedule.generators import SCHEDULE_NAMES
 from pipec.types import NodeCost, TracedGraph

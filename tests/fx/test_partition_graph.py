@@ -14,9 +14,9 @@ from torch import nn
 
 import pipec
 from pipec.errors import PartitionError
-from pipec.partitioner.api import partition_traced
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.graph import build_chain, compute_names
+from pipec.partitioner.single import partition_traced
 from pipec.plan import Plan
 from pipec.types import NodeCost, TracedGraph
 

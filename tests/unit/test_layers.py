@@ -8,7 +8,7 @@ Its ``LAYERS`` table is the layer of each module, bottom to top:
   0 basic values        errors, units, types, _lazy, _imports, _files, _version
   1 saved data          schedule.ir, plan (data only), timeline_format, manifest
   2 schedule library    schedule.* (generators, lowering, validator, grid, simulator)
-  3 tracing, costs      tracing, profiling, costs.*
+  3 tracing, costs      tracing, profiling, microbatch (batch splitting), costs.*
   4 partitioner         partitioner.*
   5 split, codegen      split.*, codegen, templates.stage, plan_check, factory
   6 runtime             runtime.* (the only users of torch.distributed)

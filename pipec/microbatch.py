@@ -1,6 +1,7 @@
 """Split a full batch into micro-batches and merge micro-batch outputs back.
 
-Phase: stage runtime (pure tensor bookkeeping, no communication). Inputs are
+Pure tensor bookkeeping, no communication: the runtime splits each step's
+batch with it, and the partitioner the example batch it traces. Inputs are
 split along dim 0 into ``num_microbatches`` equal chunks. A batch need not be
 the size the plan was made for, nor have its other dimensions (a sequence
 length): any batch whose dim 0 divides into ``num_microbatches`` equal parts

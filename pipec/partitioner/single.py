@@ -1,0 +1,134 @@
+"""Phase partition, one configuration: the plan data of a traced, costed graph.
+
+Input: a :class:`~pipec.types.TracedGraph`, its node costs, the cost model
+and one configuration (schedule, micro-batches, stages per rank, memory
+limits). Output: :class:`~pipec.plan.PlanData`. The phases, in order::
+
+    make_schedule_checked      the compute-only schedule
+    chain_for                  chain problem (in-flight micro-batches from the schedule)
+    solve                      the split (pipec.partitioner.algorithm)
+    build_plan_data            plan data (pipec.partitioner.assemble)
+
+:func:`partition_traced` is the step :func:`pipec.partition` takes once and the
+automatic search (:mod:`pipec.partitioner.auto`) takes per configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipec.errors import ConfigError, PartitionError
+from pipec.partitioner import config
+from pipec.partitioner.algorithm import STRATEGIES, solve
+from pipec.partitioner.assemble import build_plan_data
+from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.graph import GraphChain, build_chain
+from pipec.plan import Plan
+from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
+from pipec.schedule.in_flight import in_flight_from_schedule
+from pipec.schedule.ir import Schedule
+from pipec.types import CostModel, NodeCost, TracedGraph
+
+log = logging.getLogger(__name__)
+
+
+def partition_traced(
+    traced: TracedGraph,
+    node_costs: Mapping[str, NodeCost],
+    *,
+    num_stages: int,
+    num_microbatches: int,
+    schedule: str = "1f1b",
+    stages_per_rank: int = 1,
+    cost_model: CostModel | None = None,
+    memory_limit: MemoryLimit = None,
+    device_speeds: Sequence[float] | None = None,
+    strategy: str = "optimal",
+    optimizer_state_bytes_per_param: int = 8,
+    batch_size: int | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+) -> Plan:
+    """One configuration: the plan for a traced, costed graph (no tracing, no profiling)."""
+    check_strategy(strategy)
+    sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
+    chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
+                      device_speeds=device_speeds,
+                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+    started = time.perf_counter()
+    solution = solve(chain.problem, strategy)
+    log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
+             strategy, chain.problem.num_nodes, num_stages, time.perf_counter() - started,
+             solution.bottleneck)
+    data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
+                           cost_model_name=cost_model.name if cost_model is not None else "given",
+                           batch_size=batch_size)
+    return Plan(data, traced=traced, loss_fn=loss_fn)
+
+
+def chain_for(
+    traced: TracedGraph,
+    node_costs: Mapping[str, NodeCost],
+    sched: Schedule,
+    *,
+    cost_model: CostModel | None,
+    memory_limit: MemoryLimit,
+    device_speeds: Sequence[float] | None,
+    optimizer_state_bytes_per_param: int,
+) -> GraphChain:
+    """The chain problem of one configuration (the schedule fixes stages, ranks, micro-batches)."""
+    ranks = config.num_ranks(sched.num_stages, sched.stages_per_rank)
+    return build_chain(
+        traced, node_costs, num_stages=sched.num_stages, num_ranks=ranks,
+        comm_time=cost_model.comm_time if cost_model is not None else None,
+        allreduce_time=config.allreduce_time(cost_model),
+        device_speeds=config.device_speeds(device_speeds, ranks),
+        memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
+        schedule=sched.name, num_microbatches=sched.num_microbatches,
+        in_flight=in_flight_from_schedule(sched),
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+    )
+
+
+def check_strategy(strategy: object) -> None:
+    if strategy not in STRATEGIES:
+        raise PartitionError(f"strategy: expected one of {', '.join(STRATEGIES)}, found {strategy!r}; "
+                             "pass strategy='optimal' (the default) or one of the baselines")
+
+
+def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, stages_per_rank: int) -> Any:
+    """The compute-only schedule; an unknown name is a ConfigError listing the known ones."""
+    if not isinstance(name, str) or name not in SCHEDULE_NAMES:
+        raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)}, found {name!r}; "
+                          "pass one of these names")
+    return make_schedule(name, num_stages, num_microbatches, stages_per_rank)
+
+
+def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Callable[..., Any] | None = None,
+                       target: Any = None) -> CostModel:
+    """``"profile"`` (measure here, the loss too when ``loss_fn`` is given; ``target`` is
+    one micro-batch's), a hardware name or JSON path, or a CostModel object."""
+    if isinstance(cost_model, CostModel):
+        return cost_model
+    if cost_model == "profile":
+        from pipec.costs.profiled import ProfiledCostModel
+        from pipec.profiling import profile
+
+        return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target))
+    if isinstance(cost_model, (str, Path)):
+        from pipec.costs.analytic import load_cost_model
+
+        if loss_fn is not None:
+            log.info("the analytic cost model %s does not cost the loss; profile (cost_model='profile') "
+                     "to count it on the last stage", cost_model)
+        return load_cost_model(cost_model)
+    raise ConfigError(
+        f"cost_model: expected 'profile', a name in cost_models/ such as 'h100-sxm', a JSON path or "
+        f"a CostModel object, found {type(cost_model).__name__}"
+    )
+
+
+__all__ = ["chain_for", "check_strategy", "make_schedule_checked", "partition_traced", "resolve_cost_model"]
