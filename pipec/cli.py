@@ -187,7 +187,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     plan = load(args.directory)
     print(plan.summary())
     try:
-        from pipec.viz.grid import schedule_grid
+        from pipec.schedule.grid import schedule_grid
 
         print()
         print(schedule_grid(plan.schedule))

@@ -19,7 +19,7 @@ Checks, in order:
    RECV, a SEND comes after the compute it sends, a RECV before the compute
    that needs it, and for every ordered pair of ranks the messages are received
    in the order they are sent (the semantics of :mod:`pipec.schedule.lowering`);
-5. a dry run (:func:`pipec.schedule.simulator.execute`): asynchronous sends,
+5. a dry run (:func:`pipec.schedule.dry_run.execute`): asynchronous sends,
    blocking receives, and the cross-rank compute dependencies (through the
    messages, or instantaneous when the schedule is compute-only). A rank that
    can never go on is a deadlock.
@@ -34,8 +34,10 @@ from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
 from pipec.errors import ScheduleError
+from pipec.schedule.dry_run import Execution, execute, unit_costs
+from pipec.schedule.grid import index_columns, schedule_grid
 from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
-from pipec.schedule.lowering import (
+from pipec.schedule.stage_graph import (
     COMPUTE_KINDS,
     RECV_KINDS,
     SEND_KINDS,
@@ -44,7 +46,6 @@ from pipec.schedule.lowering import (
     StageGraph,
     stage_graph,
 )
-from pipec.schedule.simulator import Execution, execute, unit_costs
 
 _K = ActionKind
 Position = tuple[int, int]  # (rank, index into that rank's actions)
@@ -72,9 +73,6 @@ def validate(
 def _fail(
     schedule: Schedule, problem: str, marks: Iterable[Position], *, by_index: bool
 ) -> NoReturn:
-    # imported here: pipec.viz draws schedules and depends on this phase, not the reverse
-    from pipec.viz.grid import index_columns, schedule_grid
-
     columns = index_columns(schedule) if by_index else None
     grid = schedule_grid(schedule, marks=list(marks), columns=columns, window=40)
     raise ScheduleError(

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from pipec.errors import ScheduleError
 from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
 from pipec.schedule.ir import ActionKind, Schedule
-from pipec.schedule.lowering import SEND_KINDS, lower, stage_graph
+from pipec.schedule.lowering import lower
 from pipec.schedule.simulator import simulate
+from pipec.schedule.stage_graph import SEND_KINDS, stage_graph
 from pipec.schedule.validator import validate
 
 Edges = list[tuple[int, tuple[int, ...]]]

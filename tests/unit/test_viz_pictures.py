@@ -9,10 +9,11 @@ import pytest
 from rich.console import Console
 
 from pipec.schedule.generators import make_schedule
+from pipec.schedule.grid import index_columns, schedule_grid
 from pipec.schedule.ir import Action, Schedule
 from pipec.schedule.lowering import lower
 from pipec.schedule.simulator import Simulation, simulate
-from pipec.viz.grid import index_columns, schedule_grid, schedule_grid_rich
+from pipec.viz.grid import schedule_grid_rich
 from pipec.viz.svg import memory_svg, schedule_svg
 from pipec.viz.trace_json import chrome_trace
 

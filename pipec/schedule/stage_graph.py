@@ -1,0 +1,158 @@
+"""The stage graph: which stage feeds which, where each stage runs, what is a message.
+
+Phase: schedule library (shared by lowering, the dry run, the validator and the
+simulator). Input: ``num_stages``, ``num_ranks`` and optionally the plan's
+boundaries (``producer_stage -> consumer_stages``; default: stage ``s`` feeds
+``s + 1``). Output: a :class:`StageGraph` -- producers and consumers of each
+stage, the ones on other ranks, and the :class:`Message` each cross-rank
+transfer is (see :mod:`pipec.schedule.lowering` for the semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from pipec.errors import ScheduleError
+from pipec.schedule.ir import Action, ActionKind
+
+
+class BoundaryLike(Protocol):
+    """Anything with the stage fields of :class:`pipec.plan.Boundary`."""
+
+    @property
+    def producer_stage(self) -> int: ...
+
+    @property
+    def consumer_stages(self) -> tuple[int, ...]: ...
+
+
+BoundarySpec = BoundaryLike | tuple[int, Sequence[int]]
+
+COMPUTE_KINDS = frozenset({ActionKind.F, ActionKind.B, ActionKind.I, ActionKind.W})
+SEND_KINDS = frozenset({ActionKind.SEND_F, ActionKind.SEND_B})
+RECV_KINDS = frozenset({ActionKind.RECV_F, ActionKind.RECV_B})
+
+
+class Message(NamedTuple):
+    """What ``src_stage`` sends ``dst_stage`` for one micro-batch; ``forward`` is
+    False for gradients flowing back."""
+
+    src_stage: int
+    dst_stage: int
+    forward: bool
+    microbatch: int
+
+    def __str__(self) -> str:
+        kind = "F" if self.forward else "B"
+        return f"{self.src_stage}->{self.dst_stage} {kind} mb{self.microbatch}"
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    """Which stage feeds which, and which of those edges cross ranks."""
+
+    num_stages: int
+    num_ranks: int
+    producers: tuple[tuple[int, ...], ...]
+    consumers: tuple[tuple[int, ...], ...]
+    remote_producers: tuple[tuple[int, ...], ...]
+    remote_consumers: tuple[tuple[int, ...], ...]
+    _memo: dict[Action, tuple[Message, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.num_ranks
+
+    def messages(self, action: Action) -> tuple[Message, ...]:
+        """The messages a communication action moves, in order ( () for compute)."""
+        found = self._memo.get(action)
+        if found is None:
+            found = self._memo[action] = self._messages(action)
+        return found
+
+    def _messages(self, action: Action) -> tuple[Message, ...]:
+        s, m = action.stage, action.microbatch
+        kind = action.kind
+        if kind is ActionKind.SEND_F:
+            return tuple(Message(s, c, True, m) for c in self.remote_consumers[s])
+        if kind is ActionKind.RECV_F:
+            return tuple(Message(p, s, True, m) for p in self.remote_producers[s])
+        if kind is ActionKind.SEND_B:
+            return tuple(Message(s, p, False, m) for p in self.remote_producers[s])
+        if kind is ActionKind.RECV_B:
+            return tuple(Message(c, s, False, m) for c in self.remote_consumers[s])
+        return ()
+
+    def comm_around(self, action: Action) -> tuple[Action | None, Action | None]:
+        """The (receive before, send after) a compute action needs, if any."""
+        s, m = action.stage, action.microbatch
+        if action.kind is ActionKind.F:
+            recv = ActionKind.RECV_F if self.remote_producers[s] else None
+            send = ActionKind.SEND_F if self.remote_consumers[s] else None
+        elif action.kind in (ActionKind.B, ActionKind.I):
+            recv = ActionKind.RECV_B if self.remote_consumers[s] else None
+            send = ActionKind.SEND_B if self.remote_producers[s] else None
+        else:
+            return None, None
+        return (
+            Action(s, recv, m) if recv else None,
+            Action(s, send, m) if send else None,
+        )
+
+
+def stage_graph(
+    num_stages: int, num_ranks: int, boundaries: Sequence[BoundarySpec] | None = None
+) -> StageGraph:
+    """The stage graph of ``boundaries`` (default: a chain ``s -> s + 1``).
+
+    ``boundaries`` holds :class:`pipec.plan.Boundary` values or plain
+    ``(producer_stage, consumer_stages)`` pairs; several boundaries between the
+    same two stages make one edge.
+    """
+    edges: set[tuple[int, int]] = set()
+    if boundaries is None:
+        edges = {(s, s + 1) for s in range(num_stages - 1)}
+    for b in boundaries or ():
+        if isinstance(b, tuple):
+            producer, consumers = b[0], tuple(b[1])
+        else:
+            producer, consumers = b.producer_stage, tuple(b.consumer_stages)
+        for c in consumers:
+            if not 0 <= producer < c < num_stages:
+                raise ScheduleError(
+                    f"boundary {producer} -> {c}: expected 0 <= producer_stage < consumer_stage "
+                    f"< num_stages={num_stages}; a stage can only feed a later stage"
+                )
+            edges.add((producer, c))
+    producers: list[list[int]] = [[] for _ in range(num_stages)]
+    consumers_of: list[list[int]] = [[] for _ in range(num_stages)]
+    for p, c in sorted(edges):
+        producers[c].append(p)
+        consumers_of[p].append(c)
+
+    def remote(stage: int, peers: list[int]) -> tuple[int, ...]:
+        return tuple(q for q in peers if q % num_ranks != stage % num_ranks)
+
+    return StageGraph(
+        num_stages=num_stages,
+        num_ranks=num_ranks,
+        producers=tuple(tuple(x) for x in producers),
+        consumers=tuple(tuple(x) for x in consumers_of),
+        remote_producers=tuple(remote(s, x) for s, x in enumerate(producers)),
+        remote_consumers=tuple(remote(s, x) for s, x in enumerate(consumers_of)),
+    )
+
+
+__all__ = [
+    "COMPUTE_KINDS",
+    "RECV_KINDS",
+    "SEND_KINDS",
+    "BoundaryLike",
+    "BoundarySpec",
+    "Message",
+    "StageGraph",
+    "stage_graph",
+]
