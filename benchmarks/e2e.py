@@ -68,7 +68,7 @@ from _e2e_worker import PLANS, QUIET, SCHEDULE, load_gpt2_example, worker
 def kind_of(text: str) -> str:
     """F, B, SEND_F, ... of a timeline entry; ALLREDUCE for the tied-gradient all-reduce."""
     from pipec.schedule.ir import Action
-    from pipec.viz.trace_json import ALLREDUCE
+    from pipec.timeline_format import ALLREDUCE
 
     return ALLREDUCE if text == ALLREDUCE else str(Action.parse(text).kind.value)
 

@@ -73,7 +73,7 @@ from pipec.runtime.setup import (
 from pipec.runtime.tied import TiedGradReducer, share_local_parameters
 from pipec.runtime.timeline import TimelineEvent, TimelineLog, write_chrome_trace
 from pipec.runtime.waiting import Waiter
-from pipec.viz.trace_json import ALLREDUCE
+from pipec.timeline_format import ALLREDUCE
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ keeps the recent steps with each step's start on this rank's clock, and
                       "pid": 0, "tid": <rank>, "args": {"step": <k>}}, ...]}
 
 Steps are laid end to end: ``ts`` counts from the first kept step's start.
-The events come from :func:`pipec.viz.trace_json.chrome_trace`; this module
+The events come from :func:`pipec.timeline_format.chrome_trace`; this module
 adds ``args.step`` so several steps of one rank can be told apart. Besides
 the schedule's actions a step may hold one ``ALLREDUCE`` span: the
 tied-gradient all-reduces after the last action
-(:data:`pipec.viz.trace_json.ALLREDUCE`).
+(:data:`pipec.timeline_format.ALLREDUCE`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipec.timeline_format import chrome_trace
 
 TimelineEvent = tuple[float, float, int, str]  # (start, end, rank, action), seconds from step start
 
@@ -118,8 +120,6 @@ class TimelineLog:
 def chrome_trace_document(steps: list[StepTimeline]) -> dict[str, Any]:
     """Chrome trace events for ``steps`` (microseconds, one thread per rank), each
     action event carrying ``args.step``."""
-    from pipec.viz.trace_json import chrome_trace
-
     origin = steps[0].started if steps else 0.0
     timeline: list[tuple[float, float, int, str]] = []
     step_of: list[int] = []

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pipec.errors import ScheduleError
 from pipec.schedule.ir import Action
-from pipec.viz.trace_json import ALLREDUCE
+from pipec.timeline_format import ALLREDUCE
 
 logger = logging.getLogger(__name__)
 

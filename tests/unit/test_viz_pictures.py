@@ -13,9 +13,9 @@ from pipec.schedule.grid import index_columns, schedule_grid
 from pipec.schedule.ir import Action, Schedule
 from pipec.schedule.lowering import lower
 from pipec.schedule.simulator import Simulation, simulate
+from pipec.timeline_format import chrome_trace
 from pipec.viz.grid import schedule_grid_rich
 from pipec.viz.svg import memory_svg, schedule_svg
-from pipec.viz.trace_json import chrome_trace
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -1,6 +1,9 @@
 """A timeline as a Chrome / Perfetto trace (open it at ui.perfetto.dev or chrome://tracing).
 
-Phase: viz (pure). Input: a timeline of ``(start, end, rank, action)`` tuples in
+The timeline format, shared by the simulator's and the runtime's timelines:
+the runtime writes ``timeline_rank<r>.json`` with it and :mod:`pipec.viz`
+reads it back, so it lives in a neutral, low module (the runtime never imports
+viz). Pure. Input: a timeline of ``(start, end, rank, action)`` tuples in
 seconds -- a simulated :attr:`Simulation.timeline
 <pipec.schedule.simulator.Simulation.timeline>` or a measured one from the
 runtime, where ``action`` is an :class:`~pipec.schedule.ir.Action` or its text
