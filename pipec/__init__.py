@@ -10,8 +10,7 @@ planner side never imports ``torch.distributed``.
 from __future__ import annotations
 
 from pipec._lazy import lazy_exports
-
-__version__ = "0.1.0"
+from pipec._version import __version__ as __version__
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

@@ -243,7 +243,7 @@ def _write_report_quietly(directory: Path) -> None:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from pipec.costs.calibrate import calibrate
+    from pipec.runtime.calibrate import calibrate
 
     spec = calibrate(args.output, name=args.name, backend=args.backend, quick=args.quick)
     print(f"wrote {args.output} ({spec.name})")

@@ -4,7 +4,8 @@ Phase: cost model. :class:`ProfiledCostModel` uses a measured
 :class:`pipec.profiling.Profile`; :class:`AnalyticCostModel` is a roofline
 over a hardware description from ``cost_models/*.json``
 (:func:`load_cost_model`, :func:`load_hardware`, :func:`list_cost_models`);
-:func:`calibrate` writes such a file for this machine.
+:func:`pipec.runtime.calibrate.calibrate` (``pipec calibrate``) writes such a
+file for this machine.
 
 Names are imported lazily, so reading a hardware file does not import the
 profiler.
@@ -21,7 +22,6 @@ _EXPORTS: dict[str, str] = {
     "load_cost_model": "pipec.costs.analytic",
     "load_hardware": "pipec.costs.hardware",
     "list_cost_models": "pipec.costs.hardware",
-    "calibrate": "pipec.costs.calibrate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """Timing harness of the profiler: per-call seconds of tiny and large ops alike.
 
 Phase: profile (used by :mod:`pipec.profiling`; :func:`progress_bar` also by
-:mod:`pipec.costs.calibrate`).
+:mod:`pipec.runtime.calibrate`).
 
 Input: thunks -- zero-argument calls -- built for one node. Output: seconds
 per call, the median over ``repeats`` samples after ``warmup`` calls. Each

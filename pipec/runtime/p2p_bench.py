@@ -1,6 +1,6 @@
 """Point-to-point and all-reduce latency and bandwidth between two local processes.
 
-Phase: calibration (called by :func:`pipec.costs.calibrate.calibrate`); it
+Phase: calibration (called by :func:`pipec.runtime.calibrate.calibrate`); it
 lives in ``pipec/runtime/`` because only the runtime imports
 ``torch.distributed``.
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipec import __version__
+from pipec._version import __version__
 from pipec.errors import PlanError
 from pipec.plan import PlanData
 from pipec.split import GraphStage

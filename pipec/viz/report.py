@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pipec
+from pipec._version import __version__
 from pipec.plan import Plan
 from pipec.schedule.simulator import Simulation
 from pipec.viz.modules_svg import modules_svg
@@ -181,7 +181,7 @@ def _page(plan: Plan, sections: list[str]) -> str:
     )
     limit = ", ".join(fmt_bytes(x) if x else "none" for x in data.memory_limit) or "none"
     footer = (
-        f"pipec {esc(pipec.__version__)} \u00b7 plan format {data.format_version} \u00b7 "
+        f"pipec {esc(__version__)} \u00b7 plan format {data.format_version} \u00b7 "
         f"traced with {esc(data.trace_method)} \u00b7 memory limit per rank: {esc(limit)}"
         + (f" \u00b7 built from <code>{esc(data.factory)}</code>" if data.factory else "")
     )

@@ -1,6 +1,9 @@
 """Measure this machine and write a hardware file for ``cost_models/``.
 
 Phase: cost model (calibration; ``pipec calibrate -o cost_models/NAME.json``).
+It lives in ``pipec/runtime/`` because it measures the link between two
+processes over ``torch.distributed``; the kernel figures come from
+:mod:`pipec.costs.kernels`.
 
 Input: where to write, and how hard to measure (``quick`` uses tiny sizes:
 seconds, for tests). Output: the :class:`~pipec.costs.hardware.HardwareSpec`
@@ -28,72 +31,25 @@ import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipec.costs.hardware import HardwareSpec, spec_from_dict
+from pipec.costs.kernels import (
+    CPU_DTYPES,
+    CUDA_DTYPES,
+    copy_bandwidth,
+    launch_overhead,
+    matmul_flops,
+)
 from pipec.costs.timer import progress_bar
 from pipec.errors import ConfigError, ProfileError
+from pipec.runtime.p2p_bench import measure_p2p
 
 log = logging.getLogger(__name__)
-
-_CPU_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
-_CUDA_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "tf32": torch.float32,
-                "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int, *, tf32: bool = False) -> float:
-    """Achieved FLOP/s of an n x n x n matmul."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        seconds = _seconds(lambda: torch.matmul(a, b), device, repeats)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    return 2.0 * n**3 / max(seconds, 1e-9)
-
-
-def copy_bandwidth(device: torch.device, num_bytes: int, repeats: int) -> float:
-    """Bytes/s of a tensor copy, counting bytes read and bytes written."""
-    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    seconds = _seconds(lambda: dst.copy_(src), device, repeats)
-    return 2.0 * src.numel() * 4 / max(seconds, 1e-9)
-
-
-def launch_overhead(device: torch.device, calls: int) -> float:
-    """Seconds per back-to-back launch of a trivial kernel."""
-    x = torch.zeros(1, device=device)
-
-    def burst() -> None:
-        for _ in range(calls):
-            x.add_(1.0)
-
-    return _seconds(burst, device, 3) / calls
-
 
 def _memory_capacity(device: torch.device) -> int:
     if device.type == "cuda":
@@ -112,8 +68,6 @@ def calibrate(
     quick: bool = False,
 ) -> HardwareSpec:
     """Measure this machine and write a hardware file to ``output_path``."""
-    from pipec.runtime.p2p_bench import measure_p2p
-
     path = Path(output_path)
     if path.suffix != ".json":
         raise ConfigError(f"output_path: expected a .json file, found {str(path)!r}")
@@ -127,7 +81,7 @@ def calibrate(
     n = (1024 if quick else 8192) if cuda else (128 if quick else 1024)
     copy_bytes = (64 << 20 if quick else 1 << 30) if cuda else (8 << 20 if quick else 256 << 20)
     repeats = 3 if quick else 5
-    dtypes = _CUDA_DTYPES if cuda else _CPU_DTYPES
+    dtypes = CUDA_DTYPES if cuda else CPU_DTYPES
 
     peak_flops: dict[str, float] = {}
     with progress_bar("calibrating", total=len(dtypes) + 3, enabled=None) as advance:
@@ -196,4 +150,4 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["calibrate", "copy_bandwidth", "launch_overhead", "matmul_flops"]
+__all__ = ["calibrate"]
