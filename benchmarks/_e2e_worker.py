@@ -90,11 +90,11 @@ def build_plans(rank: int, args: argparse.Namespace, made: dict[str, Any]) -> di
         model, inputs, num_stages=2, num_microbatches=args.microbatches, schedule=SCHEDULE,
         loss_fn=loss_fn, cost_model=cost_model, strategy="optimal",
     )
-    equal = plan_from_split(
+    equal = pipec.Plan(plan_from_split(
         auto.traced, auto.node_costs, [first_node_of_block(auto.traced, args.layers // 2)],
         schedule=SCHEDULE, num_microbatches=args.microbatches, cost_model=cost_model,
-        batch_size=args.batch, loss_fn=loss_fn,
-    )
+        batch_size=args.batch,
+    ), traced=auto.traced, loss_fn=loss_fn)
     plans = {"auto": auto, "equal-blocks": equal}
     splits = [[list(st.nodes) for st in p.stages] for p in plans.values()]
     gathered: list[Any] = [None, None]

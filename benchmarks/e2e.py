@@ -154,8 +154,8 @@ def simulate_with(plan: Any, forward: Sequence[float], backward: Sequence[float]
     from pipec.schedule.lowering import lower
     from pipec.schedule.simulator import plan_collectives, plan_costs, simulate
 
-    costs, _ = plan_costs(plan)
-    collectives = plan_collectives(plan)
+    costs, _ = plan_costs(plan.data)
+    collectives = plan_collectives(plan.data)
     if allreduce is not None:
         collectives = tuple(c._replace(duration=allreduce) for c in collectives)
     sim = simulate(lower(plan.schedule, plan.boundaries), forward=forward, input_grad=backward,

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import transformers
 
+from pipec.facade import Plan
 from pipec.partitioner.algorithm import solve
 from pipec.partitioner.assemble import build_plan_data
 from pipec.partitioner.inputs import first_microbatch
 from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.single import chain_for, make_schedule_checked, resolve_cost_model
-from pipec.plan import Plan
 from pipec.tracing import trace
 
 

@@ -85,7 +85,7 @@ def build_plan(model: ResMLP, x: torch.Tensor, args: argparse.Namespace) -> Any:
     traced = pipec.trace(model, (x,))
     cost_model = pipec.load_cost_model("cpu")
     first = next(n.name for n in traced.nodes if n.module_path.startswith(f"blocks.{args.blocks // 2}"))
-    return plan_from_split(
+    data = plan_from_split(
         traced,
         cost_model.node_costs(traced),
         [first],
@@ -94,8 +94,8 @@ def build_plan(model: ResMLP, x: torch.Tensor, args: argparse.Namespace) -> Any:
         cost_model=cost_model,
         optimizer_state_bytes_per_param=0,  # the benchmark runs no optimizer
         batch_size=args.batch,
-        loss_fn=mse,
     )
+    return pipec.Plan(data, traced=traced, loss_fn=mse)
 
 
 def torch_schedule(model: ResMLP, rank: int, args: argparse.Namespace) -> Any:

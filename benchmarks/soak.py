@@ -65,9 +65,10 @@ def build_plan(args: argparse.Namespace) -> Any:
     traced = pipec.trace(model, (x,))
     cost_model = pipec.load_cost_model("cpu")
     first = next(n.name for n in traced.nodes if n.module_path.startswith(f"{args.blocks // 2}"))
-    return plan_from_split(traced, cost_model.node_costs(traced), [first], schedule="1f1b",
+    data = plan_from_split(traced, cost_model.node_costs(traced), [first], schedule="1f1b",
                            num_microbatches=args.microbatches, cost_model=cost_model,
-                           batch_size=args.batch, loss_fn=mse)
+                           batch_size=args.batch)
+    return pipec.Plan(data, traced=traced, loss_fn=mse)
 
 
 def rank_main(rank: int, port: int, ckpt: str, args: argparse.Namespace, results: Any) -> None:

@@ -12,9 +12,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipec.errors import ConfigError, PipecError
+
+if TYPE_CHECKING:
+    from pipec.facade import Plan
 
 EXIT_USAGE = 2
 
@@ -148,7 +151,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     _check_output(out, args.force)
     spec = resolve_spec(args.factory)
     made = load_factory(spec)
-    from pipec.partitioner.api import partition
+    from pipec.facade import partition
 
     kwargs: dict[str, Any] = dict(
         num_stages=args.stages,
@@ -172,17 +175,14 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(plan: Any, directory: Path) -> Path | None:
-    try:
-        from pipec.viz.report import write_report
-    except ImportError:  # report module not installed in this build
-        return None
-    path: Path = write_report(plan, directory)
-    return path
+def _write_report(plan: Plan, directory: Path) -> Path | None:
+    from pipec.viz.report import write_report
+
+    return write_report(plan.data, directory, traced=plan.traced)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from pipec.codegen import load
+    from pipec.facade import load
 
     plan = load(args.directory)
     print(plan.summary())
@@ -200,7 +200,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipec.codegen import load
+    from pipec.facade import load
     from pipec.runtime.launch import run_plan
 
     # a missing, damaged or hand-edited plan fails here, before any process starts
@@ -233,7 +233,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _write_report_quietly(directory: Path) -> None:
     try:
-        from pipec.codegen import load
+        from pipec.facade import load
 
         report = _write_report(load(directory), directory)
         if report is not None:

@@ -1,19 +1,20 @@
 """Phase codegen: a plan as a directory of plain files, and back.
 
-``save_plan(plan, directory)`` (``plan.save``) writes, atomically -- into a
+``save_plan(data, directory, ...)`` (``plan.save``) writes, atomically -- into a
 temporary directory beside the target, renamed into place only when complete::
 
     plan.json                 PlanData (pydantic, has format_version)
     stage_<k>.py              readable Python: class Stage<k> with the stage's forward
     stage_<k>.safetensors     the stage's tensors under their original FQNs
     schedule.txt              the lowered schedule, one line per rank
-    schedule.svg              the schedule drawn, when pipec.viz.svg is available
     run.py                    a torchrun entry point with an editable training loop
-    report.html               the plan drawn (redrawn by ``pipec show``)
+    schedule.svg, report.html the drawings the caller passes (the façade draws them
+                              with pipec.viz; ``pipec show`` redraws the report)
     manifest.json             the sha256 of each file above, written last (pipec.manifest)
 
-``load(directory)`` (``pipec.load``) checks every file and returns a Plan whose
-stage modules come from ``stage_<k>.py`` + safetensors: the files against
+``load_plan_data(directory)`` (``pipec.load``) checks every file and returns the
+plan data; the façade's Plan then takes its stage modules from
+``stage_<k>.py`` + safetensors (:func:`load_stage_module`). Checked: the files against
 ``manifest.json`` (a changed, missing or stray plan file is refused), the plan's
 invariants and its schedule (:mod:`pipec.plan_check`), ``schedule.txt``
 against the plan's schedule, and each weights file against its stage file --
@@ -24,8 +25,6 @@ trusted like any script you run, and only as pipec wrote it.
 
 from __future__ import annotations
 
-import ast
-import importlib
 import itertools
 import json
 import logging
@@ -34,8 +33,8 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -45,11 +44,14 @@ from safetensors.torch import load_file, save_file
 from pipec._imports import import_file
 from pipec.errors import ConfigError, PlanError, ScheduleError
 from pipec.manifest import MANIFEST_FILE, manifest_problems, write_manifest
-from pipec.plan import FORMAT_VERSION, Plan, PlanData
+from pipec.plan import FORMAT_VERSION, PlanData
 from pipec.plan_check import RERUN as _RERUN
 from pipec.plan_check import check_plan_data, check_schedule
 from pipec.schedule.ir import Schedule
-from pipec.split import StageModule
+from pipec.schedule.lowering import lower
+from pipec.split import GraphStage, StageModule
+from pipec.split.files import stage_file, stage_tensor_shapes, weights_file
+from pipec.templates.stage import stage_source
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +60,23 @@ _TEMPLATES = Path(__file__).parent / "templates"
 _import_counter = itertools.count()
 
 
-def stage_file(index: int) -> str:
-    return f"stage_{index}.py"
-
-
-def weights_file(index: int) -> str:
-    return f"stage_{index}.safetensors"
-
-
 # -- saving ---------------------------------------------------------------------------
 
 
-def save_plan(plan: Plan, directory: Path) -> Path:
-    """Write ``plan`` to ``directory`` atomically and return the directory.
+def save_plan(
+    data: PlanData,
+    directory: Path,
+    *,
+    stage_module: Callable[[int], torch.nn.Module],
+    source: Path | None = None,
+    drawings: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the plan ``data`` to ``directory`` atomically and return the directory.
 
+    ``stage_module(k)`` gives stage ``k``; a stage that was not built from a
+    graph (a loaded plan's) is saved by copying ``stage_<k>.py`` from
+    ``source``, the directory it was loaded from. ``drawings`` (file name ->
+    text, e.g. ``report.html``) are written beside and recorded in the manifest.
     An existing plan directory is replaced only once the new one is complete;
     a directory that is not a plan (no ``plan.json``) is never overwritten.
     """
@@ -87,7 +92,7 @@ def save_plan(plan: Plan, directory: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     old: Path | None = None
     try:
-        _write_files(plan, tmp)
+        _write_files(data, tmp, stage_module, source, dict(drawings or {}))
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
             directory.rename(old)
@@ -99,47 +104,47 @@ def save_plan(plan: Plan, directory: Path) -> Path:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    log.info("saved plan of %s (%d stages) to %s", plan.data.model_name, plan.data.num_stages, directory)
+    log.info("saved plan of %s (%d stages) to %s", data.model_name, data.num_stages, directory)
     return directory
 
 
-def _write_files(plan: Plan, out: Path) -> None:
-    (out / PLAN_FILE).write_text(plan.data.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    for index in range(plan.data.num_stages):
-        module = plan.stage_module(index)
+def _write_files(
+    data: PlanData,
+    out: Path,
+    stage_module: Callable[[int], torch.nn.Module],
+    source: Path | None,
+    drawings: dict[str, str],
+) -> None:
+    (out / PLAN_FILE).write_text(data.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    for index in range(data.num_stages):
+        module = stage_module(index)
         if not isinstance(module, StageModule):
             raise PlanError(f"stage {index} is a {type(module).__name__}, not a pipec StageModule")
-        (out / stage_file(index)).write_text(_stage_text(plan, index, module), encoding="utf-8")
+        (out / stage_file(index)).write_text(_stage_text(data, source, index, module), encoding="utf-8")
         tensors = {name: t.detach().cpu().contiguous() for name, t in _named_tensors(module).items()}
         aliases = json.dumps({k: list(v) for k, v in module.aliases.items()})
         save_file(tensors, str(out / weights_file(index)),
                   metadata={"format": "pt", "pipec_stage": str(index), "pipec_aliases": aliases})
-    schedule = _lowered_schedule(plan)
-    (out / "schedule.txt").write_text(schedule.to_text(), encoding="utf-8")
-    svg = _schedule_svg(schedule)
-    if svg is not None:
-        (out / "schedule.svg").write_text(svg, encoding="utf-8")
+    (out / "schedule.txt").write_text(lowered_schedule(data).to_text(), encoding="utf-8")
     template = (_TEMPLATES / "run.py").read_text(encoding="utf-8")
     (out / "run.py").write_text(template, encoding="utf-8")
-    from pipec.viz.report import render_report
-
-    (out / "report.html").write_text(render_report(plan, measured=None), encoding="utf-8")
-    checked = [PLAN_FILE, "schedule.txt"] + [name for k in range(plan.data.num_stages)
+    checked = [PLAN_FILE, "schedule.txt"] + [name for k in range(data.num_stages)
                                              for name in (stage_file(k), weights_file(k))]
-    write_manifest(out, checked, recorded=("run.py", "report.html", "schedule.svg"))
+    reserved = {*checked, "run.py", MANIFEST_FILE}
+    for name, text in sorted(drawings.items()):
+        if name in reserved or Path(name).name != name:
+            raise PlanError(f"save_plan: a drawing may not be called {name!r} (a plan file, or not a plain file name)")
+        (out / name).write_text(text, encoding="utf-8")
+    write_manifest(out, checked, recorded=("run.py", *sorted(drawings)))
 
 
-def _stage_text(plan: Plan, index: int, module: StageModule) -> str:
+def _stage_text(data: PlanData, source: Path | None, index: int, module: StageModule) -> str:
     """``stage_<index>.py``: generated from the stage graph, or copied from the loaded plan."""
-    from pipec.split import GraphStage
-
     if isinstance(module, GraphStage):
-        from pipec.templates.stage import stage_source
-
-        return stage_source(module, plan.data)
-    if plan.directory is None:
+        return stage_source(module, data)
+    if source is None:
         raise PlanError(f"stage {index} has neither a graph nor a source file to save; {_RERUN}")
-    return (plan.directory / stage_file(index)).read_text(encoding="utf-8")
+    return (source / stage_file(index)).read_text(encoding="utf-8")
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -148,32 +153,18 @@ def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _lowered_schedule(plan: Plan) -> Any:
-    schedule = plan.schedule
-    if schedule.is_lowered:
-        return schedule
-    try:
-        from pipec.schedule.lowering import lower
-    except ImportError:
-        log.info("pipec.schedule.lowering is missing; schedule.txt holds compute actions only")
-        return schedule
-    return lower(schedule, plan.data.boundaries)
-
-
-def _schedule_svg(schedule: Any) -> str | None:
-    try:
-        svg = importlib.import_module("pipec.viz.svg")
-    except ImportError:
-        return None
-    draw = getattr(svg, "schedule_svg", None)
-    return str(draw(schedule)) if callable(draw) else None
+def lowered_schedule(data: PlanData) -> Schedule:
+    """The plan's schedule with its communication (what ``schedule.txt`` holds)."""
+    schedule = data.schedule
+    return schedule if schedule.is_lowered else lower(schedule, data.boundaries)
 
 
 # -- loading ----------------------------------------------------------------------------
 
 
-def load(directory: str | Path, *, verify: bool = True) -> Plan:
-    """The plan saved in ``directory``; every file is checked before it is trusted.
+def load_plan_data(directory: str | Path, *, verify: bool = True) -> PlanData:
+    """The plan data saved in ``directory`` (``pipec.load``); every file is checked
+    before it is trusted.
 
     Checks, before any stage file is imported: each file against
     ``manifest.json`` (``verify=True``), ``plan.json``'s invariants and schedule,
@@ -185,8 +176,9 @@ def load(directory: str | Path, *, verify: bool = True) -> Plan:
     (a stage file you edited): everything else is still checked. Save the
     result to a new directory (``plan.save(NEW)``) to get a verified plan again.
 
-    The returned Plan has no traced graph (``plan.traced is None``);
-    ``plan.stage_module(k)`` imports ``stage_<k>.py`` and loads its weights.
+    The plan ``pipec.load`` makes of it has no traced graph (``plan.traced is
+    None``); its ``stage_module(k)`` imports ``stage_<k>.py`` and loads its
+    weights (:func:`load_stage_module`).
     """
     if not isinstance(directory, (str, os.PathLike)):
         raise PlanError(
@@ -221,7 +213,7 @@ def load(directory: str | Path, *, verify: bool = True) -> Plan:
             "or a plan saved before pipec wrote manifests, save a verified copy with "
             "pipec.load(DIR, verify=False).save(NEW_DIR) (its other checks still run)"
         )
-    return Plan(data, directory=path)
+    return data
 
 
 def _check_schedule_file(directory: Path, data: PlanData) -> None:
@@ -273,40 +265,6 @@ def read_plan_data(directory: Path) -> PlanData:
         first = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
         raise PlanError(f"{file} is not a valid plan ({exc.error_count()} errors: {first}); {_RERUN}") from None
-
-
-def stage_tensor_shapes(directory: Path, index: int) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor ``stage_<index>.py`` declares, read without running it."""
-    declared = _stage_literals(directory, index)
-    return {name: tuple(spec[0]) for table in ("PARAMETERS", "BUFFERS")
-            for name, spec in declared.get(table, {}).items()}
-
-
-def read_stage_aliases(directory: Path, index: int) -> dict[str, tuple[str, ...]]:
-    """The other state-dict names of stage ``index``'s tied tensors."""
-    return {k: tuple(v) for k, v in _stage_literals(directory, index).get("ALIASES", {}).items()}
-
-
-def _stage_literals(directory: Path, index: int) -> dict[str, Any]:
-    file = directory / stage_file(index)
-    if not file.is_file():
-        raise PlanError(f"{directory} lacks {stage_file(index)} for stage {index}; {_RERUN}")
-    try:
-        tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
-    except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
-        raise PlanError(f"{file} is not valid Python ({exc}); {_RERUN}") from None
-    out: dict[str, Any] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if name in ("PARAMETERS", "BUFFERS", "ALIASES"):
-                try:
-                    out[name] = ast.literal_eval(node.value)
-                except ValueError:
-                    raise PlanError(f"{file}: {name} must be a literal dict; {_RERUN}") from None
-    if "PARAMETERS" not in out or "BUFFERS" not in out:
-        raise PlanError(f"{file} declares no PARAMETERS/BUFFERS tables, so it is not a pipec stage file; {_RERUN}")
-    return out
 
 
 def _weights_header(directory: Path, index: int) -> dict[str, tuple[int, ...]]:

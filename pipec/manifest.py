@@ -1,7 +1,7 @@
 """The plan directory's manifest: the sha256 of every file ``plan.save`` wrote.
 
 Phase: codegen (used by :func:`pipec.codegen.save_plan` and
-:func:`pipec.codegen.load`). A plan directory is code -- ``stage_<k>.py`` is
+:func:`pipec.codegen.load_plan_data`). A plan directory is code -- ``stage_<k>.py`` is
 imported when a stage is built -- and its files must agree with each other,
 so ``load`` compares every file against ``manifest.json`` before it trusts
 any of them, and before any stage file is imported::

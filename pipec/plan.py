@@ -1,30 +1,31 @@
-"""The partition plan: what the partitioner decided, as data that is saved to disk.
+"""The partition plan as data: what the partitioner decided, saved as ``plan.json``.
 
-:class:`PlanData` is the frozen pydantic value written as ``plan.json``;
-:class:`Plan` wraps it with what lives only in memory (the traced graph, the
-loss function) and the user-facing methods. The phases that produce and use a
-plan each own one method:
+Layer: saved data (imports only basic values and the schedule IR). :class:`PlanData`
+is the frozen pydantic value written as ``plan.json``; the user-facing
+:class:`pipec.Plan` (:mod:`pipec.facade`) wraps it with what lives only in
+memory (the traced graph, the loss function) and one method per phase, each a
+function over this data:
 
 - ``pipec.partition``  builds it          (pipec/partitioner/)
-- ``plan.schedule`` / ``plan.simulate()`` (pipec/schedule/)
-- ``plan.stage_module(i)``                 (pipec/split/)
+- ``plan.simulate()``                      (pipec/schedule/simulator.py)
+- ``plan.stage_module(i)``                 (pipec/split/, or the plan directory)
 - ``plan.save(dir)`` / ``pipec.load(dir)`` (pipec/codegen.py)
 - ``plan.summary()``                       (pipec/summary.py)
+
+:class:`PlanLike` is what functions below the façade may read of a user's
+plan object when their public signature takes one (``merge_state_dicts(...,
+plan=)``); it is a structural type, so they never import the façade.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from torch import nn
 
 from pipec.schedule.ir import Schedule
 from pipec.types import FrozenModel, NodeCost, TensorMeta, TracedGraph
-
-if TYPE_CHECKING:
-    from pipec.schedule.simulator import Simulation
 
 FORMAT_VERSION = 1
 
@@ -137,92 +138,18 @@ class PlanData(FrozenModel):
     batch_norm_layers: tuple[str, ...] = ()  # normalised per micro-batch (see pipec.mode_ops)
 
 
-class Plan:
-    """A pipeline plan: :class:`PlanData` plus what lives in memory only."""
-
-    def __init__(
-        self,
-        data: PlanData,
-        *,
-        traced: TracedGraph | None = None,
-        loss_fn: Callable[..., Any] | None = None,
-        directory: Path | None = None,
-    ) -> None:
-        self.data = data
-        self.traced = traced
-        self.loss_fn = loss_fn
-        self.directory = directory
-        self._stage_modules: dict[int, nn.Module] = {}
-
-    # -- data views -----------------------------------------------------
-    @property
-    def stages(self) -> list[StageInfo]:
-        return list(self.data.stages)
+class PlanLike(Protocol):
+    """The parts of a user's plan (:class:`pipec.Plan`) that functions below the
+    façade read when they are handed one: its data, its traced graph (None after
+    ``pipec.load``), the directory it was loaded from, and its stage modules."""
 
     @property
-    def boundaries(self) -> list[Boundary]:
-        return list(self.data.boundaries)
+    def data(self) -> PlanData: ...
 
     @property
-    def node_costs(self) -> dict[str, NodeCost]:
-        return dict(self.data.node_costs)
+    def traced(self) -> TracedGraph | None: ...
 
     @property
-    def schedule(self) -> Schedule:
-        return self.data.schedule
+    def directory(self) -> Path | None: ...
 
-    @property
-    def num_stages(self) -> int:
-        return self.data.num_stages
-
-    @property
-    def num_ranks(self) -> int:
-        return self.data.num_ranks
-
-    @property
-    def num_microbatches(self) -> int:
-        return self.data.num_microbatches
-
-    def with_factory(self, factory: str) -> Plan:
-        """The same plan recording the ``FILE.py:FACTORY`` it was built from."""
-        new = Plan(
-            self.data.model_copy(update={"factory": factory}),
-            traced=self.traced,
-            loss_fn=self.loss_fn,
-            directory=self.directory,
-        )
-        new._stage_modules = self._stage_modules
-        return new
-
-    # -- phases ---------------------------------------------------------
-    def simulate(self) -> Simulation:
-        """Simulate the plan's schedule with the plan's own costs."""
-        from pipec.schedule.simulator import simulate_plan
-
-        return simulate_plan(self)
-
-    def stage_module(self, index: int) -> nn.Module:
-        """Stage ``index`` as an ``nn.Module`` whose state_dict keys are the original FQNs."""
-        if index not in self._stage_modules:
-            from pipec.split import build_stage_module
-
-            self._stage_modules[index] = build_stage_module(self, index)
-        return self._stage_modules[index]
-
-    def summary(self) -> str:
-        from pipec.summary import plan_summary
-
-        return plan_summary(self)
-
-    def save(self, directory: str | Path) -> Path:
-        from pipec.codegen import save_plan
-
-        return save_plan(self, Path(directory))
-
-    def __repr__(self) -> str:
-        d = self.data
-        return (
-            f"Plan(model={d.model_name!r}, num_stages={d.num_stages}, num_ranks={d.num_ranks}, "
-            f"schedule={d.schedule.name!r}, num_microbatches={d.num_microbatches}, "
-            f"bottleneck={d.bottleneck:.3g}s)"
-        )
+    def stage_module(self, index: int) -> nn.Module: ...

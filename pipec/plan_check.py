@@ -1,6 +1,6 @@
 """Check a plan read from disk: its numbers agree with each other and its schedule is valid.
 
-Phase: codegen (used by :func:`pipec.codegen.load`, before any stage file is
+Phase: codegen (used by :func:`pipec.codegen.load_plan_data`, before any stage file is
 imported). Input: :class:`~pipec.plan.PlanData` as ``plan.json`` held it (pydantic
 has checked the types) and the file it came from, for messages. Output:
 ``None``, or :class:`~pipec.errors.PlanError` naming the file, what was

@@ -1,6 +1,6 @@
 """Phase report: a plan as a plain-text table (``plan.summary()``, ``pipec show``).
 
-Input: a :class:`pipec.plan.Plan`. Output: a string -- one row per stage
+Input: :class:`pipec.plan.PlanData`. Output: a string -- one row per stage
 (rank, node count, first ... last module, parameters, forward / backward /
 communication time per micro-batch -- boundary transfers and the share of a
 tied-gradient all-reduce -- memory) rendered by ``rich`` without
@@ -19,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from pipec.plan import Candidate, Plan, PlanData, StageInfo
+from pipec.plan import Candidate, PlanData, StageInfo
 from pipec.units import format_bytes, format_seconds
 
 _WIDTH = 120
@@ -55,9 +55,8 @@ def _bottleneck_parts(slowest: StageInfo | None) -> str:
             f"{format_seconds(slowest.comm_time + slowest.tied_time)}")
 
 
-def plan_summary(plan: Plan) -> str:
+def plan_summary(d: PlanData) -> str:
     """The plan's stages as a text table, with its bottleneck and lower bound."""
-    d = plan.data
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for header, justify in (("stage", "right"), ("rank", "right"), ("nodes", "right"),
                             ("modules", "left"), ("params", "right"), ("fwd ms", "right"),

@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("pipec.schedule.ir", "pipec.plan", "pipec.timeline_format", "pipec.manifest"),
     ),
     ("schedule library", ("pipec.schedule.*",)),
-    ("tracing, costs", ("pipec.tracing", "pipec.profiling", "pipec.microbatch", "pipec.costs.*")),
+    ("tracing, costs", ("pipec.tracing", "pipec.mode_ops", "pipec.profiling", "pipec.microbatch", "pipec.costs.*")),
     ("partitioner", ("pipec.partitioner.*",)),
     (
         "split, codegen",
@@ -61,9 +61,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pipec.factory",
         ),
     ),
-    ("runtime", ("pipec.runtime.*",)),
     ("viz", ("pipec.viz.*", "pipec.summary")),
-    ("facade", ("pipec.facade", "pipec")),
+    ("facade", ("pipec.facade",)),
+    ("runtime", ("pipec.runtime.*",)),
+    ("namespace", ("pipec",)),
     ("cli", ("pipec.cli", "pipec.__main__", "pipec.templates.run")),
 )
 

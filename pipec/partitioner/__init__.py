@@ -7,7 +7,7 @@ exact min-max split), :mod:`~pipec.partitioner.baselines`,
 :mod:`~pipec.partitioner.graph` and :mod:`~pipec.partitioner.assemble`
 (traced graph <-> chain <-> plan data), :mod:`~pipec.partitioner.single`
 (one configuration), :mod:`~pipec.partitioner.auto` (the search over
-configurations) and :mod:`~pipec.partitioner.api` (:func:`pipec.partition`).
+configurations) and :mod:`~pipec.partitioner.api` (what :func:`pipec.partition` runs).
 Names are imported lazily.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pipec._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "partition": "pipec.partitioner.api",
+    "partition_model": "pipec.partitioner.api",
     "partition_traced": "pipec.partitioner.single",
     "plan_from_split": "pipec.partitioner.assemble",
     "ChainProblem": "pipec.partitioner.problem",

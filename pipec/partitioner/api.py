@@ -1,7 +1,9 @@
-"""Phase partition, entry point: :func:`pipec.partition`.
+"""Phase partition, entry point: what :func:`pipec.partition` runs.
 
-Input: an ``nn.Module``, an example batch and the pipeline's shape. Output: a
-:class:`pipec.plan.Plan`. The phases, in order::
+Input: an ``nn.Module``, an example batch and the pipeline's shape. Output:
+:class:`~pipec.partitioner.single.Partitioned` -- the plan data and the traced
+graph, which the façade (:mod:`pipec.facade`) wraps in a :class:`pipec.Plan`.
+The phases, in order::
 
     check arguments            (cheap; before any tracing)
     split the batch            (dim 0 -> num_microbatches equal micro-batches)
@@ -41,18 +43,19 @@ from pipec.partitioner.inputs import (
     split_inputs,
 )
 from pipec.partitioner.single import (
+    Partitioned,
     check_strategy,
     make_schedule_checked,
     partition_traced,
     resolve_cost_model,
 )
-from pipec.plan import Plan
+from pipec.plan import PlanData
 from pipec.types import CostModel
 
 log = logging.getLogger(__name__)
 
 
-def partition(
+def partition_model(
     model: nn.Module,
     example_inputs: Any,
     *,
@@ -70,25 +73,9 @@ def partition(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
-) -> Plan:
-    """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
-
-    ``example_inputs`` (a tuple of positional arguments, or one tensor) and
-    ``example_kwargs`` form one full batch; every tensor in them is split
-    along dim 0 into ``num_microbatches`` micro-batches (default: the largest
-    divisor of the batch that is at most ``2 * num_ranks``). The model is
-    traced and costed on one micro-batch. ``memory_limit`` (a size such as
-    ``"80GiB"``, or one per rank) defaults to the cost model's memory capacity.
-
-    ``schedule``, ``num_microbatches`` and ``stages_per_rank`` may each be
-    ``"auto"``: :func:`pipec.partitioner.auto.partition_auto` then searches them
-    and keeps the fastest simulated configuration that fits memory (see that
-    module for how ``num_stages`` is read when ``stages_per_rank="auto"``).
-
-    ``loss_fn`` with ``target`` (the full batch's, split like the inputs; without
-    it ``loss_fn(output)`` is called) is profiled with the model when
-    ``cost_model="profile"``, and its time and memory count on the last stage.
-    """
+) -> Partitioned:
+    """What :func:`pipec.partition` computes, as the plan data and the traced
+    graph it splits (see that function for the arguments)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model: expected a torch.nn.Module, found {type(model).__name__}; "
@@ -99,14 +86,16 @@ def partition(
     if AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
 
-        return warn_batch_norm(partition_auto(
+        found = partition_auto(
             model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
             schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
             target=target,
-        ))
+        )
+        warn_batch_norm(found.data)
+        return found
     config.count("num_stages", num_stages)
     stages_per_rank = config.count("stages_per_rank", stages_per_rank)
     ranks = config.num_ranks(num_stages, stages_per_rank)
@@ -133,18 +122,19 @@ def partition(
     node_costs = model_costs.node_costs(traced)
     log.info("traced and costed %s (%d nodes) in %.2fs", traced.model_name, len(traced.nodes),
              time.perf_counter() - started)
-    return warn_batch_norm(partition_traced(
+    data = partition_traced(
         traced, node_costs, cost_model=model_costs, num_stages=num_stages,
         num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
-        loss_fn=loss_fn,
-    ))
+    )
+    warn_batch_norm(data)
+    return Partitioned(data, traced)
 
 
-def warn_batch_norm(plan: Plan) -> Plan:
+def warn_batch_norm(data: PlanData) -> None:
     """Warn that the plan's BatchNorm layers see one micro-batch at a time (when there are several)."""
-    layers, num = plan.data.batch_norm_layers, plan.data.num_microbatches
+    layers, num = data.batch_norm_layers, data.num_microbatches
     if layers and num > 1:
         shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
         warnings.warn(
@@ -152,9 +142,8 @@ def warn_batch_norm(plan: Plan) -> Plan:
             "alone: their batch statistics, running statistics and the gradients are those of "
             "micro-batch gradient accumulation, not of the full batch. For full-batch statistics "
             "use num_microbatches=1, or a per-sample norm (GroupNorm, LayerNorm).",
-            UserWarning, stacklevel=3,
+            UserWarning, stacklevel=4,
         )
-    return plan
 
 
-__all__ = ["partition"]
+__all__ = ["partition_model", "warn_batch_norm"]

@@ -6,14 +6,13 @@ the schedule. Output: the plan data -- one :class:`StageInfo` per stage, a
 producer stage to every later stage that reads it), a :class:`TiedGroup` per
 parameter used on several stages, the graph inputs, bottleneck and lower bound.
 
-:func:`plan_from_split` builds a whole :class:`pipec.plan.Plan` from split
+:func:`plan_from_split` builds the whole :class:`~pipec.plan.PlanData` from split
 points chosen by hand (tests, the runtime, users who know better).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -30,7 +29,7 @@ from pipec.partitioner.graph import (
     split_to_cuts,
 )
 from pipec.partitioner.problem import ChainSolution
-from pipec.plan import Boundary, InputSpec, Plan, PlanData, StageInfo, TiedGroup
+from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
@@ -156,9 +155,8 @@ def plan_from_split(
     device_speeds: Sequence[float] | None = None,
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
-    loss_fn: Callable[..., Any] | None = None,
-) -> Plan:
-    """A plan with the stages given by hand.
+) -> PlanData:
+    """The plan data of a split given by hand (wrap it as ``pipec.Plan(data, traced=traced)``).
 
     ``split``: node-name lists (one per stage), interior cut positions
     (``num_stages - 1`` ints into the compute nodes), or names of the nodes
@@ -183,7 +181,7 @@ def plan_from_split(
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size)
-    return Plan(data, traced=traced, loss_fn=loss_fn)
+    return data
 
 
 __all__ = ["build_plan_data", "lower_bound", "plan_from_split", "tied_shares"]

@@ -2,13 +2,13 @@
 
 Input: the arguments of :func:`pipec.partition` with any of ``schedule``,
 ``num_microbatches`` and ``stages_per_rank`` set to ``"auto"``. Output: the
-:class:`~pipec.plan.Plan` of the configuration with the smallest simulated
+:class:`~pipec.plan.PlanData` (and traced graph) of the configuration with the smallest simulated
 step time that fits memory, its ``data.candidates`` listing every
 configuration tried. The phases, in order::
 
     search_space        the configurations: (schedule, num_microbatches, stages_per_rank)
     trace + cost        once per distinct micro-batch size (shapes change with it)
-    for each config     partition_traced -> plan.simulate() -> Trial
+    for each config     partition_traced -> simulate_plan -> Trial
     choose              fits first; then step time; ties -> less memory
     candidates          one Candidate per trial, sorted, with a note why it won or lost
 
@@ -56,8 +56,15 @@ from pipec.partitioner.inputs import (
     split_inputs,
 )
 from pipec.partitioner.search import min_memory_limit
-from pipec.partitioner.single import chain_for, check_strategy, partition_traced, resolve_cost_model
-from pipec.plan import Candidate, Plan
+from pipec.partitioner.single import (
+    Partitioned,
+    chain_for,
+    check_strategy,
+    partition_traced,
+    resolve_cost_model,
+)
+from pipec.plan import Candidate, PlanData
+from pipec.schedule.simulator import simulate_plan
 from pipec.types import CostModel, NodeCost, TracedGraph
 from pipec.units import format_bytes, format_seconds
 
@@ -135,12 +142,12 @@ class Costed:
 
 @dataclass(frozen=True)
 class Trial:
-    """One configuration, split and simulated. ``plan`` was split under the memory
+    """One configuration, split and simulated. ``data`` was split under the memory
     limit when ``fits``; else without one, and ``need`` is the smallest per-rank
     memory some split of it needs (a lower bound with several stages per rank)."""
 
     config: Config
-    plan: Plan
+    data: PlanData
     step_time: float
     bubble_fraction: float
     rank_memory: tuple[int, ...]
@@ -155,7 +162,7 @@ def partition_auto(
     cost_model: str | Path | CostModel, memory_limit: MemoryLimit, device_speeds: Sequence[float] | None,
     strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
     optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
-) -> Plan:
+) -> Partitioned:
     """:func:`pipec.partition` with some of its choices ``"auto"`` (see the module docstring)."""
     from pipec.costs.timer import progress_bar
     from pipec.tracing import trace
@@ -187,7 +194,7 @@ def partition_auto(
             try:
                 trials.append(run_trial(
                     costed[cfg.num_microbatches], cfg, num_ranks=space.num_ranks, memory_limit=memory_limit,
-                    device_speeds=device_speeds, strategy=strategy, batch=batch, loss_fn=loss_fn,
+                    device_speeds=device_speeds, strategy=strategy, batch=batch,
                     optimizer_state_bytes_per_param=optimizer_state_bytes_per_param))
             except (PartitionError, ScheduleError) as exc:
                 reason = " ".join(str(exc).split())
@@ -201,23 +208,23 @@ def partition_auto(
     if not ranked[0].fits:
         raise none_fits_error(ranked, space.num_ranks)
     winner = ranked[0]
-    data = winner.plan.data.model_copy(update={"candidates": candidates(ranked)})
+    data = winner.data.model_copy(update={"candidates": candidates(ranked)})
     log.info("auto-plan: chose %s (%s) of %d candidates", winner.config.label,
              format_seconds(winner.step_time), len(ranked))
-    return Plan(data, traced=winner.plan.traced, loss_fn=loss_fn)
+    return Partitioned(data, costed[winner.config.num_microbatches].traced)
 
 
 def run_trial(
     costed: Costed, cfg: Config, *, num_ranks: int, memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None, strategy: str, batch: int | None,
-    loss_fn: Callable[..., Any] | None, optimizer_state_bytes_per_param: int,
+    optimizer_state_bytes_per_param: int,
 ) -> Trial:
     """Split and simulate one configuration (PartitionError when it cannot be split at all)."""
     limits = config.memory_limits(memory_limit, num_ranks, costed.cost_model)
     common: dict[str, Any] = dict(
         num_stages=num_ranks * cfg.stages_per_rank, num_microbatches=cfg.num_microbatches,
         schedule=cfg.schedule, stages_per_rank=cfg.stages_per_rank, cost_model=costed.cost_model,
-        device_speeds=device_speeds, strategy=strategy, batch_size=batch, loss_fn=loss_fn,
+        device_speeds=device_speeds, strategy=strategy, batch_size=batch,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
     )
     need = None
@@ -232,7 +239,7 @@ def run_trial(
                               memory_limit=limits, device_speeds=device_speeds,
                               optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
         need = min_memory_limit(chain.problem)[0]
-    sim = plan.simulate()
+    sim = simulate_plan(plan)
     memory = [0] * num_ranks
     for st in plan.stages:
         memory[st.rank] += st.memory_bytes

@@ -2,7 +2,8 @@
 
 Input: a :class:`~pipec.types.TracedGraph`, its node costs, the cost model
 and one configuration (schedule, micro-batches, stages per rank, memory
-limits). Output: :class:`~pipec.plan.PlanData`. The phases, in order::
+limits). Output: :class:`~pipec.plan.PlanData` (the façade,
+:func:`pipec.partition`, wraps it in a :class:`pipec.Plan`). The phases, in order::
 
     make_schedule_checked      the compute-only schedule
     chain_for                  chain problem (in-flight micro-batches from the schedule)
@@ -19,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipec.errors import ConfigError, PartitionError
 from pipec.partitioner import config
@@ -27,7 +28,7 @@ from pipec.partitioner.algorithm import STRATEGIES, solve
 from pipec.partitioner.assemble import build_plan_data
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
-from pipec.plan import Plan
+from pipec.plan import PlanData
 from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
@@ -50,9 +51,8 @@ def partition_traced(
     strategy: str = "optimal",
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
-    loss_fn: Callable[..., Any] | None = None,
-) -> Plan:
-    """One configuration: the plan for a traced, costed graph (no tracing, no profiling)."""
+) -> PlanData:
+    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling)."""
     check_strategy(strategy)
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
@@ -66,7 +66,7 @@ def partition_traced(
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size)
-    return Plan(data, traced=traced, loss_fn=loss_fn)
+    return data
 
 
 def chain_for(
@@ -107,6 +107,13 @@ def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, 
     return make_schedule(name, num_stages, num_microbatches, stages_per_rank)
 
 
+class Partitioned(NamedTuple):
+    """What partitioning a model gives: the plan data and the traced graph it splits."""
+
+    data: PlanData
+    traced: TracedGraph
+
+
 def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Callable[..., Any] | None = None,
                        target: Any = None) -> CostModel:
     """``"profile"`` (measure here, the loss too when ``loss_fn`` is given; ``target`` is
@@ -131,4 +138,11 @@ def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Call
     )
 
 
-__all__ = ["chain_for", "check_strategy", "make_schedule_checked", "partition_traced", "resolve_cost_model"]
+__all__ = [
+    "Partitioned",
+    "chain_for",
+    "check_strategy",
+    "make_schedule_checked",
+    "partition_traced",
+    "resolve_cost_model",
+]

@@ -46,7 +46,7 @@ from torch._C._distributed_c10d import Store
 
 from pipec._files import sha256_file
 from pipec.errors import CheckpointError
-from pipec.plan import Plan
+from pipec.facade import Plan
 from pipec.runtime.checkpoint_io import (
     MANIFEST,
     MODEL_FILE,

@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 import torch
 
 from pipec.errors import ConfigError
+from pipec.facade import Plan
 from pipec.loss import LossParts, loss_parts
 from pipec.microbatch import bind_inputs, split_inputs, split_target
-from pipec.plan import Plan
 from pipec.runtime.setup import as_plan, resolve_seed
 from pipec.runtime.tied import share_local_parameters
 from pipec.split import StageModule

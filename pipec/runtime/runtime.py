@@ -1,6 +1,6 @@
 """``PipelineRuntime``: this rank's stages of a plan, trained or run under any schedule.
 
-Phase: stage runtime, the last phase. Input: a :class:`~pipec.plan.Plan` (or a
+Phase: stage runtime, the last phase. Input: a :class:`pipec.Plan` (or a
 directory saved by ``plan.save``) inside a torch.distributed process group
 (torchrun, ``pipec run``). It builds this rank's stage modules, lowers the
 plan's schedule (adding SEND/RECV actions) and hands both to the one
@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from pipec.errors import ConfigError, RuntimeFailure
+from pipec.facade import Plan
 from pipec.microbatch import (
     bind_inputs,
     merge_outputs,
@@ -47,7 +48,6 @@ from pipec.microbatch import (
     split_target,
     step_shapes,
 )
-from pipec.plan import Plan
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.comm import P2P, ProcessGroupInfo, init_process_group
 from pipec.runtime.executor import Executor, StepResult

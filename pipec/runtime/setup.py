@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipec.errors import ConfigError, PlanError
-from pipec.plan import Plan
+from pipec.facade import Plan, load
 from pipec.schedule.ir import Schedule
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,7 @@ def as_plan(plan_or_dir: Plan | str | os.PathLike[str]) -> Plan:
     if isinstance(plan_or_dir, Plan):
         return plan_or_dir
     if isinstance(plan_or_dir, (str, os.PathLike)):
-        from pipec.codegen import load
-
-        plan: Plan = load(Path(plan_or_dir))
-        return plan
+        return load(Path(plan_or_dir))
     raise ConfigError(
         f"PipelineRuntime: expected a pipec.Plan or a plan directory, found {type(plan_or_dir).__name__}"
     )

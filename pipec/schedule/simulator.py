@@ -42,7 +42,7 @@ from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, stage_graph
 from pipec.schedule.validator import check_static, raise_deadlock
 
 if TYPE_CHECKING:
-    from pipec.plan import Plan
+    from pipec.plan import PlanData
 
 _K = ActionKind
 
@@ -250,12 +250,12 @@ def _summarise(
     )
 
 
-def simulate_plan(plan: Plan) -> Simulation:
-    """Simulate ``plan.schedule``, lowered with ``plan.boundaries``, under the
-    plan's own per-stage costs (see :func:`plan_costs`), then the tied-gradient
-    all-reduces (:func:`plan_collectives`)."""
-    costs, held = plan_costs(plan)
-    lowered = lower(plan.schedule, plan.boundaries)
+def simulate_plan(data: PlanData) -> Simulation:
+    """Simulate a plan's schedule (``data.schedule``), lowered with its
+    boundaries, under its own per-stage costs (see :func:`plan_costs`), then the
+    tied-gradient all-reduces (:func:`plan_collectives`). ``plan.simulate()``."""
+    costs, held = plan_costs(data)
+    lowered = lower(data.schedule, data.boundaries)
     return simulate(
         lowered,
         forward=costs.forward,
@@ -263,27 +263,27 @@ def simulate_plan(plan: Plan) -> Simulation:
         weight_grad=costs.weight_grad,
         comm=costs.comm,
         activation_bytes=held,
-        boundaries=plan.boundaries,
-        collectives=plan_collectives(plan),
+        boundaries=data.boundaries,
+        collectives=plan_collectives(data),
     )
 
 
-def plan_collectives(plan: Plan) -> tuple[Collective, ...]:
+def plan_collectives(data: PlanData) -> tuple[Collective, ...]:
     """The runtime's collectives after each step: one all-reduce per tied group
     among its holders' ranks, in the plan's order (as
     :class:`~pipec.runtime.tied.TiedGradReducer` issues them), lasting the
     group's ``allreduce_time``. Groups whose stages share one rank need none;
     groups of a plan saved before the all-reduce was priced are left out."""
-    rank_of = {st.index: st.rank for st in plan.stages}
+    rank_of = {st.index: st.rank for st in data.stages}
     out = []
-    for g in plan.data.tied_groups:
+    for g in data.tied_groups:
         ranks = tuple(sorted({rank_of[s] for s in g.stages}))
         if len(ranks) > 1 and g.allreduce_time is not None:
             out.append(Collective(f"all-reduce {g.fqn}", ranks, g.allreduce_time))
     return tuple(out)
 
 
-def plan_costs(plan: Plan) -> tuple[Costs, tuple[float, ...]]:
+def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
     """Per-stage costs and activation bytes of a plan.
 
     ``forward`` is ``stage.forward_time``; ``stage.backward_time`` is split into
@@ -294,11 +294,11 @@ def plan_costs(plan: Plan) -> tuple[Costs, tuple[float, ...]]:
     a message on the edge ``s -> c``, and its gradient back, costs stage ``s``'s
     share. Activation bytes are the sum of the nodes' ``saved_bytes``.
     """
-    graph = stage_graph(plan.num_stages, plan.num_ranks, plan.boundaries)
-    node_costs = plan.node_costs
-    by_index = {st.index: st for st in plan.stages}
+    graph = stage_graph(data.num_stages, data.num_ranks, data.boundaries)
+    node_costs = data.node_costs
+    by_index = {st.index: st for st in data.stages}
     forward, input_grad, weight_grad, comm, held = [], [], [], [], []
-    for s in range(plan.num_stages):
+    for s in range(data.num_stages):
         st = by_index[s]
         nodes = [node_costs[n] for n in st.nodes if n in node_costs]
         ig = sum(c.input_grad_time for c in nodes)

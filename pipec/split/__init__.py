@@ -1,7 +1,8 @@
 """Phase split: one ``nn.Module`` per pipeline stage, parameters under their original FQNs.
 
-Input: a :class:`pipec.plan.Plan` (its traced graph, or the directory it was
-loaded from) and a stage index. Output: a :class:`StageModule`.
+Input: a traced graph, the plan data and a stage index
+(:func:`build_stage_module`; a plan loaded from a directory reads its stage
+files instead, :mod:`pipec.codegen`). Output: a :class:`StageModule`.
 
 Stage-module contract (what the runtime relies on; names are exact)
 -------------------------------------------------------------------
@@ -63,7 +64,7 @@ Modules: :mod:`pipec.split.stage` (the stage-module classes), :mod:`pipec.split.
 (state dicts).
 """
 
-from pipec.split.graph import build_stage_module
+from pipec.split.graph import build_stage_module, check_stage_index
 from pipec.split.stage import GraphStage, StageModule, place_tensor, rebuild_output
 from pipec.split.state import merge_state_dicts, split_state_dict
 
@@ -71,6 +72,7 @@ __all__ = [
     "GraphStage",
     "StageModule",
     "build_stage_module",
+    "check_stage_index",
     "merge_state_dicts",
     "place_tensor",
     "rebuild_output",

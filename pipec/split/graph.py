@@ -30,28 +30,24 @@ from pipec.split.stage import GraphStage, StageModule, fetch_attr, rebuild_outpu
 from pipec.types import TracedGraph
 
 if TYPE_CHECKING:
-    from pipec.plan import Plan, PlanData
+    from pipec.plan import PlanData
 
 log = logging.getLogger(__name__)
 
 
-def build_stage_module(plan: Plan, index: int) -> StageModule:
-    """Stage ``index`` of ``plan``: split from the traced graph when the plan
-    has one, else loaded from ``stage_<index>.py`` + safetensors in its directory."""
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < plan.data.num_stages:
+def check_stage_index(data: PlanData, index: object) -> int:
+    """``index`` when it names a stage of the plan, else ConfigError."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < data.num_stages:
         raise ConfigError(
-            f"stage index: expected an int in 0..{plan.data.num_stages - 1}, found {index!r}"
+            f"stage index: expected an int in 0..{data.num_stages - 1}, found {index!r}"
         )
-    if plan.traced is not None:
-        return _StageBuilder(plan.traced, plan.data, index).build()
-    if plan.directory is not None:
-        from pipec.codegen import load_stage_module
+    return index
 
-        return load_stage_module(plan.directory, plan.data, index)
-    raise PlanError(
-        "this plan has neither a traced graph nor a directory to load its stages from; "
-        "build it with pipec.partition(...) or load it with pipec.load(DIR)"
-    )
+
+def build_stage_module(traced: TracedGraph, data: PlanData, index: int) -> StageModule:
+    """Stage ``index`` of the plan ``data`` split from ``traced`` (``plan.stage_module``
+    of an in-memory plan; a loaded one reads its stage files, :mod:`pipec.codegen`)."""
+    return _StageBuilder(traced, data, check_stage_index(data, index)).build()
 
 
 # -- splitting the traced graph ----------------------------------------------------------

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipec.errors import PlanError
+from pipec.split.files import read_stage_aliases
 from pipec.split.stage import StageModule
 
 if TYPE_CHECKING:
-    from pipec.plan import Plan
+    from pipec.plan import PlanLike
 
 
 def merge_state_dicts(
-    state_dicts: Iterable[Mapping[str, torch.Tensor]], *, plan: Plan | None = None
+    state_dicts: Iterable[Mapping[str, torch.Tensor]], *, plan: PlanLike | None = None
 ) -> dict[str, torch.Tensor]:
     """One full state dict from per-stage (or per-rank) state dicts.
 
@@ -49,7 +50,7 @@ def merge_state_dicts(
 
 
 def split_state_dict(
-    full_state_dict: Mapping[str, torch.Tensor], plan: Plan, index: int
+    full_state_dict: Mapping[str, torch.Tensor], plan: PlanLike, index: int
 ) -> dict[str, torch.Tensor]:
     """The part of a full state dict that stage ``index`` of ``plan`` holds.
 
@@ -92,7 +93,7 @@ def _check_same(key: str, a: torch.Tensor, b: torch.Tensor, first: int, second: 
         )
 
 
-def _plan_aliases(plan: Plan) -> dict[str, tuple[str, ...]]:
+def _plan_aliases(plan: PlanLike) -> dict[str, tuple[str, ...]]:
     aliases: dict[str, tuple[str, ...]] = {}
     for group in plan.data.tied_groups:
         aliases[group.fqn] = tuple(group.aliases)
@@ -101,8 +102,6 @@ def _plan_aliases(plan: Plan) -> dict[str, tuple[str, ...]]:
             if info.aliases:
                 aliases[fqn] = tuple(dict.fromkeys((*aliases.get(fqn, ()), *info.aliases)))
     elif plan.directory is not None:
-        from pipec.codegen import read_stage_aliases
-
         for index in range(plan.data.num_stages):
             for fqn, names in read_stage_aliases(plan.directory, index).items():
                 aliases[fqn] = tuple(dict.fromkeys((*aliases.get(fqn, ()), *names)))

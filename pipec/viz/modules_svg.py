@@ -1,6 +1,6 @@
 """A picture of the model's modules, coloured by stage, with the boundary tensors.
 
-Phase: report (reads a :class:`~pipec.plan.Plan`, draws SVG). The model is a
+Phase: report (reads :class:`~pipec.plan.PlanData` and the traced graph, draws SVG). The model is a
 horizontal band of module blocks in topological order; a block is a run of
 consecutive nodes of one stage under one module path, and its width is its
 share of the compute time (forward + backward), so a heavy stage looks
@@ -11,7 +11,7 @@ into its children while the band stays under :data:`MAX_BLOCKS` blocks.
 Each boundary tensor is an arc from its producer node to the first node that
 reads it in each consumer stage, labelled with its shape and size and drawn
 thicker for bigger tensors; a skip connection (to a stage other than the
-next) is a dashed long arc. Module paths come from ``plan.traced``; a plan
+next) is a dashed long arc. Module paths come from the traced graph; a plan
 loaded from disk has none, and then each stage is one block named
 ``first_module … last_module``.
 """
@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipec.plan import Boundary, Plan, StageInfo
+from pipec.plan import Boundary, PlanData, StageInfo
+from pipec.types import TracedGraph
 from pipec.viz.palette import INK, MUTED_INK, PAPER, stage_colour
 from pipec.viz.report_fmt import (
     esc,
@@ -184,17 +185,19 @@ def _block_svg(b: _Block, y: float, stage_time: dict[str, float]) -> str:
     return "".join(parts)
 
 
-def _arcs(plan: Plan, spans: dict[str, tuple[float, float]], blocks: list[_Block]) -> list[Arc]:
+def _arcs(
+    data: PlanData, traced: TracedGraph | None, spans: dict[str, tuple[float, float]], blocks: list[_Block]
+) -> list[Arc]:
     stage_x: dict[int, tuple[float, float]] = {}
     for b in blocks:
         lo, hi = stage_x.get(b.stage, (b.x, b.x + b.w))
         stage_x[b.stage] = (min(lo, b.x), max(hi, b.x + b.w))
     users: dict[str, tuple[str, ...]] = {}
-    if plan.traced is not None:
-        users = {n.name: n.users for n in plan.traced.nodes}
-    stage_of = {n: st.index for st in plan.data.stages for n in st.nodes}
+    if traced is not None:
+        users = {n.name: n.users for n in traced.nodes}
+    stage_of = {n: st.index for st in data.stages for n in st.nodes}
     arcs = []
-    for bd in plan.data.boundaries:
+    for bd in data.boundaries:
         x1 = spans[bd.name][1] if bd.name in spans else stage_x.get(bd.producer_stage, (0.0, _MARGIN))[1]
         for c in bd.consumer_stages:
             readers = [spans[u][0] for u in users.get(bd.name, ()) if stage_of.get(u) == c and u in spans]
@@ -241,7 +244,7 @@ def _arc_svg(arc: Arc, level: int, y0: float, max_bytes: int) -> str:
     return "".join(parts)
 
 
-def _stage_bracket(plan: Plan, stage: StageInfo, lo: float, hi: float, y: float) -> str:
+def _stage_bracket(data: PlanData, stage: StageInfo, lo: float, hi: float, y: float) -> str:
     color = stage_colour(stage.index)
     title = f"stage {stage.index} \u00b7 rank {stage.rank}"
     detail = f"{fmt_time(stage.forward_time + stage.backward_time)} \u00b7 {fmt_count(stage.num_params)} params"
@@ -261,25 +264,25 @@ def _stage_bracket(plan: Plan, stage: StageInfo, lo: float, hi: float, y: float)
     )
 
 
-def modules_svg(plan: Plan) -> str:
+def modules_svg(data: PlanData, traced: TracedGraph | None = None) -> str:
     """The model as a band of module blocks coloured by stage, with boundary arcs."""
-    stages = list(plan.data.stages)
+    stages = list(data.stages)
     order = [(n, st.index) for st in stages for n in st.nodes]
-    costs = plan.data.node_costs
+    costs = data.node_costs
     raw = {n: (costs[n].total_time if n in costs else 0.0) for n, _ in order}
     mean = (sum(raw.values()) / len(raw)) if raw else 0.0
     weight = {n: t + 0.05 * mean if mean > 0 else 1.0 for n, t in raw.items()}
-    if plan.traced is not None:
-        paths = {n.name: tuple(p for p in n.module_path.split(".") if p) for n in plan.traced.nodes}
+    if traced is not None:
+        paths = {n.name: tuple(p for p in n.module_path.split(".") if p) for n in traced.nodes}
         blocks = _group(order, paths, weight)
-    elif plan.data.node_modules:
-        paths = {n: tuple(p for p in m.split(".") if p) for n, m in plan.data.node_modules.items()}
+    elif data.node_modules:
+        paths = {n: tuple(p for p in m.split(".") if p) for n, m in data.node_modules.items()}
         blocks = _group(order, paths, weight)
     else:
         blocks = _fallback(stages)
     blocks = [b for b in blocks if b.nodes] or _fallback(stages)
     spans = _layout(blocks, weight)
-    arcs = _arcs(plan, spans, blocks)
+    arcs = _arcs(data, traced, spans, blocks)
     levels = assign_levels(arcs)
     top = _ARC_BASE + (max(levels, default=-1) + 1) * _ARC_STEP + 14
     y_band = top
@@ -304,6 +307,6 @@ def modules_svg(plan: Plan) -> str:
     for st in stages:
         xs = [(b.x, b.x + b.w) for b in blocks if b.stage == st.index]
         if xs:
-            out.append(_stage_bracket(plan, st, min(x for x, _ in xs), max(x for _, x in xs), y_band + _BAND_H + 4))
+            out.append(_stage_bracket(data, st, min(x for x, _ in xs), max(x for _, x in xs), y_band + _BAND_H + 4))
     out.append("</svg>")
     return "".join(out)

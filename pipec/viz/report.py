@@ -2,8 +2,8 @@
 how the run compared with the plan.
 
 Phase: report (after partition; again after ``pipec run``). Input: a
-:class:`~pipec.plan.Plan` and optionally the measured timelines
-(:func:`~pipec.viz.report_measured.load_measured`). Output: HTML with inline
+:class:`~pipec.plan.PlanData` (with its traced graph, when in memory) and
+optionally the measured timelines (:func:`~pipec.viz.report_measured.load_measured`). Output: HTML with inline
 SVG, CSS and a little JS -- no network, no external fonts or scripts -- in
 sections:
 
@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipec._version import __version__
-from pipec.plan import Plan
-from pipec.schedule.simulator import Simulation
+from pipec.plan import PlanData
+from pipec.schedule.simulator import Simulation, simulate_plan
+from pipec.types import TracedGraph
 from pipec.viz.modules_svg import modules_svg
 from pipec.viz.report_compare import measured_section
 from pipec.viz.report_fmt import esc, fmt_bytes
@@ -73,9 +74,9 @@ def _section(anchor: str, title: str, body: str, note: str = "") -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>{note_html}{body}</section>'
 
 
-def _simulate(plan: Plan) -> tuple[Simulation | None, str]:
+def _simulate(data: PlanData) -> tuple[Simulation | None, str]:
     try:
-        return plan.simulate(), ""
+        return simulate_plan(data), ""
     except Exception as exc:  # the report still shows everything else
         logger.warning("report: could not simulate the plan: %s", exc)
         return None, f"{type(exc).__name__}: {exc}"
@@ -95,10 +96,12 @@ def _try(fn: Callable[[Simulation], str], sim: Simulation | None, what: str, err
         return _error_box(what, f"{type(exc).__name__}: {exc}")
 
 
-def render_report(plan: Plan, *, measured: Measured | None = None) -> str:
-    """The report of ``plan`` as one HTML string (see the module docstring)."""
-    data = plan.data
-    sim, sim_error = _simulate(plan)
+def render_report(
+    data: PlanData, *, traced: TracedGraph | None = None, measured: Measured | None = None
+) -> str:
+    """The report of a plan as one HTML string (see the module docstring); ``traced``
+    (the plan's traced graph, when in memory) names the modules in the model picture."""
+    sim, sim_error = _simulate(data)
     peak = rank_memory(data)
     if sim is not None and not any(peak):  # a plan without a memory estimate: activations only
         peak = list(sim.peak_memory)
@@ -123,7 +126,7 @@ def render_report(plan: Plan, *, measured: Measured | None = None) -> str:
             "model",
             "The model by stage",
             _figure(
-                _modules(plan),
+                _modules(data, traced),
                 "Blocks: modules in execution order, width = share of compute time, colour = stage. "
                 "Arcs: tensors crossing stages (per micro-batch), thicker = bigger; dashed = skip connection.",
             ),
@@ -151,23 +154,22 @@ def render_report(plan: Plan, *, measured: Measured | None = None) -> str:
         )
     if data.candidates:
         sections.append(_section("candidates", "Candidates the auto-planner compared", candidates_section(data)))
-    return _page(plan, sections)
+    return _page(data, sections)
 
 
 def _safe_gantt(sim: Simulation, width: int, id_prefix: str) -> str:
     return _try(lambda s: _gantt(s, width, id_prefix), sim, "schedule chart", "")
 
 
-def _modules(plan: Plan) -> str:
+def _modules(data: PlanData, traced: TracedGraph | None) -> str:
     try:
-        return modules_svg(plan)
+        return modules_svg(data, traced)
     except Exception as exc:  # a broken picture must not hide the rest of the report
         logger.warning("report: could not draw the modules: %s", exc)
         return _error_box("model picture", f"{type(exc).__name__}: {exc}")
 
 
-def _page(plan: Plan, sections: list[str]) -> str:
-    data = plan.data
+def _page(data: PlanData, sections: list[str]) -> str:
     links = [("glance", "At a glance"), ("stages", "Stages"), ("model", "Model"), ("schedule", "Schedule"), ("memory", "Memory")]
     if any('id="measured"' in s for s in sections):
         links.append(("measured", "Measured"))
@@ -198,7 +200,13 @@ def _page(plan: Plan, sections: list[str]) -> str:
     )
 
 
-def write_report(plan: Plan, directory: str | Path, *, measured: Measured | None = None) -> Path:
+def write_report(
+    data: PlanData,
+    directory: str | Path,
+    *,
+    traced: TracedGraph | None = None,
+    measured: Measured | None = None,
+) -> Path:
     """Write ``directory/report.html`` atomically and return its path.
 
     Without ``measured``, the timelines a run left in ``directory``
@@ -209,7 +217,7 @@ def write_report(plan: Plan, directory: str | Path, *, measured: Measured | None
     directory.mkdir(parents=True, exist_ok=True)
     if measured is None:
         measured = load_measured(directory)
-    text = render_report(plan, measured=measured)
+    text = render_report(data, traced=traced, measured=measured)
     target = directory / REPORT_NAME
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=directory)
     try:

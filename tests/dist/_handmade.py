@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipec.plan import Boundary, InputSpec, Plan, PlanData, StageInfo, TiedGroup
+from pipec.facade import Plan
+from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup
 from pipec.schedule.ir import Action, ActionKind, Schedule
 from pipec.types import TensorMeta
 

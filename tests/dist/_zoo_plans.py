@@ -23,7 +23,7 @@ import pipec
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.baselines import equal_count
 from pipec.partitioner.graph import build_chain
-from pipec.plan import Plan
+from pipec.facade import Plan
 from pipec.types import NodeCost, TracedGraph
 
 MODELS = ("mlp", "resnet", "tied", "two_input", "gpt2")
@@ -93,8 +93,9 @@ def zoo_plan(zm: ZooModel, *, num_ranks: int, schedule: str, num_microbatches: i
     chain = build_chain(zm.traced, costs, num_stages=num_stages, num_ranks=num_ranks,
                         schedule=schedule, num_microbatches=num_microbatches)
     cuts = equal_count(chain.problem)
-    return plan_from_split(zm.traced, costs, list(cuts[1:-1]), schedule=schedule,
-                           num_microbatches=num_microbatches, stages_per_rank=spr, loss_fn=zm.loss_fn)
+    data = plan_from_split(zm.traced, costs, list(cuts[1:-1]), schedule=schedule,
+                           num_microbatches=num_microbatches, stages_per_rank=spr)
+    return Plan(data, traced=zm.traced, loss_fn=zm.loss_fn)
 
 
 def reference_training(zm: ZooModel, *, lr: float) -> dict[str, Any]:

@@ -71,8 +71,8 @@ def saved_plan(tmp_path: Path, name: str = "plan") -> Path:
     costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4) for n in traced.nodes}
     chain = build_chain(traced, costs, num_stages=2, num_ranks=2, schedule="1f1b", num_microbatches=4)
     cuts = equal_count(chain.problem)
-    plan = plan_from_split(traced, costs, list(cuts[1:-1]), schedule="1f1b", num_microbatches=4,
-                           loss_fn=made.loss_fn)
+    data = plan_from_split(traced, costs, list(cuts[1:-1]), schedule="1f1b", num_microbatches=4)
+    plan = pipec.Plan(data, traced=traced, loss_fn=made.loss_fn)
     return plan.with_factory(spec).save(tmp_path / name)
 
 

@@ -26,7 +26,7 @@ import pipec
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.baselines import equal_count
 from pipec.partitioner.graph import build_chain
-from pipec.plan import Plan
+from pipec.facade import Plan
 from pipec.types import NodeCost
 
 SCHEDULES = ("gpipe", "1f1b", "zb-h1")
@@ -67,8 +67,9 @@ def _plan(model: nn.Module, num_stages: int, schedule: str, method: str = "expor
     chain = build_chain(traced, costs, num_stages=num_stages, num_ranks=num_stages,
                         schedule=schedule, num_microbatches=NUM_MICROBATCHES)
     cuts = equal_count(chain.problem)
-    return plan_from_split(traced, costs, list(cuts[1:-1]), schedule=schedule,
-                           num_microbatches=NUM_MICROBATCHES, loss_fn=F.mse_loss)
+    data = plan_from_split(traced, costs, list(cuts[1:-1]), schedule=schedule,
+                           num_microbatches=NUM_MICROBATCHES)
+    return Plan(data, traced=traced, loss_fn=F.mse_loss)
 
 
 def _grads(pipe: Any) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ from test_split_models import assert_same_output, run_chain, traced_plan
 import pipec
 import pipec.codegen
 from pipec.errors import PlanError
-from pipec.plan import FORMAT_VERSION, Plan
+from pipec.facade import Plan
+from pipec.plan import FORMAT_VERSION
 from pipec.split import StageModule, merge_state_dicts
 
 

@@ -15,6 +15,7 @@ from pipec.errors import ConfigError, PartitionError
 from pipec.partitioner.single import partition_traced
 from pipec.plan import Candidate, PlanData
 from pipec.schedule.generators import SCHEDULE_NAMES
+from pipec.schedule.simulator import simulate_plan
 from pipec.types import NodeCost, TracedGraph
 
 BATCH = 8
@@ -71,7 +72,7 @@ def direct(name: str, configs: list[Key], memory_limit: Any = None) -> dict[Key,
         except PartitionError:
             out[(schedule, m, v)] = None
             continue
-        out[(schedule, m, v)] = plan.simulate().step_time
+        out[(schedule, m, v)] = simulate_plan(plan).step_time
     return out
 
 

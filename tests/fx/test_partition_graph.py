@@ -14,10 +14,10 @@ from torch import nn
 
 import pipec
 from pipec.errors import PartitionError
+from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.graph import build_chain, compute_names
 from pipec.partitioner.single import partition_traced
-from pipec.plan import Plan
 from pipec.types import NodeCost, TracedGraph
 
 
@@ -40,6 +40,16 @@ class ByteCost:
     def comm_time(self, num_bytes: int, src_rank: int, dst_rank: int) -> float:
         return 0.0 if src_rank == dst_rank else 2e-6 + num_bytes * 1e-10
 
+
+
+def traced_plan(traced: TracedGraph, costs: Mapping[str, NodeCost], **kwargs: Any) -> Plan:
+    """partition_traced's plan data as a Plan that can build its stages."""
+    return Plan(partition_traced(traced, costs, **kwargs), traced=traced)
+
+
+def manual_plan(traced: TracedGraph, costs: Mapping[str, NodeCost], split: Any, **kwargs: Any) -> Plan:
+    """plan_from_split's plan data as a Plan that can build its stages."""
+    return Plan(plan_from_split(traced, costs, split, **kwargs), traced=traced)
 
 def traced_of(model: nn.Module, *inputs: torch.Tensor) -> tuple[TracedGraph, Mapping[str, NodeCost]]:
     traced = pipec.trace(model, inputs)
@@ -66,7 +76,7 @@ def test_unet_skip_goes_from_its_producer_straight_to_its_reader() -> None:
     names = compute_names(traced)
     # four equal-count stages: the first encoder output (inc) is read only by the last decoder block
     quarter = len(names) // 4
-    plan = plan_from_split(traced, costs, [quarter, 2 * quarter, 3 * quarter], cost_model=ByteCost(),
+    plan = manual_plan(traced, costs, [quarter, 2 * quarter, 3 * quarter], cost_model=ByteCost(),
                            num_microbatches=4)
     producer = {n: k for k, st in enumerate(plan.stages) for n in st.nodes}
     readers: dict[str, set[int]] = {}
@@ -85,7 +95,7 @@ def test_stage_memory_is_params_optimizer_and_activations_in_flight() -> None:
     torch.manual_seed(0)
     model, x = UNet(), torch.randn(2, 1, 16, 16)
     traced, costs = traced_of(model, x)
-    plan = partition_traced(traced, costs, num_stages=4, num_microbatches=8, cost_model=ByteCost())
+    plan = traced_plan(traced, costs, num_stages=4, num_microbatches=8, cost_model=ByteCost())
     for st in plan.stages:
         held = sum(costs[n].saved_bytes for n in st.nodes)
         held += sum(b.num_bytes for b in plan.boundaries if st.index in b.consumer_stages or b.producer_stage == st.index)
@@ -97,7 +107,7 @@ def test_tied_embedding_is_a_tied_group_on_both_holders() -> None:
     torch.manual_seed(0)
     model, tokens = TiedLM(), torch.randint(0, 64, (2, 6))
     traced, costs = traced_of(model, tokens)
-    plan = partition_traced(traced, costs, num_stages=3, num_microbatches=2, cost_model=ByteCost())
+    plan = traced_plan(traced, costs, num_stages=3, num_microbatches=2, cost_model=ByteCost())
     (group,) = plan.data.tied_groups
     assert group.fqn == "embed.weight" and group.aliases == ("head.weight",)
     assert group.stages == (0, 2) and group.num_bytes == 64 * 16 * 4
@@ -125,7 +135,7 @@ def test_the_cost_models_allreduce_prices_the_tied_gradient() -> None:
     torch.manual_seed(0)
     model, tokens = TiedLM(), torch.randint(0, 64, (2, 6))
     traced, costs = traced_of(model, tokens)
-    plan = partition_traced(traced, costs, num_stages=2, num_microbatches=4, cost_model=WithAllReduce())
+    plan = traced_plan(traced, costs, num_stages=2, num_microbatches=4, cost_model=WithAllReduce())
     (group,) = plan.data.tied_groups
     assert group.allreduce_time == pytest.approx(2e-3 + group.num_bytes * 1e-9)
     assert [st.tied_time for st in plan.stages] == pytest.approx([group.allreduce_time / 4] * 2)
@@ -138,7 +148,7 @@ def test_optimal_stages_reproduce_the_model(make: type[nn.Module]) -> None:
     inputs = {MLP: (torch.randn(2, 16),), ResNet: (torch.randn(2, 3, 8, 8),),
               TwoInput: (torch.randn(2, 8), torch.randn(2, 4))}[make]
     traced, costs = traced_of(model, *inputs)
-    plan = partition_traced(traced, costs, num_stages=3, num_microbatches=1, cost_model=ByteCost())
+    plan = traced_plan(traced, costs, num_stages=3, num_microbatches=1, cost_model=ByteCost())
     assert [len(st.nodes) > 0 for st in plan.stages] == [True] * 3
     assert max(st.time for st in plan.stages) == pytest.approx(plan.data.bottleneck, rel=1e-9)
     assert plan.data.bottleneck >= plan.data.lower_bound
@@ -166,16 +176,16 @@ def test_a_live_int_forbids_cuts() -> None:
     allowed = chain.problem.cut_positions()
     assert not any(size_at < c <= view_at for c in allowed)
     with pytest.raises(PartitionError, match=r"num_stages <= \d"):
-        partition_traced(traced, costs, num_stages=len(allowed) + 2, num_microbatches=1)
+        traced_plan(traced, costs, num_stages=len(allowed) + 2, num_microbatches=1)
 
 
 def test_manual_split_forms_agree() -> None:
     torch.manual_seed(0)
     traced, costs = traced_of(MLP(), torch.randn(2, 16))
     names = compute_names(traced)
-    by_lists = plan_from_split(traced, costs, [list(names[:3]), list(names[3:7]), list(names[7:])])
-    by_cuts = plan_from_split(traced, costs, [3, 7])
-    by_starts = plan_from_split(traced, costs, [names[3], names[7]])
+    by_lists = manual_plan(traced, costs, [list(names[:3]), list(names[3:7]), list(names[7:])])
+    by_cuts = manual_plan(traced, costs, [3, 7])
+    by_starts = manual_plan(traced, costs, [names[3], names[7]])
     assert by_lists.data == by_cuts.data == by_starts.data
     assert [st.nodes for st in by_cuts.stages] == [names[:3], names[3:7], names[7:]]
     assert by_cuts.data.strategy == "manual"
@@ -189,14 +199,14 @@ def test_manual_split_forms_agree() -> None:
 def test_bad_manual_split(split: Any, message: str) -> None:
     traced, costs = traced_of(MLP(), torch.randn(2, 16))
     with pytest.raises(PartitionError, match=message):
-        plan_from_split(traced, costs, split)
+        manual_plan(traced, costs, split)
 
 
 def test_interleaved_tied_plan_reports_the_runtimes_all_reduce() -> None:
     torch.manual_seed(0)
     model, tokens = TiedLM(), torch.randint(0, 64, (4, 6))
     traced, costs = traced_of(model, tokens)
-    plan = partition_traced(traced, costs, num_stages=4, num_microbatches=4, cost_model=ByteCost(),
+    plan = traced_plan(traced, costs, num_stages=4, num_microbatches=4, cost_model=ByteCost(),
                             schedule="interleaved-1f1b", stages_per_rank=2)
     (group,) = plan.data.tied_groups
     assert group.stages == (0, 3) and [plan.stages[k].rank for k in group.stages] == [0, 1]

@@ -113,7 +113,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   bubble_fraction=0.2, peak_memory=(10**12, 2, 3, 4), fits=False, note="too big"),
     )
     directory = tmp_path_factory.mktemp("report")
-    return write_report(unet_plan(candidates=candidates), directory)
+    plan = unet_plan(candidates=candidates)
+    return write_report(plan.data, directory, traced=plan.traced)
 
 
 def test_page_runs_its_script_without_console_errors(report: Path, tmp_path: Path) -> None:

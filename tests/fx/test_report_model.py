@@ -18,7 +18,8 @@ import torch
 from models import MLP, UNet
 
 import pipec
-from pipec.plan import Boundary, Candidate, Plan, PlanData, StageInfo
+from pipec.facade import Plan
+from pipec.plan import Boundary, Candidate, PlanData, StageInfo
 from pipec.schedule.generators import make_schedule
 from pipec.types import NodeCost
 from pipec.viz.modules_svg import MAX_BLOCKS, modules_svg
@@ -121,7 +122,7 @@ def unet_plan(**kwargs: object) -> Plan:
 
 def test_module_picture_groups_modules_and_draws_skip_arcs() -> None:
     plan = unet_plan()
-    svg = modules_svg(plan)
+    svg = modules_svg(plan.data, plan.traced)
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"
     blocks = [g for g in root.iter(f"{ns}g") if g.find(f"{ns}rect") is not None and g.find(f"{ns}path") is None]
@@ -145,7 +146,7 @@ def test_module_picture_groups_modules_and_draws_skip_arcs() -> None:
 def test_module_picture_without_trace_falls_back_to_one_block_per_stage() -> None:
     plan = unet_plan()
     loaded = Plan(plan.data)  # as after pipec.load: no traced graph
-    root = ET.fromstring(modules_svg(loaded))
+    root = ET.fromstring(modules_svg(loaded.data, loaded.traced))
     ns = "{http://www.w3.org/2000/svg}"
     blocks = [g for g in root.iter(f"{ns}g") if g.find(f"{ns}rect") is not None and g.find(f"{ns}path") is None]
     assert len(blocks) == plan.num_stages
@@ -154,7 +155,7 @@ def test_module_picture_without_trace_falls_back_to_one_block_per_stage() -> Non
 
 def test_full_report_of_traced_plan(tmp_path: Path) -> None:
     plan = traced_plan(MLP(), (torch.randn(8, 16),), 3, schedule="gpipe", num_microbatches=2)
-    path = write_report(plan, tmp_path)
+    path = write_report(plan.data, tmp_path, traced=plan.traced)
     html = path.read_text(encoding="utf-8")
     for svg in SVG_RE.findall(html):
         ET.fromstring(svg)
@@ -169,7 +170,7 @@ def test_report_on_partitioned_plan() -> None:
         )
     except (ImportError, AttributeError) as exc:
         pytest.skip(f"pipec.partition is not available yet: {exc}")
-    html = render_report(plan)
+    html = render_report(plan.data, traced=plan.traced)
     svgs = SVG_RE.findall(html)
     assert len(svgs) >= 4
     for svg in svgs:

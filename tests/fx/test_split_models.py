@@ -12,7 +12,8 @@ from torch import nn
 
 import pipec
 from pipec.errors import ConfigError, PlanError
-from pipec.plan import Boundary, InputSpec, Plan, PlanData, StageInfo, TiedGroup
+from pipec.facade import Plan
+from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup
 from pipec.schedule.ir import Action, ActionKind, Schedule
 from pipec.split import StageModule, merge_state_dicts, split_state_dict
 from pipec.types import NodeCost, TensorMeta, TracedGraph

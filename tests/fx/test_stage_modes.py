@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
-from pipec.plan import Plan
+from pipec.facade import Plan
 
 
 class DropBN(nn.Module):

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipec.plan import Boundary, Candidate, Plan, PlanData, StageInfo
+import pipec.viz.report
+from pipec.facade import Plan
+from pipec.plan import Boundary, Candidate, PlanData, StageInfo
 from pipec.schedule.generators import make_schedule
 from pipec.types import NodeCost
 from pipec.units import format_bytes, format_seconds
@@ -114,7 +116,7 @@ def svgs_parse(html: str) -> int:
 
 def test_report_shows_the_key_figures() -> None:
     plan = handmade_plan()
-    html = render_report(plan)
+    html = render_report(plan.data, traced=plan.traced)
     sim = plan.simulate()
     assert svgs_parse(html) >= 3
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
@@ -130,7 +132,7 @@ def test_report_shows_the_key_figures() -> None:
 
 def test_interleaved_plan_shows_every_stage_and_rank() -> None:
     plan = handmade_plan(num_stages=4, stages_per_rank=2)
-    html = render_report(plan)
+    html = render_report(plan.data, traced=plan.traced)
     svgs_parse(html)
     assert "interleaved-1f1b" in html and "4 on 2 ranks" in html
     glance = html[: html.index('id="stages"')]
@@ -141,14 +143,14 @@ def test_interleaved_plan_shows_every_stage_and_rank() -> None:
 
 
 def test_report_is_self_contained() -> None:
-    html = render_report(handmade_plan(candidates=CANDIDATES))
+    html = render_report(handmade_plan(candidates=CANDIDATES).data)
     assert html.count("<script") == 1 and "<script src" not in html and "<link" not in html
     assert "@import" not in html and "url(http" not in html
     assert set(re.findall(r"https?://[^\s\"')]+", html)) <= {"http://www.w3.org/2000/svg"}
 
 
 def test_plan_text_is_escaped() -> None:
-    html = render_report(handmade_plan(model_name=EVIL, node_prefix='n<i>&"', candidates=CANDIDATES))
+    html = render_report(handmade_plan(model_name=EVIL, node_prefix='n<i>&"', candidates=CANDIDATES).data)
     assert EVIL not in html and "<i>" not in html and "<more>" not in html
     assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
     assert html.count("<script") == 1
@@ -156,8 +158,8 @@ def test_plan_text_is_escaped() -> None:
 
 
 def test_candidates_only_for_auto_plans() -> None:
-    assert 'id="candidates"' not in render_report(handmade_plan())
-    html = render_report(handmade_plan(candidates=CANDIDATES))
+    assert 'id="candidates"' not in render_report(handmade_plan().data)
+    html = render_report(handmade_plan(candidates=CANDIDATES).data)
     section = html[html.index('id="candidates"'):]
     assert "\u2605 chosen" in section and "does not fit" in section and "balanced" in section
     assert section.index("gpipe") < section.index("zb-h1")  # fastest first
@@ -167,7 +169,7 @@ def test_candidates_only_for_auto_plans() -> None:
 def test_measured_section_after_a_run(tmp_path: Path) -> None:
     plan = handmade_plan()
     write_timelines(plan, tmp_path, scale=1.25)
-    path = write_report(plan, tmp_path)
+    path = write_report(plan.data, tmp_path, traced=plan.traced)
     html = path.read_text(encoding="utf-8")
     assert 'id="measured"' in html
     section = html[html.index('id="measured"'):]
@@ -183,22 +185,22 @@ def test_malformed_timelines_do_not_break_the_report(tmp_path: Path) -> None:
     plan = handmade_plan()
     write_timelines(plan, tmp_path)
     (tmp_path / "timeline_rank2.json").write_text('{"traceEvents": [{"name": "2F0", "ph": "X"}]}')
-    html = write_report(plan, tmp_path).read_text(encoding="utf-8")
+    html = write_report(plan.data, tmp_path, traced=plan.traced).read_text(encoding="utf-8")
     assert 'id="measured"' in html and "timeline_rank2.json" in html and "No timeline for rank 2" in html
     for rank in range(3):
         (tmp_path / f"timeline_rank{rank}.json").write_text("{not json")
-    html = write_report(plan, tmp_path).read_text(encoding="utf-8")
+    html = write_report(plan.data, tmp_path, traced=plan.traced).read_text(encoding="utf-8")
     assert 'id="measured"' not in html and "TinyNet" in html
 
 
 def test_a_plan_that_cannot_be_simulated_still_renders(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = handmade_plan()
 
-    def broken() -> None:
+    def broken(data: PlanData) -> None:
         raise RuntimeError("simulator <exploded>")
 
-    monkeypatch.setattr(plan, "simulate", broken)
-    html = render_report(plan)
+    monkeypatch.setattr(pipec.viz.report, "simulate_plan", broken)
+    html = render_report(plan.data, traced=plan.traced)
     assert "simulator &lt;exploded&gt;" in html and "TinyNet" in html
     svgs_parse(html)
 
@@ -209,7 +211,7 @@ def test_gantt_charts_colour_by_stage_with_ids_unique_on_the_page(tmp_path: Path
     made = handmade_plan(num_stages=3)
     plan = Plan(made.data.model_copy(update={"schedule": make_schedule("zb-h1", 3, 4)}))
     write_timelines(plan, tmp_path)
-    html = write_report(plan, tmp_path).read_text(encoding="utf-8")
+    html = write_report(plan.data, tmp_path, traced=plan.traced).read_text(encoding="utf-8")
     gantts = [s for s in SVG_RE.findall(html) if 'data-kind="F"' in s]
     assert len(gantts) == 3  # the schedule, then predicted and measured
     for svg in gantts:

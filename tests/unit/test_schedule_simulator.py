@@ -121,7 +121,8 @@ def test_invalid_schedule_is_not_simulated() -> None:
 
 
 def _plan(schedule_name: str = "1f1b") -> object:
-    from pipec.plan import Boundary, Plan, PlanData, StageInfo
+    from pipec.facade import Plan
+    from pipec.plan import Boundary, PlanData, StageInfo
     from pipec.types import NodeCost
 
     node_costs = {
@@ -178,7 +179,7 @@ def _plan(schedule_name: str = "1f1b") -> object:
 def test_simulate_plan_uses_the_plans_costs() -> None:
     plan = _plan("zb-h1")
     sim = plan.simulate()  # type: ignore[attr-defined]
-    assert sim == simulate_plan(plan)  # type: ignore[arg-type]
+    assert sim == simulate_plan(plan.data)  # type: ignore[arg-type]
     assert sim.schedule.is_lowered
     durations = {str(e.action): e.end - e.start for e in sim.timeline}
     assert durations["0F0"] == pytest.approx(2.0)
@@ -232,14 +233,15 @@ def test_bad_collectives_are_rejected(collective: tuple[object, ...], fragment: 
 
 
 def test_simulate_plan_ends_with_the_tied_all_reduce() -> None:
-    from pipec.plan import Plan, TiedGroup
+    from pipec.facade import Plan
+    from pipec.plan import TiedGroup
     from pipec.schedule.simulator import plan_collectives
 
     plan = _plan()
     plain = plan.simulate()  # type: ignore[attr-defined]
     tied = TiedGroup(fqn="w", aliases=("head.w",), stages=(0, 1), num_bytes=64, allreduce_time=1.25)
     with_tied = Plan(plan.data.model_copy(update={"tied_groups": (tied,)}))  # type: ignore[attr-defined]
-    assert [tuple(c) for c in plan_collectives(with_tied)] == [("all-reduce w", (0, 1), 1.25)]
+    assert [tuple(c) for c in plan_collectives(with_tied.data)] == [("all-reduce w", (0, 1), 1.25)]
     sim = with_tied.simulate()
     last = max(e.end for e in sim.timeline)
     assert last == pytest.approx(plain.step_time)
@@ -247,7 +249,7 @@ def test_simulate_plan_ends_with_the_tied_all_reduce() -> None:
     assert sim.step_time == pytest.approx(plain.step_time + 1.25)
     # stages sharing one rank exchange nothing
     one_rank = tied.model_copy(update={"stages": (0, 0)})
-    assert plan_collectives(Plan(plan.data.model_copy(update={"tied_groups": (one_rank,)}))) == ()  # type: ignore[attr-defined]
+    assert plan_collectives(plan.data.model_copy(update={"tied_groups": (one_rank,)})) == ()  # type: ignore[attr-defined]
 
 
 def test_malformed_collectives_are_config_errors() -> None:
@@ -258,8 +260,9 @@ def test_malformed_collectives_are_config_errors() -> None:
 
 
 def test_tied_shares_follow_the_runtimes_groups() -> None:
+    from pipec.facade import Plan
     from pipec.partitioner.assemble import tied_shares
-    from pipec.plan import Plan, TiedGroup
+    from pipec.plan import TiedGroup
     from pipec.schedule.simulator import plan_collectives
 
     def group(stages: tuple[int, ...], seconds: float | None) -> TiedGroup:
@@ -278,5 +281,5 @@ def test_tied_shares_follow_the_runtimes_groups() -> None:
     assert tied_shares([group((0, 1), None)], 2, lambda k: k, 2) == [0.0, 0.0]
     plan = _plan()
     old = Plan(plan.data.model_copy(update={"tied_groups": (group((0, 1), None),)}))  # type: ignore[attr-defined]
-    assert plan_collectives(old) == ()
+    assert plan_collectives(old.data) == ()
     assert "not priced" in old.summary()
