@@ -168,3 +168,16 @@ def test_load_refuses_damaged_stage_files(saved_tied: tuple[Plan, Path], tmp_pat
         save_file(tensors, str(weights))
     with pytest.raises(PlanError, match="stage_1"):
         pipec.load(plan_dir)
+
+
+def test_a_loaded_plan_is_the_same_class_and_answers_the_same(saved_tied: tuple[Plan, Path]) -> None:
+    """#14: one Plan class for a plan made in memory and one read back (by pipec.load,
+    and by the runtime's own loading of a directory)."""
+    from pipec.runtime.setup import as_plan
+
+    plan, directory = saved_tied
+    loaded, opened = pipec.load(directory), as_plan(directory)
+    assert type(plan) is type(loaded) is type(opened) is pipec.Plan is Plan
+    assert loaded.simulate() == plan.simulate()
+    assert loaded.summary() == plan.summary()
+    assert repr(loaded) == repr(plan)
