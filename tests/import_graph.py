@@ -41,6 +41,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pipec._imports",
             "pipec._files",
             "pipec._version",
+            "pipec._preserve",
+            "pipec.loss",
         ),
     ),
     (
@@ -48,7 +50,17 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("pipec.schedule.ir", "pipec.plan", "pipec.timeline_format", "pipec.manifest"),
     ),
     ("schedule library", ("pipec.schedule.*",)),
-    ("tracing, costs", ("pipec.tracing", "pipec.mode_ops", "pipec.profiling", "pipec.microbatch", "pipec.costs.*")),
+    (
+        "tracing, costs",
+        (
+            "pipec.tracing",
+            "pipec.inlining",
+            "pipec.mode_ops",
+            "pipec.profiling",
+            "pipec.microbatch",
+            "pipec.costs.*",
+        ),
+    ),
     ("partitioner", ("pipec.partitioner.*",)),
     (
         "split, codegen",

@@ -5,11 +5,12 @@ import -- top-level, in functions, under ``TYPE_CHECKING``, relative, and
 string references such as lazy-export tables and ``importlib.import_module``.
 Its ``LAYERS`` table is the layer of each module, bottom to top:
 
-  0 basic values        errors, units, types, _lazy, _imports, _files, _version
+  0 basic values        errors, units, types, loss, _lazy, _imports, _files, _version,
+                        _preserve
   1 saved data          schedule.ir, plan (data only), timeline_format, manifest
   2 schedule library    schedule.*: stage_graph < dry_run < grid < validator <
                         lowering < simulator; generators, in_flight
-  3 tracing, costs      tracing, mode_ops, profiling, microbatch, costs.*
+  3 tracing, costs      tracing, inlining, mode_ops, profiling, microbatch, costs.*
   4 partitioner         partitioner.*
   5 split, codegen      split.*, codegen, templates.stage, plan_check, factory
   6 viz                 viz.*, summary
