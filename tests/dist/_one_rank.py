@@ -2,7 +2,7 @@
 
 :func:`one_rank` keeps the plan's stages, boundaries and schedule but puts every
 stage on rank 0: the schedule's actions become one row, in the order a dry run
-of the multi-rank schedule starts them (:func:`pipec.schedule.simulator.execute`
+of the multi-rank schedule starts them (:func:`pipec.schedule.dry_run.execute`
 with unit costs), so each rank's own order -- which ``I`` precedes which ``W``,
 how many micro-batches a stage holds -- is exactly the multi-rank schedule's.
 The executor then hands boundary tensors and gradients over locally instead of
@@ -12,10 +12,10 @@ schedule computes, not how it communicates.
 
 from __future__ import annotations
 
-from pipec.plan import Plan
+from pipec.facade import Plan
 from pipec.schedule.ir import Schedule
-from pipec.schedule.lowering import stage_graph
-from pipec.schedule.simulator import execute, unit_costs
+from pipec.schedule.dry_run import execute, unit_costs
+from pipec.schedule.stage_graph import stage_graph
 
 
 def one_rank_schedule(schedule: Schedule, boundaries: object) -> Schedule:

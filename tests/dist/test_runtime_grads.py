@@ -31,7 +31,7 @@ from torch.nn import functional as F
 import pipec
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.graph import compute_names
-from pipec.plan import Plan
+from pipec.facade import Plan
 from pipec.runtime.runtime import PipelineRuntime
 from pipec.types import NodeCost, TracedGraph
 
@@ -111,8 +111,9 @@ def gated() -> tuple[nn.Module, TracedGraph, tuple[torch.Tensor, ...], torch.Ten
 
 
 def _gated_plan(traced: TracedGraph, schedule: str, spr: int, starts: list[str]) -> Plan:
-    return plan_from_split(traced, _costs(traced), starts, schedule=schedule, num_microbatches=4,
-                           stages_per_rank=spr, loss_fn=F.mse_loss)
+    data = plan_from_split(traced, _costs(traced), starts, schedule=schedule, num_microbatches=4,
+                           stages_per_rank=spr)
+    return Plan(data, traced=traced, loss_fn=F.mse_loss)
 
 
 @pytest.mark.parametrize("schedule,spr,starts", GATED_CASES, ids=[f"{c[0]}-from-{'-'.join(c[2])}" for c in GATED_CASES])
@@ -243,7 +244,7 @@ def test_random_dag_models_random_splits_every_schedule(
         num_stages = data.draw(st.sampled_from([k for k in range(2, most + 1) if k % spr == 0]), label="stages")
         cuts = sorted(data.draw(st.sets(st.integers(1, len(names) - 1), min_size=num_stages - 1,
                                         max_size=num_stages - 1), label=f"{schedule} cuts ({k})"))
-        plan = plan_from_split(traced, _costs(traced), cuts, schedule=schedule, num_microbatches=m,
-                               stages_per_rank=spr, loss_fn=F.mse_loss)
+        plan = Plan(plan_from_split(traced, _costs(traced), cuts, schedule=schedule, num_microbatches=m,
+                                    stages_per_rank=spr), traced=traced, loss_fn=F.mse_loss)
         _assert_grads(_step(one_rank(plan), inputs, target), want,
                       f"{schedule} cuts {[names[c] for c in cuts]}")
