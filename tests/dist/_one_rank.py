@@ -41,7 +41,8 @@ def one_rank_schedule(schedule: Schedule, boundaries: object) -> Schedule:
 
 
 def one_rank(plan: Plan) -> Plan:
-    """``plan`` with every stage on rank 0 (see the module docstring)."""
+    """``plan`` with every stage on rank 0 (see the module docstring); a loaded plan keeps
+    its directory, so its stages come from the saved stage files."""
     schedule = one_rank_schedule(plan.data.schedule, plan.data.boundaries)
     data = plan.data.model_copy(update={"schedule": schedule, "num_ranks": 1, "stages_per_rank": plan.num_stages})
-    return Plan(data, traced=plan.traced, loss_fn=plan.loss_fn)
+    return Plan(data, traced=plan.traced, loss_fn=plan.loss_fn, directory=plan.directory)
