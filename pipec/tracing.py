@@ -402,6 +402,17 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     sig = inspect.signature(model.forward)
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
+    # fx would bake the tensors inside a dict / list / tuple argument into the graph as
+    # constants: the graph then ignores its inputs. torch.export takes such inputs apart.
+    for name, value in bound.arguments.items():
+        variadic_arg = sig.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        if not variadic_arg and not isinstance(value, torch.Tensor) and any(
+            isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value)
+        ):
+            raise TraceError(
+                f"input {name!r} is a {type(value).__name__} holding tensors, which fx would bake "
+                "into the graph as constants; trace with method='export' (or the default 'auto')"
+            )
     # Arguments that are not tensors (flags, None) are baked in as constants.
     concrete = {
         name: value
