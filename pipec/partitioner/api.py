@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from pipec.errors import ConfigError
+from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.inputs import (
@@ -50,6 +50,7 @@ from pipec.partitioner.single import (
     resolve_cost_model,
 )
 from pipec.plan import PlanData
+from pipec.schedule.lowering import lower
 from pipec.types import CostModel
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,30 @@ def partition_model(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
     )
+    check_runnable(data)
     warn_batch_norm(data)
     return Partitioned(data, traced)
+
+
+def check_runnable(data: PlanData) -> None:
+    """Raise PartitionError now for a plan whose schedule cannot be lowered with its boundaries.
+
+    With several stages per rank, a tensor that skips stages (a long residual, a
+    mask made once) can need messages in an order the runtime cannot receive;
+    ``plan.save``, ``plan.simulate`` and every rank would fail later on the same
+    error. (``schedule="auto"`` leaves such candidates out itself.)
+    """
+    try:
+        lower(data.schedule, data.boundaries)
+    except ScheduleError as exc:
+        skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
+        shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"
+        raise PartitionError(
+            f"{data.schedule.name} with {data.stages_per_rank} stages per rank cannot run this split: "
+            f"tensors skip stages ({shown}) and their messages cannot be received in the order they are "
+            "sent. Use a schedule with one stage per rank (schedule='1f1b' or 'zb-h1'), or "
+            f"schedule='auto', which leaves out what cannot run. Lowering said: {exc}"
+        ) from exc
 
 
 def warn_batch_norm(data: PlanData) -> None:
