@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
-from torch._C._distributed_c10d import Store
 
 from pipec._files import sha256_file
 from pipec.errors import CheckpointError
@@ -71,6 +70,7 @@ from pipec.runtime.checkpoint_state import (
 )
 
 if TYPE_CHECKING:
+    from pipec.runtime.store import BoundedStore
     from pipec.runtime.waiting import Waiter
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class RankView:
     stages: tuple[int, ...]
     tensors: Mapping[str, torch.Tensor]  # canonical FQN -> tensor sharing the parameter's storage
     param_names: Mapping[int, str]  # id(parameter) -> FQN
-    store: Store | None  # the runtime's prefixed c10d store; None in a one-process run
+    store: BoundedStore | None  # the runtime's prefixed c10d store; None in a one-process run
     waiter: Waiter
     save_index: int  # checkpoints this runtime saved before: keeps store keys apart
 

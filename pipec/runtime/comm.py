@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipec.errors import ConfigError
+from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Boundary
 from pipec.runtime.routing import StageRoutes, boundary_index
 from pipec.runtime.waiting import Request, Waiter
@@ -115,10 +115,21 @@ def init_process_group(
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if chosen == "nccl":
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        if timeout is None:
-            dist.init_process_group(chosen)
-        else:
-            dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))
+        try:
+            if timeout is None:
+                dist.init_process_group(chosen)
+            else:
+                dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))
+        except dist.DistError as exc:  # a rank that never came, or a store host that left
+            rank = _env_int("RANK", 0)
+            text = " ".join(str(exc).split("\n")[0].split())[:300]
+            raise RuntimeFailure(
+                f"rank {rank} could not join the process group of {os.environ['WORLD_SIZE']} ranks at "
+                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({type(exc).__name__}: {text}): "
+                "another rank failed or exited before joining, or the ranks disagree on the address; "
+                "see the other ranks' output",
+                rank=rank,
+            ) from exc
         log.info("initialised %s process group from the torchrun environment", chosen)
         distributed = True
     elif num_ranks == 1:

@@ -13,7 +13,9 @@ moved for ``heartbeat_timeout`` seconds (its process is stopped or its host
 is gone), or when the store itself stops answering: the monitor thread sees
 it and interrupts the wait by closing this process's connections
 (:func:`break_connections`). A rank that fails closes its own connections
-too, so the peers waiting for it stop at once.
+too, so the peers waiting for it stop at once. No store operation blocks
+for longer than ``heartbeat_timeout`` (:mod:`pipec.runtime.store`): a store
+whose host (rank 0, or torchrun) exited or stopped is a failure like any.
 
 Keys live under ``pipec/<n>/``, ``n`` counting the distributed runtimes this
 process built, so every rank must build its runtimes in the same order (they
@@ -22,126 +24,49 @@ must anyway: building one is collective).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
-import json
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store
 
-from pipec.errors import RuntimeFailure
+from pipec.runtime.failure_record import (
+    FAILURE_LINE_PREFIX,
+    FailureRecord,
+    PeerFailure,
+    failure_line,
+    one_line,
+    parse_failure_line,
+    record_of,
+)
+from pipec.runtime.store import BoundedStore
+
+__all__ = [
+    "FAILURE_LINE_PREFIX",
+    "FailureMonitor",
+    "FailureRecord",
+    "PeerFailure",
+    "break_connections",
+    "create_monitor",
+    "failure_line",
+    "parse_failure_line",
+    "record_of",
+]
 
 log = logging.getLogger(__name__)
 
-FAILURE_LINE_PREFIX = "PIPEC_FAILURE "
 _FAILURE_KEY = "failure"
 _instances = itertools.count()
-
-
-@dataclass(frozen=True)
-class FailureRecord:
-    """The failure that stops the pipeline. ``rank`` is the rank that failed or
-    cannot be reached (None: the c10d store); ``reported_by`` the rank that wrote it."""
-
-    rank: int | None
-    action: str | None
-    step: int | None
-    message: str
-    reported_by: int
-
-    def describe(self) -> str:
-        who = f"rank {self.rank}" if self.rank is not None else "the c10d store"
-        return f"{who} failed{_where(self.action, self.step)}: {self.message}"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> FailureRecord | None:
-        """The record in ``text``, or None when it is not one."""
-        try:
-            raw = json.loads(text)
-            rank, action, step = raw["rank"], raw["action"], raw["step"]
-            if not (rank is None or isinstance(rank, int)) or not (step is None or isinstance(step, int)):
-                return None
-            return cls(rank, None if action is None else str(action), step, str(raw["message"]),
-                       int(raw["reported_by"]))
-        except (ValueError, KeyError, TypeError):
-            return None
-
-
-def _where(action: str | None, step: int | None) -> str:
-    if action is not None:
-        return f" at action {action}" + (f" of step {step}" if step is not None else "")
-    return f" in step {step}" if step is not None else ""
-
-
-def failure_line(record: FailureRecord) -> str:
-    """The one line a rank writes to stderr for ``pipec run`` to pick up."""
-    return FAILURE_LINE_PREFIX + record.to_json()
-
-
-def parse_failure_line(line: str) -> FailureRecord | None:
-    head, sep, body = line.partition(FAILURE_LINE_PREFIX)
-    if not sep or head.strip():
-        return None
-    return FailureRecord.from_json(body)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def record_of(exc: BaseException, *, rank: int, step: int | None, action: str | None = None) -> FailureRecord:
-    """The record ``exc`` raised on ``rank`` stands for: the first failure a
-    :class:`PeerFailure` saw, else ``exc`` itself (its cause, when it wraps one)."""
-    if isinstance(exc, PeerFailure):
-        return exc.record
-    if isinstance(exc, RuntimeFailure):
-        cause = exc.__cause__
-        message = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-        return FailureRecord(
-            exc.rank if exc.rank is not None else rank,
-            exc.action if exc.action is not None else action,
-            exc.step if exc.step is not None else step,
-            _one_line(message),
-            rank,
-        )
-    return FailureRecord(rank, action, step, _one_line(f"{type(exc).__name__}: {exc}"), rank)
-
-
-class PeerFailure(RuntimeFailure):
-    """This rank stopped because another rank failed or could not be reached.
-
-    ``rank``/``action``/``step`` say where *this* rank stopped, like any
-    :class:`RuntimeFailure`; ``record`` (and ``failed_rank``, ``failed_action``,
-    ``failed_step``) is the first failure, the one that stopped the pipeline.
-    """
-
-    def __init__(self, record: FailureRecord, *, rank: int, action: str | None = None,
-                 step: int | None = None) -> None:
-        super().__init__(f"{record.describe()}; rank {rank} stopped{_where(action, step)}",
-                         rank=rank, action=action, step=step)
-        self.record = record
-        self.failed_rank = record.rank
-        self.failed_action = record.action
-        self.failed_step = record.step
-
-    def located(self, *, action: str | None, step: int | None) -> PeerFailure:
-        """The same failure, stopped at ``action`` of ``step`` on this rank. A record this
-        rank made itself (a silent or lost peer) gets ``step``: the peer failed in it too."""
-        rank = self.rank if self.rank is not None else -1
-        record = self.record
-        if record.step is None and record.reported_by == rank:
-            record = replace(record, step=step)
-        return PeerFailure(record, rank=rank, action=action, step=step)
 
 
 _BREAK_TAG = 0x7FFFFFF0  # a tag no pipeline message uses
@@ -180,15 +105,30 @@ def _monitor_loop(ref: weakref.ReferenceType[FailureMonitor], stop: threading.Ev
         pass
 
 
+def _read_store(store: Store, *, own: str, keys: list[str], failure: bool) -> tuple[bytes | None, list[bytes]]:
+    """One heartbeat, on the store's worker thread: count ``own`` up, then read the
+    failure record (when ``failure``) and every rank's counter."""
+    store.add(own, 1)
+    record = store.get(_FAILURE_KEY) if failure and store.check([_FAILURE_KEY]) else None
+    return record, store.multi_get(keys)
+
+
 class FailureMonitor:
     """Heartbeats and the failure record of one runtime, kept up to date by a thread.
 
     ``store`` is the process group's c10d store; the monitor uses its own
-    prefix and, for the thread, its own connection (``store.clone()``). When it
-    finds a failure another rank published -- or, while this rank waits for
-    peers (:meth:`waiting`), a silent peer or a lost store -- it sets
-    :attr:`interrupted` and calls :func:`break_connections`, so a wait blocked
-    in this process ends at once.
+    prefix and two connections, each a :class:`~pipec.runtime.store.BoundedStore`
+    (no operation outlasts ``store_timeout`` seconds, default
+    ``heartbeat_timeout``): :attr:`store` for this rank's calls and a clone for
+    the thread, which never blocks on the store longer than
+    ``heartbeat_interval``, so a store that stops answering cannot stop it
+    either. When it finds a failure another rank published -- or, while this
+    rank waits for peers (:meth:`waiting`), a silent peer or a lost store -- it
+    sets :attr:`interrupted` and calls :func:`break_connections`, so a wait
+    blocked in this process ends at once.
+
+    Raises :class:`PeerFailure` when the store cannot be reached (its host,
+    rank 0 unless torchrun hosts it, exited or is stopped).
     """
 
     def __init__(
@@ -199,20 +139,26 @@ class FailureMonitor:
         world_size: int,
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 30.0,
+        store_timeout: float | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.store = PrefixStore(f"pipec/{next(_instances)}/", store)
+        limit = heartbeat_timeout if store_timeout is None else store_timeout
+        self.store = BoundedStore(PrefixStore(f"pipec/{next(_instances)}/", store), rank=rank, timeout=limit)
+        self._keys = [f"heartbeat/{r}" for r in range(world_size)]
+        # every key exists before anyone reads them all; on the existing connection,
+        # so a store whose host exited fails here at once (connecting anew would retry)
+        for key in self._keys:
+            self.store.add(key, 0)
         try:
-            self._thread_store: Store = self.store.clone()  # type: ignore[attr-defined]
+            self._thread_store = self.store.clone()
+        except PeerFailure:
+            raise
         except (RuntimeError, AttributeError):  # a store without clone: share the connection
             self._thread_store = self.store
         self._peers = [r for r in range(world_size) if r != rank]
-        self._keys = [f"heartbeat/{r}" for r in range(world_size)]
-        for key in self._keys:  # every key exists before anyone reads them all
-            self.store.add(key, 0)
         now = time.monotonic()
         self._last_value = {r: -1 for r in self._peers}
         self._last_change = {r: now for r in self._peers}
@@ -220,6 +166,8 @@ class FailureMonitor:
         self._store_ok = now
         self._store_error: str | None = None
         self._store_retry = 0.0  # monotonic time before which a failing store is left alone
+        self._poll: Future[tuple[bytes | None, list[bytes]]] | None = None
+        self._poll_started = now
         self._seen: FailureRecord | None = None
         self._waiting_on: tuple[int, ...] | None = None
         self.interrupted: FailureRecord | None = None
@@ -231,22 +179,31 @@ class FailureMonitor:
         self._thread.start()
 
     def _poll_store(self) -> None:
-        store = self._thread_store
-        if time.monotonic() < self._store_retry:
-            return
+        """Start a heartbeat on the thread store's worker, and take its answer if it comes
+        within ``heartbeat_interval``; one that does not is taken at a later tick."""
+        if self._poll is None:
+            if time.monotonic() < self._store_retry:
+                return
+            self._poll = self._thread_store.submit(partial(
+                _read_store, own=self._keys[self.rank], keys=self._keys, failure=self._seen is None))
+            self._poll_started = time.monotonic()
         try:
-            store.add(self._keys[self.rank], 1)
-            if self._seen is None and store.check([_FAILURE_KEY]):
-                self._seen = FailureRecord.from_json(store.get(_FAILURE_KEY))
-            values = store.multi_get(self._keys)
+            record, values = self._poll.result(timeout=self.heartbeat_interval)
+        except FutureTimeout:  # the store is slow, or stopped: check() reports it once it lasts
+            self._store_error = f"a heartbeat has waited {time.monotonic() - self._poll_started:.0f} s for an answer"
+            return
         except Exception as exc:  # the store is gone: check() reports it once it lasts
-            self._store_error = f"{type(exc).__name__}: {_one_line(str(exc))[:200]}"
+            self._poll = None
+            self._store_error = f"{type(exc).__name__}: {one_line(str(exc))[:200]}"
             # back off: each failed call makes c10d log a stack trace
             down = time.monotonic() - self._store_ok
             self._store_retry = time.monotonic() + min(8.0, 2 * max(self.heartbeat_interval, down))
             return
+        self._poll = None
         now = time.monotonic()
         self._store_ok = now
+        if record is not None and self._seen is None:
+            self._seen = FailureRecord.from_json(record)
         for r in self._peers:
             value = int(values[r])
             if value < 0:
@@ -273,28 +230,29 @@ class FailureMonitor:
         self._waiting_on = None if peers is None else tuple(peers)
 
     def check(self, waiting_on: Sequence[int] = ()) -> FailureRecord | None:
-        """Why this rank should stop waiting, or None: a failure record, a silent
-        peer (those in ``waiting_on`` first), or a store that stopped answering."""
+        """Why this rank should stop waiting, or None: a failure record, a store that
+        stopped answering, or a silent peer (those in ``waiting_on`` first)."""
         if self.interrupted is not None:
             return self.interrupted
         if self._seen is not None:
             return self._seen
+        if self.store.lost is not None:  # one of this rank's own calls found it gone
+            return self.store.lost
         now = time.monotonic()
+        if now - self._store_ok > self.heartbeat_timeout:
+            return self.store.host.lost(
+                reported_by=self.rank,
+                detail=f"has not answered for {now - self._store_ok:.0f} s ({self._store_error or 'no answer'})",
+            )
+        # silence is measured while the store answered: without it no heartbeat can be read
         silent = [r for r in self._peers
-                  if r not in self._closed and now - self._last_change[r] > self.heartbeat_timeout]
+                  if r not in self._closed and self._store_ok - self._last_change[r] > self.heartbeat_timeout]
         if silent:
             r = min(silent, key=lambda p: (p not in waiting_on, p))
             return FailureRecord(
                 r, None, None,
-                f"rank {r} is unreachable: no heartbeat for {now - self._last_change[r]:.0f} s "
-                f"(timeout {self.heartbeat_timeout:g} s); its process is stopped or hung, or its host is down",
-                self.rank,
-            )
-        if now - self._store_ok > self.heartbeat_timeout:
-            return FailureRecord(
-                None, None, None,
-                f"it has not answered for {now - self._store_ok:.0f} s ({self._store_error}); "
-                "the launcher (torchrun) or the rank hosting it died",
+                f"rank {r} is unreachable: no heartbeat for {self._store_ok - self._last_change[r]:.0f} s "
+                f"(timeout {self.heartbeat_timeout:g} s); its process is stopped, hung or exited, or its host is down",
                 self.rank,
             )
         return None
@@ -329,22 +287,28 @@ class FailureMonitor:
     def close(self) -> None:
         """Stop the thread and tell the peers this rank is done (not silent)."""
         self._stop.set()
-        try:
+        with contextlib.suppress(Exception):  # a lost store: nobody is left to tell
             self.store.set(self._keys[self.rank], "-1")
-        except Exception:  # the store is gone: nobody is left to tell
-            return
+        self._thread_store.close()
+        self.store.close()
 
 
 def create_monitor(
-    *, rank: int, world_size: int, heartbeat_timeout: float, heartbeat_interval: float = 0.5
+    *,
+    rank: int,
+    world_size: int,
+    heartbeat_timeout: float,
+    heartbeat_interval: float = 0.5,
+    store_timeout: float | None = None,
 ) -> FailureMonitor | None:
-    """A monitor on the default process group's store; None without a store."""
+    """A monitor on the default process group's store; None without a store.
+    Raises :class:`PeerFailure` when the store's host is gone."""
     try:
         store = dist.distributed_c10d._get_default_store()
     except (RuntimeError, ValueError, AttributeError) as exc:
         log.warning("no c10d store (%s): failures are detected by timeouts only", exc)
         return None
     return FailureMonitor(
-        store, rank=rank, world_size=world_size,
-        heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+        store, rank=rank, world_size=world_size, heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout, store_timeout=store_timeout,
     )

@@ -158,13 +158,39 @@ class PipelineRuntime:
         }
         self.is_last = (plan.num_stages - 1) in self.stage_modules
         self._monitor: FailureMonitor | None = None
+        self._failure: FailureRecord | None = None
         if self.info.distributed and self.info.world_size > 1:
+            # raises PeerFailure, naming the store's host, when that host is gone
             self._monitor = create_monitor(
-                rank=self.rank, world_size=self.info.world_size, heartbeat_timeout=self.heartbeat_timeout
+                rank=self.rank, world_size=self.info.world_size, heartbeat_timeout=self.heartbeat_timeout,
+                store_timeout=min(self.timeout, self.heartbeat_timeout),
             )
         self._waiter = Waiter(rank=self.rank, timeout=self.timeout, monitor=self._monitor,
                               inline=self.info.backend == "nccl")
-        self._failure: FailureRecord | None = None
+        try:
+            self._connect(plan)
+        except BaseException as exc:
+            # peers waiting for this rank (in the setup barrier, or later) stop at once
+            self._on_failure(exc, setup=True)
+            self.close()
+            raise
+        self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
+        self._timelines = TimelineLog()
+        self._allreduce_pending = False
+        self._step = 0
+        log.info(
+            "rank %d: stages %s on %s, %d actions, schedule %s",
+            self.rank,
+            list(self.stage_indices),
+            self.device,
+            len(self.schedule.actions[self.rank]),
+            self.schedule.name,
+        )
+
+    def _connect(self, plan: Plan) -> None:
+        """The parts that talk to the other ranks: point-to-point routes, the tied-parameter
+        subgroups (collective: after a barrier that stops when a rank failed or is gone), the
+        executor."""
         self._saves = 0
         p2p = None
         if self.info.world_size > 1:
@@ -179,8 +205,11 @@ class PipelineRuntime:
             )
         self._p2p = p2p
         self._plan_shapes = plan_shapes(plan.data.inputs)
+        rank_of = self.schedule.rank_of
+        if any(len({rank_of(s) for s in g.stages}) > 1 for g in plan.data.tied_groups):
+            self._barrier("tied", "waiting for every rank to set up the tied-parameter groups")
         self._tied = TiedGradReducer(
-            plan.data.tied_groups, rank_of=self.schedule.rank_of, info=self.info, params=self._params,
+            plan.data.tied_groups, rank_of=rank_of, info=self.info, params=self._params,
             waiter=self._waiter, timeout=self.timeout,
         )
         self._executor = Executor(
@@ -188,28 +217,27 @@ class PipelineRuntime:
             stages=self.stage_modules,
             routes=self._routes,
             actions=self.schedule.actions[self.rank],
-            rank_of=self.schedule.rank_of,
+            rank_of=rank_of,
             p2p=p2p,
             num_microbatches=plan.num_microbatches,
             device=self.device,
             seed=self.seed,
         )
         self._counts = CountNormalizer(
-            info=self.info, source=self.schedule.rank_of(plan.num_stages - 1),
+            info=self.info, source=rank_of(plan.num_stages - 1),
             params=lambda: list(self.parameters()), waiter=self._waiter,
         )
-        self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
-        self._timelines = TimelineLog()
-        self._allreduce_pending = False
-        self._step = 0
-        log.info(
-            "rank %d: stages %s on %s, %d actions, schedule %s",
-            self.rank,
-            list(self.stage_indices),
-            self.device,
-            len(self.schedule.actions[self.rank]),
-            self.schedule.name,
-        )
+
+    def _barrier(self, name: str, what: str) -> None:
+        """Wait until every rank has called ``_barrier(name)``, through the c10d store: stops
+        with a PeerFailure when a rank failed (published), stopped answering or died
+        (heartbeats), or the store is gone, and after ``timeout`` seconds."""
+        if self._monitor is None:
+            return
+        store, key, world_size = self._monitor.store, f"barrier/{name}", self.info.world_size
+        store.add(key, 1)
+        others = [r for r in range(world_size) if r != self.rank]
+        self._waiter.poll(lambda: store.add(key, 0) >= world_size, what, others)
 
     # -- running -----------------------------------------------------------
     def _microbatches(self, inputs: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -305,13 +333,15 @@ class PipelineRuntime:
     __call__ = forward
 
     # -- failures -----------------------------------------------------------
-    def _on_failure(self, exc: BaseException) -> BaseException:
+    def _on_failure(self, exc: BaseException, *, setup: bool = False) -> BaseException:
         """Publish the failure to the other ranks (distributed runs only) and mark
-        this runtime failed; returns the exception to raise."""
-        if isinstance(exc, PeerFailure) and exc.action is None and exc.step is None:
-            exc = exc.located(action=None, step=self._step)  # e.g. in the tied-gradient all-reduce
+        this runtime failed; returns the exception to raise. ``setup``: it happened
+        while building the runtime, in no step."""
+        step = None if setup else self._step
+        if isinstance(exc, PeerFailure) and exc.action is None and exc.step is None and step is not None:
+            exc = exc.located(action=None, step=step)  # e.g. in the tied-gradient all-reduce
         if self.info.distributed and self.info.world_size > 1:
-            self.report_failure(exc)
+            self._publish(record_of(exc, rank=self.rank, step=step))
         return exc
 
     def report_failure(self, exc: BaseException, *, step: int | None = None) -> FailureRecord:
@@ -321,7 +351,9 @@ class PipelineRuntime:
         them (the optimizer, data loading) so peers waiting for this rank stop
         at once. Returns the first failure any rank reported: the one to show.
         """
-        record = record_of(exc, rank=self.rank, step=step if step is not None else self._step)
+        return self._publish(record_of(exc, rank=self.rank, step=step if step is not None else self._step))
+
+    def _publish(self, record: FailureRecord) -> FailureRecord:
         if self._failure is None:
             self._failure = record
         if self._monitor is None:

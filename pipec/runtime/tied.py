@@ -90,10 +90,17 @@ class TiedGradReducer:
             ranks = sorted({rank_of(s) for s in g.stages})
             if len(ranks) < 2 or not info.distributed:
                 continue
-            if timeout is None:
-                group = dist.new_group(ranks)
-            else:
-                group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout))
+            try:  # collective: waits (for ``timeout`` at most) for every rank of the group
+                if timeout is None:
+                    group = dist.new_group(ranks)
+                else:
+                    group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout))
+            except Exception as exc:  # a peer that died or failed: name it, not the store key
+                if waiter is None or info.rank not in ranks:
+                    raise
+                peer = next(r for r in ranks if r != info.rank)
+                raise waiter.failure(peer, f"creating the process group of tied parameter {g.fqn!r} "
+                                          f"(ranks {ranks})", exc) from exc
             if info.rank not in ranks:
                 continue
             param = params.get(g.fqn)

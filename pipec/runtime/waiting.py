@@ -124,6 +124,8 @@ class Waiter:
             try:
                 if ready():
                     return
+            except PeerFailure:  # the store is gone, and who hosts it is named
+                raise
             except Exception as exc:  # the store is gone
                 record = FailureRecord(None, None, None, f"{what} failed with {type(exc).__name__}: {exc}",
                                        self.rank)
@@ -135,8 +137,11 @@ class Waiter:
             delay = min(delay * 2, self.poll_interval)
 
     def failure(self, peer: int, what: str, error: BaseException) -> PeerFailure:
-        """The :class:`PeerFailure` to raise when posting a request to ``peer`` fails
-        (its connection is already closed): the peer's published failure when it has one."""
+        """The :class:`PeerFailure` to raise when ``what``, which needed ``peer``, failed with
+        ``error`` outside a wait (posting a request to a closed connection, creating a process
+        subgroup): the peer's published failure when it has one."""
+        if isinstance(error, PeerFailure):
+            return error
         return PeerFailure(self._explain(peer, what, error), rank=self.rank)
 
     def _explain(self, peer: int, what: str, error: BaseException) -> FailureRecord:

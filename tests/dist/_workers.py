@@ -137,3 +137,39 @@ def run_ranks(
     if missing:
         raise AssertionError(f"ranks {missing} exited without a result (crashed?)")
     return [rep["result"] for rep in reports]
+
+
+def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], timeout: float = 60.0,
+                    linger: float = 0.0) -> list[Any]:
+    """Like ``_workers.run_ranks``, but ranks may die: their result is None. Waits for
+    ``survivors``, then up to ``linger`` seconds for the others to end by themselves,
+    then kills whatever is left (a stopped or sleeping rank)."""
+    if not fork_is_safe():
+        import pytest
+
+        pytest.skip("forked ranks cannot run autograd after this process used CUDA")
+    ctx = mp.get_context("fork")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, paths[r], args, "gloo"))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for r in survivors:
+            procs[r].join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r in survivors if procs[r].is_alive()]
+        deadline = time.monotonic() + linger
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+        reports = [torch.load(p, weights_only=False) if Path(p).exists() else None for p in paths]
+    assert not hung, f"ranks {hung} did not finish within {timeout} s: a hang"
+    for r in survivors:
+        assert reports[r] is not None, f"rank {r} died"
+        assert reports[r]["ok"], f"rank {r} failed: {reports[r]['error']}\n{reports[r]['traceback']}"
+    return [rep["result"] if rep is not None else None for rep in reports]

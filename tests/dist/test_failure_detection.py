@@ -12,10 +12,8 @@ action, step) and the failed rank's step, well within 60 s.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,45 +21,11 @@ from typing import Any
 import pytest
 import torch
 from _handmade import Chain, chain_plan
-from _workers import _child, fork_is_safe, free_port
+from _workers import run_with_faults
 
 from pipec.schedule.generators import make_schedule
 
 FAULT_STEP = 2
-
-
-def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], timeout: float = 60.0,
-                    linger: float = 0.0) -> list[Any]:
-    """Like ``_workers.run_ranks``, but ranks may die: their result is None. Waits for
-    ``survivors``, then up to ``linger`` seconds for the others to end by themselves,
-    then kills whatever is left (a stopped or sleeping rank)."""
-    if not fork_is_safe():
-        pytest.skip("forked ranks cannot run autograd after this process used CUDA")
-    ctx = mp.get_context("fork")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
-        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, paths[r], args, "gloo"))
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for r in survivors:
-            procs[r].join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r in survivors if procs[r].is_alive()]
-        deadline = time.monotonic() + linger
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join()
-        reports = [torch.load(p, weights_only=False) if Path(p).exists() else None for p in paths]
-    assert not hung, f"ranks {hung} did not finish within {timeout} s: a hang"
-    for r in survivors:
-        assert reports[r] is not None, f"rank {r} died"
-        assert reports[r]["ok"], f"rank {r} failed: {reports[r]['error']}\n{reports[r]['traceback']}"
-    return [rep["result"] if rep is not None else None for rep in reports]
 
 
 def _misbehave(kind: str) -> None:
