@@ -21,6 +21,7 @@ import datetime
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -110,6 +111,9 @@ class BoundedStore:
         self._worker: threading.Thread | None = None
         self._closed = False
         self._lock = threading.Lock()
+        # a store dropped without close() lets its worker end too (the worker holds no
+        # reference to this object, only to the queue and the raw store)
+        weakref.finalize(self, self._jobs.put, None)
 
     def submit(self, fn: Callable[[Store], T]) -> Future[T]:
         """Run ``fn(store)`` on the worker thread; its result (or exception) when done."""
