@@ -88,6 +88,26 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def _join_failure(exc: BaseException, timeout: float | None) -> RuntimeFailure:
+    """Why this rank could not join the process group (torchrun's variables set)."""
+    rank = _env_int("RANK", 0)
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    host = ("the launcher (torchrun)" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            else "rank 0")
+    text = " ".join(str(exc).split("\n")[0].split())[:300]
+    within = f" within {timeout:g} s" if timeout is not None else ""
+    if rank == 0 and host == "rank 0":
+        cause = "another rank failed or exited before joining"
+    else:
+        cause = f"{host}, which hosts the rendezvous store, failed or exited, or another rank never joined"
+    return RuntimeFailure(
+        f"rank {rank} could not join the process group of {os.environ['WORLD_SIZE']} ranks at {address}"
+        f"{within} ({type(exc).__name__}: {text}): {cause}; or the ranks disagree on the address. "
+        "See the other ranks' output",
+        rank=rank,
+    )
+
+
 def init_process_group(
     num_ranks: int,
     *,
@@ -121,15 +141,7 @@ def init_process_group(
             else:
                 dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))
         except dist.DistError as exc:  # a rank that never came, or a store host that left
-            rank = _env_int("RANK", 0)
-            text = " ".join(str(exc).split("\n")[0].split())[:300]
-            raise RuntimeFailure(
-                f"rank {rank} could not join the process group of {os.environ['WORLD_SIZE']} ranks at "
-                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({type(exc).__name__}: {text}): "
-                "another rank failed or exited before joining, or the ranks disagree on the address; "
-                "see the other ranks' output",
-                rank=rank,
-            ) from exc
+            raise _join_failure(exc, timeout) from exc
         log.info("initialised %s process group from the torchrun environment", chosen)
         distributed = True
     elif num_ranks == 1:

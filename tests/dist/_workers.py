@@ -140,8 +140,8 @@ def run_ranks(
 
 
 def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], timeout: float = 60.0,
-                    linger: float = 0.0) -> list[Any]:
-    """Like ``_workers.run_ranks``, but ranks may die: their result is None. Waits for
+                    linger: float = 0.0, backend: str | None = "gloo") -> list[Any]:
+    """Like :func:`run_ranks`, but ranks may die: their result is None. Waits for
     ``survivors``, then up to ``linger`` seconds for the others to end by themselves,
     then kills whatever is left (a stopped or sleeping rank)."""
     if not fork_is_safe():
@@ -152,7 +152,7 @@ def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
-        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, paths[r], args, "gloo"))
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, paths[r], args, backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()

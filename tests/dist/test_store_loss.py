@@ -174,3 +174,32 @@ def test_a_rank_killed_while_writing_a_checkpoint_is_named(tmp_path: Path) -> No
 def test_the_store_host_killed_while_committing_a_checkpoint_is_named(tmp_path: Path) -> None:
     report = _run("checkpoint_host_kill", 1, str(tmp_path))
     _check(report, where=(1, None, 1), failed=(0, None, 1), says=["rank 0 is unreachable", "c10d store"])
+
+
+def _join(rank: int, world_size: int, absent: int) -> dict[str, Any]:
+    """Rank ``absent`` exits before joining; the other joins through the runtime (torchrun's
+    variables are set, no process group yet)."""
+    from pipec.errors import PipecError
+    from pipec.runtime.runtime import PipelineRuntime
+
+    if rank == absent:
+        os._exit(0)
+    plan = chain_plan(Chain(2), make_schedule("1f1b", 2, 4), batch=8, bounds=[0, 1, 2])
+    try:
+        PipelineRuntime(plan, _loss, timeout=5.0)
+    except PipecError as e:
+        return _report(e)
+    return {"type": "joined"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("absent", [0, 1])
+def test_a_rank_that_never_joins_the_process_group_is_a_runtime_failure(absent: int) -> None:
+    # before the fix: a torch DistStoreError / DistNetworkError, not a PipecError
+    survivor = 1 - absent
+    report = run_with_faults(_join, 2, absent, survivors=[survivor], timeout=45.0, backend=None)[survivor]
+    assert report["type"] == "RuntimeFailure", report
+    assert report["where"] == (survivor, None, None), report
+    assert f"rank {survivor} could not join the process group of 2 ranks" in report["message"], report
+    if survivor == 1:
+        assert "rank 0, which hosts the rendezvous store" in report["message"], report
