@@ -148,10 +148,11 @@ class FailureMonitor:
         limit = heartbeat_timeout if store_timeout is None else store_timeout
         self.store = BoundedStore(PrefixStore(f"pipec/{next(_instances)}/", store), rank=rank, timeout=limit)
         self._keys = [f"heartbeat/{r}" for r in range(world_size)]
-        # every key exists before anyone reads them all; on the existing connection,
-        # so a store whose host exited fails here at once (connecting anew would retry)
-        for key in self._keys:
-            self.store.add(key, 0)
+        # every key exists before anyone reads them all, and this rank's first heartbeat is
+        # in before the constructor returns (peers then know it started); on the existing
+        # connection, so a store whose host exited fails here at once (a new one would retry)
+        for r, key in enumerate(self._keys):
+            self.store.add(key, 1 if r == rank else 0)
         try:
             self._thread_store = self.store.clone()
         except PeerFailure:
@@ -244,9 +245,12 @@ class FailureMonitor:
                 reported_by=self.rank,
                 detail=f"has not answered for {now - self._store_ok:.0f} s ({self._store_error or 'no answer'})",
             )
-        # silence is measured while the store answered: without it no heartbeat can be read
+        # silence is measured while the store answered (without it no heartbeat can be read),
+        # and only of peers that started: one still loading its plan is not silent, and one
+        # that never starts is found by the wait's own timeout (Waiter names it)
         silent = [r for r in self._peers
-                  if r not in self._closed and self._store_ok - self._last_change[r] > self.heartbeat_timeout]
+                  if r not in self._closed and self.started(r)
+                  and self._store_ok - self._last_change[r] > self.heartbeat_timeout]
         if silent:
             r = min(silent, key=lambda p: (p not in waiting_on, p))
             return FailureRecord(
@@ -256,6 +260,10 @@ class FailureMonitor:
                 self.rank,
             )
         return None
+
+    def started(self, peer: int) -> bool:
+        """Whether ``peer``'s monitor has sent a heartbeat yet (its counter is created at 0)."""
+        return peer in self._closed or self._last_value.get(peer, 1) > 0
 
     def report(self, record: FailureRecord) -> FailureRecord:
         """Publish ``record`` unless a failure was published first; returns the first."""

@@ -23,8 +23,13 @@ No wait lasts longer than ``timeout`` seconds, and a rank that fails tells
 the others through the c10d store (:mod:`pipec.runtime.failure`): when any
 rank raises or dies during a step, every rank raises a ``RuntimeFailure``
 (a :class:`~pipec.runtime.failure.PeerFailure` on the others) within about a
-second, or ``heartbeat_timeout`` seconds for a stopped process. A failed
-pipeline runs no more steps: restart every rank and resume from a checkpoint.
+second, or ``heartbeat_timeout`` seconds for a stopped process. The same
+holds while the runtime is built (a rank that fails there, or dies before the
+tied-parameter subgroups exist, stops its peers, named) and for the c10d
+store: no store operation lasts longer than ``min(timeout, heartbeat_timeout)``,
+and a store whose host is gone (rank 0, when not launched by torchrun) is a
+``PeerFailure`` naming that rank. A failed pipeline runs no more steps:
+restart every rank and resume from a checkpoint.
 """
 
 from __future__ import annotations
@@ -99,9 +104,12 @@ class PipelineRuntime:
     ``device`` defaults to ``cuda:<local rank>`` under NCCL, else the CPU;
     ``backend`` ("gloo" / "nccl") is used only when this call initialises the
     process group from torchrun's environment. ``timeout`` (default
-    ``$PIPEC_TIMEOUT`` or 300 s) bounds every wait for a peer;
-    ``heartbeat_timeout`` (default ``$PIPEC_HEARTBEAT_TIMEOUT`` or 30 s) is how
-    long a peer may stay silent before it counts as unreachable.
+    ``$PIPEC_TIMEOUT`` or 300 s) bounds every wait for a peer, joining the
+    process group included; ``heartbeat_timeout`` (default
+    ``$PIPEC_HEARTBEAT_TIMEOUT`` or 30 s) is how long a peer, or the c10d
+    store, may stay silent before it counts as unreachable. Building the
+    runtime raises :class:`~pipec.runtime.failure.PeerFailure` when another
+    rank failed or is gone, or the store's host is.
 
     ``seed`` seeds every random operation of the stages (dropout, ...): node
     ``n`` of micro-batch ``m`` in step ``k`` draws from ``(seed, k, m, n)``, so

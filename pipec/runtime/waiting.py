@@ -164,6 +164,14 @@ class Waiter:
         )
 
     def _timed_out(self, peer: int, what: str) -> FailureRecord:
+        if self.monitor is not None and not self.monitor.started(peer):
+            return FailureRecord(
+                peer, None, None,
+                f"rank {peer} never started: no heartbeat from it within {self.timeout:g} s ({what}); it "
+                "failed or exited before building its PipelineRuntime (see its output), or it takes "
+                "longer than the timeout to start",
+                self.rank,
+            )
         return FailureRecord(
             peer, None, None,
             f"rank {peer} did not complete {what} within {self.timeout:g} s although it is alive "

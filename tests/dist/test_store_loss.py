@@ -76,14 +76,17 @@ def _scenario(rank: int, world_size: int, kind: str, directory: str = "") -> dic
             _wait_for_the_store_to_go()
             PipelineRuntime(plan, _loss, timeout=TIMEOUT)
             return {"type": "built"}
-        if kind == "setup_tied_kill" and rank == 1:
+        if kind == "setup_tied_never_starts" and rank == 1:
             _die()
-        if kind == "setup_tied_raise" and rank == 1:
-            def failing_p2p(*args: Any, **kwargs: Any) -> Any:
+        if kind in ("setup_tied_raise", "setup_tied_kill") and rank == 1:
+            def failing_p2p(*args: Any, **kwargs: Any) -> Any:  # after its monitor started
+                if kind == "setup_tied_kill":
+                    _die()
                 raise OSError("injected failure while connecting")
 
             runtime_module.P2P = failing_p2p  # type: ignore[assignment,misc]
-        pipe = PipelineRuntime(plan, _loss, timeout=TIMEOUT, heartbeat_timeout=2.0)
+        timeout = 8.0 if kind == "setup_tied_never_starts" else TIMEOUT
+        pipe = PipelineRuntime(plan, _loss, timeout=timeout, heartbeat_timeout=2.0)
         if kind == "host_stops_in_step" and rank == 0:
             def stop(module: Any, inputs: Any) -> None:
                 if step["n"] == 1:
@@ -149,6 +152,14 @@ def test_a_rank_that_dies_before_the_tied_subgroup_is_named() -> None:
     # before the fix: the tied-parameter new_group waited for the timeout, then a DistStoreError
     report = _run("setup_tied_kill", 0)
     _check(report, where=(0, None, None), failed=(1, None, None), says=["rank 1 is unreachable", "no heartbeat"])
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_never_starts_is_named_after_the_timeout() -> None:
+    # a peer without any heartbeat yet is not silent (it may still be loading): the wait's
+    # timeout (8 s here) ends it, naming the peer
+    report = _run("setup_tied_never_starts", 0)
+    _check(report, where=(0, None, None), failed=(1, None, None), says=["rank 1 never started", "within 8 s"])
 
 
 @pytest.mark.timeout(60)
