@@ -241,10 +241,9 @@ class FailureMonitor:
             return self.store.lost
         now = time.monotonic()
         if now - self._store_ok > self.heartbeat_timeout:
-            return self.store.host.lost(
-                reported_by=self.rank,
-                detail=f"has not answered for {now - self._store_ok:.0f} s ({self._store_error or 'no answer'})",
-            )
+            # lost for this rank's calls too: publishing the failure then does not wait again
+            return self.store.mark_lost(
+                f"has not answered for {now - self._store_ok:.0f} s ({self._store_error or 'no answer'})")
         # silence is measured while the store answered (without it no heartbeat can be read),
         # and only of peers that started: one still loading its plan is not silent, and one
         # that never starts is found by the wait's own timeout (Waiter names it)

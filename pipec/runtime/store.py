@@ -150,6 +150,12 @@ class BoundedStore:
         if self.lost is None:
             self.lost = self.host.lost(reported_by=self.rank, detail=detail)
 
+    def mark_lost(self, detail: str) -> FailureRecord:
+        """Declare the store lost (e.g. another connection to it stopped answering): later
+        calls fail at once. Returns the record (the first one, if it was lost before)."""
+        self._lose(detail)
+        return self.lost_record()
+
     def lost_record(self) -> FailureRecord:
         if self.lost is None:
             raise RuntimeError("lost_record of a store that answers")
