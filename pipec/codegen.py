@@ -225,7 +225,7 @@ def _check_schedule_file(directory: Path, data: PlanData) -> None:
     try:
         lowered = Schedule.from_text(file.read_text(encoding="utf-8"), name=sched.name,
                                      num_stages=sched.num_stages, num_microbatches=sched.num_microbatches,
-                                     stages_per_rank=sched.stages_per_rank)
+                                     stages_per_rank=sched.stages_per_rank, placement=sched.placement)
     except (ScheduleError, UnicodeDecodeError) as exc:
         raise PlanError(f"{file} cannot be read as a schedule ({exc}); {_RERUN}") from None
     compute = sched.compute_only().actions

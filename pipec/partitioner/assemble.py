@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipec.errors import ConfigError
 from pipec.mode_ops import batch_norm_layers
 from pipec.partitioner import config
 from pipec.partitioner.chain import check_cuts, evaluate, stage_params, stage_tied_time
@@ -142,12 +143,28 @@ def lower_bound(chain: GraphChain, node_costs: Mapping[str, NodeCost]) -> float:
     return max(sum(times) / sum(speeds), max(times) / max(speeds))
 
 
+def given_schedule(schedule: Schedule, num_stages: int, num_microbatches: int, stages_per_rank: int) -> Schedule:
+    """``schedule`` (compute-only) once it matches the sizes asked for and validates."""
+    from pipec.schedule.validator import validate  # the schedule library sits below
+
+    found = (schedule.num_stages, schedule.num_microbatches, schedule.stages_per_rank)
+    if found != (num_stages, num_microbatches, stages_per_rank):
+        raise ConfigError(
+            f"schedule {schedule.name!r}: expected num_stages={num_stages}, num_microbatches="
+            f"{num_microbatches}, stages_per_rank={stages_per_rank}, found {found[0]}, {found[1]}, "
+            f"{found[2]}; pass the sizes the schedule was built for"
+        )
+    compute = schedule.compute_only()
+    validate(compute)
+    return compute
+
+
 def plan_from_split(
     traced: TracedGraph,
     node_costs: Mapping[str, NodeCost],
     split: Split,
     *,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     num_microbatches: int = 1,
     stages_per_rank: int = 1,
     cost_model: CostModel | None = None,
@@ -167,15 +184,17 @@ def plan_from_split(
     cuts = split_to_cuts(compute_names(traced), split)
     num_stages = len(cuts) - 1
     ranks = config.num_ranks(num_stages, stages_per_rank)
-    sched = make_schedule(schedule, num_stages, num_microbatches, stages_per_rank)
+    sched = (given_schedule(schedule, num_stages, num_microbatches, stages_per_rank)
+             if isinstance(schedule, Schedule) else make_schedule(schedule, num_stages, num_microbatches, stages_per_rank))
     chain = build_chain(
         traced, node_costs, num_stages=num_stages, num_ranks=ranks,
         comm_time=cost_model.comm_time if cost_model is not None else None,
         allreduce_time=config.allreduce_time(cost_model),
         device_speeds=config.device_speeds(device_speeds, ranks),
         memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
-        schedule=schedule, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
+        schedule=sched.name, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+        placement=sched.placement,
     )
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",

@@ -38,7 +38,7 @@ from pipec.errors import ConfigError
 from pipec.schedule.dry_run import Costs, Execution, execute
 from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
 from pipec.schedule.lowering import lower
-from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, stage_graph
+from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, graph_of
 from pipec.schedule.validator import check_static, raise_deadlock
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ def simulate(
         comm=per_stage("comm", comm, n),
     )
     held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
-    graph = stage_graph(n, schedule.num_ranks, boundaries)
+    graph = graph_of(schedule, boundaries)
     check_static(schedule, graph, check_pair_order=False)  # timing does not depend on it
     after = _check_collectives(collectives, schedule.num_ranks)
     run = execute(schedule, graph, costs)
@@ -294,7 +294,7 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
     a message on the edge ``s -> c``, and its gradient back, costs stage ``s``'s
     share. Activation bytes are the sum of the nodes' ``saved_bytes``.
     """
-    graph = stage_graph(data.num_stages, data.num_ranks, data.boundaries)
+    graph = graph_of(data.schedule, data.boundaries)
     node_costs = data.node_costs
     by_index = {st.index: st for st in data.stages}
     forward, input_grad, weight_grad, comm, held = [], [], [], [], []

@@ -15,13 +15,13 @@ from __future__ import annotations
 from pipec.facade import Plan
 from pipec.schedule.ir import Schedule
 from pipec.schedule.dry_run import execute, unit_costs
-from pipec.schedule.stage_graph import stage_graph
+from pipec.schedule.stage_graph import graph_of
 
 
 def one_rank_schedule(schedule: Schedule, boundaries: object) -> Schedule:
     """``schedule``'s compute actions on one rank, in dry-run start order."""
     compute = schedule.compute_only()
-    graph = stage_graph(compute.num_stages, compute.num_ranks, boundaries)  # type: ignore[arg-type]
+    graph = graph_of(compute, boundaries)  # type: ignore[arg-type]
     run = execute(compute, graph, unit_costs(compute.num_stages))
     if not run.finished:
         raise AssertionError(f"schedule {schedule.name!r} deadlocks: {run.blocked}")
