@@ -19,6 +19,7 @@ plan=)``); it is a structural type, so they never import the façade.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -74,6 +75,13 @@ class Boundary(FrozenModel):
         return TensorMeta(shape=self.shape, dtype=self.dtype, num_bytes=self.num_bytes)
 
 
+def holder_ranks(stages: Iterable[int], rank_of: Callable[[int], int]) -> tuple[int, ...]:
+    """The ranks that hold ``stages``, ascending, each once: the ranks that join a
+    tied group's gradient all-reduce (the one rule the partitioner, the simulator
+    and the runtime share; ``rank_of`` is the schedule's placement)."""
+    return tuple(sorted({rank_of(s) for s in stages}))
+
+
 class TiedGroup(FrozenModel):
     """A parameter used by several stages (tied embeddings): it lives on each,
     under its canonical FQN, and the runtime sums its gradient across them
@@ -86,6 +94,10 @@ class TiedGroup(FrozenModel):
     stages: tuple[int, ...]
     num_bytes: int
     allreduce_time: float | None = None
+
+    def ranks(self, rank_of: Callable[[int], int]) -> tuple[int, ...]:
+        """The ranks that join this group's all-reduce (:func:`holder_ranks`)."""
+        return holder_ranks(self.stages, rank_of)
 
 
 class InputSpec(FrozenModel):

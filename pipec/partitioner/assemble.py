@@ -30,7 +30,7 @@ from pipec.partitioner.graph import (
     split_to_cuts,
 )
 from pipec.partitioner.problem import ChainSolution
-from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup
+from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
@@ -60,7 +60,7 @@ def build_plan_data(
     for fqn, group in zip(chain.param_fqns, problem.params):
         holders = sorted({stage_of(u) for u in group.users})
         if len(holders) > 1 and not group.is_buffer:
-            ranks = sorted({problem.rank_of(k) for k in holders})
+            ranks = holder_ranks(holders, problem.rank_of)
             tied.append(TiedGroup(fqn=fqn, aliases=traced.params[fqn].aliases, stages=tuple(holders),
                                   num_bytes=group.num_bytes,
                                   allreduce_time=problem.exchange_time(group.num_bytes, ranks)))
@@ -125,12 +125,11 @@ def tied_shares(
     """
     out = [0.0] * num_stages
     for g in groups:
-        first_on: dict[int, int] = {}
-        for k in g.stages:
-            first_on.setdefault(rank_of(k), k)
-        if len(first_on) > 1 and g.allreduce_time is not None:
-            for k in first_on.values():
-                out[k] += g.allreduce_time / num_microbatches
+        ranks = g.ranks(rank_of)
+        if len(ranks) > 1 and g.allreduce_time is not None:
+            for r in ranks:
+                first = min(k for k in g.stages if rank_of(k) == r)
+                out[first] += g.allreduce_time / num_microbatches
     return out
 
 

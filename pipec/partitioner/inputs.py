@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError
-from pipec.microbatch import split_target
+from pipec.microbatch import chunk, split_target
 from pipec.schedule.generators import SCHEDULE_NAMES
 
 #: the value of ``schedule`` / ``num_microbatches`` / ``stages_per_rank`` that asks for a search
@@ -91,7 +91,7 @@ def first_microbatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], num_micro
                 f"(dim 0 = {size}); use one of {divisors}, or a batch that {num_microbatches} divides"
             )
     leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
-    parts = [x.chunk(num_microbatches, dim=0)[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+    parts = [chunk(x, num_microbatches)[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
              for x in leaves]
     mb_args, mb_kwargs = pytree.tree_unflatten(parts, spec)
     return tuple(mb_args), dict(mb_kwargs)

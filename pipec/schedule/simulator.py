@@ -274,10 +274,9 @@ def plan_collectives(data: PlanData) -> tuple[Collective, ...]:
     :class:`~pipec.runtime.tied.TiedGradReducer` issues them), lasting the
     group's ``allreduce_time``. Groups whose stages share one rank need none;
     groups of a plan saved before the all-reduce was priced are left out."""
-    rank_of = {st.index: st.rank for st in data.stages}
     out = []
     for g in data.tied_groups:
-        ranks = tuple(sorted({rank_of[s] for s in g.stages}))
+        ranks = g.ranks(data.schedule.rank_of)
         if len(ranks) > 1 and g.allreduce_time is not None:
             out.append(Collective(f"all-reduce {g.fqn}", ranks, g.allreduce_time))
     return tuple(out)
