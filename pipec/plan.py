@@ -37,7 +37,10 @@ class StageInfo(FrozenModel):
     its incoming and outgoing boundary transfers cost it; ``tied_time`` is its
     share per micro-batch of the tied-gradient all-reduces it joins once per
     step (what the partitioner charges; the simulator runs the all-reduce at
-    the end of the step, :attr:`TiedGroup.allreduce_time`)."""
+    the end of the step, :attr:`TiedGroup.allreduce_time`). ``input_grad_time``
+    and ``weight_grad_time`` split ``backward_time`` into its I and W parts (None
+    in plans saved before they were stored: the simulator splits it in
+    proportion to the nodes' costs)."""
 
     index: int
     rank: int
@@ -51,6 +54,8 @@ class StageInfo(FrozenModel):
     first_module: str = ""
     last_module: str = ""
     tied_time: float = 0.0
+    input_grad_time: float | None = None
+    weight_grad_time: float | None = None
 
     @property
     def time(self) -> float:
@@ -61,7 +66,11 @@ class StageInfo(FrozenModel):
 class Boundary(FrozenModel):
     """A tensor that crosses stages: produced by ``producer_stage`` (the fx node
     ``name``), read directly by each of ``consumer_stages`` (no relay).
-    Shape and size are per micro-batch."""
+    Shape and size are per micro-batch. ``transfer_times[i]`` is the seconds one
+    micro-batch's tensor takes to reach ``consumer_stages[i]`` over the link
+    between their ranks (0 on the same rank) -- and its gradient to come back,
+    when it has one (:attr:`is_floating`); the simulator charges each message
+    this once. Empty in plans saved before it was stored."""
 
     name: str
     producer_stage: int
@@ -69,6 +78,12 @@ class Boundary(FrozenModel):
     shape: tuple[int, ...]
     dtype: str
     num_bytes: int
+    transfer_times: tuple[float, ...] = ()
+
+    @property
+    def is_floating(self) -> bool:
+        """Whether a gradient flows back through this tensor."""
+        return self.meta.is_floating
 
     @property
     def meta(self) -> TensorMeta:

@@ -26,6 +26,7 @@ refused; the runtime trusts a loaded plan.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pipec.errors import PlanError, ScheduleError
@@ -90,6 +91,10 @@ def _check_nodes(data: PlanData, file: Path) -> None:
         if not b.consumer_stages or any(not b.producer_stage < c <= last for c in b.consumer_stages):
             raise _refuse(file, f"boundary {b.name!r} from stage {b.producer_stage} is read by stages "
                                 f"{list(b.consumer_stages)}; expected later stages, up to {last}")
+        if b.transfer_times and (len(b.transfer_times) != len(b.consumer_stages)
+                                 or not all(math.isfinite(t) and t >= 0 for t in b.transfer_times)):
+            raise _refuse(file, f"boundary {b.name!r} has transfer times {list(b.transfer_times)}; expected "
+                                f"one time >= 0 seconds per consumer stage {list(b.consumer_stages)}")
     for g in data.tied_groups:
         if any(not 0 <= s <= last for s in g.stages):
             raise _refuse(file, f"tied parameter {g.fqn!r} lives on stages {list(g.stages)}, but the "

@@ -29,7 +29,7 @@ from pipec.partitioner.graph import (
     is_plain_tensor,
     split_to_cuts,
 )
-from pipec.partitioner.problem import ChainSolution
+from pipec.partitioner.problem import ChainProblem, ChainSolution
 from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
@@ -71,6 +71,8 @@ def build_plan_data(
         names = chain.names[i:j]
         speed = problem.speed_of(k)
         forward = sum(node_costs[n].forward_time for n in names) / speed
+        input_grad = sum(node_costs[n].input_grad_time for n in names) / speed
+        weight_grad = sum(node_costs[n].weight_grad_time for n in names) / speed
         backward = sum(node_costs[n].backward_time for n in names) / speed
         numel, param_bytes = stage_params(problem, i, j)
         # the search's own tied charge comes off; the real groups' share goes on
@@ -80,6 +82,7 @@ def build_plan_data(
             forward_time=forward, backward_time=backward,
             comm_time=max(0.0, solution.stage_times[k] - forward - backward - charged),
             tied_time=reported[k], memory_bytes=solution.stage_memory[k],
+            input_grad_time=input_grad, weight_grad_time=weight_grad,
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
     boundaries = []
@@ -89,7 +92,8 @@ def build_plan_data(
         if readers:
             meta = infos[name].outputs[0]
             boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
-                                       shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes))
+                                       shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes,
+                                       transfer_times=transfer_times(problem, meta.num_bytes, source, readers)))
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
         for n in traced.nodes if n.op == "placeholder"
@@ -109,6 +113,17 @@ def build_plan_data(
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
+    )
+
+
+def transfer_times(problem: ChainProblem, num_bytes: int, producer: int, consumers: Sequence[int]) -> tuple[float, ...]:
+    """Seconds for ``num_bytes`` to go from stage ``producer`` to each of ``consumers``
+    over the link between their ranks, once (0 on one rank or without a comm model)."""
+    src = problem.rank_of(producer)
+    return tuple(
+        0.0 if problem.comm_time is None or problem.rank_of(c) == src
+        else float(problem.comm_time(num_bytes, src, problem.rank_of(c)))
+        for c in consumers
     )
 
 
