@@ -97,9 +97,11 @@ class Plan:
         return new
 
     # -- phases ---------------------------------------------------------
-    def simulate(self) -> Simulation:
-        """Simulate the plan's schedule with the plan's own costs."""
-        return simulate_plan(self.data)
+    def simulate(self, backend: str | None = None) -> Simulation:
+        """Simulate the plan's schedule, as lowered for ``backend`` when the plan was
+        made ("gloo" or "nccl"; default NCCL's lowering when there is one, else
+        Gloo's), with the plan's own costs."""
+        return simulate_plan(self.data, backend)
 
     def stage_module(self, index: int) -> nn.Module:
         """Stage ``index`` as an ``nn.Module`` whose state_dict keys are the original FQNs:

@@ -148,7 +148,11 @@ class PlanData(FrozenModel):
     batch_size: int | None = None  # full batch along dim 0, when known
     strategy: str
     cost_model: str
-    schedule: Schedule  # compute actions only; lowered on demand
+    schedule: Schedule  # compute actions only
+    # the schedule lowered once per backend when the plan was made ("gloo", "nccl";
+    # pipec.schedule.backends): what runs, is simulated, saved and drawn. Empty in
+    # plans saved before it was stored (then lowered on use, by the same policy).
+    lowered: dict[str, Schedule] = {}
     stages: tuple[StageInfo, ...]
     boundaries: tuple[Boundary, ...]
     node_costs: dict[str, NodeCost]  # topological order; the costs the partitioner used

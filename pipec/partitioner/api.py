@@ -50,7 +50,7 @@ from pipec.partitioner.single import (
     resolve_cost_model,
 )
 from pipec.plan import PlanData
-from pipec.schedule.lowering import lower
+from pipec.schedule.backends import lower_for
 from pipec.types import CostModel
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,15 @@ def check_runnable(data: PlanData) -> None:
 
     With several stages per rank, a tensor that skips stages (a long residual, a
     mask made once) can need messages in an order the runtime cannot receive;
-    ``plan.save``, ``plan.simulate`` and every rank would fail later on the same
-    error. (``schedule="auto"`` leaves such candidates out itself.)
+    NCCL ranks would fail later on the same error. The plan's stored lowerings
+    say (``data.lowered`` has no ``"nccl"`` entry); the schedule is lowered
+    again only to word the error. (``schedule="auto"`` leaves such candidates
+    out itself.)
     """
+    if "nccl" in data.lowered:
+        return
     try:
-        lower(data.schedule, data.boundaries)
+        lower_for(data.schedule, data.boundaries, "nccl")
     except ScheduleError as exc:
         skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
         shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"

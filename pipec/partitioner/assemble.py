@@ -31,6 +31,7 @@ from pipec.partitioner.graph import (
 )
 from pipec.partitioner.problem import ChainProblem, ChainSolution
 from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
+from pipec.schedule.backends import lower_per_backend
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
@@ -104,6 +105,7 @@ def build_plan_data(
         stages_per_rank=problem.num_stages // problem.ranks,
         num_microbatches=problem.num_microbatches, batch_size=batch_size,
         strategy=strategy, cost_model=cost_model_name, schedule=schedule,
+        lowered=lower_per_backend(schedule, boundaries),
         stages=tuple(stages), boundaries=tuple(boundaries),
         node_costs={n.name: node_costs[n.name] for n in traced.nodes if n.name in node_costs},
         tied_groups=tuple(tied), inputs=inputs,

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from pipec.errors import ConfigError
+from pipec.schedule.backends import plan_lowered
 from pipec.schedule.dry_run import Costs, Execution, execute
 from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
-from pipec.schedule.lowering import lower
 from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, graph_of
 from pipec.schedule.validator import check_static, raise_deadlock
 
@@ -278,12 +278,14 @@ def _summarise(
     )
 
 
-def simulate_plan(data: PlanData) -> Simulation:
-    """Simulate a plan's schedule (``data.schedule``), lowered with its
-    boundaries, under its own per-stage costs (see :func:`plan_costs`), then the
+def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
+    """Simulate a plan's lowered schedule for ``backend`` -- the one it stored when
+    it was made (:func:`pipec.schedule.backends.plan_lowered`; default NCCL's when
+    it has one, else Gloo's) -- under its own per-stage costs (see
+    :func:`plan_costs`) and boundary transfers (:func:`plan_transfers`), then the
     tied-gradient all-reduces (:func:`plan_collectives`). ``plan.simulate()``."""
     costs, held = plan_costs(data)
-    lowered = lower(data.schedule, data.boundaries)
+    lowered = plan_lowered(data, backend)
     return simulate(
         lowered,
         forward=costs.forward,

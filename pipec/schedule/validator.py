@@ -102,6 +102,11 @@ def _check_shape(schedule: Schedule) -> None:
             f"({schedule.stages_per_rank}) x number of ranks ({ranks}) and num_microbatches >= 1 "
             f"(found {m}); fix the sizes or the number of rank rows"
         )
+    if len(schedule.placement) != n or any(not 0 <= r < ranks for r in schedule.placement):
+        raise ScheduleError(
+            f"schedule {schedule.name!r}: its placement {list(schedule.placement)} must give each of the "
+            f"{n} stages a rank in 0..{ranks - 1}; fix the placement or the number of rank rows"
+        )
     for r, row in enumerate(schedule.actions):
         for i, a in enumerate(row):
             if not (0 <= a.stage < n and 0 <= a.microbatch < m):
