@@ -50,6 +50,14 @@ class Message(NamedTuple):
         return f"{self.src_stage}->{self.dst_stage} {kind} mb{self.microbatch}"
 
 
+def message_order(peer_stage: int, boundary_index: int) -> tuple[int, int]:
+    """Sort key of the tensors one SEND/RECV action moves: per peer stage ascending
+    (the order of :meth:`StageGraph.messages`, which lowering matches per pair of
+    ranks), then per boundary in plan order. The one rule NCCL relies on: the
+    runtime's P2P sends and receives in this order (:mod:`pipec.runtime.comm`)."""
+    return (peer_stage, boundary_index)
+
+
 @dataclass(frozen=True)
 class StageGraph:
     """Which stage feeds which, and which of those edges cross ranks."""
@@ -70,7 +78,8 @@ class StageGraph:
         return self.placement[stage]
 
     def messages(self, action: Action) -> tuple[Message, ...]:
-        """The messages a communication action moves, in order ( () for compute)."""
+        """The messages a communication action moves, in order ( () for compute):
+        by peer stage ascending (:func:`message_order`)."""
         found = self._memo.get(action)
         if found is None:
             found = self._memo[action] = self._messages(action)
@@ -142,7 +151,7 @@ def stage_graph(
             edges.add((producer, c))
     producers: list[list[int]] = [[] for _ in range(num_stages)]
     consumers_of: list[list[int]] = [[] for _ in range(num_stages)]
-    for p, c in sorted(edges):
+    for p, c in sorted(edges):  # peers ascending: the message order (message_order)
         producers[c].append(p)
         consumers_of[p].append(c)
 
@@ -176,5 +185,6 @@ __all__ = [
     "Message",
     "StageGraph",
     "graph_of",
+    "message_order",
     "stage_graph",
 ]
