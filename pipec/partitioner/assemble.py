@@ -167,8 +167,9 @@ def given_schedule(schedule: Schedule, num_stages: int, num_microbatches: int, s
     if found != (num_stages, num_microbatches, stages_per_rank):
         raise ConfigError(
             f"schedule {schedule.name!r}: expected num_stages={num_stages}, num_microbatches="
-            f"{num_microbatches}, stages_per_rank={stages_per_rank}, found {found[0]}, {found[1]}, "
-            f"{found[2]}; pass the sizes the schedule was built for"
+            f"{num_microbatches}, stages_per_rank={stages_per_rank}, found num_stages={found[0]}, "
+            f"num_microbatches={found[1]}, stages_per_rank={found[2]} in the schedule; pass the sizes "
+            "the schedule was built for"
         )
     compute = schedule.compute_only()
     validate(compute)

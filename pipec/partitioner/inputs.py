@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from pipec.errors import ConfigError
 from pipec.microbatch import chunk, split_target
 from pipec.schedule.generators import SCHEDULE_NAMES
+from pipec.schedule.ir import Schedule
 
 #: the value of ``schedule`` / ``num_microbatches`` / ``stages_per_rank`` that asks for a search
 AUTO = "auto"
@@ -30,6 +31,12 @@ def check_auto_arguments(num_microbatches: object, schedule: object, stages_per_
         if isinstance(value, str) and value != AUTO:
             raise ConfigError(f"{name}: expected a whole number or 'auto', found {value!r}; "
                               f"pass e.g. {name}=4, or 'auto' to search it")
+    if isinstance(schedule, Schedule):
+        if AUTO in (num_microbatches, stages_per_rank):
+            raise ConfigError(f"schedule {schedule.name!r} is a Schedule of your own: it fixes num_microbatches "
+                              f"({schedule.num_microbatches}) and stages_per_rank ({schedule.stages_per_rank}); "
+                              "pass those numbers instead of 'auto'")
+        return
     if schedule != AUTO and schedule not in SCHEDULE_NAMES:
         raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)} or 'auto', "
                           f"found {schedule!r}; pass one of these names")

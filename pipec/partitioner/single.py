@@ -43,7 +43,7 @@ def partition_traced(
     *,
     num_stages: int,
     num_microbatches: int,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     stages_per_rank: int = 1,
     cost_model: CostModel | None = None,
     memory_limit: MemoryLimit = None,

@@ -163,3 +163,21 @@ def test_v_plan_gradients_on_two_gloo_ranks(chain: Any) -> None:
         for r in per_rank:
             got.update(r[key])
         _assert_grads(got, want, f"two gloo ranks, {key}")
+
+
+def test_partition_takes_a_v_shaped_schedule(chain: Any, tmp_path: Path) -> None:
+    model, _, x, target = chain
+    plan = pipec.partition(model, (x,), num_stages=4, schedule=v_schedule(V_SPLIT_TEXT), stages_per_rank=2,
+                           loss_fn=F.mse_loss, target=target, cost_model="h100-sxm")
+    assert plan.num_microbatches == 2  # the schedule's
+    assert plan.schedule.placement == (0, 1, 1, 0)
+    assert [st.rank for st in plan.stages] == [0, 1, 1, 0]
+    assert set(plan.data.lowered) == {"gloo", "nccl"}
+    assert plan.simulate().schedule.placement == (0, 1, 1, 0)
+    _assert_grads(_step(one_rank(plan), x, target), _reference(model, x, target), "partitioned V")
+    with pytest.raises(pipec.ConfigError, match="fixes num_microbatches"):
+        pipec.partition(model, (x,), num_stages=4, schedule=v_schedule(), stages_per_rank=2,
+                        num_microbatches="auto", cost_model="h100-sxm")
+    with pytest.raises(pipec.ConfigError, match="found num_stages=4, num_microbatches=2"):
+        pipec.partition(model, (x,), num_stages=4, schedule=v_schedule(), stages_per_rank=2,
+                        num_microbatches=4, cost_model="h100-sxm")
