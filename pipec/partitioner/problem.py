@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import PartitionError
+from pipec.schedule.ir import round_robin_placement
 
 CommTime = Callable[[int, int, int], float]
 """``comm_time(num_bytes, src_rank, dst_rank) -> seconds``, as on :class:`pipec.CostModel`."""
@@ -123,9 +125,15 @@ class ChainProblem:
         """Number of ranks ``R`` (``num_ranks``, default one per stage)."""
         return self.num_ranks if self.num_ranks is not None else self.num_stages
 
+    @cached_property
+    def _placement(self) -> tuple[int, ...]:
+        if self.placement is not None:
+            return self.placement
+        return round_robin_placement(self.num_stages, self.ranks)
+
     def rank_of(self, stage: int) -> int:
         """The rank of ``stage``: the schedule's placement (round-robin without one)."""
-        return stage % self.ranks if self.placement is None else self.placement[stage]
+        return self._placement[stage]
 
     def speed_of(self, stage: int) -> float:
         return 1.0 if self.device_speeds is None else float(self.device_speeds[self.rank_of(stage)])
