@@ -152,14 +152,15 @@ def simulate_with(plan: Any, forward: Sequence[float], backward: Sequence[float]
     """The plan's simulated step with these per-stage compute times, its own comm
     model and its tied-gradient all-reduce (``allreduce`` seconds in its place, if given)."""
     from pipec.schedule.lowering import lower
-    from pipec.schedule.simulator import plan_collectives, plan_costs, simulate
+    from pipec.schedule.simulator import plan_collectives, plan_costs, plan_transfers, simulate
 
     costs, _ = plan_costs(plan.data)
     collectives = plan_collectives(plan.data)
     if allreduce is not None:
         collectives = tuple(c._replace(duration=allreduce) for c in collectives)
     sim = simulate(lower(plan.schedule, plan.boundaries), forward=forward, input_grad=backward,
-                   weight_grad=0.0, comm=costs.comm, boundaries=plan.boundaries, collectives=collectives)
+                   weight_grad=0.0, comm=costs.comm, boundaries=plan.boundaries, collectives=collectives,
+                   transfers=plan_transfers(plan.data))
     return sim.step_time
 
 

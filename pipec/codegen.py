@@ -47,8 +47,8 @@ from pipec.manifest import MANIFEST_FILE, manifest_problems, write_manifest
 from pipec.plan import FORMAT_VERSION, PlanData
 from pipec.plan_check import RERUN as _RERUN
 from pipec.plan_check import check_plan_data, check_schedule
+from pipec.schedule.backends import default_backend, plan_lowered
 from pipec.schedule.ir import Schedule
-from pipec.schedule.lowering import lower
 from pipec.split import GraphStage, StageModule
 from pipec.split.files import stage_file, stage_tensor_shapes, weights_file
 from pipec.templates.stage import stage_source
@@ -154,9 +154,10 @@ def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lowered_schedule(data: PlanData) -> Schedule:
-    """The plan's schedule with its communication (what ``schedule.txt`` holds)."""
-    schedule = data.schedule
-    return schedule if schedule.is_lowered else lower(schedule, data.boundaries)
+    """The plan's schedule with its communication, as stored when the plan was made
+    (what ``schedule.txt`` holds, is simulated and drawn: NCCL's lowering when the
+    plan has one, else Gloo's; :func:`pipec.schedule.backends.plan_lowered`)."""
+    return plan_lowered(data)
 
 
 # -- loading ----------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def _check_schedule_file(directory: Path, data: PlanData) -> None:
     try:
         lowered = Schedule.from_text(file.read_text(encoding="utf-8"), name=sched.name,
                                      num_stages=sched.num_stages, num_microbatches=sched.num_microbatches,
-                                     stages_per_rank=sched.stages_per_rank)
+                                     stages_per_rank=sched.stages_per_rank, placement=sched.placement)
     except (ScheduleError, UnicodeDecodeError) as exc:
         raise PlanError(f"{file} cannot be read as a schedule ({exc}); {_RERUN}") from None
     compute = sched.compute_only().actions
@@ -239,6 +240,12 @@ def _check_schedule_file(directory: Path, data: PlanData) -> None:
             expected = str(want[at]) if at < len(want) else "nothing"
             raise PlanError(f"{file} does not lower the schedule in {PLAN_FILE}: rank {rank}'s compute action "
                             f"#{at} is {found} there and {expected} in {PLAN_FILE}; {_RERUN}")
+    if data.lowered:
+        stored = data.lowered[default_backend(data.lowered)]
+        if lowered.actions != stored.actions:
+            raise PlanError(f"{file} is not the lowered schedule {PLAN_FILE} holds for "
+                            f"{default_backend(data.lowered)}; {_RERUN}")
+        return  # validated with plan.json
     check_schedule(lowered, data, file)
 
 

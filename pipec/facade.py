@@ -97,9 +97,11 @@ class Plan:
         return new
 
     # -- phases ---------------------------------------------------------
-    def simulate(self) -> Simulation:
-        """Simulate the plan's schedule with the plan's own costs."""
-        return simulate_plan(self.data)
+    def simulate(self, backend: str | None = None) -> Simulation:
+        """Simulate the plan's schedule, as lowered for ``backend`` when the plan was
+        made ("gloo" or "nccl"; default NCCL's lowering when there is one, else
+        Gloo's), with the plan's own costs."""
+        return simulate_plan(self.data, backend)
 
     def stage_module(self, index: int) -> nn.Module:
         """Stage ``index`` as an ``nn.Module`` whose state_dict keys are the original FQNs:
@@ -153,7 +155,7 @@ def partition(
     *,
     num_stages: int,
     num_microbatches: int | str | None = None,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     stages_per_rank: int | str = 1,
     loss_fn: Callable[..., Any] | None = None,
     cost_model: str | Path | CostModel = "profile",
@@ -179,6 +181,10 @@ def partition(
     ``"auto"``: :func:`pipec.partitioner.auto.partition_auto` then searches them
     and keeps the fastest simulated configuration that fits memory (see that
     module for how ``num_stages`` is read when ``stages_per_rank="auto"``).
+    ``schedule`` may also be a :class:`pipec.Schedule` of your own (compute
+    actions; its ``placement`` may be V-shaped, see
+    :func:`pipec.schedule.ir.v_placement`): its sizes must be ``num_stages``,
+    ``stages_per_rank`` and ``num_microbatches`` (default: the schedule's).
 
     ``loss_fn`` with ``target`` (the full batch's, split like the inputs; without
     it ``loss_fn(output)`` is called) is profiled with the model when

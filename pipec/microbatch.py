@@ -23,6 +23,14 @@ from pipec.errors import ConfigError
 from pipec.plan import InputSpec
 
 
+def chunk(value: torch.Tensor, num_microbatches: int) -> tuple[torch.Tensor, ...]:
+    """The one rule of micro-batch splitting: dim 0 cut into ``num_microbatches``
+    equal, contiguous parts, micro-batch ``m`` being rows ``[m b, (m + 1) b)``. The
+    runtime splits each step's inputs and target with it, the partitioner the
+    example batch it traces (so micro-batch 0 is the same rows in both)."""
+    return tuple(value.chunk(num_microbatches, dim=0))
+
+
 def bind_inputs(
     args: tuple[Any, ...], kwargs: Mapping[str, Any], specs: Sequence[InputSpec]
 ) -> tuple[Any, ...]:
@@ -99,8 +107,8 @@ def split_inputs(
                 f"{str(value.dtype).removeprefix('torch.')}; convert it with .to({spec.meta.dtype})"
             )
         if needed is None or spec.name in needed:
-            for mb, chunk in zip(out, value.to(device).chunk(num_microbatches, dim=0)):
-                mb[spec.name] = chunk
+            for mb, part in zip(out, chunk(value.to(device), num_microbatches)):
+                mb[spec.name] = part
     return out
 
 
@@ -130,7 +138,7 @@ def split_target(target: Any, num_microbatches: int, device: torch.device) -> li
                     f"target: expected a batch divisible into {num_microbatches} micro-batches along "
                     f"dim 0, found shape {tuple(leaf.shape)}; pass the target of the full batch"
                 )
-            for c, part in zip(chunks, leaf.to(device).chunk(num_microbatches, dim=0)):
+            for c, part in zip(chunks, chunk(leaf.to(device), num_microbatches)):
                 c.append(part)
         else:
             for c in chunks:

@@ -19,6 +19,7 @@ plan=)``); it is a structural type, so they never import the façade.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -36,7 +37,10 @@ class StageInfo(FrozenModel):
     its incoming and outgoing boundary transfers cost it; ``tied_time`` is its
     share per micro-batch of the tied-gradient all-reduces it joins once per
     step (what the partitioner charges; the simulator runs the all-reduce at
-    the end of the step, :attr:`TiedGroup.allreduce_time`)."""
+    the end of the step, :attr:`TiedGroup.allreduce_time`). ``input_grad_time``
+    and ``weight_grad_time`` split ``backward_time`` into its I and W parts (None
+    in plans saved before they were stored: the simulator splits it in
+    proportion to the nodes' costs)."""
 
     index: int
     rank: int
@@ -50,6 +54,8 @@ class StageInfo(FrozenModel):
     first_module: str = ""
     last_module: str = ""
     tied_time: float = 0.0
+    input_grad_time: float | None = None
+    weight_grad_time: float | None = None
 
     @property
     def time(self) -> float:
@@ -60,7 +66,11 @@ class StageInfo(FrozenModel):
 class Boundary(FrozenModel):
     """A tensor that crosses stages: produced by ``producer_stage`` (the fx node
     ``name``), read directly by each of ``consumer_stages`` (no relay).
-    Shape and size are per micro-batch."""
+    Shape and size are per micro-batch. ``transfer_times[i]`` is the seconds one
+    micro-batch's tensor takes to reach ``consumer_stages[i]`` over the link
+    between their ranks (0 on the same rank) -- and its gradient to come back,
+    when it has one (:attr:`is_floating`); the simulator charges each message
+    this once. Empty in plans saved before it was stored."""
 
     name: str
     producer_stage: int
@@ -68,10 +78,23 @@ class Boundary(FrozenModel):
     shape: tuple[int, ...]
     dtype: str
     num_bytes: int
+    transfer_times: tuple[float, ...] = ()
+
+    @property
+    def is_floating(self) -> bool:
+        """Whether a gradient flows back through this tensor."""
+        return self.meta.is_floating
 
     @property
     def meta(self) -> TensorMeta:
         return TensorMeta(shape=self.shape, dtype=self.dtype, num_bytes=self.num_bytes)
+
+
+def holder_ranks(stages: Iterable[int], rank_of: Callable[[int], int]) -> tuple[int, ...]:
+    """The ranks that hold ``stages``, ascending, each once: the ranks that join a
+    tied group's gradient all-reduce (the one rule the partitioner, the simulator
+    and the runtime share; ``rank_of`` is the schedule's placement)."""
+    return tuple(sorted({rank_of(s) for s in stages}))
 
 
 class TiedGroup(FrozenModel):
@@ -86,6 +109,10 @@ class TiedGroup(FrozenModel):
     stages: tuple[int, ...]
     num_bytes: int
     allreduce_time: float | None = None
+
+    def ranks(self, rank_of: Callable[[int], int]) -> tuple[int, ...]:
+        """The ranks that join this group's all-reduce (:func:`holder_ranks`)."""
+        return holder_ranks(self.stages, rank_of)
 
 
 class InputSpec(FrozenModel):
@@ -121,7 +148,11 @@ class PlanData(FrozenModel):
     batch_size: int | None = None  # full batch along dim 0, when known
     strategy: str
     cost_model: str
-    schedule: Schedule  # compute actions only; lowered on demand
+    schedule: Schedule  # compute actions only
+    # the schedule lowered once per backend when the plan was made ("gloo", "nccl";
+    # pipec.schedule.backends): what runs, is simulated, saved and drawn. Empty in
+    # plans saved before it was stored (then lowered on use, by the same policy).
+    lowered: dict[str, Schedule] = {}
     stages: tuple[StageInfo, ...]
     boundaries: tuple[Boundary, ...]
     node_costs: dict[str, NodeCost]  # topological order; the costs the partitioner used

@@ -26,6 +26,7 @@ refused; the runtime trusts a loaded plan.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pipec.errors import PlanError, ScheduleError
@@ -45,6 +46,21 @@ def check_plan_data(data: PlanData, file: Path) -> None:
     _check_sizes(data, file)
     _check_nodes(data, file)
     check_schedule(data.schedule, data, file)
+    for backend, lowered in data.lowered.items():
+        _check_lowered(backend, lowered, data, file)
+
+
+def _check_lowered(backend: str, lowered: Schedule, data: PlanData, file: Path) -> None:
+    """A stored lowering: a known backend, the plan's compute actions and placement,
+    valid under its backend's message order."""
+    from pipec.schedule.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise _refuse(file, f"it holds a schedule lowered for {backend!r}; expected backends {list(BACKENDS)}")
+    if (lowered.compute_only().actions != data.schedule.compute_only().actions
+            or lowered.placement != data.schedule.placement):
+        raise _refuse(file, f"its {backend} lowered schedule does not lower its schedule {data.schedule.name!r}")
+    check_schedule(lowered, data, file, check_pair_order=backend == "nccl")
 
 
 def _check_sizes(data: PlanData, file: Path) -> None:
@@ -62,6 +78,10 @@ def _check_sizes(data: PlanData, file: Path) -> None:
     if indices != list(range(data.num_stages)):
         raise _refuse(file, f"expected stages 0..{data.num_stages - 1} in order (num_stages is "
                             f"{data.num_stages}), found stages {indices}")
+    where = sched.placement
+    if len(where) != data.num_stages or any(not 0 <= r < data.num_ranks for r in where):
+        raise _refuse(file, f"its schedule places stages on ranks {list(where)}; expected one rank in "
+                            f"0..{data.num_ranks - 1} for each of the {data.num_stages} stages")
     for st in data.stages:
         if st.rank != sched.rank_of(st.index):
             raise _refuse(file, f"stage {st.index} is on rank {st.rank}, but the schedule runs it on rank "
@@ -90,19 +110,23 @@ def _check_nodes(data: PlanData, file: Path) -> None:
         if not b.consumer_stages or any(not b.producer_stage < c <= last for c in b.consumer_stages):
             raise _refuse(file, f"boundary {b.name!r} from stage {b.producer_stage} is read by stages "
                                 f"{list(b.consumer_stages)}; expected later stages, up to {last}")
+        if b.transfer_times and (len(b.transfer_times) != len(b.consumer_stages)
+                                 or not all(math.isfinite(t) and t >= 0 for t in b.transfer_times)):
+            raise _refuse(file, f"boundary {b.name!r} has transfer times {list(b.transfer_times)}; expected "
+                                f"one time >= 0 seconds per consumer stage {list(b.consumer_stages)}")
     for g in data.tied_groups:
         if any(not 0 <= s <= last for s in g.stages):
             raise _refuse(file, f"tied parameter {g.fqn!r} lives on stages {list(g.stages)}, but the "
                                 f"plan has stages 0..{last}")
 
 
-def check_schedule(schedule: Schedule, data: PlanData, file: Path) -> None:
+def check_schedule(schedule: Schedule, data: PlanData, file: Path, *, check_pair_order: bool = True) -> None:
     """:func:`~pipec.schedule.validator.validate` ``schedule`` (compute-only or
     lowered) with the plan's boundaries; a :class:`PlanError` naming ``file``."""
     from pipec.schedule.validator import validate
 
     try:
-        validate(schedule, data.boundaries)
+        validate(schedule, data.boundaries, check_pair_order=check_pair_order)
     except ScheduleError as exc:
         # the first paragraph names the action, stage and micro-batch; the grid stays
         # on the cause (shown with --debug), one line is what a terminal can take

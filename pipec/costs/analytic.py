@@ -344,10 +344,7 @@ class AnalyticCostModel:
 def link_time(spec: HardwareSpec, num_bytes: int, src_rank: int, dst_rank: int) -> float:
     """latency + bytes / bandwidth over the link between two ranks; 0 on the same rank."""
     _check_transfer(num_bytes, src_rank, dst_rank)
-    if src_rank == dst_rank:
-        return 0.0
-    bandwidth, latency = spec.link(src_rank, dst_rank)
-    return latency + num_bytes / bandwidth
+    return spec.link_time(num_bytes, src_rank, dst_rank)
 
 
 def _check_transfer(num_bytes: int, src_rank: int, dst_rank: int) -> None:

@@ -109,6 +109,31 @@ class HardwareSpec(FrozenModel):
             return self.intra_node_bandwidth, self.intra_node_latency
         return self.inter_node_bandwidth, self.inter_node_latency
 
+    def link_time(
+        self,
+        num_bytes: int,
+        src_rank: int,
+        dst_rank: int,
+        *,
+        link_bandwidth: float | None = None,
+        link_latency: float | None = None,
+        efficiency: float = 1.0,
+    ) -> float:
+        """Seconds to move ``num_bytes`` from ``src_rank`` to ``dst_rank``: ``latency +
+        num_bytes / (bandwidth * efficiency)`` over their link (the alpha-beta model),
+        0 on the same rank. The one formula of a transfer: every cost model's
+        ``comm_time`` and every step of :meth:`allreduce_time` are this.
+        ``link_bandwidth`` / ``link_latency`` replace the link's figures (a profiled
+        cost model's overrides)."""
+        if src_rank == dst_rank:
+            return 0.0
+        bandwidth, latency = self.link(src_rank, dst_rank)
+        if link_bandwidth is not None:
+            bandwidth = link_bandwidth
+        if link_latency is not None:
+            latency = link_latency
+        return latency + num_bytes / (bandwidth * efficiency)
+
     @property
     def allreduce_efficiency(self) -> float:
         """What an all-reduce's bus bandwidth reaches of a point-to-point link's
@@ -140,12 +165,8 @@ class HardwareSpec(FrozenModel):
         efficiency = self.allreduce_efficiency
 
         def step(chunk: int, src: int, dst: int) -> float:
-            bandwidth, latency = self.link(src, dst)
-            if link_bandwidth is not None:
-                bandwidth = link_bandwidth
-            if link_latency is not None:
-                latency = link_latency
-            return latency + chunk / (bandwidth * efficiency)
+            return self.link_time(chunk, src, dst, link_bandwidth=link_bandwidth, link_latency=link_latency,
+                                  efficiency=efficiency)
 
         return ring_allreduce_time(step, num_bytes, ranks)
 

@@ -146,14 +146,8 @@ class ProfiledCostModel:
 
     def comm_time(self, num_bytes: int, src_rank: int, dst_rank: int) -> float:
         _check_transfer(num_bytes, src_rank, dst_rank)
-        if src_rank == dst_rank:
-            return 0.0
-        bandwidth, latency = self.spec.link(src_rank, dst_rank)
-        if self.link_bandwidth is not None:
-            bandwidth = self.link_bandwidth
-        if self.link_latency is not None:
-            latency = self.link_latency
-        return latency + num_bytes / bandwidth
+        return self.spec.link_time(num_bytes, src_rank, dst_rank, link_bandwidth=self.link_bandwidth,
+                                   link_latency=self.link_latency)
 
     def allreduce_time(self, num_bytes: int, ranks: Sequence[int]) -> float:
         """Seconds for an all-reduce of ``num_bytes`` among ``ranks``: a ring over the

@@ -50,7 +50,8 @@ from pipec.partitioner.single import (
     resolve_cost_model,
 )
 from pipec.plan import PlanData
-from pipec.schedule.lowering import lower
+from pipec.schedule.backends import lower_for
+from pipec.schedule.ir import Schedule
 from pipec.types import CostModel
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def partition_model(
     *,
     num_stages: int,
     num_microbatches: int | str | None = None,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     stages_per_rank: int | str = 1,
     loss_fn: Callable[..., Any] | None = None,
     cost_model: str | Path | CostModel = "profile",
@@ -84,7 +85,7 @@ def partition_model(
         )
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
     check_loss_fn(loss_fn)
-    if AUTO in (num_microbatches, schedule, stages_per_rank):
+    if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
 
         found = partition_auto(
@@ -108,7 +109,8 @@ def partition_model(
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     batch = batch_size(args, kwargs)
     if num_microbatches is None:
-        num_microbatches = default_microbatches(batch, ranks)
+        num_microbatches = (schedule.num_microbatches if isinstance(schedule, Schedule)
+                            else default_microbatches(batch, ranks))
     num_microbatches = config.count("num_microbatches", num_microbatches, high=batch,
                                     advice="" if batch is None else f" (the batch has {batch} samples along dim 0)")
     make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
@@ -139,11 +141,15 @@ def check_runnable(data: PlanData) -> None:
 
     With several stages per rank, a tensor that skips stages (a long residual, a
     mask made once) can need messages in an order the runtime cannot receive;
-    ``plan.save``, ``plan.simulate`` and every rank would fail later on the same
-    error. (``schedule="auto"`` leaves such candidates out itself.)
+    NCCL ranks would fail later on the same error. The plan's stored lowerings
+    say (``data.lowered`` has no ``"nccl"`` entry); the schedule is lowered
+    again only to word the error. (``schedule="auto"`` leaves such candidates
+    out itself.)
     """
+    if "nccl" in data.lowered:
+        return
     try:
-        lower(data.schedule, data.boundaries)
+        lower_for(data.schedule, data.boundaries, "nccl")
     except ScheduleError as exc:
         skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
         shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipec.errors import ConfigError
 from pipec.mode_ops import batch_norm_layers
 from pipec.partitioner import config
 from pipec.partitioner.chain import check_cuts, evaluate, stage_params, stage_tied_time
@@ -28,8 +29,9 @@ from pipec.partitioner.graph import (
     is_plain_tensor,
     split_to_cuts,
 )
-from pipec.partitioner.problem import ChainSolution
-from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup
+from pipec.partitioner.problem import ChainProblem, ChainSolution
+from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
+from pipec.schedule.backends import lower_per_backend
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
@@ -59,7 +61,7 @@ def build_plan_data(
     for fqn, group in zip(chain.param_fqns, problem.params):
         holders = sorted({stage_of(u) for u in group.users})
         if len(holders) > 1 and not group.is_buffer:
-            ranks = sorted({problem.rank_of(k) for k in holders})
+            ranks = holder_ranks(holders, problem.rank_of)
             tied.append(TiedGroup(fqn=fqn, aliases=traced.params[fqn].aliases, stages=tuple(holders),
                                   num_bytes=group.num_bytes,
                                   allreduce_time=problem.exchange_time(group.num_bytes, ranks)))
@@ -70,6 +72,8 @@ def build_plan_data(
         names = chain.names[i:j]
         speed = problem.speed_of(k)
         forward = sum(node_costs[n].forward_time for n in names) / speed
+        input_grad = sum(node_costs[n].input_grad_time for n in names) / speed
+        weight_grad = sum(node_costs[n].weight_grad_time for n in names) / speed
         backward = sum(node_costs[n].backward_time for n in names) / speed
         numel, param_bytes = stage_params(problem, i, j)
         # the search's own tied charge comes off; the real groups' share goes on
@@ -79,6 +83,7 @@ def build_plan_data(
             forward_time=forward, backward_time=backward,
             comm_time=max(0.0, solution.stage_times[k] - forward - backward - charged),
             tied_time=reported[k], memory_bytes=solution.stage_memory[k],
+            input_grad_time=input_grad, weight_grad_time=weight_grad,
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
     boundaries = []
@@ -88,7 +93,8 @@ def build_plan_data(
         if readers:
             meta = infos[name].outputs[0]
             boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
-                                       shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes))
+                                       shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes,
+                                       transfer_times=transfer_times(problem, meta.num_bytes, source, readers)))
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
         for n in traced.nodes if n.op == "placeholder"
@@ -99,6 +105,7 @@ def build_plan_data(
         stages_per_rank=problem.num_stages // problem.ranks,
         num_microbatches=problem.num_microbatches, batch_size=batch_size,
         strategy=strategy, cost_model=cost_model_name, schedule=schedule,
+        lowered=lower_per_backend(schedule, boundaries),
         stages=tuple(stages), boundaries=tuple(boundaries),
         node_costs={n.name: node_costs[n.name] for n in traced.nodes if n.name in node_costs},
         tied_groups=tuple(tied), inputs=inputs,
@@ -108,6 +115,17 @@ def build_plan_data(
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
+    )
+
+
+def transfer_times(problem: ChainProblem, num_bytes: int, producer: int, consumers: Sequence[int]) -> tuple[float, ...]:
+    """Seconds for ``num_bytes`` to go from stage ``producer`` to each of ``consumers``
+    over the link between their ranks, once (0 on one rank or without a comm model)."""
+    src = problem.rank_of(producer)
+    return tuple(
+        0.0 if problem.comm_time is None or problem.rank_of(c) == src
+        else float(problem.comm_time(num_bytes, src, problem.rank_of(c)))
+        for c in consumers
     )
 
 
@@ -124,12 +142,11 @@ def tied_shares(
     """
     out = [0.0] * num_stages
     for g in groups:
-        first_on: dict[int, int] = {}
-        for k in g.stages:
-            first_on.setdefault(rank_of(k), k)
-        if len(first_on) > 1 and g.allreduce_time is not None:
-            for k in first_on.values():
-                out[k] += g.allreduce_time / num_microbatches
+        ranks = g.ranks(rank_of)
+        if len(ranks) > 1 and g.allreduce_time is not None:
+            for r in ranks:
+                first = min(k for k in g.stages if rank_of(k) == r)
+                out[first] += g.allreduce_time / num_microbatches
     return out
 
 
@@ -142,12 +159,29 @@ def lower_bound(chain: GraphChain, node_costs: Mapping[str, NodeCost]) -> float:
     return max(sum(times) / sum(speeds), max(times) / max(speeds))
 
 
+def given_schedule(schedule: Schedule, num_stages: int, num_microbatches: int, stages_per_rank: int) -> Schedule:
+    """``schedule`` (compute-only) once it matches the sizes asked for and validates."""
+    from pipec.schedule.validator import validate  # the schedule library sits below
+
+    found = (schedule.num_stages, schedule.num_microbatches, schedule.stages_per_rank)
+    if found != (num_stages, num_microbatches, stages_per_rank):
+        raise ConfigError(
+            f"schedule {schedule.name!r}: expected num_stages={num_stages}, num_microbatches="
+            f"{num_microbatches}, stages_per_rank={stages_per_rank}, found num_stages={found[0]}, "
+            f"num_microbatches={found[1]}, stages_per_rank={found[2]} in the schedule; pass the sizes "
+            "the schedule was built for"
+        )
+    compute = schedule.compute_only()
+    validate(compute)
+    return compute
+
+
 def plan_from_split(
     traced: TracedGraph,
     node_costs: Mapping[str, NodeCost],
     split: Split,
     *,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     num_microbatches: int = 1,
     stages_per_rank: int = 1,
     cost_model: CostModel | None = None,
@@ -167,15 +201,17 @@ def plan_from_split(
     cuts = split_to_cuts(compute_names(traced), split)
     num_stages = len(cuts) - 1
     ranks = config.num_ranks(num_stages, stages_per_rank)
-    sched = make_schedule(schedule, num_stages, num_microbatches, stages_per_rank)
+    sched = (given_schedule(schedule, num_stages, num_microbatches, stages_per_rank)
+             if isinstance(schedule, Schedule) else make_schedule(schedule, num_stages, num_microbatches, stages_per_rank))
     chain = build_chain(
         traced, node_costs, num_stages=num_stages, num_ranks=ranks,
         comm_time=cost_model.comm_time if cost_model is not None else None,
         allreduce_time=config.allreduce_time(cost_model),
         device_speeds=config.device_speeds(device_speeds, ranks),
         memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
-        schedule=schedule, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
+        schedule=sched.name, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+        placement=sched.placement,
     )
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",

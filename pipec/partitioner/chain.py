@@ -135,7 +135,7 @@ def stage_params(problem: ChainProblem, start: int, end: int) -> tuple[int, int]
 
 
 def rank_memory(problem: ChainProblem, stage_memory_bytes: Sequence[int]) -> tuple[int, ...]:
-    """Per-rank memory: the sum over the rank's stages (stage ``k`` on rank ``k % R``)."""
+    """Per-rank memory: the sum over the rank's stages (stage ``k`` on ``problem.rank_of(k)``)."""
     out = [0] * problem.ranks
     for k, m in enumerate(stage_memory_bytes):
         out[problem.rank_of(k)] += int(m)

@@ -77,6 +77,7 @@ def build_chain(
     num_microbatches: int = 1,
     in_flight: Sequence[int] | None = None,
     optimizer_state_bytes_per_param: int = 8,
+    placement: Sequence[int] | None = None,
 ) -> GraphChain:
     """The chain problem of ``traced`` (see the module docstring)."""
     graph = value_graph(traced)
@@ -131,6 +132,7 @@ def build_chain(
         num_microbatches=num_microbatches,
         in_flight=None if in_flight is None else tuple(in_flight),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+        placement=None if placement is None else tuple(placement),
     )
     return GraphChain(problem, names, tuple(tensor_names), fqns)
 

@@ -17,8 +17,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError
-from pipec.microbatch import split_target
+from pipec.microbatch import chunk, split_target
 from pipec.schedule.generators import SCHEDULE_NAMES
+from pipec.schedule.ir import Schedule
 
 #: the value of ``schedule`` / ``num_microbatches`` / ``stages_per_rank`` that asks for a search
 AUTO = "auto"
@@ -30,6 +31,12 @@ def check_auto_arguments(num_microbatches: object, schedule: object, stages_per_
         if isinstance(value, str) and value != AUTO:
             raise ConfigError(f"{name}: expected a whole number or 'auto', found {value!r}; "
                               f"pass e.g. {name}=4, or 'auto' to search it")
+    if isinstance(schedule, Schedule):
+        if AUTO in (num_microbatches, stages_per_rank):
+            raise ConfigError(f"schedule {schedule.name!r} is a Schedule of your own: it fixes num_microbatches "
+                              f"({schedule.num_microbatches}) and stages_per_rank ({schedule.stages_per_rank}); "
+                              "pass those numbers instead of 'auto'")
+        return
     if schedule != AUTO and schedule not in SCHEDULE_NAMES:
         raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)} or 'auto', "
                           f"found {schedule!r}; pass one of these names")
@@ -91,7 +98,7 @@ def first_microbatch(args: tuple[Any, ...], kwargs: Mapping[str, Any], num_micro
                 f"(dim 0 = {size}); use one of {divisors}, or a batch that {num_microbatches} divides"
             )
     leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
-    parts = [x.chunk(num_microbatches, dim=0)[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+    parts = [chunk(x, num_microbatches)[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
              for x in leaves]
     mb_args, mb_kwargs = pytree.tree_unflatten(parts, spec)
     return tuple(mb_args), dict(mb_kwargs)

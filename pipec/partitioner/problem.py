@@ -5,7 +5,8 @@ built from a traced graph by :mod:`pipec.partitioner.graph` or by hand in
 tests. Positions ``0 .. N-1`` are the compute nodes in topological order; a
 *cut* ``c`` (``0 <= c <= N``) lies between positions ``c - 1`` and ``c``, and
 a split into ``S`` stages is the cut list ``0 = c_0 < c_1 < ... < c_S = N``
-(stage ``k`` holds positions ``[c_k, c_{k+1})`` and runs on rank ``k % R``).
+(stage ``k`` holds positions ``[c_k, c_{k+1})`` and runs on rank
+``placement[k]``, the schedule's placement; default ``k % R``).
 
 Units: seconds (float) and bytes (int).
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import PartitionError
+from pipec.schedule.ir import round_robin_placement
 
 CommTime = Callable[[int, int, int], float]
 """``comm_time(num_bytes, src_rank, dst_rank) -> seconds``, as on :class:`pipec.CostModel`."""
@@ -89,6 +92,8 @@ class ChainProblem:
       peak; ``None`` = the closed form for ``schedule``
       (:func:`pipec.schedule.in_flight.in_flight_formula`).
     - ``optimizer_state_bytes_per_param``: 8 = Adam's two fp32 moments.
+    - ``placement``: the rank of each stage, as the schedule places it
+      (:attr:`pipec.schedule.ir.Schedule.placement`); ``None`` = round-robin.
     """
 
     compute_time: tuple[float, ...]
@@ -106,6 +111,7 @@ class ChainProblem:
     num_microbatches: int = 1
     in_flight: tuple[int, ...] | None = None
     optimizer_state_bytes_per_param: int = 8
+    placement: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -119,8 +125,15 @@ class ChainProblem:
         """Number of ranks ``R`` (``num_ranks``, default one per stage)."""
         return self.num_ranks if self.num_ranks is not None else self.num_stages
 
+    @cached_property
+    def _placement(self) -> tuple[int, ...]:
+        if self.placement is not None:
+            return self.placement
+        return round_robin_placement(self.num_stages, self.ranks)
+
     def rank_of(self, stage: int) -> int:
-        return stage % self.ranks
+        """The rank of ``stage``: the schedule's placement (round-robin without one)."""
+        return self._placement[stage]
 
     def speed_of(self, stage: int) -> float:
         return 1.0 if self.device_speeds is None else float(self.device_speeds[self.rank_of(stage)])
@@ -195,6 +208,10 @@ def _validate(p: ChainProblem) -> None:
         len(p.memory_limit) != r or any(m is not None and m <= 0 for m in p.memory_limit)
     ):
         raise _fail("memory_limit", f"{r} limits > 0 or None (one per rank)", p.memory_limit)
+    if p.placement is not None and (
+        len(p.placement) != p.num_stages or any(not 0 <= x < r for x in p.placement)
+    ):
+        raise _fail("placement", f"{p.num_stages} ranks in 0..{r - 1} (one per stage)", p.placement)
     if p.in_flight is not None and (len(p.in_flight) != p.num_stages or min(p.in_flight) < 0):
         raise _fail("in_flight", f"{p.num_stages} counts >= 0", p.in_flight)
     if p.num_microbatches < 1 or p.optimizer_state_bytes_per_param < 0:

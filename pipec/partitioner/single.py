@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from pipec.errors import ConfigError, PartitionError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
-from pipec.partitioner.assemble import build_plan_data
+from pipec.partitioner.assemble import build_plan_data, given_schedule
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
@@ -43,7 +43,7 @@ def partition_traced(
     *,
     num_stages: int,
     num_microbatches: int,
-    schedule: str = "1f1b",
+    schedule: str | Schedule = "1f1b",
     stages_per_rank: int = 1,
     cost_model: CostModel | None = None,
     memory_limit: MemoryLimit = None,
@@ -90,6 +90,7 @@ def chain_for(
         schedule=sched.name, num_microbatches=sched.num_microbatches,
         in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+        placement=sched.placement,
     )
 
 
@@ -100,7 +101,13 @@ def check_strategy(strategy: object) -> None:
 
 
 def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, stages_per_rank: int) -> Any:
-    """The compute-only schedule; an unknown name is a ConfigError listing the known ones."""
+    """The compute-only schedule; an unknown name is a ConfigError listing the known ones.
+
+    A :class:`~pipec.schedule.ir.Schedule` given instead of a name (a hand-written
+    one, a V-shaped placement) is validated and used as it is, its communication
+    dropped: the plan lowers it once."""
+    if isinstance(name, Schedule):
+        return given_schedule(name, num_stages, num_microbatches, stages_per_rank)
     if not isinstance(name, str) or name not in SCHEDULE_NAMES:
         raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)}, found {name!r}; "
                           "pass one of these names")

@@ -58,6 +58,7 @@ from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Boundary
 from pipec.runtime.routing import StageRoutes, boundary_index
 from pipec.runtime.waiting import Request, Waiter
+from pipec.schedule.stage_graph import message_order
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class P2P:
         for s, r in routes.items():
             self._send_f[s] = sorted(
                 (msg(o.name, c, o.boundary, c) for o in r.outputs for c in o.consumers if rank_of(c) != me),
-                key=lambda m: (m.peer_stage, index[m.name]),
+                key=lambda m: message_order(m.peer_stage, index[m.name]),
             )
             self._recv_b[s] = sorted(
                 (
@@ -244,12 +245,12 @@ class P2P:
                     for c in o.consumers
                     if rank_of(c) != me
                 ),
-                key=lambda m: (m.peer_stage, index[m.name]),
+                key=lambda m: message_order(m.peer_stage, index[m.name]),
             )
             remote_in = [i for i in r.boundary_inputs() if i.producer is not None and rank_of(i.producer) != me]
             self._recv_f[s] = sorted(
                 (msg(i.name, i.producer, i.boundary, s) for i in remote_in if i.boundary and i.producer is not None),
-                key=lambda m: (m.peer_stage, index[m.name]),
+                key=lambda m: message_order(m.peer_stage, index[m.name]),
             )
             grad_in = {i.name for i in remote_in if i.carries_grad}
             self._send_b[s] = [m for m in self._recv_f[s] if m.name in grad_in]

@@ -7,10 +7,9 @@ per local stage that the executor and the P2P layer both read, so the two can
 never disagree about message order.
 
 Message order (the contract with :mod:`pipec.schedule.lowering` for NCCL, where
-messages between a pair of ranks are matched in issue order): within one
-``SEND_F``/``SEND_B`` action a stage sends per destination stage (ascending),
-then per boundary in plan order; within one ``RECV_F``/``RECV_B`` it receives per
-source stage (ascending), then per boundary in plan order.
+messages between a pair of ranks are matched in issue order) is
+:func:`pipec.schedule.stage_graph.message_order`: within one action, per peer
+stage ascending, then per boundary in plan order.
 """
 
 from __future__ import annotations

@@ -74,25 +74,15 @@ def grad_flags(module: nn.Module) -> dict[str, bool] | None:
 
 
 def lowered_schedule(plan: Plan, backend: str | None) -> Schedule:
+    """The schedule this rank runs: the plan's lowering for ``backend``, stored when the
+    plan was made -- the one validated, simulated, saved and drawn
+    (:func:`pipec.schedule.backends.plan_lowered`)."""
     schedule = plan.schedule
     if schedule.num_ranks != plan.num_ranks or schedule.num_stages != plan.num_stages:
         raise PlanError(
             f"the plan has {plan.num_stages} stages on {plan.num_ranks} ranks but its schedule "
             f"{schedule.name!r} has {schedule.num_stages} stages on {schedule.num_ranks} ranks; re-create the plan"
         )
-    if schedule.is_lowered:
-        return schedule
-    from pipec.errors import ScheduleError
-    from pipec.schedule.lowering import lower
+    from pipec.schedule.backends import backend_kind, plan_lowered
 
-    try:
-        return lower(schedule, plan.data.boundaries)
-    except ScheduleError:
-        # Interleaved placement with skip tensors can need a per-pair message order
-        # that one RECV per (stage, micro-batch) cannot give. NCCL needs that order;
-        # Gloo matches messages by tag, so there the plain order is safe.
-        if backend == "nccl":
-            raise
-        log.info("lowering %s without per-pair ordering (messages matched by tag on %s)",
-                 schedule.name, backend)
-        return lower(schedule, plan.data.boundaries, match_pair_order=False)
+    return plan_lowered(plan.data, backend_kind(backend))

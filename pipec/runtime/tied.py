@@ -87,7 +87,7 @@ class TiedGradReducer:
         self._timeout = timeout if timeout is not None else 300.0
         self._rank = info.rank
         for g in tied_groups:  # the same order on every rank
-            ranks = sorted({rank_of(s) for s in g.stages})
+            ranks = list(g.ranks(rank_of))
             if len(ranks) < 2 or not info.distributed:
                 continue
             try:  # collective: waits (for ``timeout`` at most) for every rank of the group

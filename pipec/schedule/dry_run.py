@@ -13,6 +13,7 @@ actions are those of :mod:`pipec.schedule.simulator` (the model) and
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +25,12 @@ _K = ActionKind
 
 class Costs(NamedTuple):
     """Per-stage costs in seconds; ``comm_action`` is what a SEND/RECV action
-    itself takes (0 in simulations; the grid gives it one step)."""
+    itself takes (0 in simulations; the grid gives it one step).
+
+    A message's latency: ``transfers[(producer, consumer, forward)]`` for the
+    stage edge ``producer -> consumer`` (``forward`` False for the gradient
+    back) when ``transfers`` is given -- a plan's boundary transfer times, each
+    charged once -- else ``comm[producer]``."""
 
     forward: tuple[float, ...]
     input_grad: tuple[float, ...]
@@ -32,6 +38,13 @@ class Costs(NamedTuple):
     comm: tuple[float, ...]
     comm_action: float = 0.0
     full_backward: tuple[float, ...] | None = None  # B's cost when not input_grad + weight_grad
+    transfers: Mapping[tuple[int, int, bool], float] | None = None
+
+    def latency(self, producer: int, consumer: int, forward: bool) -> float:
+        """Seconds a message on the edge ``producer -> consumer`` takes (see above)."""
+        if self.transfers is None:
+            return self.comm[producer]
+        return self.transfers.get((producer, consumer, forward), 0.0)
 
 
 def unit_costs(num_stages: int) -> Costs:
@@ -75,7 +88,7 @@ def _dependencies(
             if graph.rank_of(p) == rank:
                 deps.append((Action(p, _K.F, m), 0.0))
             elif not lowered:
-                deps.append((Action(p, _K.F, m), costs.comm[p]))
+                deps.append((Action(p, _K.F, m), costs.latency(p, s, True)))
         if lowered and graph.remote_producers[s]:
             deps.append((Action(s, _K.RECV_F, m), 0.0))
         return deps
@@ -85,7 +98,7 @@ def _dependencies(
             if graph.rank_of(c) == rank:
                 deps.append((Action(c, _K.I, m), 0.0))
             elif not lowered:
-                deps.append((Action(c, _K.I, m), costs.comm[s]))
+                deps.append((Action(c, _K.I, m), costs.latency(s, c, False)))
         if lowered and graph.remote_consumers[s]:
             deps.append((Action(s, _K.RECV_B, m), 0.0))
         return deps
@@ -94,8 +107,8 @@ def _dependencies(
     if kind is _K.SEND_F:
         return [(Action(s, _K.F, m), 0.0)]
     if kind is _K.RECV_F:
-        return [(Action(p, _K.SEND_F, m), costs.comm[p]) for p in graph.remote_producers[s]]
-    return [(Action(c, _K.SEND_B, m), costs.comm[s]) for c in graph.remote_consumers[s]]
+        return [(Action(p, _K.SEND_F, m), costs.latency(p, s, True)) for p in graph.remote_producers[s]]
+    return [(Action(c, _K.SEND_B, m), costs.latency(s, c, False)) for c in graph.remote_consumers[s]]
 
 
 def _duration(a: Action, costs: Costs) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipec.errors import ScheduleError
-from pipec.schedule.ir import Action, Schedule
+from pipec.schedule.ir import Action, Schedule, round_robin_placement
 
 INTERLEAVED = frozenset({"interleaved-1f1b"})
 
@@ -67,4 +67,5 @@ def make(
         num_microbatches=num_microbatches,
         stages_per_rank=stages_per_rank,
         actions=tuple(tuple(row) for row in rows),
+        placement=round_robin_placement(num_stages, len(rows)),
     )

@@ -7,7 +7,8 @@ Phase: schedule (first pass). Input: ``num_stages``, ``num_microbatches``,
 Every generator has the same signature ``(num_stages, num_microbatches,
 stages_per_rank) -> Schedule`` and is registered under its public name in
 :data:`GENERATORS`; :func:`make_schedule` is the one entry point that checks the
-arguments. Stage ``s`` runs on rank ``s % num_ranks`` where ``num_ranks =
+arguments. Every generator places stage ``s`` on rank ``s % num_ranks`` (round-robin,
+``Schedule.placement``; ask ``Schedule.rank_of``) where ``num_ranks =
 num_stages // stages_per_rank``. Within one stage every generator runs the
 forwards in micro-batch order and the backwards in micro-batch order, so the
 messages between two ranks flow in a predictable order.

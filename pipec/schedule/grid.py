@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 from pipec.schedule.dry_run import execute, unit_costs
 from pipec.schedule.ir import Schedule
-from pipec.schedule.stage_graph import BoundarySpec, stage_graph
+from pipec.schedule.stage_graph import BoundarySpec, graph_of
 
 Columns = Sequence[Sequence[int]]
 
@@ -30,14 +30,14 @@ def unit_columns(
 ) -> list[list[int]]:
     """Columns from a dry run with one step per action; actions a deadlock never
     reaches follow their rank's last executed action, one per column."""
-    n, ranks = schedule.num_stages, schedule.num_ranks
+    n = schedule.num_stages
     if any(
-        not 0 <= a.stage < n or a.stage % ranks != r
+        not 0 <= a.stage < n or schedule.rank_of(a.stage) != r
         for r, row in enumerate(schedule.actions)
         for a in row
     ):
         return index_columns(schedule)
-    run = execute(schedule, stage_graph(n, ranks, boundaries), unit_costs(n))
+    run = execute(schedule, graph_of(schedule, boundaries), unit_costs(n))
     columns = []
     for row, times in zip(schedule.actions, run.times):
         cols = [round(start) for _, start, _ in times]

@@ -3,8 +3,11 @@
 An :class:`Action` is ``(stage, kind, microbatch)``. Its text is
 ``<stage><kind><microbatch>``: ``2F0`` is stage 2's forward of micro-batch 0,
 ``0SEND_F1`` stage 0 sending the forward output of micro-batch 1. A
-:class:`Schedule` holds one list of actions per rank; stage ``s`` lives on rank
-``s % num_ranks`` (interleaved placement, Narayanan et al. 2021).
+:class:`Schedule` holds one list of actions per rank and its *placement*:
+``placement[s]`` is the rank that runs stage ``s`` -- by default round-robin,
+``s % num_ranks`` (interleaved placement, Narayanan et al. 2021); a V-shaped
+placement (:func:`v_placement`) puts the first and last stages on rank 0.
+:meth:`Schedule.rank_of` is the one place every phase asks.
 
 Text form, one line per rank::
 
@@ -18,7 +21,7 @@ import re
 from enum import Enum
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, field_serializer, field_validator, model_validator
 
 from pipec.errors import ConfigError, ScheduleError
 
@@ -85,8 +88,27 @@ def W(stage: int, microbatch: int) -> Action:
     return Action(stage, ActionKind.W, microbatch)
 
 
+def round_robin_placement(num_stages: int, num_ranks: int) -> tuple[int, ...]:
+    """Stage ``s`` on rank ``s % num_ranks`` (the default placement)."""
+    return tuple(s % max(1, num_ranks) for s in range(num_stages))
+
+
+def v_placement(num_stages: int, num_ranks: int) -> tuple[int, ...]:
+    """A V: down the ranks and back up, stage ``s`` on rank ``s`` for ``s < p`` and on
+    ``2p - 1 - s`` after (``p = num_ranks``; ``num_stages = 2p``), as ZB-V and
+    DualPipe-V place their two chunks per rank."""
+    if num_stages != 2 * num_ranks:
+        raise ScheduleError(
+            f"a V-shaped placement needs num_stages = 2 x num_ranks, found num_stages={num_stages} "
+            f"and num_ranks={num_ranks}; use two stages per rank"
+        )
+    return tuple(s if s < num_ranks else 2 * num_ranks - 1 - s for s in range(num_stages))
+
+
 class Schedule(BaseModel):
-    """A micro-batch schedule: ``actions[rank]`` is what that rank does, in order."""
+    """A micro-batch schedule: ``actions[rank]`` is what that rank does, in order;
+    ``placement[stage]`` is the rank that runs ``stage`` (default round-robin,
+    filled in when absent, so plans saved before the field existed still load)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -95,6 +117,17 @@ class Schedule(BaseModel):
     num_microbatches: int
     stages_per_rank: int = 1
     actions: tuple[tuple[Action, ...], ...]
+    placement: tuple[int, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_placement(cls, value: object) -> object:
+        # A schedule without a placement (older plan.json, schedule text) is round-robin.
+        if isinstance(value, dict) and not value.get("placement"):
+            actions, n = value.get("actions"), value.get("num_stages")
+            if isinstance(actions, (list, tuple)) and isinstance(n, int):
+                value = {**value, "placement": round_robin_placement(n, len(actions))}
+        return value
 
     @field_validator("actions", mode="before")
     @classmethod
@@ -124,11 +157,12 @@ class Schedule(BaseModel):
         return len(self.actions)
 
     def rank_of(self, stage: int) -> int:
-        """The rank that runs ``stage`` (interleaved placement)."""
-        return stage % self.num_ranks
+        """The rank that runs ``stage`` (``placement[stage]``)."""
+        return self.placement[stage]
 
     def stages_of(self, rank: int) -> tuple[int, ...]:
-        return tuple(range(rank, self.num_stages, self.num_ranks))
+        """The stages ``rank`` runs, ascending."""
+        return tuple(s for s, r in enumerate(self.placement) if r == rank)
 
     @property
     def is_lowered(self) -> bool:
@@ -155,12 +189,13 @@ class Schedule(BaseModel):
         num_stages: int | None = None,
         num_microbatches: int | None = None,
         stages_per_rank: int | None = None,
+        placement: tuple[int, ...] | None = None,
     ) -> Schedule:
         """Parse the text form. Blank lines and ``#`` comments are ignored.
 
         Sizes not given are inferred: ``num_stages`` from the largest stage,
         ``num_microbatches`` from the largest micro-batch, ``stages_per_rank``
-        as ``num_stages // num_ranks``.
+        as ``num_stages // num_ranks``; ``placement`` defaults to round-robin.
         """
         if not isinstance(text, str):
             raise ScheduleError(
@@ -219,6 +254,7 @@ class Schedule(BaseModel):
             num_microbatches=num_microbatches,
             stages_per_rank=stages_per_rank,
             actions=actions,
+            placement=tuple(placement) if placement else round_robin_placement(num_stages, len(actions)),
         )
 
     def __str__(self) -> str:

@@ -55,7 +55,7 @@ from pipec.schedule.stage_graph import (
     BoundarySpec,
     Message,
     StageGraph,
-    stage_graph,
+    graph_of,
 )
 from pipec.schedule.validator import raise_deadlock
 
@@ -78,7 +78,7 @@ def lower(
     check_schedule(schedule, "lower")
     if schedule.is_lowered:
         return schedule
-    graph = stage_graph(schedule.num_stages, schedule.num_ranks, boundaries)
+    graph = graph_of(schedule, boundaries)
     rows: list[list[Action]] = []
     for rank, row in enumerate(schedule.actions):
         out: list[Action] = []
@@ -86,7 +86,7 @@ def lower(
             if not 0 <= action.stage < schedule.num_stages or graph.rank_of(action.stage) != rank:
                 raise ScheduleError(
                     f"cannot lower schedule {schedule.name!r}: rank {rank} holds {action}, but "
-                    f"stage {action.stage} runs on rank {action.stage % schedule.num_ranks} of "
+                    f"stage {action.stage} runs on rank {graph.rank_of(action.stage) if 0 <= action.stage < schedule.num_stages else None} of "
                     f"{schedule.num_ranks} (num_stages={schedule.num_stages}); fix the schedule "
                     f"(pipec.validate explains)"
                 )

@@ -11,7 +11,9 @@ starts when the rank is free and its inputs are ready and takes its cost: ``F``
 ``forward``, ``I`` ``input_grad``, ``W`` ``weight_grad``, ``B`` ``input_grad +
 weight_grad`` (of its stage). Communication costs latency, not compute: a
 message from (or, for gradients, back to) stage ``s`` reaches the other rank
-``comm[s]`` after it was sent. In a lowered schedule a ``SEND`` takes no time
+``comm[s]`` after it was sent -- or, given ``transfers``, a message on the
+stage edge ``p -> c`` takes ``transfers[(p, c)]`` (forward, backward) seconds:
+a plan's boundary transfer times, each charged once per message. In a lowered schedule a ``SEND`` takes no time
 and a ``RECV`` ends when the last of its messages has arrived (the rank waits
 there, as the runtime's blocking receive does). In a compute-only schedule the
 transfers are implicit: a cross-rank input is ready ``comm`` after its producer
@@ -30,15 +32,15 @@ and holds all of them for its duration; the step ends with the last of them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from pipec.errors import ConfigError
+from pipec.schedule.backends import plan_lowered
 from pipec.schedule.dry_run import Costs, Execution, execute
 from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
-from pipec.schedule.lowering import lower
-from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, stage_graph
+from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, graph_of
 from pipec.schedule.validator import check_static, raise_deadlock
 
 if TYPE_CHECKING:
@@ -132,10 +134,14 @@ def simulate(
     activation_bytes: float | Sequence[float] | None = None,
     boundaries: Sequence[BoundarySpec] | None = None,
     collectives: Sequence[Collective] = (),
+    transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
     or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
     ``collectives`` run after the schedule (see the module docstring).
+    ``transfers[(p, c)] = (forward, backward)``: seconds of a message on the stage
+    edge ``p -> c`` and of its gradient back (edges not listed: 0); given, it
+    replaces ``comm``.
 
     Raises :class:`~pipec.errors.ScheduleError` (with the schedule drawn) when the
     schedule is invalid or deadlocks, :class:`~pipec.errors.ConfigError` for bad costs.
@@ -147,15 +153,37 @@ def simulate(
         input_grad=per_stage("input_grad", input_grad, n),
         weight_grad=per_stage("weight_grad", weight_grad, n),
         comm=per_stage("comm", comm, n),
+        transfers=None if transfers is None else _check_transfers(transfers, n),
     )
     held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
-    graph = stage_graph(n, schedule.num_ranks, boundaries)
+    graph = graph_of(schedule, boundaries)
     check_static(schedule, graph, check_pair_order=False)  # timing does not depend on it
     after = _check_collectives(collectives, schedule.num_ranks)
     run = execute(schedule, graph, costs)
     if not run.finished:
         raise_deadlock(schedule, graph, run)
     return _summarise(schedule, run, costs, tuple(round(b) for b in held), after)
+
+
+def _check_transfers(
+    transfers: Mapping[tuple[int, int], tuple[float, float]], num_stages: int
+) -> dict[tuple[int, int, bool], float]:
+    out: dict[tuple[int, int, bool], float] = {}
+    fix = "pass {(producer_stage, consumer_stage): (forward_seconds, backward_seconds), ...}"
+    if not isinstance(transfers, Mapping):
+        raise ConfigError(f"transfers: expected a mapping, found {type(transfers).__name__}; {fix}")
+    for edge, times in transfers.items():
+        ok_edge = (isinstance(edge, tuple) and len(edge) == 2
+                   and all(isinstance(s, int) and 0 <= s < num_stages for s in edge))
+        ok_times = (isinstance(times, (tuple, list)) and len(times) == 2
+                    and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+                            for t in times))
+        if not (ok_edge and ok_times):
+            raise ConfigError(f"transfers[{edge!r}] = {times!r}: expected stages in 0..{num_stages - 1} and two "
+                              f"times >= 0 seconds; {fix}")
+        out[(edge[0], edge[1], True)] = float(times[0])
+        out[(edge[0], edge[1], False)] = float(times[1])
+    return out
 
 
 def _check_collectives(collectives: Sequence[Collective], num_ranks: int) -> tuple[Collective, ...]:
@@ -250,12 +278,14 @@ def _summarise(
     )
 
 
-def simulate_plan(data: PlanData) -> Simulation:
-    """Simulate a plan's schedule (``data.schedule``), lowered with its
-    boundaries, under its own per-stage costs (see :func:`plan_costs`), then the
+def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
+    """Simulate a plan's lowered schedule for ``backend`` -- the one it stored when
+    it was made (:func:`pipec.schedule.backends.plan_lowered`; default NCCL's when
+    it has one, else Gloo's) -- under its own per-stage costs (see
+    :func:`plan_costs`) and boundary transfers (:func:`plan_transfers`), then the
     tied-gradient all-reduces (:func:`plan_collectives`). ``plan.simulate()``."""
     costs, held = plan_costs(data)
-    lowered = lower(data.schedule, data.boundaries)
+    lowered = plan_lowered(data, backend)
     return simulate(
         lowered,
         forward=costs.forward,
@@ -265,7 +295,24 @@ def simulate_plan(data: PlanData) -> Simulation:
         activation_bytes=held,
         boundaries=data.boundaries,
         collectives=plan_collectives(data),
+        transfers=plan_transfers(data),
     )
+
+
+def plan_transfers(data: PlanData) -> dict[tuple[int, int], tuple[float, float]] | None:
+    """Per cross-rank stage edge ``(p, c)``: the seconds of its forward message and
+    of its gradient back -- the sum of the boundary transfer times on that edge
+    (:attr:`pipec.plan.Boundary.transfer_times`), a gradient only for floating
+    tensors. Each transfer counts once. None for a plan saved before boundaries
+    carried transfer times (then :func:`plan_costs`' per-stage ``comm``)."""
+    if any(not b.transfer_times for b in data.boundaries):
+        return None
+    out: dict[tuple[int, int], tuple[float, float]] = {}
+    for b in data.boundaries:
+        for c, t in zip(b.consumer_stages, b.transfer_times):
+            forward, backward = out.get((b.producer_stage, c), (0.0, 0.0))
+            out[(b.producer_stage, c)] = (forward + t, backward + (t if b.is_floating else 0.0))
+    return out
 
 
 def plan_collectives(data: PlanData) -> tuple[Collective, ...]:
@@ -274,10 +321,9 @@ def plan_collectives(data: PlanData) -> tuple[Collective, ...]:
     :class:`~pipec.runtime.tied.TiedGradReducer` issues them), lasting the
     group's ``allreduce_time``. Groups whose stages share one rank need none;
     groups of a plan saved before the all-reduce was priced are left out."""
-    rank_of = {st.index: st.rank for st in data.stages}
     out = []
     for g in data.tied_groups:
-        ranks = tuple(sorted({rank_of[s] for s in g.stages}))
+        ranks = g.ranks(data.schedule.rank_of)
         if len(ranks) > 1 and g.allreduce_time is not None:
             out.append(Collective(f"all-reduce {g.fqn}", ranks, g.allreduce_time))
     return tuple(out)
@@ -289,12 +335,15 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
     ``forward`` is ``stage.forward_time``; ``stage.backward_time`` is split into
     ``input_grad`` and ``weight_grad`` in proportion to the sums of
     ``input_grad_time`` and ``weight_grad_time`` of the stage's nodes (all
-    ``input_grad`` when both are zero). ``comm`` is ``stage.comm_time`` spread
-    evenly over the cross-rank stage edges the stage takes part in (in and out):
-    a message on the edge ``s -> c``, and its gradient back, costs stage ``s``'s
-    share. Activation bytes are the sum of the nodes' ``saved_bytes``.
+    ``input_grad`` when both are zero) -- or the stage's own ``input_grad_time``
+    and ``weight_grad_time`` when the plan stores them. ``comm`` is for plans
+    saved before boundaries carried transfer times (:func:`plan_transfers`):
+    ``stage.comm_time`` counts each of the stage's cross-rank messages in both
+    directions, so one message on the edge ``s -> c``, or its gradient back,
+    costs ``comm_time / (2 x edges)`` of stage ``s``. Activation bytes are the
+    sum of the nodes' ``saved_bytes``.
     """
-    graph = stage_graph(data.num_stages, data.num_ranks, data.boundaries)
+    graph = graph_of(data.schedule, data.boundaries)
     node_costs = data.node_costs
     by_index = {st.index: st for st in data.stages}
     forward, input_grad, weight_grad, comm, held = [], [], [], [], []
@@ -306,9 +355,13 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
         share = ig / (ig + wg) if ig + wg > 0 else 1.0
         edges = len(graph.remote_producers[s]) + len(graph.remote_consumers[s])
         forward.append(st.forward_time)
-        input_grad.append(st.backward_time * share)
-        weight_grad.append(st.backward_time * (1.0 - share))
-        comm.append(st.comm_time / edges if edges else 0.0)
+        if st.input_grad_time is not None and st.weight_grad_time is not None:
+            input_grad.append(st.input_grad_time)
+            weight_grad.append(st.weight_grad_time)
+        else:
+            input_grad.append(st.backward_time * share)
+            weight_grad.append(st.backward_time * (1.0 - share))
+        comm.append(st.comm_time / (2 * edges) if edges else 0.0)
         held.append(float(sum(c.saved_bytes for c in nodes)))
     costs = Costs(tuple(forward), tuple(input_grad), tuple(weight_grad), tuple(comm))
     return costs, tuple(held)

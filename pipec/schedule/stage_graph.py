@@ -1,7 +1,8 @@
 """The stage graph: which stage feeds which, where each stage runs, what is a message.
 
 Phase: schedule library (shared by lowering, the dry run, the validator and the
-simulator). Input: ``num_stages``, ``num_ranks`` and optionally the plan's
+simulator). Input: ``num_stages``, ``num_ranks``, the placement (stage -> rank,
+:attr:`pipec.schedule.ir.Schedule.placement`; default round-robin) and optionally the plan's
 boundaries (``producer_stage -> consumer_stages``; default: stage ``s`` feeds
 ``s + 1``). Output: a :class:`StageGraph` -- producers and consumers of each
 stage, the ones on other ranks, and the :class:`Message` each cross-rank
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from pipec.errors import ScheduleError
-from pipec.schedule.ir import Action, ActionKind
+from pipec.schedule.ir import Action, ActionKind, Schedule, round_robin_placement
 
 
 class BoundaryLike(Protocol):
@@ -49,6 +50,14 @@ class Message(NamedTuple):
         return f"{self.src_stage}->{self.dst_stage} {kind} mb{self.microbatch}"
 
 
+def message_order(peer_stage: int, boundary_index: int) -> tuple[int, int]:
+    """Sort key of the tensors one SEND/RECV action moves: per peer stage ascending
+    (the order of :meth:`StageGraph.messages`, which lowering matches per pair of
+    ranks), then per boundary in plan order. The one rule NCCL relies on: the
+    runtime's P2P sends and receives in this order (:mod:`pipec.runtime.comm`)."""
+    return (peer_stage, boundary_index)
+
+
 @dataclass(frozen=True)
 class StageGraph:
     """Which stage feeds which, and which of those edges cross ranks."""
@@ -59,15 +68,18 @@ class StageGraph:
     consumers: tuple[tuple[int, ...], ...]
     remote_producers: tuple[tuple[int, ...], ...]
     remote_consumers: tuple[tuple[int, ...], ...]
+    placement: tuple[int, ...] = ()
     _memo: dict[Action, tuple[Message, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.num_ranks
+        """The rank that runs ``stage`` (the schedule's placement)."""
+        return self.placement[stage]
 
     def messages(self, action: Action) -> tuple[Message, ...]:
-        """The messages a communication action moves, in order ( () for compute)."""
+        """The messages a communication action moves, in order ( () for compute):
+        by peer stage ascending (:func:`message_order`)."""
         found = self._memo.get(action)
         if found is None:
             found = self._memo[action] = self._messages(action)
@@ -103,10 +115,20 @@ class StageGraph:
         )
 
 
+def graph_of(schedule: Schedule, boundaries: Sequence[BoundarySpec] | None = None) -> StageGraph:
+    """The stage graph of ``schedule`` (its sizes and placement) over ``boundaries``."""
+    return stage_graph(schedule.num_stages, schedule.num_ranks, boundaries, placement=schedule.placement)
+
+
 def stage_graph(
-    num_stages: int, num_ranks: int, boundaries: Sequence[BoundarySpec] | None = None
+    num_stages: int,
+    num_ranks: int,
+    boundaries: Sequence[BoundarySpec] | None = None,
+    *,
+    placement: Sequence[int] | None = None,
 ) -> StageGraph:
-    """The stage graph of ``boundaries`` (default: a chain ``s -> s + 1``).
+    """The stage graph of ``boundaries`` (default: a chain ``s -> s + 1``), with
+    stage ``s`` on rank ``placement[s]`` (default round-robin).
 
     ``boundaries`` holds :class:`pipec.plan.Boundary` values or plain
     ``(producer_stage, consumer_stages)`` pairs; several boundaries between the
@@ -129,12 +151,19 @@ def stage_graph(
             edges.add((producer, c))
     producers: list[list[int]] = [[] for _ in range(num_stages)]
     consumers_of: list[list[int]] = [[] for _ in range(num_stages)]
-    for p, c in sorted(edges):
+    for p, c in sorted(edges):  # peers ascending: the message order (message_order)
         producers[c].append(p)
         consumers_of[p].append(c)
 
+    where = tuple(placement) if placement else round_robin_placement(num_stages, num_ranks)
+    if len(where) != num_stages or any(not 0 <= r < num_ranks for r in where):
+        raise ScheduleError(
+            f"placement {list(where)}: expected one rank in 0..{num_ranks - 1} per stage "
+            f"({num_stages} stages); give each stage the rank that runs it"
+        )
+
     def remote(stage: int, peers: list[int]) -> tuple[int, ...]:
-        return tuple(q for q in peers if q % num_ranks != stage % num_ranks)
+        return tuple(q for q in peers if where[q] != where[stage])
 
     return StageGraph(
         num_stages=num_stages,
@@ -143,6 +172,7 @@ def stage_graph(
         consumers=tuple(tuple(x) for x in consumers_of),
         remote_producers=tuple(remote(s, x) for s, x in enumerate(producers)),
         remote_consumers=tuple(remote(s, x) for s, x in enumerate(consumers_of)),
+        placement=where,
     )
 
 
@@ -154,5 +184,7 @@ __all__ = [
     "BoundarySpec",
     "Message",
     "StageGraph",
+    "graph_of",
+    "message_order",
     "stage_graph",
 ]

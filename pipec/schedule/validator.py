@@ -9,7 +9,7 @@ with the offending actions in brackets.
 Checks, in order:
 
 1. shape: ``num_stages`` a multiple of the number of ranks, every action's stage
-   and micro-batch in range and on its rank (stage ``s`` on rank ``s % num_ranks``);
+   and micro-batch in range and on its rank (stage ``s`` on rank ``schedule.rank_of(s)``, the placement);
 2. completeness: per stage and micro-batch exactly one ``F``, and either one
    ``B`` or one ``I`` and one ``W``;
 3. order on one rank: ``F`` after the ``F`` of its producer stages on the same
@@ -44,7 +44,7 @@ from pipec.schedule.stage_graph import (
     BoundarySpec,
     Message,
     StageGraph,
-    stage_graph,
+    graph_of,
 )
 
 _K = ActionKind
@@ -63,7 +63,7 @@ def validate(
     part), for schedules lowered with ``match_pair_order=False`` for Gloo."""
     check_schedule(schedule, "validate")
     _check_shape(schedule)
-    graph = stage_graph(schedule.num_stages, schedule.num_ranks, boundaries)
+    graph = graph_of(schedule, boundaries)
     check_static(schedule, graph, check_pair_order=check_pair_order)
     run = execute(schedule, graph, unit_costs(schedule.num_stages))
     if not run.finished:
@@ -102,6 +102,11 @@ def _check_shape(schedule: Schedule) -> None:
             f"({schedule.stages_per_rank}) x number of ranks ({ranks}) and num_microbatches >= 1 "
             f"(found {m}); fix the sizes or the number of rank rows"
         )
+    if len(schedule.placement) != n or any(not 0 <= r < ranks for r in schedule.placement):
+        raise ScheduleError(
+            f"schedule {schedule.name!r}: its placement {list(schedule.placement)} must give each of the "
+            f"{n} stages a rank in 0..{ranks - 1}; fix the placement or the number of rank rows"
+        )
     for r, row in enumerate(schedule.actions):
         for i, a in enumerate(row):
             if not (0 <= a.stage < n and 0 <= a.microbatch < m):
@@ -112,11 +117,11 @@ def _check_shape(schedule: Schedule) -> None:
                     [(r, i)],
                     by_index=True,
                 )
-            if a.stage % ranks != r:
+            if schedule.rank_of(a.stage) != r:
                 _fail(
                     schedule,
-                    f"rank {r} step {i}: {a} belongs on rank {a.stage % ranks} "
-                    f"(stage s runs on rank s % {ranks}); move it there",
+                    f"rank {r} step {i}: {a} belongs on rank {schedule.rank_of(a.stage)} "
+                    f"(the schedule's placement {list(schedule.placement)}); move it there",
                     [(r, i)],
                     by_index=True,
                 )
@@ -140,7 +145,7 @@ def _check_complete(schedule: Schedule, where: dict[Action, list[Position]]) -> 
                 by_index=True,
             )
     for s in range(schedule.num_stages):
-        rank = s % schedule.num_ranks
+        rank = schedule.rank_of(s)
         for m in range(schedule.num_microbatches):
             has = {k for k in (_K.F, _K.B, _K.I, _K.W) if Action(s, k, m) in where}
             if _K.F not in has:

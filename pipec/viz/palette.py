@@ -7,8 +7,8 @@ colour means the same thing everywhere:
 
 - **hue = stage.** :func:`stage_colour` gives each stage one colour (Tableau 10
   without its grey, which means communication here; cycling after ten).
-- **rank = the colour of its first stage.** Stage ``s`` runs on rank
-  ``s % num_ranks``, so rank ``r`` starts with stage ``r`` (:func:`rank_colour`).
+- **rank = the colour of its first stage.** Under round-robin and V-shaped
+  placements alike rank ``r`` starts with stage ``r`` (:func:`rank_colour`).
 - **shade = kind of work.** Forward is the solid stage colour, backward a
   light tint of it (:func:`kind_fill`); the weight-gradient half (W) of a split
   backward is the tint hatched with the stage colour, so I and W differ.

@@ -40,12 +40,15 @@ def measured_simulation(measured: Measured, step: int, data: PlanData) -> Simula
         if e.action.kind.is_compute:
             busy[e.rank] += e.end - e.start
     step_time = measured.step_times[step]
+    num_stages = max([data.num_stages, *(e.action.stage + 1 for e in events)])
+    same_shape = num_ranks == data.num_ranks and num_stages == data.num_stages
     schedule = Schedule(
         name=f"measured ({data.schedule.name})",
-        num_stages=max([data.num_stages, *(e.action.stage + 1 for e in events)]),
+        num_stages=num_stages,
         num_microbatches=max([data.num_microbatches, *(e.action.microbatch + 1 for e in events)]),
         stages_per_rank=data.stages_per_rank,
         actions=tuple(tuple(r) for r in rows),
+        placement=data.schedule.placement if same_shape else (),
     )
     return Simulation(
         schedule=schedule,

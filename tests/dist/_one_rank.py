@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from pipec.facade import Plan
 from pipec.schedule.ir import Schedule
+from pipec.schedule.backends import lower_per_backend
 from pipec.schedule.dry_run import execute, unit_costs
-from pipec.schedule.stage_graph import stage_graph
+from pipec.schedule.stage_graph import graph_of
 
 
 def one_rank_schedule(schedule: Schedule, boundaries: object) -> Schedule:
     """``schedule``'s compute actions on one rank, in dry-run start order."""
     compute = schedule.compute_only()
-    graph = stage_graph(compute.num_stages, compute.num_ranks, boundaries)  # type: ignore[arg-type]
+    graph = graph_of(compute, boundaries)  # type: ignore[arg-type]
     run = execute(compute, graph, unit_costs(compute.num_stages))
     if not run.finished:
         raise AssertionError(f"schedule {schedule.name!r} deadlocks: {run.blocked}")
@@ -44,5 +45,6 @@ def one_rank(plan: Plan) -> Plan:
     """``plan`` with every stage on rank 0 (see the module docstring); a loaded plan keeps
     its directory, so its stages come from the saved stage files."""
     schedule = one_rank_schedule(plan.data.schedule, plan.data.boundaries)
-    data = plan.data.model_copy(update={"schedule": schedule, "num_ranks": 1, "stages_per_rank": plan.num_stages})
+    data = plan.data.model_copy(update={"schedule": schedule, "num_ranks": 1, "stages_per_rank": plan.num_stages,
+                                        "lowered": lower_per_backend(schedule, plan.data.boundaries)})
     return Plan(data, traced=plan.traced, loss_fn=plan.loss_fn, directory=plan.directory)

@@ -13,7 +13,7 @@ from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
 from pipec.schedule.ir import ActionKind, Schedule
 from pipec.schedule.lowering import lower
 from pipec.schedule.simulator import simulate
-from pipec.schedule.stage_graph import SEND_KINDS, stage_graph
+from pipec.schedule.stage_graph import SEND_KINDS, graph_of
 from pipec.schedule.validator import validate
 
 Edges = list[tuple[int, tuple[int, ...]]]
@@ -47,7 +47,7 @@ def skip_patterns(num_stages: int) -> dict[str, Edges]:
 def check_lowered(schedule: Schedule, lowered: Schedule, boundaries: Edges | None) -> None:
     validate(lowered, boundaries)
     assert lowered.compute_only() == schedule
-    graph = stage_graph(schedule.num_stages, schedule.num_ranks, boundaries)
+    graph = graph_of(schedule, boundaries)
     for row in lowered.actions:
         for a in row:
             if a.kind.is_comm:

@@ -189,7 +189,19 @@ def test_simulate_plan_uses_the_plans_costs() -> None:
     assert sim.peak_memory[0] == 150 * sim.peak_inflight[0]
     assert sim.peak_memory[1] == 10 * sim.peak_inflight[1]
     recv = [e for e in sim.timeline if str(e.action) == "1RECV_F0"][0]
-    assert recv.end == pytest.approx(2.0 + 0.5)  # comm_time 0.5 over one cross-rank edge
+    # a plan without boundary transfer times: comm_time 0.5 counts the message and its
+    # gradient back on the one cross-rank edge, 0.25 each
+    assert recv.end == pytest.approx(2.0 + 0.25)
+
+
+def test_simulate_plan_charges_each_boundary_transfer_once() -> None:
+    plan = _plan("zb-h1")
+    data = plan.data  # type: ignore[attr-defined]
+    timed = data.boundaries[0].model_copy(update={"transfer_times": (0.5,)})
+    sim = simulate_plan(data.model_copy(update={"boundaries": (timed,)}))
+    at = {str(e.action): e for e in sim.timeline}
+    assert at["1RECV_F0"].end == pytest.approx(at["0F0"].end + 0.5)
+    assert at["0RECV_B0"].end == pytest.approx(at["1I0"].end + 0.5)
 
 
 def test_simulate_is_exported() -> None:
