@@ -13,7 +13,10 @@ node belongs to the last stage (its reads count at position ``N - 1``).
 
 A value can only cross a cut when it is one plain tensor: while an ``int``
 (``x.size(0)``) or a tuple (before its ``getitem``) is live, the cut is
-forbidden. Whether a value is a plain tensor comes from ``node.meta["val"]``
+forbidden. A size of the model inputs' shapes (``NodeInfo.is_size``: the
+``sym_size`` nodes of a dynamic ``torch.export`` graph, which every layer's
+views read) is the exception: each stage recomputes it (:mod:`pipec.split`),
+so it neither crosses nor pins a cut, and what it reads is not kept live. Whether a value is a plain tensor comes from ``node.meta["val"]``
 (torch.export graphs) or else: exactly one tensor leaf and not only read
 through ``getitem`` (fx graphs).
 """
@@ -96,6 +99,8 @@ def build_chain(
 
     def position(reader: str) -> int | None:
         op = graph.nodes[reader]["op"]
+        if infos[reader].is_size:  # recomputed in each stage that reads it, from what that stage holds
+            return None
         return last if op == "output" else pos.get(reader)
 
     cuttable = [True] * (len(names) + 1)
@@ -107,6 +112,8 @@ def build_chain(
         if not readers:
             continue
         info = infos[name]
+        if info.is_size:
+            continue  # a size of the inputs' shapes: never sent, each reading stage recomputes it
         if is_plain_tensor(info, fx_nodes):
             meta = info.outputs[0]
             tensors.append(ChainTensor(p, tuple(readers), meta.num_bytes, meta.is_floating))
