@@ -241,7 +241,7 @@ class _StageBuilder:
                     raise PlanError(f"stage {self.index} cannot recompute the size {node.name!r}: none "
                                     "of its inputs has that dim; re-run pipec.partition")
                 source, d = self.env[found[0].name], found[1]
-            made = self.graph.call_function(torch.ops.aten.sym_size.int, (source, d))
+            made = self.graph.create_node("call_function", torch.ops.aten.sym_size.int, (source, d), name=node.name)
         else:
             made = self.graph.node_copy(node, self._lookup)
         made.meta[_TRACED_NAME] = node.name
