@@ -573,19 +573,64 @@ def _export_module(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
     Should dynamic export fail, the model is exported with the example's shapes
     and the log says so: the plan then runs on batches shaped like the example.
     """
-    dims = torch.export.ShapesCollection()
-    tensors = [x for x in pytree.tree_leaves((args, dict(kwargs))) if isinstance(x, torch.Tensor) and x.dim()]
-    for x in tensors:
-        dims[x] = dict.fromkeys(range(x.dim()), torch.export.Dim.AUTO)
-    if tensors:
+    tensors = [x for x in pytree.tree_leaves((args, dict(kwargs))) if isinstance(x, torch.Tensor)]
+    static: set[tuple[int, int]] = set()  # (tensor, dim) export narrowed: traced with the example's size
+    for _ in range(2):
+        if not tensors:
+            break
+        dims = torch.export.ShapesCollection()
+        for i, x in enumerate(tensors):
+            dims[x] = {d: torch.export.Dim.STATIC if (i, d) in static else torch.export.Dim.AUTO
+                       for d in range(x.dim())}
         try:
             ep = torch.export.export(model, args, dict(kwargs), dynamic_shapes=dims, strict=False)
-            return _dynamic_dims_logged(model, ep.module())
         except Exception as exc:  # anything torch raises; the static export below says if it is the model
             log.info("%s: torch.export with dynamic shapes failed (%s); exporting with the example's "
                      "shapes, so steps must use batches shaped like the example",
                      type(model).__name__, _headline(_message(exc)))
+            break
+        narrowed = _narrowed_dims(ep, tensors)
+        if not narrowed:
+            return _dynamic_dims_logged(model, ep.module())
+        # The graph is valid only for sizes in a range (the model branches on them) and
+        # the guard that checks it does not survive the split: pin those dims instead.
+        log.info("%s: the model's code limits input dims %s to a range of sizes; they are traced with "
+                 "the example's sizes", type(model).__name__, sorted(narrowed))
+        static |= narrowed
+    else:
+        if tensors:
+            log.info("%s: export narrowed input dims again; exporting with the example's shapes",
+                     type(model).__name__)
     return torch.export.export(model, args, dict(kwargs), strict=False).module()
+
+
+def _narrowed_dims(ep: torch.export.ExportedProgram, tensors: list[torch.Tensor]) -> set[tuple[int, int]]:
+    """The (input tensor, dim) whose size export kept symbolic but only within a range
+    narrower than ``[2, inf)``: the model's code branched on it, and export's guard
+    (dropped with ``_guards_fn``, see :func:`_trace_export`) would be the only check."""
+    user = set(ep.graph_signature.user_inputs)
+    values = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    inputs = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(inputs) != len(tensors):  # not the inputs' order: pin every dim export narrowed anywhere
+        inputs = []
+        if any(_narrow(b) for b in ep.range_constraints.values()):
+            return {(i, d) for i, x in enumerate(tensors) for d in range(x.dim())}
+    narrowed: set[tuple[int, int]] = set()
+    for i, val in enumerate(inputs):
+        for d, size in enumerate(val.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            bounds = ep.range_constraints.get(size.node.expr)
+            if bounds is not None and _narrow(bounds):
+                narrowed.add((i, d))
+    return narrowed
+
+
+def _narrow(bounds: Any) -> bool:
+    """Whether a symbol's value range is narrower than export's default ``[2, inf)``."""
+    from torch.utils._sympy.numbers import int_oo  # sympy's oo for sizes (its is_finite is True)
+
+    return bool(int(bounds.lower) > 2 or bounds.upper != int_oo)
 
 
 def _dynamic_dims_logged(model: nn.Module, gm: nn.Module) -> nn.Module:
@@ -594,7 +639,8 @@ def _dynamic_dims_logged(model: nn.Module, gm: nn.Module) -> nn.Module:
     for node in gm.graph.nodes if isinstance(gm, fx.GraphModule) else ():
         val = node.meta.get("val")
         if node.op == "placeholder" and isinstance(val, torch.Tensor):
-            dynamic = [d for d, size in enumerate(val.shape) if not isinstance(size, int)]
+            dynamic = [d for d, size in enumerate(val.shape)
+                       if isinstance(size, torch.SymInt) and not size.node.expr.is_number]
             shown.append(f"{node.name} dims {dynamic}" if dynamic else f"{node.name} static")
     log.info("%s exported with dynamic shapes: %s", type(model).__name__, ", ".join(shown) or "no tensor inputs")
     return gm
