@@ -578,12 +578,13 @@ def _export_module(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
     for _ in range(2):
         if not tensors:
             break
-        dims = torch.export.ShapesCollection()
+        dims = torch.export.ShapesCollection()  # type: ignore[no-untyped-call]  # torch leaves it untyped
         for i, x in enumerate(tensors):
             dims[x] = {d: torch.export.Dim.STATIC if (i, d) in static else torch.export.Dim.AUTO
                        for d in range(x.dim())}
         try:
-            ep = torch.export.export(model, args, dict(kwargs), dynamic_shapes=dims, strict=False)
+            spec = dims.dynamic_shapes(model, args, dict(kwargs))  # type: ignore[no-untyped-call]
+            ep = torch.export.export(model, args, dict(kwargs), dynamic_shapes=spec, strict=False)
         except Exception as exc:  # anything torch raises; the static export below says if it is the model
             log.info("%s: torch.export with dynamic shapes failed (%s); exporting with the example's "
                      "shapes, so steps must use batches shaped like the example",
