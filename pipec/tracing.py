@@ -11,7 +11,12 @@ Two capture methods:
   stay opaque). Keeps ``call_module`` nodes, so module paths are exact.
 - ``"export"``: ``torch.export.export(..., strict=False)`` and its unlifted
   graph module; the way in for models fx cannot trace (every HF transformers
-  model since v5). Shapes are specialised to the example inputs.
+  model since v5). Every input dim is ``Dim.AUTO``: export keeps symbolic the
+  dims the model does not pin (batch, sequence length), so views read
+  ``sym_size`` of the inputs (``NodeInfo.is_size``; each stage recomputes
+  them) and a step may take other sizes. Dims export narrows to a range, or
+  a whole failed dynamic export, fall back to the example's sizes (logged).
+  Metas, and so costs and memory, are the example's sizes either way.
 
 ``"auto"`` tries fx, checks the graph reproduces the model's output and that
 every module it leaves opaque can be inlined into stage code
