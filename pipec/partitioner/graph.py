@@ -15,10 +15,11 @@ A value can only cross a cut when it is one plain tensor: while an ``int``
 (``x.size(0)``) or a tuple (before its ``getitem``) is live, the cut is
 forbidden. A size of the model inputs' shapes (``NodeInfo.is_size``: the
 ``sym_size`` nodes of a dynamic ``torch.export`` graph, which every layer's
-views read) is the exception: each stage recomputes it (:mod:`pipec.split`),
-so it neither crosses nor pins a cut, and what it reads is not kept live. Whether a value is a plain tensor comes from ``node.meta["val"]``
-(torch.export graphs) or else: exactly one tensor leaf and not only read
-through ``getitem`` (fx graphs).
+views read) is the exception: it is no chain position, and each stage that
+reads it recomputes it (:mod:`pipec.split`), so it neither crosses nor pins a
+cut, and what it reads is not kept live for it. Whether a value is a plain
+tensor comes from ``node.meta["val"]`` (torch.export graphs) or else: exactly
+one tensor leaf and not only read through ``getitem`` (fx graphs).
 """
 
 from __future__ import annotations
@@ -99,9 +100,7 @@ def build_chain(
 
     def position(reader: str) -> int | None:
         op = graph.nodes[reader]["op"]
-        if infos[reader].is_size:  # recomputed in each stage that reads it, from what that stage holds
-            return None
-        return last if op == "output" else pos.get(reader)
+        return last if op == "output" else pos.get(reader)  # None for a size: each stage makes its own
 
     cuttable = [True] * (len(names) + 1)
     tensors: list[ChainTensor] = []
@@ -112,8 +111,6 @@ def build_chain(
         if not readers:
             continue
         info = infos[name]
-        if info.is_size:
-            continue  # a size of the inputs' shapes: never sent, each reading stage recomputes it
         if is_plain_tensor(info, fx_nodes):
             meta = info.outputs[0]
             tensors.append(ChainTensor(p, tuple(readers), meta.num_bytes, meta.is_floating))
@@ -164,8 +161,11 @@ def _param_groups(
 
 
 def compute_names(traced: TracedGraph) -> tuple[str, ...]:
-    """The compute nodes of ``traced`` in topological order: the chain positions."""
-    return tuple(n.name for n in traced.nodes if n.op not in NOT_COMPUTE)
+    """The compute nodes of ``traced`` in topological order: the chain positions.
+
+    Sizes of the inputs' shapes (``is_size``) are none: no stage owns them, each
+    stage that reads one makes its own (so no stage can be made of them alone)."""
+    return tuple(n.name for n in traced.nodes if n.op not in NOT_COMPUTE and not n.is_size)
 
 
 Split = Sequence[Sequence[str]] | Sequence[int] | Sequence[str]

@@ -126,3 +126,20 @@ def test_static_export_when_dynamic_export_fails(monkeypatch: pytest.MonkeyPatch
     x = torch.randn(2, 3, 4)
     with torch.no_grad():
         torch.testing.assert_close(traced.graph_module(x)[0], model(x))
+
+
+def test_no_stage_is_made_of_sizes_alone() -> None:
+    """Regression: sizes were chain positions of no cost and no boundary, so the optimal
+    split of a small Llama put them alone on stage 0 -- a stage that computes nothing."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, use_cache=False))
+    plan = pipec.partition(model, (torch.randint(0, 128, (8, 16)),), num_stages=2, num_microbatches=4,
+                           cost_model="cpu")
+    assert plan.traced is not None and any(n.is_size for n in plan.traced.nodes)
+    for stage in plan.stages:
+        assert stage.nodes and not any(plan.traced.node(n).is_size for n in stage.nodes), stage.nodes[:5]
+        assert stage.num_params > 0  # each stage holds layers
