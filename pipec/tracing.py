@@ -11,7 +11,12 @@ Two capture methods:
   stay opaque). Keeps ``call_module`` nodes, so module paths are exact.
 - ``"export"``: ``torch.export.export(..., strict=False)`` and its unlifted
   graph module; the way in for models fx cannot trace (every HF transformers
-  model since v5). Shapes are specialised to the example inputs.
+  model since v5). Every input dim is ``Dim.AUTO``: export keeps symbolic the
+  dims the model does not pin (batch, sequence length), so views read
+  ``sym_size`` of the inputs (``NodeInfo.is_size``; each stage recomputes
+  them) and a step may take other sizes. Dims export narrows to a range, or
+  a whole failed dynamic export, fall back to the example's sizes (logged).
+  Metas, and so costs and memory, are the example's sizes either way.
 
 ``"auto"`` tries fx, checks the graph reproduces the model's output and that
 every module it leaves opaque can be inlined into stage code
@@ -46,6 +51,7 @@ import contextlib
 import inspect
 import io
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -522,8 +528,7 @@ def _quiet_torch_export() -> Iterator[None]:
 
 
 def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> _Capture:
-    ep = torch.export.export(model, args, dict(kwargs), strict=False)
-    gm = ep.module()
+    gm = _export_module(model, args, kwargs)
     if not isinstance(gm, fx.GraphModule):
         raise TraceError("torch.export returned no fx.GraphModule")
     in_spec = gm._in_spec
@@ -559,6 +564,92 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
         return pytree.tree_unflatten(list(out), out_spec)
 
     return _Capture(gm, "export", flatten(args, kwargs), flatten, unflatten)
+
+
+def _export_module(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> nn.Module:
+    """``torch.export`` with every dim of every tensor input ``Dim.AUTO``, else static.
+
+    With ``Dim.AUTO`` export keeps a dim symbolic unless the model's code pins it
+    (it then specialises that dim to the example's size, as a static export would),
+    so the graph's views and reshapes read ``sym_size`` of the inputs instead of
+    the example's sizes and a step may take another batch size or sequence length
+    (:mod:`pipec.split` recomputes those sizes in each stage). A dim of size 0 or
+    1 in the example is specialised by export (it cannot tell it from a broadcast).
+    Should dynamic export fail, the model is exported with the example's shapes
+    and the log says so: the plan then runs on batches shaped like the example.
+    """
+    tensors = [x for x in pytree.tree_leaves((args, dict(kwargs))) if isinstance(x, torch.Tensor)]
+    static: set[tuple[int, int]] = set()  # (tensor, dim) export narrowed: traced with the example's size
+    for _ in range(2):
+        if not tensors:
+            break
+        dims = torch.export.ShapesCollection()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        for i, x in enumerate(tensors):
+            dims[x] = {d: torch.export.Dim.STATIC if (i, d) in static else torch.export.Dim.AUTO
+                       for d in range(x.dim())}
+        try:
+            spec = dims.dynamic_shapes(model, args, dict(kwargs))  # type: ignore[no-untyped-call]
+            ep = torch.export.export(model, args, dict(kwargs), dynamic_shapes=spec, strict=False)
+        except Exception as exc:  # anything torch raises; the static export below says if it is the model
+            log.info("%s: torch.export with dynamic shapes failed (%s); exporting with the example's "
+                     "shapes, so steps must use batches shaped like the example",
+                     type(model).__name__, _headline(_message(exc)))
+            break
+        narrowed = _narrowed_dims(ep, tensors)
+        if not narrowed:
+            return _dynamic_dims_logged(model, ep.module())
+        # The graph is valid only for sizes in a range (the model branches on them) and
+        # the guard that checks it does not survive the split: pin those dims instead.
+        log.info("%s: the model's code limits input dims %s to a range of sizes; they are traced with "
+                 "the example's sizes", type(model).__name__, sorted(narrowed))
+        static |= narrowed
+    else:
+        if tensors:
+            log.info("%s: export narrowed input dims again; exporting with the example's shapes",
+                     type(model).__name__)
+    return torch.export.export(model, args, dict(kwargs), strict=False).module()
+
+
+def _narrowed_dims(ep: torch.export.ExportedProgram, tensors: list[torch.Tensor]) -> set[tuple[int, int]]:
+    """The (input tensor, dim) whose size export kept symbolic but only within a range
+    narrower than ``[2, inf)``: the model's code branched on it, and export's guard
+    (dropped with ``_guards_fn``, see :func:`_trace_export`) would be the only check."""
+    user = set(ep.graph_signature.user_inputs)
+    values = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    inputs = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(inputs) != len(tensors):  # not the inputs' order: pin every dim export narrowed anywhere
+        inputs = []
+        if any(_narrow(b) for b in ep.range_constraints.values()):
+            return {(i, d) for i, x in enumerate(tensors) for d in range(x.dim())}
+    narrowed: set[tuple[int, int]] = set()
+    for i, val in enumerate(inputs):
+        for d, size in enumerate(val.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            bounds = ep.range_constraints.get(size.node.expr)
+            if bounds is not None and _narrow(bounds):
+                narrowed.add((i, d))
+    return narrowed
+
+
+def _narrow(bounds: Any) -> bool:
+    """Whether a symbol's value range is narrower than export's default ``[2, inf)``."""
+    from torch.utils._sympy.numbers import int_oo  # sympy's oo for sizes (its is_finite is True)
+
+    return bool(int(bounds.lower) > 2 or bounds.upper != int_oo)
+
+
+def _dynamic_dims_logged(model: nn.Module, gm: nn.Module) -> nn.Module:
+    """``gm``, after logging which input dims stayed symbolic (the rest are the example's)."""
+    shown = []
+    for node in gm.graph.nodes if isinstance(gm, fx.GraphModule) else ():
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            dynamic = [d for d, size in enumerate(val.shape)
+                       if isinstance(size, torch.SymInt) and not size.node.expr.is_number]
+            shown.append(f"{node.name} dims {dynamic}" if dynamic else f"{node.name} static")
+    log.info("%s exported with dynamic shapes: %s", type(model).__name__, ", ".join(shown) or "no tensor inputs")
+    return gm
 
 
 # -- annotation ------------------------------------------------------------------------
@@ -599,7 +690,10 @@ def _run_recording(capture: _Capture) -> tuple[_Values, Any]:
 
 def _recorded_values(gm: fx.GraphModule) -> _Values | None:
     """The metas torch.export left in ``node.meta["val"]`` (fake tensors), without running
-    anything; None when a node has no value recorded or a shape is symbolic."""
+    anything; None when a node has no value recorded or a size has no example value.
+
+    A symbolic size (a dynamic export) counts at the example's value (its hint):
+    costs and memory are those of the example's shapes."""
     vals: dict[str, Any] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -612,13 +706,49 @@ def _recorded_values(gm: fx.GraphModule) -> _Values | None:
     is_tensor: dict[str, bool] = {}
     for name, value in vals.items():
         leaves = pytree.tree_leaves(_plain(value))
-        if not all(isinstance(d, int) for x in leaves if isinstance(x, torch.Tensor) for d in x.shape):
-            return None
-        if any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves):
-            return None
-        metas[name] = _metas_of(value)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        shapes = [[_example_size(d) for d in x.shape] for x in tensors]
+        if any(None in shape for shape in shapes):
+            return None  # a data-dependent size: no example value without running the graph
+        metas[name] = tuple(
+            TensorMeta(shape=tuple(int(d or 0) for d in shape), dtype=str(x.dtype).removeprefix("torch."),
+                       num_bytes=math.prod(int(d or 0) for d in shape) * x.element_size())
+            for x, shape in zip(tensors, shapes))
         is_tensor[name] = isinstance(value, torch.Tensor)
     return metas, is_tensor
+
+
+def _example_size(size: int | torch.SymInt) -> int | None:
+    """A size at the example's value: an int as is, a symbolic one by its hint (None if it has none)."""
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint
+    return None if hint is None else int(hint)
+
+
+def _size_nodes(gm: fx.GraphModule) -> set[str]:
+    """The nodes whose value is a size computed from the model inputs' shapes alone.
+
+    Such a value is a ``SymInt`` (``SymBool``, ``SymFloat``) of a dynamic
+    export: a ``sym_size`` whose size is one of the inputs' symbolic dims, or
+    arithmetic / comparisons on such values. Any stage can recompute it from
+    a tensor it holds with that dim (:mod:`pipec.split.graph`), so it never
+    crosses a cut. A size of an intermediate tensor that is not an input's dim
+    (``s0 * s1``) is not one: where it is read, it pins the cut as before.
+    """
+    input_symbols = {d.node.expr for n in gm.graph.nodes if n.op == "placeholder"
+                     for d in getattr(n.meta.get("val"), "shape", ()) if isinstance(d, torch.SymInt)}
+    sizes: set[str] = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)):
+            continue
+        if node.target is torch.ops.aten.sym_size.int:
+            if val.node.expr in input_symbols:
+                sizes.add(node.name)
+        elif node.all_input_nodes and all(i.name in sizes for i in node.all_input_nodes):
+            sizes.add(node.name)
+    return sizes
 
 
 def _module_path(node: fx.Node) -> str:
@@ -667,6 +797,7 @@ def _annotate(model: nn.Module, capture: _Capture, reference: Any = None) -> Tra
     for fqn in tensors:
         by_local_name.setdefault(fqn, fqn)
 
+    sizes = _size_nodes(gm) if capture.method == "export" else set()
     modules = dict(gm.named_modules())
     node_params: dict[str, tuple[str, ...]] = {}
     for node in gm.graph.nodes:
@@ -707,6 +838,7 @@ def _annotate(model: nn.Module, capture: _Capture, reference: Any = None) -> Tra
                 params=node_reads,
                 param_bytes=sum(tensors[f][0].numel() * tensors[f][0].element_size() for f in node_reads),
                 is_tensor=is_tensor.get(node.name, False),
+                is_size=node.name in sizes,
             )
         )
     saved_keys = set(model.state_dict(keep_vars=True))

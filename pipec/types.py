@@ -99,6 +99,9 @@ class NodeInfo:
     params: tuple[str, ...]  # canonical FQNs of parameters/buffers it reads
     param_bytes: int
     is_tensor: bool = True  # its value is one plain tensor (only such values may cross stages)
+    # its value is a size computed from the model inputs' shapes alone (torch.export's
+    # ``sym_size`` and the arithmetic on it): never sent, each stage that reads it recomputes it
+    is_size: bool = False
 
     @property
     def output_bytes(self) -> int:

@@ -13,9 +13,13 @@ node belongs to the last stage (its reads count at position ``N - 1``).
 
 A value can only cross a cut when it is one plain tensor: while an ``int``
 (``x.size(0)``) or a tuple (before its ``getitem``) is live, the cut is
-forbidden. Whether a value is a plain tensor comes from ``node.meta["val"]``
-(torch.export graphs) or else: exactly one tensor leaf and not only read
-through ``getitem`` (fx graphs).
+forbidden. A size of the model inputs' shapes (``NodeInfo.is_size``: the
+``sym_size`` nodes of a dynamic ``torch.export`` graph, which every layer's
+views read) is the exception: it is no chain position, and each stage that
+reads it recomputes it (:mod:`pipec.split`), so it neither crosses nor pins a
+cut, and what it reads is not kept live for it. Whether a value is a plain
+tensor comes from ``node.meta["val"]`` (torch.export graphs) or else: exactly
+one tensor leaf and not only read through ``getitem`` (fx graphs).
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def build_chain(
 
     def position(reader: str) -> int | None:
         op = graph.nodes[reader]["op"]
-        return last if op == "output" else pos.get(reader)
+        return last if op == "output" else pos.get(reader)  # None for a size: each stage makes its own
 
     cuttable = [True] * (len(names) + 1)
     tensors: list[ChainTensor] = []
@@ -159,8 +163,11 @@ def _param_groups(
 
 
 def compute_names(traced: TracedGraph) -> tuple[str, ...]:
-    """The compute nodes of ``traced`` in topological order: the chain positions."""
-    return tuple(n.name for n in traced.nodes if n.op not in NOT_COMPUTE)
+    """The compute nodes of ``traced`` in topological order: the chain positions.
+
+    Sizes of the inputs' shapes (``is_size``) are none: no stage owns them, each
+    stage that reads one makes its own (so no stage can be made of them alone)."""
+    return tuple(n.name for n in traced.nodes if n.op not in NOT_COMPUTE and not n.is_size)
 
 
 Split = Sequence[Sequence[str]] | Sequence[int] | Sequence[str]

@@ -42,7 +42,12 @@ Both kinds of stage module -- :class:`GraphStage` (built in memory) and the
 ``Stage<k>`` classes of generated ``stage_<k>.py`` files -- subclass
 :class:`StageModule`. ``device=`` constants the trace baked in (``torch.export``
 creates ``arange(..., device=cpu)``) read the device of the stage's first
-tensor instead, so ``stage.to(device)`` is all a rank needs.
+tensor instead, so ``stage.to(device)`` is all a rank needs. Sizes of the
+model inputs' shapes that a dynamic ``torch.export`` graph reads
+(``sym_size``, ``NodeInfo.is_size``) are recomputed in each stage from a
+tensor it holds with that dim -- its own, a boundary it receives, else a
+model input it then reads --, so a stage runs at any batch size and sequence
+length the trace left symbolic.
 
 ``state_dict()`` keys are the original model's FQNs; a tied parameter appears
 once, under its canonical FQN (the first name ``model.named_parameters()``

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,6 +77,7 @@ class _StageBuilder:
         for fqn, info in traced.params.items():
             self.canonical[fqn] = fqn
             self.canonical.update(dict.fromkeys(info.aliases, fqn))
+        self.sizes = {n.name for n in traced.nodes if n.is_size}  # recomputed here when read
 
     def build(self) -> GraphStage:
         traced, index = self.traced, self.index
@@ -89,7 +90,9 @@ class _StageBuilder:
                 "the plan was made for another model -- re-run pipec.partition"
             )
         members = set(self.data.stages[index].nodes)
-        compute = [n for n in self.gm.graph.nodes if n.name in members and n.op not in _NOT_COMPUTE]
+        # sizes of the inputs' shapes are made where a node reads them (:meth:`_size`), not copied
+        compute = [n for n in self.gm.graph.nodes
+                   if n.name in members and n.op not in _NOT_COMPUTE and n.name not in self.sizes]
         out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
         graph_inputs, boundary_inputs, outputs = self._interface(compute, out_node if is_last else None, members)
         for name in graph_inputs + boundary_inputs:
@@ -136,13 +139,17 @@ class _StageBuilder:
         order = {n.name: i for i, n in enumerate(self.traced.nodes)}
         read_inputs: set[str] = set()
         received: set[str] = set()
+        sizes: dict[str, fx.Node] = {}  # the sizes of the inputs' shapes its nodes read, transitively
         for node in compute + ([out_node] if out_node is not None else []):
             for inp in node.all_input_nodes:
-                if inp.op == "placeholder":
+                if inp.name in self.sizes:
+                    self._sizes_read(inp, sizes)
+                elif inp.op == "placeholder":
                     read_inputs.add(inp.name)
                 elif inp.op != "get_attr" and inp.name not in members:
                     received.add(inp.name)
         incoming = {b.name for b in self.data.boundaries if self.index in b.consumer_stages}
+        read_inputs |= self._inputs_for_sizes(sizes.values(), read_inputs, incoming, members)
         missing = sorted(received - incoming, key=lambda n: order.get(n, -1))
         if missing:
             raise PlanError(
@@ -166,8 +173,85 @@ class _StageBuilder:
         return (graph_inputs, tuple(sorted(incoming, key=order.__getitem__)),
                 tuple(sorted(outgoing, key=order.__getitem__)))
 
+    # -- sizes of the inputs' shapes ------------------------------------------------------
+    def _sizes_read(self, node: fx.Node, into: dict[str, fx.Node]) -> None:
+        """``node`` (a size) and the sizes it is computed from, into ``into``."""
+        if node.name in into:
+            return
+        into[node.name] = node
+        for inp in node.all_input_nodes:
+            if inp.name in self.sizes:
+                self._sizes_read(inp, into)
+
+    def _inputs_for_sizes(self, sizes: Iterable[fx.Node], read_inputs: set[str], incoming: set[str],
+                          members: set[str]) -> set[str]:
+        """The model inputs the stage must read to recompute ``sizes``: for each
+        ``sym_size`` whose tensor the stage does not hold and none of its inputs has
+        that dim, the first model input that has it (the runtime hands any stage
+        the inputs it names)."""
+        extra: set[str] = set()
+        for node in sizes:
+            if node.target is not torch.ops.aten.sym_size.int:
+                continue
+            tensor = node.args[0]
+            if isinstance(tensor, fx.Node) and (tensor.name in members or tensor.name in incoming
+                                                or tensor.name in read_inputs | extra):
+                continue
+            held = [n for n in self.gm.graph.nodes if n.name in incoming | read_inputs | extra]
+            if self._dim_of(node, held) is not None:
+                continue
+            carriers = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+            found = self._dim_of(node, carriers)
+            if found is None:
+                raise PlanError(f"stage {self.index} reads the size {node.name!r}, which no model input "
+                                "has as a dim; re-trace the model (pipec.trace) and partition again")
+            extra.add(found[0].name)
+        return extra
+
+    @staticmethod
+    def _dim_of(size: fx.Node, tensors: list[fx.Node]) -> tuple[fx.Node, int] | None:
+        """The first of ``tensors`` (traced nodes) with a dim equal to the symbolic size
+        ``size`` (a ``sym_size`` node of the traced graph), and that dim."""
+        wanted = size.meta["val"].node.expr
+        for t in tensors:
+            shape = getattr(t.meta.get("val"), "shape", ())
+            for d, extent in enumerate(shape):
+                if isinstance(extent, torch.SymInt) and extent.node.expr == wanted:
+                    return t, d
+        return None
+
+    def _size(self, node: fx.Node) -> fx.Node:
+        """The stage's own copy of the size ``node`` (memoised): a ``sym_size`` of
+        the tensor it was taken of when the stage holds it, else of a tensor the
+        stage received or reads with the same dim -- a boundary first, then a
+        model input --; arithmetic on sizes is copied with its operands made alike."""
+        made = self.env.get(node.name)
+        if isinstance(made, fx.Node):
+            return made
+        if node.target is torch.ops.aten.sym_size.int:
+            tensor, dim = node.args[0], node.args[1]
+            if isinstance(tensor, fx.Node) and tensor.name in self.env:
+                source, d = self.env[tensor.name], dim
+            else:
+                traced_nodes = {n.name: n for n in self.gm.graph.nodes}
+                held = [traced_nodes[n.name] for n in self.graph.nodes if n.op == "placeholder"]
+                boundary_first = sorted(held, key=lambda n: n.op == "placeholder")
+                found = self._dim_of(node, boundary_first)
+                if found is None:
+                    raise PlanError(f"stage {self.index} cannot recompute the size {node.name!r}: none "
+                                    "of its inputs has that dim; re-run pipec.partition")
+                source, d = self.env[found[0].name], found[1]
+            made = self.graph.create_node("call_function", torch.ops.aten.sym_size.int, (source, d), name=node.name)
+        else:
+            made = self.graph.node_copy(node, self._lookup)
+        made.meta[_TRACED_NAME] = node.name
+        self.env[node.name] = made
+        return made
+
     # -- nodes ---------------------------------------------------------------------------
     def _lookup(self, node: fx.Node) -> Any:
+        if node.name in self.sizes:
+            return self._size(node)
         if node.op == "get_attr":
             target = str(node.target)
             return self._attr(self.canonical.get(target, target), fetch_attr(self.gm, target))

@@ -31,10 +31,11 @@ def manual_plan(traced: TracedGraph, num_stages: int, cuts: list[int] | None = N
     edges = [0, *cuts, len(compute)]
     stage_of = {n.name: s for s in range(num_stages) for n in compute[edges[s]:edges[s + 1]]}
     consumers: dict[str, set[int]] = {}
+    sizes = {n.name for n in traced.nodes if n.is_size}  # sizes of the inputs' shapes: each stage makes its own
     for n in traced.nodes:
         me = num_stages - 1 if n.op == "output" else stage_of.get(n.name)
-        for i in n.inputs if me is not None else ():
-            if i in stage_of and stage_of[i] != me:
+        for i in n.inputs if me is not None and n.name not in sizes else ():
+            if i in stage_of and stage_of[i] != me and i not in sizes:
                 consumers.setdefault(i, set()).add(me)
     order = [n.name for n in traced.nodes]
     boundaries = []
