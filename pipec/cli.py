@@ -1,8 +1,10 @@
 """The ``pipec`` command line: partition, show, run, calibrate.
 
-User errors print one line on stderr that says what to do and exit with code
-2; ``--debug`` shows the traceback instead. Option names follow the Python API
-(``--stages`` is ``num_stages``, ``--microbatches`` is ``num_microbatches``).
+User errors print ``pipec: error: ...`` on stderr -- one line, or the lines of
+a message that has several (a validator's grid, one line per bad field) -- say
+what to do and exit with code 2; ``--debug`` shows the traceback instead.
+Option names follow the Python API (``--stages`` is ``num_stages``,
+``--microbatches`` is ``num_microbatches``).
 """
 
 from __future__ import annotations
@@ -258,6 +260,17 @@ _COMMANDS = {
 }
 
 
+def _error_text(exc: BaseException) -> str:
+    """The message of ``exc`` for the terminal: its lines kept (a grid must stay a grid),
+    trailing spaces and blank lines at either end dropped; never empty."""
+    lines = [line.rstrip() for line in str(exc).splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -270,8 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipecError as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split())
-        sys.stderr.write(f"pipec: error: {message}\n")
+        sys.stderr.write(f"pipec: error: {_error_text(exc)}\n")
         return EXIT_USAGE
     except OSError as exc:  # a path the user gave cannot be read or written
         if args.debug:
