@@ -243,6 +243,7 @@ def _supervise(
     next_refresh = 0.0
     failed_at: float | None = None
     terminated_at: float | None = None
+    killed = False
     while True:
         now = time.monotonic()
         if now >= next_refresh:
@@ -255,6 +256,9 @@ def _supervise(
             tree.signal(signal.SIGTERM)
             terminated_at = now
         if terminated_at is not None and now > terminated_at + grace:
+            if not killed:
+                log.info("killing the ranks still alive %.0f s after SIGTERM", now - terminated_at)
+                killed = True
             tree.signal(signal.SIGKILL)
         try:
             line = lines.get(timeout=0.2)
