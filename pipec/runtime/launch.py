@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -208,9 +209,10 @@ def run_plan(
     loopback = _loopback_interface()
     if loopback is not None and _is_loopback(master_addr):
         env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    log.info("launching: %s", " ".join(cmd))
+    log.info("launching: %s", shlex.join(cmd))
     output = _Output(out)
     proc = _spawn(cmd, env)
+    log.info("torchrun started: pid %d", proc.pid)
     tree = ProcessTree(proc.pid)
     try:
         code = _supervise(proc, tree, output, settle=settle, grace=grace)
