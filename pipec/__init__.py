@@ -1,10 +1,12 @@
 """pipec: a pipeline-parallel model partitioning compiler for PyTorch.
 
 Phases: trace -> profile / cost model -> partition -> schedule -> split/codegen
--> stage runtime. See README.md for a tour and ARCHITECTURE.md for the design.
+-> stage runtime. See README.md for a tour, and its Architecture section for the
+layers.
 
 Public names are imported lazily, so ``import pipec`` stays cheap and the
-planner side never imports ``torch.distributed``.
+planner side never imports ``torch.distributed``; type checkers see them
+through the ``TYPE_CHECKING`` imports, with their real signatures.
 """
 
 from __future__ import annotations
