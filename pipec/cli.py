@@ -10,7 +10,10 @@ Option names follow the Python API (``--stages`` is ``num_stages``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -285,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"pipec: error: {_error_text(exc)}\n")
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`pipec show DIR | head`): stop quietly,
+        # as a program killed by SIGPIPE does, and keep Python's exit from flushing into the pipe
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a path the user gave cannot be read or written
         if args.debug:
             raise

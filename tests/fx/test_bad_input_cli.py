@@ -344,3 +344,18 @@ def test_python_dash_m_pipec_prints_one_line(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [result.stderr.strip()]
     says(result.stderr, "pipec: error: no plan directory at", "nowhere", "re-run")
     assert result.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_goes_away_ends_the_command_quietly(saved_plan: Path) -> None:
+    # `pipec show DIR | head -1`: the pipe's reader is gone before pipec writes
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pipec", "show", str(saved_plan)], stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=110,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        os.close(write)
+    assert result.returncode == 128 + 13, result.stderr  # as if killed by SIGPIPE
+    assert result.stderr == ""  # not "pipec: error: BrokenPipeError ... check the path"
