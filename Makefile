@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.pipec-installed
 PYTEST_TIMEOUT ?= 300
 
-.PHONY: demo test lint typecheck clean venv
+.PHONY: demo test source-test wheel-check lint typecheck clean venv
 
 venv: $(STAMP)
 
@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) examples/demo.py
 
-test: $(STAMP)
+# the suite against the checkout (editable), then the wheel: built, installed
+# in a fresh venv and used from outside the source tree (.ci/wheel_check.sh)
+test: source-test wheel-check
+
+source-test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=$(PYTEST_TIMEOUT) -p no:cacheprovider tests
+
+wheel-check: $(STAMP)
+	VENV=$(VENV) PYTEST_TIMEOUT=$(PYTEST_TIMEOUT) .ci/wheel_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipec tests examples benchmarks

@@ -1,14 +1,19 @@
 """The ``pipec`` command line: partition, show, run, calibrate.
 
-User errors print one line on stderr that says what to do and exit with code
-2; ``--debug`` shows the traceback instead. Option names follow the Python API
-(``--stages`` is ``num_stages``, ``--microbatches`` is ``num_microbatches``).
+User errors print ``pipec: error: ...`` on stderr -- one line, or the lines of
+a message that has several (a validator's grid, one line per bad field) -- say
+what to do and exit with code 2; ``--debug`` shows the traceback instead.
+Option names follow the Python API (``--stages`` is ``num_stages``,
+``--microbatches`` is ``num_microbatches``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -258,6 +263,17 @@ _COMMANDS = {
 }
 
 
+def _error_text(exc: BaseException) -> str:
+    """The message of ``exc`` for the terminal: its lines kept (a grid must stay a grid),
+    trailing spaces and blank lines at either end dropped; never empty."""
+    lines = [line.rstrip() for line in str(exc).splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return "\n".join(lines) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -270,9 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipecError as exc:
         if args.debug:
             raise
-        message = " ".join(str(exc).split())
-        sys.stderr.write(f"pipec: error: {message}\n")
+        sys.stderr.write(f"pipec: error: {_error_text(exc)}\n")
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (`pipec show DIR | head`): stop quietly,
+        # as a program killed by SIGPIPE does, and keep Python's exit from flushing into the pipe
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a path the user gave cannot be read or written
         if args.debug:
             raise

@@ -276,6 +276,10 @@ def build(package: Path = PACKAGE) -> ImportGraph:
 
 def report(graph: ImportGraph) -> str:
     lines = [f"{len(graph.modules)} modules, {len({(e.source, e.target) for e in graph.edges})} edges"]
+    lines.append("layers, top to bottom (a module imports only from its layer or below):")
+    for index in reversed(range(len(LAYERS))):
+        members = sorted(m.removeprefix("pipec.") or "pipec" for m in graph.modules if layer_of(m) == index)
+        lines.append(f"  {index:2d} {LAYERS[index][0]}: {', '.join(members)}")
     cycles = graph.cycles()
     lines.append(f"cycles (strongly connected components > 1 module): {len(cycles)}")
     for c in cycles:

@@ -172,8 +172,9 @@ class HardwareSpec(FrozenModel):
 
 
 def cost_models_dir() -> Path:
-    """The repository's ``cost_models/`` folder (pipec is installed editable)."""
-    return Path(__file__).resolve().parents[2] / "cost_models"
+    """The shipped hardware files: ``pipec/cost_models/``, package data in the wheel
+    (the repository's top-level ``cost_models/`` is a link to it)."""
+    return Path(__file__).resolve().parents[1] / "cost_models"
 
 
 def list_cost_models() -> list[str]:

@@ -53,7 +53,7 @@ from pipec.units import format_bytes
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("optimal", "equal-count", "by-params", "greedy")
-_EXHAUSTIVE_LIMIT = 20_000
+EXHAUSTIVE_LIMIT = 20_000  # coupled ranks: enumerate the splits when there are at most this many
 _INF = float("inf")
 
 
@@ -83,8 +83,10 @@ def check_cut_count(problem: ChainProblem) -> None:
         )
 
 
-def optimal(problem: ChainProblem) -> ChainSolution:
-    """The split with the smallest bottleneck that fits memory (see the module docstring)."""
+def optimal(problem: ChainProblem, *, exhaustive_limit: int = EXHAUSTIVE_LIMIT) -> ChainSolution:
+    """The split with the smallest bottleneck that fits memory (see the module docstring).
+    Stages sharing a rank whose memory together overflows it: the splits are enumerated
+    when at most ``exhaustive_limit``, else a split that fits is searched (not exact)."""
     tab = tables_of(problem)
     s = problem.num_stages
     caps = [_limit(problem, k) for k in range(s)]
@@ -103,7 +105,7 @@ def optimal(problem: ChainProblem) -> ChainSolution:
         raise infeasible_error(problem)
     solution = evaluate(problem, found[1], "optimal")
     if not fits(problem, solution):
-        solution = _coupled(problem, solution)
+        solution = _coupled(problem, solution, exhaustive_limit)
     return solution
 
 
@@ -185,10 +187,10 @@ def infeasible_error(problem: ChainProblem) -> PartitionError:
     )
 
 
-def _coupled(problem: ChainProblem, relaxed: ChainSolution) -> ChainSolution:
+def _coupled(problem: ChainProblem, relaxed: ChainSolution, exhaustive_limit: int) -> ChainSolution:
     """Several stages per rank whose memory together exceeds the rank's limit."""
     inner = problem.cut_positions()
-    if math.comb(len(inner), problem.num_stages - 1) <= _EXHAUSTIVE_LIMIT:
+    if math.comb(len(inner), problem.num_stages - 1) <= exhaustive_limit:
         cuts = exhaustive(problem)
         if cuts is None:
             raise infeasible_error(problem)

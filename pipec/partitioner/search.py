@@ -51,7 +51,7 @@ I64 = npt.NDArray[np.int64]
 _SLACK = 1e-9  # relative: window bounds include pairs a rounding error away from the cap
 _CHUNK = 1 << 20  # pairs evaluated per numpy call
 _PROBES = (-1, 0, 1)  # starts tried around the second crossing for an upper bound
-_NARROW_FROM = 16  # ends with fewer candidate starts are relaxed in full
+NARROW_FROM = 16  # ends with fewer candidate starts are relaxed in full
 
 
 def _room(problem: ChainProblem) -> tuple[I64, I64, I64]:
@@ -138,9 +138,12 @@ def capped_dp(
     time_cap: float,
     memory_caps: Sequence[float],
     objective: str = "time",
+    narrow_from: int = NARROW_FROM,
 ) -> tuple[float, tuple[int, ...]] | None:
     """Exact min over splits meeting the caps of the largest stage ``objective``
-    (``"time"`` or ``"memory"``); ``(value, cuts)``, or None when no split meets them."""
+    (``"time"`` or ``"memory"``); ``(value, cuts)``, or None when no split meets them.
+    Ends with more than ``narrow_from`` candidate starts are narrowed first (the
+    result is the same; a huge ``narrow_from`` relaxes every start, for tests)."""
     win = windows(problem, time_cap, memory_caps)
     if win is None:
         return None
@@ -167,7 +170,8 @@ def capped_dp(
         keep = b > a
         ends, a, counts = ends[keep], a[keep], (b - a)[keep]
         if objective == "time":
-            a, counts = _narrow(problem, k, positions, values, ends, a, counts, time_cap, memory_caps[k])
+            a, counts = _narrow(problem, k, positions, values, ends, a, counts, time_cap, memory_caps[k],
+                                narrow_from)
         new_values = np.full(len(ends), np.inf)
         new_back = np.zeros(len(ends), dtype=np.int64)
         for block in _blocks(counts):
@@ -232,7 +236,7 @@ def _candidates(problem: ChainProblem, k: int, i: I64, j: I64, before: F64, time
 
 
 def _narrow(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I64, a: I64, counts: I64,
-            time_cap: float, memory_cap: float) -> tuple[I64, I64]:
+            time_cap: float, memory_cap: float, narrow_from: int) -> tuple[I64, I64]:
     """Per end ``j``, the sub-range of its starts ``positions[a : a + counts]`` that can
     attain ``min_i max(values[i], time_k(i, j))`` (see the module docstring); same ``(a, counts)`` form.
 
@@ -241,7 +245,7 @@ def _narrow(problem: ChainProblem, k: int, positions: I64, values: F64, ends: I6
     value of some start, a start with ``compute(i, j) > u`` or ``values[i] > u`` has
     a candidate value ``> u >= min``.
     """
-    wide = np.flatnonzero(counts > _NARROW_FROM)
+    wide = np.flatnonzero(counts > narrow_from)
     if len(wide) == 0:
         return a, counts
     pt = tables_of(problem).prefix_time

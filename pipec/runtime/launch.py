@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -208,9 +209,10 @@ def run_plan(
     loopback = _loopback_interface()
     if loopback is not None and _is_loopback(master_addr):
         env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    log.info("launching: %s", " ".join(cmd))
+    log.info("launching: %s", shlex.join(cmd))
     output = _Output(out)
     proc = _spawn(cmd, env)
+    log.info("torchrun started: pid %d", proc.pid)
     tree = ProcessTree(proc.pid)
     try:
         code = _supervise(proc, tree, output, settle=settle, grace=grace)
@@ -243,6 +245,7 @@ def _supervise(
     next_refresh = 0.0
     failed_at: float | None = None
     terminated_at: float | None = None
+    killed = False
     while True:
         now = time.monotonic()
         if now >= next_refresh:
@@ -255,6 +258,9 @@ def _supervise(
             tree.signal(signal.SIGTERM)
             terminated_at = now
         if terminated_at is not None and now > terminated_at + grace:
+            if not killed:
+                log.info("killing the ranks still alive %.0f s after SIGTERM", now - terminated_at)
+                killed = True
             tree.signal(signal.SIGKILL)
         try:
             line = lines.get(timeout=0.2)

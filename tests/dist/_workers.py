@@ -1,17 +1,30 @@
-"""Launching a Gloo process group for a test, on 127.0.0.1 with a free port.
+"""Launching a Gloo process group for a test, on 127.0.0.1.
 
 Children are forked from the test process (cheap: no second ``import torch``)
 and each runs ``fn(rank, world_size, *args)`` inside an initialised process
 group; what ``fn`` returns is saved with ``torch.save`` and handed back to the
 parent, which fails with the child's traceback when one raises and kills the
 children it started when ``timeout`` passes.
+
+How children start is decided by the torch build, never by what earlier tests
+did: ``fork`` on a CPU build; ``forkserver`` on a CUDA (or ROCm) build, whose
+autograd starts device threads at the first backward, after which a forked
+child cannot backpropagate. A fork server's children get ``fn`` and its
+arguments pickled; a test whose arguments cannot be (a torch.export graph
+module) is skipped there -- on every run, whatever ran before it -- and runs
+on the CPU builds CI uses. ``PIPEC_TEST_START_METHOD`` overrides the choice
+(``forkserver`` on a CPU build shows which tests a CUDA build skips).
+
+Rank 0 hosts the c10d store on a port the kernel picks (port 0) and hands the
+number to the other ranks: no port is chosen first and bound later, so no other
+process can take it in between.
 """
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -21,50 +34,70 @@ from typing import Any
 
 import torch
 
+RENDEZVOUS_TIMEOUT = 60.0
 
-def _probe_backward() -> None:
+
+def start_method() -> str:
+    """``fork``, or ``forkserver`` on a torch built for a GPU (see the module docstring)."""
+    forced = os.environ.get("PIPEC_TEST_START_METHOD")
+    if forced:
+        return forced
+    return "forkserver" if (torch.version.cuda or torch.version.hip) else "fork"
+
+
+def context(method: str | None = None) -> Any:
+    """The multiprocessing context for ranks; a fork server preloads torch, once."""
+    ctx = mp.get_context(method or start_method())
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["torch"])
+    return ctx
+
+
+def store_for(rank: int, world_size: int, port: Any) -> Any:
+    """The c10d store: rank 0 hosts it on a free port it is given by the kernel and
+    writes the number into the shared ``port`` (a ``multiprocessing.Value``); the other
+    ranks wait for the number and connect."""
+    from torch.distributed import TCPStore
+
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT)
+    if rank == 0:
+        store = TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
+        port.value = store.port
+    else:
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT
+        while port.value == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not start the store within {RENDEZVOUS_TIMEOUT} s")
+            time.sleep(0.01)
+        store = TCPStore("127.0.0.1", port.value, world_size, is_master=False, timeout=timeout)
+    os.environ["MASTER_PORT"] = str(port.value)
+    return store
+
+
+def _require_picklable(fn: Callable[..., Any], args: tuple[Any, ...], method: str) -> None:
+    from multiprocessing.reduction import ForkingPickler
+
     try:
-        torch.ones(1, requires_grad=True).sum().backward()
-    except RuntimeError:
-        os._exit(1)
-    os._exit(0)
+        ForkingPickler.dumps((fn, args))
+    except Exception as exc:  # pickle raises several kinds
+        import pytest
 
-
-_FORK_SAFE: bool | None = None
-
-
-def fork_is_safe() -> bool:
-    """Whether a forked child can still run autograd. A CUDA build of torch
-    starts autograd device threads at the first backward, after which a forked
-    child cannot backpropagate; the CPU builds CI uses never do."""
-    global _FORK_SAFE
-    if _FORK_SAFE is None:  # once unsafe, always unsafe: only that is remembered
-        p = mp.get_context("fork").Process(target=_probe_backward)
-        p.start()
-        p.join(60)
-        if p.exitcode != 0:
-            _FORK_SAFE = False
-    return _FORK_SAFE is None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        pytest.skip(f"ranks start by {method} here (torch built for a GPU, where a forked child cannot "
+                    f"run autograd, or PIPEC_TEST_START_METHOD), and this test's arguments cannot be "
+                    f"pickled ({type(exc).__name__}: {exc}); it runs where ranks fork, as on CI's CPU torch")
 
 
 def _child(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
-    port: int,
+    port: Any,
     out: str,
     args: tuple[Any, ...],
     backend: str | None,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -78,7 +111,8 @@ def _child(
 
             if backend == "nccl":
                 torch.cuda.set_device(rank)
-            dist.init_process_group(backend, rank=rank, world_size=world_size)
+            store = store_for(rank, world_size, port)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
     except BaseException as e:  # the parent reports it
@@ -94,20 +128,17 @@ def run_ranks(
     *args: Any,
     timeout: float = 120.0,
     backend: str | None = "gloo",
-    start_method: str = "fork",
+    start_method: str | None = None,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; their results by rank.
 
-    ``backend=None`` starts no process group; use ``start_method="spawn"`` for
-    CUDA (a forked child cannot use a CUDA context, and ``fn`` must then be
-    importable)."""
-    if start_method == "fork" and not fork_is_safe():
-        import pytest
-
-        pytest.skip("this process ran autograd on a CUDA build of torch, so forked ranks cannot; "
-                    "run tests/dist in a fresh process (or on a CPU build, as CI does)")
-    ctx = mp.get_context(start_method)
-    port = free_port()
+    ``backend=None`` starts no process group; ``start_method`` defaults to
+    :func:`start_method` (pass ``"spawn"`` for CUDA ranks: a forked child cannot use
+    a CUDA context, and ``fn`` must then be importable)."""
+    ctx = context(start_method)
+    if ctx.get_start_method() != "fork":
+        _require_picklable(fn, args, ctx.get_start_method())
+    port = ctx.Value("i", 0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
         procs = [
@@ -144,12 +175,8 @@ def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], 
     """Like :func:`run_ranks`, but ranks may die: their result is None. Waits for
     ``survivors``, then up to ``linger`` seconds for the others to end by themselves,
     then kills whatever is left (a stopped or sleeping rank)."""
-    if not fork_is_safe():
-        import pytest
-
-        pytest.skip("forked ranks cannot run autograd after this process used CUDA")
-    ctx = mp.get_context("fork")
-    port = free_port()
+    ctx = context()
+    port = ctx.Value("i", 0)  # rank 0 hosts the store on a port the kernel picks
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(Path(tmp) / f"rank{r}.pt") for r in range(world_size)]
         procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, paths[r], args, backend))

@@ -9,7 +9,9 @@ stage) misbehaves at a chosen step, as the environment says
 from __future__ import annotations
 
 import io
-import time
+import logging
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -84,21 +86,17 @@ def _alive(pid: int) -> bool:
     return text[text.rindex(")") + 2:].split()[0] != "Z"
 
 
-def run_with_pids(directory: Path, pids: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> tuple[int, str, list[int]]:
-    """run_plan, then the PIDs of torchrun and of every rank it started (all must be gone)."""
+def run_with_pids(directory: Path, pids: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                  **kwargs: object) -> tuple[int, str, list[int]]:
+    """run_plan, then the PIDs of torchrun (as run_plan logs it) and of every rank it
+    started (as each rank writes it): all must be gone."""
     pids.mkdir(exist_ok=True)
     monkeypatch.setenv("PIPEC_TEST_PIDS", str(pids))
-    started: list[int] = []
-    spawn = launch._spawn
-
-    def recording_spawn(cmd: list[str], env: dict[str, str]) -> object:
-        proc = spawn(cmd, env)
-        started.append(proc.pid)
-        return proc
-
-    monkeypatch.setattr(launch, "_spawn", recording_spawn)
+    caplog.set_level(logging.INFO, logger=launch.__name__)
     out = io.StringIO()
     code = run_plan(directory, nproc=2, backend="gloo", stream=out, **kwargs)  # type: ignore[arg-type]
+    started = [int(m.group(1)) for r in caplog.records
+               if (m := re.fullmatch(r"torchrun started: pid (\d+)", r.getMessage()))]
     ranks = [int(p.read_text()) for p in sorted(pids.glob("rank*.pid"))]
     for p in pids.glob("rank*.pid"):
         p.unlink()
@@ -106,14 +104,18 @@ def run_with_pids(directory: Path, pids: Path, monkeypatch: pytest.MonkeyPatch, 
 
 
 @pytest.mark.timeout(120)
-def test_a_hung_rank_that_ignores_sigterm_is_killed_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hung_rank_that_ignores_sigterm_is_killed_and_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     directory = saved_plan(tmp_path)
     monkeypatch.setenv("PIPEC_TEST_FAULT", "hang:1:2")
     monkeypatch.setenv("PIPEC_TIMEOUT", "3")
-    started = time.monotonic()
-    code, text, pids = run_with_pids(directory, tmp_path / "pids", monkeypatch, steps=5, settle=1.0, grace=2.0)
-    # torchrun alone would wait 30 s between its SIGTERM and its SIGKILL
-    assert time.monotonic() - started < 30, text
+    code, text, pids = run_with_pids(directory, tmp_path / "pids", monkeypatch, caplog, steps=5, settle=1.0,
+                                     grace=2.0)
+    # pipec's launcher stops the ranks itself (torchrun alone would wait 30 s between its
+    # SIGTERM and its SIGKILL): it says so, SIGTERM first, SIGKILL after the grace
+    said = [r.getMessage() for r in caplog.records if r.name == launch.__name__]
+    assert [" ".join(m.split()[:3]) for m in said if m.startswith(("stopping", "killing"))] == [
+        "stopping the ranks:", "killing the ranks"], said
     assert code != 0, text
     assert len(pids) == 3, (pids, text)  # torchrun and two ranks
     assert not [p for p in pids if _alive(p)], text
@@ -140,23 +142,20 @@ print("listening on", sorted(found), "gloo", os.environ.get("GLOO_SOCKET_IFNAME"
 
 
 @pytest.mark.timeout(120)
-def test_the_rendezvous_listens_on_localhost_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_rendezvous_listens_on_localhost_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "plan.json").write_text('{"num_ranks": 2}')
     (tmp_path / "run.py").write_text(LISTENERS_PY)
-    commands: list[list[str]] = []
-    spawn = launch._spawn
-
-    def recording_spawn(cmd: list[str], env: dict[str, str]) -> object:
-        commands.append(list(cmd))
-        return spawn(cmd, env)
-
-    monkeypatch.setattr(launch, "_spawn", recording_spawn)
+    caplog.set_level(logging.INFO, logger=launch.__name__)
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     out = io.StringIO()
     assert run_plan(tmp_path, nproc=2, stream=out) == 0, out.getvalue()
     # the store's socket, as the kernel sees it: 127.0.0.1 (0100007F), not every interface
     assert "[rank0] listening on ['0100007F'] gloo lo" in out.getvalue(), out.getvalue()
-    command = commands[0]
+    launched = [r.getMessage().removeprefix("launching: ") for r in caplog.records
+                if r.getMessage().startswith("launching: ")]
+    assert len(launched) == 1, launched
+    command = shlex.split(launched[0])
     assert command[command.index("--master-addr") + 1] == "127.0.0.1"
     assert command[1:3] == ["-m", "pipec.runtime.torchrun_local"]
     assert build_parser().parse_args(["run", str(tmp_path), "--nproc", "2"]).master_addr == "127.0.0.1"

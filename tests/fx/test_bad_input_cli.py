@@ -1,5 +1,5 @@
-"""Bad input to the ``pipec`` command line: exit code 2, exactly one line on
-stderr starting ``pipec: error:`` that says what was expected, what was found
+"""Bad input to the ``pipec`` command line: exit code 2, one line on stderr
+starting ``pipec: error:`` (or the lines of a multi-line message, kept) that says what was expected, what was found
 and what to do; nothing half-written, no process launched (issue #8).
 
 The commands run in-process through :func:`pipec.cli.main` (fast; ``capfd``
@@ -63,8 +63,9 @@ def branchy():
 """
 
 
-def error_line(capfd: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run ``pipec ARGV``; check exit code 2 and one ``pipec: error:`` line on stderr; return it."""
+def error_line(capfd: pytest.CaptureFixture[str], *argv: str, lines: int = 1) -> str:
+    """Run ``pipec ARGV``; check exit code 2 and ``lines`` lines on stderr (0: two or
+    more), the first starting ``pipec: error:``; return them."""
     capfd.readouterr()
     try:
         code = main(list(argv))
@@ -72,11 +73,11 @@ def error_line(capfd: pytest.CaptureFixture[str], *argv: str) -> str:
         code = exc.code  # type: ignore[assignment]
     err = capfd.readouterr().err
     assert code == 2, f"exit code {code}, stderr {err!r}"
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, found {len(lines)}:\n{err}"
-    assert lines[0].startswith("pipec: error: ")
+    found = err.splitlines()
+    assert len(found) == lines if lines else len(found) >= 2, f"expected {lines or 'several'} line(s) on stderr, found {len(found)}:\n{err}"
+    assert found[0].startswith("pipec: error: ")
     assert "Traceback" not in err
-    return lines[0]
+    return err.rstrip("\n")
 
 
 def says(line: str, *fragments: str) -> None:
@@ -217,14 +218,27 @@ def test_broken_cost_model_file(factory: Path, capfd: pytest.CaptureFixture[str]
     line = error_line(capfd, *partition("--cost-model", "box.json"))
     says(line, "box.json", "is not valid JSON", "fix the syntax there")
     Path("box.json").write_text(json.dumps({"name": "box", "peak_flops": {"fp99": 1.0}}))
-    line = error_line(capfd, *partition("--cost-model", "box.json"))  # a multi-line message, printed as one
-    says(line, "invalid hardware description", "unknown dtype 'fp99'", "field 'memory_bandwidth'", "fix these fields")
+    # a multi-line message keeps its lines: one per bad field, then the advice
+    text = error_line(capfd, *partition("--cost-model", "box.json"), lines=0)
+    first, *fields, advice = text.splitlines()
+    assert first == "pipec: error: invalid hardware description 'box.json':"
+    assert all(f.startswith("  field '") for f in fields)
+    says(fields[0], "field 'peak_flops'", "unknown dtype 'fp99'")
+    says(fields[1], "field 'memory_bandwidth'", "required")
+    says(advice, "fix these fields")
     assert not Path("out").exists()
 
 
-def test_untraceable_model_is_one_line_without_torchs_graph_dump(factory: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    line = error_line(capfd, *partition(factory="zoo.py:branchy"))
-    says(line, "could not trace Branchy", "- fx:", "- export:", "to fix", "torch.cond")
+def test_untraceable_model_keeps_its_lines_without_torchs_graph_dump(factory: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # the message is the trace error's own lines: each method's reason (torch's, as torch
+    # wrote it), then the fix last, where a terminal leaves the eye
+    text = error_line(capfd, *partition(factory="zoo.py:branchy"), lines=0)
+    lines = text.splitlines()
+    says(lines[0], "pipec: error: could not trace Branchy", "tried fx, export:")
+    assert lines[1].startswith("  - fx: ")
+    assert [line for line in lines if line.startswith("  - ")][1].startswith("  - export: ")
+    says(lines[-1], "to fix", "torch.cond")
+    assert "graph():" not in text and "def forward" not in text  # no fx graph printed
     assert not Path("out").exists()
 
 
@@ -330,3 +344,18 @@ def test_python_dash_m_pipec_prints_one_line(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [result.stderr.strip()]
     says(result.stderr, "pipec: error: no plan directory at", "nowhere", "re-run")
     assert result.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_goes_away_ends_the_command_quietly(saved_plan: Path) -> None:
+    # `pipec show DIR | head -1`: the pipe's reader is gone before pipec writes
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pipec", "show", str(saved_plan)], stdout=write,
+                                stderr=subprocess.PIPE, text=True, timeout=110,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finally:
+        os.close(write)
+    assert result.returncode == 128 + 13, result.stderr  # as if killed by SIGPIPE
+    assert result.stderr == ""  # not "pipec: error: BrokenPipeError ... check the path"

@@ -31,6 +31,9 @@ class); viz imports nothing of the runtime (the timeline format it reads is
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import import_graph
 
 GRAPH = import_graph.build()
@@ -75,3 +78,39 @@ def test_no_module_imports_a_higher_layer() -> None:
 
 def test_only_the_runtime_imports_torch_distributed() -> None:
     assert GRAPH.distributed_outside_runtime() == {}
+
+
+def _readme_layers() -> dict[int, str]:
+    """README's architecture drawing: layer number -> its row (continuation lines joined)."""
+    text = (Path(import_graph.ROOT) / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Architecture"):]
+    drawing = section[section.index("```\nlayer"):].split("```")[1]
+    rows: dict[int, str] = {}
+    last = -1
+    for line in drawing.splitlines():
+        match = re.match(r"\s*(\d+)\s+(.*)", line)
+        if match:
+            last = int(match.group(1))
+            rows[last] = match.group(2)
+        elif line.strip() and last >= 0:  # a continuation line (the header has no number)
+            rows[last] += " " + line.strip()
+    return rows
+
+
+def _token(pattern: str) -> str:
+    """How README names a module pattern: ``pipec.costs.*`` is ``costs/``, ``pipec.schedule.ir``
+    is ``schedule/ir``, ``pipec`` is ``__init__``."""
+    if pattern == "pipec":
+        return "__init__"
+    name = pattern.removeprefix("pipec.")
+    return name[:-2].replace(".", "/") + "/" if name.endswith(".*") else name.replace(".", "/")
+
+
+def test_readme_draws_the_layers_of_the_code() -> None:
+    rows = _readme_layers()
+    assert sorted(rows) == list(range(len(import_graph.LAYERS))), rows
+    for index, (name, patterns) in enumerate(import_graph.LAYERS):
+        row = rows[index]
+        assert row.startswith(name.split(":")[0]), (index, name, row)
+        missing = [p for p in patterns if _token(p) not in row]
+        assert missing == [], f"README's layer {index} ({row!r}) does not name {missing}"

@@ -38,7 +38,7 @@ def chain(seed: int, *, huge: bool) -> ChainProblem:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_narrowed_dp_equals_full_dp(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_narrowed_dp_equals_full_dp(seed: int) -> None:
     p = chain(seed, huge=seed % 2 == 0)
     total = sum(p.compute_time)
     memory = [math.inf] * p.num_stages
@@ -46,10 +46,7 @@ def test_narrowed_dp_equals_full_dp(seed: int, monkeypatch: pytest.MonkeyPatch) 
     for cap in (total / p.num_stages * 1.1, max(p.compute_time) * 1.01, total):
         for caps in (memory, tight):
             narrowed = search.capped_dp(p, time_cap=cap, memory_caps=caps)
-            with monkeypatch.context() as m:
-                m.setattr(search, "_NARROW_FROM", 10**9)
-                full = search.capped_dp(p, time_cap=cap, memory_caps=caps)
-            assert narrowed == full
+            assert narrowed == search.capped_dp(p, time_cap=cap, memory_caps=caps, narrow_from=10**9)
 
 
 def test_one_huge_node_takes_a_stage_quickly() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipec.errors import PartitionError
-from pipec.partitioner.algorithm import STRATEGIES, exhaustive, solve
+from pipec.partitioner.algorithm import STRATEGIES, exhaustive, optimal, solve
 from pipec.partitioner.chain import evaluate, fits
 from pipec.partitioner.problem import ChainProblem, ChainSolution, ChainTensor, ParamGroup
 from pipec.partitioner.search import min_memory_limit
@@ -143,32 +143,27 @@ def test_faster_device_gets_more_work() -> None:
     assert solve(p).cuts == (0, 6, 9)
 
 
-def test_coupled_memory_on_shared_ranks_matches_exhaustive_search(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_coupled_memory_on_shared_ranks_matches_exhaustive_search() -> None:
     # interleaved: stages 0 and 2 share rank 0, and the split that is optimal with each stage
     # checked alone puts 120 + 122 + ... over the rank's limit
-    from pipec.partitioner import algorithm
-
-    calls: list[ChainSolution] = []
-    coupled = algorithm._coupled
-    monkeypatch.setattr(algorithm, "_coupled", lambda p, relaxed: calls.append(relaxed) or coupled(p, relaxed))
     p = ChainProblem(compute_time=(2.0, 1.0, 3.0, 1.0, 4.0, 4.0), num_stages=4, num_ranks=2,
                      saved_bytes=(60, 60, 1, 1, 60, 1), schedule="interleaved-1f1b",
                      num_microbatches=2, memory_limit=(250, 250))
+    # the per-stage split overflowed a rank: only the coupled search runs on then, and
+    # without enumeration it is not exact
+    assert not optimal(p, exhaustive_limit=0).exact
     got = solve(p)
-    assert calls and not fits(p, calls[0])  # the relaxation overflowed a rank
     assert fits(p, got) and got.exact
-    assert got.bottleneck == brute_force(p) > calls[0].bottleneck
+    assert got.bottleneck == brute_force(p)
     found = exhaustive(p)
     assert found is not None and evaluate(p, found).bottleneck == got.bottleneck
 
 
-def test_large_coupled_problems_fall_back_to_a_split_that_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipec.partitioner import algorithm
-
-    monkeypatch.setattr(algorithm, "_EXHAUSTIVE_LIMIT", 0)  # pretend the problem is too large to enumerate
+def test_large_coupled_problems_fall_back_to_a_split_that_fits() -> None:
     p = ChainProblem(compute_time=(2.0, 1.0, 3.0, 1.0, 4.0, 4.0), num_stages=4, num_ranks=2,
                      saved_bytes=(60, 60, 1, 1, 60, 1), schedule="interleaved-1f1b",
                      num_microbatches=2, memory_limit=(250, 250))
-    got = solve(p)
+    assert solve(p).exact  # small enough to enumerate
+    got = optimal(p, exhaustive_limit=0)  # as if it were too large to enumerate
     assert fits(p, got) and not got.exact
     assert got.bottleneck >= brute_force(p)  # type: ignore[operator]
