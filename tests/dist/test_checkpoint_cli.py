@@ -26,7 +26,8 @@ EVERY = ("--checkpoint-every", "3")
 
 @pytest.mark.timeout(180)
 def test_pipec_run_resumes_bit_identically_after_a_rank_is_killed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     straight = saved_plan(tmp_path, "straight")
     broken = tmp_path / "broken"
@@ -35,7 +36,7 @@ def test_pipec_run_resumes_bit_identically_after_a_rank_is_killed(
     capsys.readouterr()
 
     monkeypatch.setenv("PIPEC_TEST_FAULT", "kill:1:4")
-    code, text, pids = run_with_pids(broken, tmp_path / "pids", monkeypatch, steps=6, extra_args=EVERY)
+    code, text, pids = run_with_pids(broken, tmp_path / "pids", monkeypatch, caplog, steps=6, extra_args=EVERY)
     assert code != 0, text
     assert len(pids) == 3 and not [p for p in pids if _alive(p)], text
     assert text.strip().splitlines()[-1].startswith("pipec run: rank 1 failed"), text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,12 @@ def test_the_store_host_killed_while_committing_a_checkpoint_is_named(tmp_path: 
     _check(report, where=(1, None, 1), failed=(0, None, 1), says=["rank 0 is unreachable", "c10d store"])
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _join(rank: int, world_size: int, absent: int) -> dict[str, Any]:
     """Rank ``absent`` exits before joining; the other joins through the runtime (torchrun's
     variables are set, no process group yet)."""
@@ -195,6 +202,9 @@ def _join(rank: int, world_size: int, absent: int) -> dict[str, Any]:
 
     if rank == absent:
         os._exit(0)
+    # the runtime joins by torchrun's variables: rank 0 hosts the store on a port the kernel
+    # picks; rank 1 is pointed at a port nobody listens on (rank 0 is gone)
+    os.environ["MASTER_PORT"] = "0" if rank == 0 else str(_closed_port())
     plan = chain_plan(Chain(2), make_schedule("1f1b", 2, 4), batch=8, bounds=[0, 1, 2])
     try:
         PipelineRuntime(plan, _loss, timeout=5.0)
