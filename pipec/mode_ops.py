@@ -21,6 +21,11 @@ Random operations are the aten operators tagged ``nondeterministic_seeded``,
 found the same way for ``torch`` functions and tensor methods by their aten
 name, plus the few ``torch.nn.functional`` ones with no aten twin.
 
+Random operations with no mode argument (``torch.rand``, ``bernoulli``) draw
+in both modes: :func:`mode_blind_random` finds them, so partition and
+``eval()`` can say that Python skipping them in eval (stochastic depth) was
+baked in when the model was traced in training mode.
+
 Limits: both tracers record a default argument as given, so a dropout
 called as ``F.dropout(x, 0.1)`` (on in eval too, eagerly) looks like one
 called with ``training=self.training`` and is switched off by ``eval()``.
@@ -129,6 +134,37 @@ def is_random(node: fx.Node) -> bool:
     return _packet_is_random(name)
 
 
+def is_mode_blind_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers but has no mode argument to follow
+    (``torch.rand``, ``bernoulli``, ``randn`` ...): it draws in ``eval()`` too.
+
+    Python that skips such a node in eval (timm ``DropPath``, torchvision
+    ``StochasticDepth``: ``if not self.training: return x``) was decided when
+    the model was traced, so a graph traced in training mode keeps drawing.
+    """
+    if not is_random(node):
+        return False
+    names = argument_names(node) or ()
+    return not any(name in names for name in (*MODE_ARGS, *TRAIN_ONLY_ARGS))
+
+
+def mode_blind_random(graph_module: fx.GraphModule, module_paths: dict[str, str]) -> dict[str, str]:
+    """The :func:`is_mode_blind_random` nodes of a traced graph: node name -> the
+    module path that calls it ("" where unknown), in graph order.
+
+    ``module_paths`` maps node names to their module path (``NodeInfo.module_path``).
+    """
+    return {node.name: module_paths.get(node.name) or "" for node in graph_module.graph.nodes
+            if is_mode_blind_random(node)}
+
+
+def describe_nodes(nodes: dict[str, str], limit: int = 8) -> str:
+    """``"rand (dp), bernoulli (blocks.3.drop_path)"`` for messages."""
+    shown = [f"{name} ({path})" if path else name for name, path in list(nodes.items())[:limit]]
+    more = f" and {len(nodes) - limit} more" if len(nodes) > limit else ""
+    return ", ".join(shown) + more
+
+
 def is_batch_norm_op(node: fx.Node) -> bool:
     """A ``call_function`` of a batch-norm variant (``F.batch_norm``, ``aten.batch_norm``,
     ``aten._native_batch_norm_legit``, ...) -- by name, with a ``running_mean`` argument."""
@@ -165,6 +201,9 @@ __all__ = [
     "argument",
     "argument_names",
     "batch_norm_layers",
+    "describe_nodes",
     "is_batch_norm_op",
+    "is_mode_blind_random",
     "is_random",
+    "mode_blind_random",
 ]

@@ -167,6 +167,8 @@ class PlanData(FrozenModel):
     node_modules: dict[str, str] = {}  # compute node -> owning module path (for pictures after load)
     factory: str | None = None  # "FILE.py:FACTORY" the CLI built the model from
     batch_norm_layers: tuple[str, ...] = ()  # normalised per micro-batch (see pipec.mode_ops)
+    # traced in train(): random nodes with no mode argument (node -> module path); they draw in eval() too
+    mode_blind_random: dict[str, str] = {}
 
 
 class PlanLike(Protocol):

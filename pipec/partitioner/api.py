@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from pipec.errors import ConfigError, PartitionError, ScheduleError
+from pipec.mode_ops import describe_nodes
 from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.inputs import (
@@ -97,6 +98,7 @@ def partition_model(
             target=target,
         )
         warn_batch_norm(found.data)
+        warn_mode_blind_random(found.data)
         return found
     config.count("num_stages", num_stages)
     stages_per_rank = config.count("stages_per_rank", stages_per_rank)
@@ -133,6 +135,7 @@ def partition_model(
     )
     check_runnable(data)
     warn_batch_norm(data)
+    warn_mode_blind_random(data)
     return Partitioned(data, traced)
 
 
@@ -175,4 +178,19 @@ def warn_batch_norm(data: PlanData) -> None:
         )
 
 
-__all__ = ["partition_model", "warn_batch_norm"]
+def warn_mode_blind_random(data: PlanData) -> None:
+    """Warn that the plan's random nodes with no mode argument draw in ``eval()`` too
+    (the model was traced in training mode; see :func:`pipec.mode_ops.mode_blind_random`)."""
+    if data.mode_blind_random:
+        warnings.warn(
+            f"{len(data.mode_blind_random)} random operation(s) ({describe_nodes(data.mode_blind_random)}) "
+            "were traced in train() mode and have no train/eval argument to follow, so the stages "
+            "draw them in eval() too. If the model's Python skips them in eval (stochastic depth: "
+            "timm DropPath, torchvision StochasticDepth, `if not self.training: return x`), "
+            "pipe.eval() and stage.eval() give random outputs: for inference, partition the model "
+            "in eval mode, pipec.partition(model.eval(), ...).",
+            UserWarning, stacklevel=4,
+        )
+
+
+__all__ = ["partition_model", "warn_batch_norm", "warn_mode_blind_random"]

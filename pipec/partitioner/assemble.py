@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from pipec.errors import ConfigError
-from pipec.mode_ops import batch_norm_layers
+from pipec.mode_ops import batch_norm_layers, mode_blind_random
 from pipec.partitioner import config
 from pipec.partitioner.chain import check_cuts, evaluate, stage_params, stage_tied_time
 from pipec.partitioner.config import MemoryLimit
@@ -115,6 +115,8 @@ def build_plan_data(
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
+        mode_blind_random=mode_blind_random(traced.graph_module, {n.name: n.module_path for n in traced.nodes})
+        if traced.training else {},
     )
 
 

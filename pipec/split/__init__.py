@@ -37,6 +37,11 @@ Stage-module contract (what the runtime relies on; names are exact)
 ``traced_training: bool`` / ``follows_mode: bool``
     The model's mode when it was traced (the stage starts in it), and whether
     ``forward`` reads ``self.training`` (it has dropout or batch norm).
+``mode_blind_random: Mapping[str, str]``
+    Traced in training mode: the random nodes with no mode argument
+    (``torch.rand``, ``bernoulli``), node name -> module path. They draw in
+    eval too; ``stage.eval()`` warns (stochastic depth skipped by Python in
+    eval was baked in by the trace).
 
 Both kinds of stage module -- :class:`GraphStage` (built in memory) and the
 ``Stage<k>`` classes of generated ``stage_<k>.py`` files -- subclass

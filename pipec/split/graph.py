@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError, PlanError
 from pipec.inlining import inline_module
+from pipec.mode_ops import is_mode_blind_random
 from pipec.split.modes import follow_mode, seed_random_nodes
 from pipec.split.stage import GraphStage, StageModule, fetch_attr, rebuild_output
 from pipec.types import TracedGraph
@@ -111,6 +112,7 @@ class _StageBuilder:
         self.graph.output(tuple(results))
         self._follow_device(graph_inputs + boundary_inputs)
         follows_mode = follow_mode(self.graph, traced_training=self.traced.training, buffer=self._buffer)
+        blind = self._mode_blind_random() if self.traced.training else {}
         seed_random_nodes(self.graph, {n: n.meta[_TRACED_NAME] for n in self.graph.nodes if _TRACED_NAME in n.meta})
         self.graph.lint()
         requires_grad = self._requires_grad(boundary_inputs + outputs)
@@ -130,7 +132,18 @@ class _StageBuilder:
             class_name=f"Stage{index}",
             traced_training=self.traced.training,
             follows_mode=follows_mode,
+            mode_blind_random=blind,
         )
+
+    def _mode_blind_random(self) -> dict[str, str]:
+        """The stage's random nodes that draw in eval too, by traced-graph name -> module path."""
+        paths = {n.name: n.module_path for n in self.traced.nodes}
+        found: dict[str, str] = {}
+        for node in self.graph.nodes:
+            if is_mode_blind_random(node):
+                name = str(node.meta.get(_TRACED_NAME, node.name))
+                found[name] = paths.get(name.partition("/")[0]) or ""
+        return found
 
     # -- what crosses the stage's border ---------------------------------------------
     def _interface(

@@ -22,6 +22,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from pipec.mode_ops import describe_nodes
+
 log = logging.getLogger(__name__)
 
 MODE_ATTR = "training"  # what mode-following stage graphs read (pipec.split.modes)
@@ -41,10 +43,23 @@ class StageModule(nn.Module):
     aliases: Mapping[str, tuple[str, ...]] = {}
     traced_training: bool = True
     follows_mode: bool = False
+    mode_blind_random: Mapping[str, str] = {}
 
     def train(self, mode: bool = True) -> StageModule:
         """As ``nn.Module.train``; a stage traced in eval mode warns when switched to
-        training (what Python skipped in eval, e.g. attention dropout, is not in its graph)."""
+        training (what Python skipped in eval, e.g. attention dropout, is not in its graph),
+        one traced in training mode with random nodes that draw in eval too
+        (:attr:`mode_blind_random`) when switched to eval."""
+        if not mode and self.traced_training and self.mode_blind_random:
+            warnings.warn(
+                f"stage {self.index} still draws random numbers in eval(): its random operation(s) "
+                f"{describe_nodes(dict(self.mode_blind_random))} were traced in train() mode and have no "
+                "train/eval argument to follow. If the model's Python skips them in eval (stochastic "
+                "depth: DropPath, StochasticDepth, `if not self.training: return x`), this stage's "
+                "eval output is random. For inference, partition the model in eval mode: "
+                "pipec.partition(model.eval(), ...).",
+                UserWarning, stacklevel=2,
+            )
         if mode and not self.traced_training and self.follows_mode:
             warnings.warn(
                 f"stage {self.index} was traced from a model in eval() mode; in training it runs "
@@ -85,6 +100,7 @@ class GraphStage(fx.GraphModule, StageModule):
         class_name: str = "Stage",
         traced_training: bool = True,
         follows_mode: bool = False,
+        mode_blind_random: Mapping[str, str] | None = None,
     ) -> None:
         root: dict[str, Any] = dict(tensors)
         if follows_mode:
@@ -103,6 +119,7 @@ class GraphStage(fx.GraphModule, StageModule):
         self.aliases = dict(aliases)
         self.traced_training = traced_training
         self.follows_mode = follows_mode
+        self.mode_blind_random = dict(mode_blind_random or {})
         nn.Module.train(self, traced_training)  # starts in the mode the model was traced in
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GraphStage:
@@ -125,6 +142,7 @@ class GraphStage(fx.GraphModule, StageModule):
             class_name=type(self).__name__,
             traced_training=self.traced_training,
             follows_mode=self.follows_mode,
+            mode_blind_random=self.mode_blind_random,
         )
         nn.Module.train(copied, self.training)
         return copied

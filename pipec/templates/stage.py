@@ -52,6 +52,8 @@ ALIASES = {aliases}
 # the model's mode when traced; FOLLOWS_MODE: forward reads self.training (dropout, batch norm)
 TRACED_TRAINING = {traced_training!r}
 FOLLOWS_MODE = {follows_mode!r}
+# random nodes traced in train() with no mode argument: they draw in eval() too (node: module path)
+MODE_BLIND_RANDOM = {mode_blind_random}
 # name: (shape, dtype, requires_grad)
 PARAMETERS = {parameters}
 # name: (shape, dtype, persistent)
@@ -69,6 +71,7 @@ class Stage{index}(StageModule):
     aliases = ALIASES
     traced_training = TRACED_TRAINING
     follows_mode = FOLLOWS_MODE
+    mode_blind_random = MODE_BLIND_RANDOM
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,6 +143,7 @@ def stage_source(stage: GraphStage, data: PlanData) -> str:
         buffers=_literal(buffers),
         traced_training=stage.traced_training,
         follows_mode=stage.follows_mode,
+        mode_blind_random=_literal(dict(stage.mode_blind_random)),
         forward=forward,
     )
 
