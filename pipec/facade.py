@@ -26,6 +26,7 @@ from torch import nn
 
 from pipec.codegen import load_plan_data, load_stage_module, lowered_schedule, save_plan
 from pipec.errors import PlanError
+from pipec.microbatch import flatten_call
 from pipec.partitioner.api import partition_model
 from pipec.partitioner.config import MemoryLimit
 from pipec.plan import Boundary, PlanData, StageInfo
@@ -95,6 +96,14 @@ class Plan:
         )
         new._stage_modules = self._stage_modules
         return new
+
+    def flatten_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+        """A call's ``(args, kwargs)`` as one value per graph input (``data.inputs``),
+        bound as the trace bound the example (:func:`pipec.microbatch.flatten_call` over
+        ``data.input_structure``): the same for a plan in memory and one loaded from disk."""
+        if self.data.input_structure is None and self.traced is not None:
+            return self.traced.flatten_inputs(args, kwargs)  # plan data made without the structure
+        return flatten_call(args, kwargs or {}, self.data.input_structure, self.data.inputs)
 
     # -- phases ---------------------------------------------------------
     def simulate(self, backend: str | None = None) -> Simulation:

@@ -13,6 +13,7 @@ boundary shapes they produce (:mod:`pipec.runtime.comm`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
@@ -21,6 +22,109 @@ from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError
 from pipec.plan import InputSpec
+from pipec.types import Constant, InputStructure
+
+
+def flatten_call(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], structure: InputStructure | None,
+    specs: Sequence[InputSpec],
+) -> tuple[Any, ...]:
+    """One value per graph input (``specs``) from a call's ``(args, kwargs)``, bound
+    as the trace bound the example (``structure``, saved in the plan data): the one
+    binding of an in-memory plan, a loaded one and the traced graph itself.
+
+    ``torch.export``: the call is flattened against the example's pytree spec (dict
+    entries by key, in any order); fx: arguments bind to ``forward``'s parameters.
+    Without a structure (a plan.json written before it was saved) inputs bind by
+    graph-input name, :func:`bind_inputs`. Raises :class:`ConfigError` for a call
+    that does not match.
+    """
+    if structure is None:
+        return bind_inputs(args, kwargs, specs)
+    if structure.in_spec is not None:
+        return flatten_by_spec(args, kwargs, _spec(structure.in_spec))
+    return _bind_parameters(args, kwargs, structure)
+
+
+def flatten_by_spec(args: tuple[Any, ...], kwargs: Mapping[str, Any], spec: pytree.TreeSpec) -> tuple[Any, ...]:
+    """The leaves of ``(args, kwargs)`` in the order of ``spec`` (the traced example's
+    structure). Dict entries are matched by key, never by position."""
+    tree = (tuple(args), dict(kwargs))
+    try:
+        leaves = spec.flatten_up_to(tree)
+        # flatten_up_to accepts any value where the spec has a leaf: refuse a container there
+        same = pytree.tree_structure(pytree.tree_unflatten(leaves, spec)) == spec
+    except (ValueError, TypeError, KeyError, RuntimeError):
+        same = False
+    if not same:
+        raise ConfigError(
+            "inputs have a different structure than the example the plan was made with: expected "
+            f"{_show(spec)}, found {_show(pytree.tree_structure(tree))}; pass the same positional "
+            "arguments, keyword arguments and containers (dict keys may come in any order)"
+        )
+    return tuple(leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _spec(text: str) -> pytree.TreeSpec:
+    try:
+        return pytree.treespec_loads(text)
+    except Exception as exc:
+        raise ConfigError(
+            f"the plan's input structure cannot be read ({exc}); import the module that registers "
+            "its input types with torch's pytree before running the plan"
+        ) from exc
+
+
+def _show(spec: pytree.TreeSpec) -> str:
+    """``((*, {'x': *, 'y': *}), {})`` -- a spec with its leaves as ``*``."""
+    class _Leaf:
+        def __repr__(self) -> str:
+            return "*"
+    return repr(pytree.tree_unflatten([_Leaf()] * spec.num_leaves, spec))
+
+
+def _bind_parameters(args: tuple[Any, ...], kwargs: Mapping[str, Any], structure: InputStructure) -> tuple[Any, ...]:
+    """fx: bind like ``inspect.signature(forward).bind`` and take each graph input's argument."""
+    params = structure.parameters
+    if len(args) > len(params):
+        raise ConfigError(
+            f"expected at most {len(params)} positional inputs {list(params)}, found {len(args)}"
+        )
+    given: dict[str, Any] = dict(zip(params, args))
+    for name, value in kwargs.items():
+        if name in given:
+            raise ConfigError(f"input {name!r} is given twice, positionally and by keyword")
+        if name not in params and not structure.var_keyword:
+            raise ConfigError(f"unexpected keyword input {name!r}; the model's forward takes {list(params)}")
+        given[name] = value
+    for name, traced in structure.constants.items():
+        if name in given:
+            _check_constant(name, given[name], traced)
+        elif name in structure.explicit:
+            raise ConfigError(
+                f"argument {name!r} was traced with the value {traced!r} (not forward's default) and is "
+                f"baked into the graph; pass {name}={traced!r}, or partition again without it"
+            )
+    missing = [a for a in structure.arguments if a not in given]
+    if missing:
+        raise ConfigError(
+            f"missing input {missing[0]!r}: the plan's graph inputs are {list(structure.arguments)} "
+            f"(forward's parameters {list(params)}); pass every one"
+        )
+    return tuple(given[a] for a in structure.arguments)
+
+
+def _check_constant(name: str, found: Any, traced: Constant) -> None:
+    """An argument fx baked into the graph must be passed as traced."""
+    same = found is traced if traced is None or isinstance(traced, bool) else (
+        type(found) is type(traced) and bool(found == traced))
+    if not same:
+        raise ConfigError(
+            f"argument {name!r} was traced with the value {traced!r} and is baked into the "
+            f"graph, but {found!r} was passed; partition again with example_kwargs="
+            f"{{{name!r}: ...}} set as you will call the model"
+        )
 
 
 def chunk(value: torch.Tensor, num_microbatches: int) -> tuple[torch.Tensor, ...]:
@@ -34,8 +138,8 @@ def chunk(value: torch.Tensor, num_microbatches: int) -> tuple[torch.Tensor, ...
 def bind_inputs(
     args: tuple[Any, ...], kwargs: Mapping[str, Any], specs: Sequence[InputSpec]
 ) -> tuple[Any, ...]:
-    """One value per graph input of a plan loaded from disk: positional arguments
-    first, then keyword arguments by graph-input name."""
+    """One value per graph input of a plan saved without its input structure:
+    positional arguments first, then keyword arguments by graph-input name."""
     names = [s.name for s in specs]
     if len(args) > len(names):
         raise ConfigError(

@@ -26,7 +26,7 @@ from typing import Protocol
 from torch import nn
 
 from pipec.schedule.ir import Schedule
-from pipec.types import FrozenModel, NodeCost, TensorMeta, TracedGraph
+from pipec.types import FrozenModel, InputStructure, NodeCost, TensorMeta, TracedGraph
 
 FORMAT_VERSION = 1
 
@@ -158,6 +158,7 @@ class PlanData(FrozenModel):
     node_costs: dict[str, NodeCost]  # topological order; the costs the partitioner used
     tied_groups: tuple[TiedGroup, ...] = ()
     inputs: tuple[InputSpec, ...] = ()
+    input_structure: InputStructure | None = None  # how a call binds to ``inputs`` (None: by name)
     memory_limit: tuple[int | None, ...] = ()  # per rank
     device_speeds: tuple[float, ...] = ()  # per rank
     optimizer_state_bytes_per_param: int = 8

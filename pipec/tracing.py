@@ -64,7 +64,8 @@ from torch.utils import _pytree as pytree
 from pipec._preserve import preserved
 from pipec.errors import ConfigError, TraceError
 from pipec.inlining import opaque_modules
-from pipec.types import NodeInfo, ParamInfo, TensorMeta, TracedGraph
+from pipec.microbatch import flatten_by_spec, flatten_call
+from pipec.types import InputStructure, NodeInfo, ParamInfo, TensorMeta, TracedGraph
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +386,7 @@ class _Capture:
     flat_inputs: tuple[Any, ...]
     flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]]
     unflatten: Callable[[Any], Any]
+    structure: InputStructure | None  # the same binding as data (saved with the plan)
 
 
 # -- fx ------------------------------------------------------------------------
@@ -442,14 +444,47 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [str(n.target).lstrip("*") for n in placeholders]
 
+    structure = _fx_structure(sig, placeholders, {n: concrete[n] for n in dropped})
+
     def flatten(a: tuple[Any, ...], kw: Mapping[str, Any]) -> tuple[Any, ...]:
+        if structure is not None:  # the binding a loaded plan uses too
+            values = flatten_call(a, kw, structure, ())
+            unsaved = [n for n in dropped if n not in structure.constants]
+        else:
+            values, unsaved = None, dropped
         b = sig.bind(*a, **kw)
         b.apply_defaults()
-        for name in dropped:
+        for name in unsaved:
             _check_constant(name, b.arguments.get(name), concrete[name])
-        return tuple(b.arguments.get(name) for name in names)
+        return values if values is not None else tuple(b.arguments.get(name) for name in names)
 
-    return _Capture(gm, "fx", flatten(args, kwargs), flatten, lambda out: out)
+    return _Capture(gm, "fx", flatten(args, kwargs), flatten, lambda out: out, structure)
+
+
+def _fx_structure(
+    sig: inspect.Signature, placeholders: Sequence[fx.Node], guarded: Mapping[str, Any]
+) -> InputStructure | None:
+    """How fx's graph binds a call: forward's parameters, one per graph input; None
+    when a graph input is a ``*args`` / ``**kwargs`` pack (bound as a whole in memory)."""
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return None
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    simple = (type(None), bool, int, float, str)
+    constants = {n: v for n, v in guarded.items() if type(v) in simple}
+    explicit = []
+    for name, value in constants.items():
+        default = sig.parameters[name].default
+        same = default is value if value is None or isinstance(value, bool) else (
+            type(default) is type(value) and bool(default == value))
+        if not same:
+            explicit.append(name)
+    return InputStructure(
+        parameters=tuple(n for n, p in sig.parameters.items() if p.kind not in variadic),
+        var_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()),
+        arguments=tuple(str(n.target) for n in placeholders),
+        constants=constants,
+        explicit=tuple(explicit),
+    )
 
 
 def _drop_guarded_constants(graph: fx.Graph, concrete: Mapping[str, Any]) -> list[str]:
@@ -552,18 +587,17 @@ def _trace_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, 
     gm.recompile()
 
     def flatten(a: tuple[Any, ...], kw: Mapping[str, Any]) -> tuple[Any, ...]:
-        leaves, spec = pytree.tree_flatten((tuple(a), dict(kw)))
-        if spec != in_spec:
-            raise TraceError(
-                "inputs have a different structure than the example the model was exported with; "
-                f"expected {in_spec}, found {spec}"
-            )
-        return tuple(leaves)
+        return flatten_by_spec(a, kw, in_spec)  # what flatten_call does for a loaded plan
 
     def unflatten(out: Any) -> Any:
         return pytree.tree_unflatten(list(out), out_spec)
 
-    return _Capture(gm, "export", flatten(args, kwargs), flatten, unflatten)
+    try:
+        structure: InputStructure | None = InputStructure(in_spec=pytree.treespec_dumps(in_spec))
+    except Exception as exc:  # an input type pytree cannot write: a loaded plan binds by name
+        log.info("the input structure %s cannot be saved (%s); a loaded plan binds inputs by name", in_spec, exc)
+        structure = None
+    return _Capture(gm, "export", flatten(args, kwargs), flatten, unflatten, structure)
 
 
 def _export_module(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> nn.Module:
@@ -866,6 +900,7 @@ def _annotate(model: nn.Module, capture: _Capture, reference: Any = None) -> Tra
         model_name=type(model).__name__,
         _flatten=capture.flatten,
         _unflatten=capture.unflatten,
+        input_structure=capture.structure,
         training=model.training,
         module_modes={name: m.training for name, m in model.named_modules(remove_duplicate=False)},
     )

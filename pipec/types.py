@@ -64,6 +64,30 @@ class TensorMeta(FrozenModel):
         )
 
 
+#: a value fx baked into the graph that plan.json can hold, to check calls against
+Constant = None | bool | int | float | str
+
+
+class InputStructure(FrozenModel):
+    """How a call's ``(args, kwargs)`` become the graph inputs, saved with the plan so a
+    loaded plan binds a call exactly as the in-memory one (:func:`pipec.microbatch.flatten_call`).
+
+    ``torch.export``: ``in_spec`` is the pytree spec of the example's ``(args, kwargs)``
+    (``treespec_dumps``); the graph inputs are its leaves. fx: ``parameters`` are
+    ``forward``'s named parameters in order (``var_keyword``: it also takes
+    ``**kwargs``), ``arguments`` the parameter each graph input is, and
+    ``constants`` the values baked in whose calls must match (``labels=None``),
+    ``explicit`` those traced at a value other than forward's default (a call must pass them).
+    """
+
+    in_spec: str | None = None
+    parameters: tuple[str, ...] = ()
+    var_keyword: bool = False
+    arguments: tuple[str, ...] = ()
+    constants: dict[str, Constant] = {}
+    explicit: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     """One parameter or buffer of the original model, by canonical FQN.
@@ -129,6 +153,7 @@ class TracedGraph:
     _unflatten: Callable[[Any], Any] = field(repr=False)
     training: bool = True  # the model's train/eval mode when it was traced
     module_modes: Mapping[str, bool] = field(default_factory=dict, repr=False)  # path -> training, at trace
+    input_structure: InputStructure | None = None  # how calls bind to the inputs (None: not saveable)
 
     def node(self, name: str) -> NodeInfo:
         for n in self.nodes:

@@ -108,7 +108,7 @@ def build_plan_data(
         lowered=lower_per_backend(schedule, boundaries),
         stages=tuple(stages), boundaries=tuple(boundaries),
         node_costs={n.name: node_costs[n.name] for n in traced.nodes if n.name in node_costs},
-        tied_groups=tuple(tied), inputs=inputs,
+        tied_groups=tuple(tied), inputs=inputs, input_structure=traced.input_structure,
         memory_limit=tuple(problem.limit_of(r) for r in range(problem.ranks)),
         device_speeds=tuple(problem.speed_of(r) for r in range(problem.ranks)),
         optimizer_state_bytes_per_param=problem.optimizer_state_bytes_per_param,

@@ -27,7 +27,7 @@ import torch
 from pipec.errors import ConfigError
 from pipec.facade import Plan
 from pipec.loss import LossParts, loss_parts
-from pipec.microbatch import bind_inputs, split_inputs, split_target
+from pipec.microbatch import split_inputs, split_target
 from pipec.runtime.setup import as_plan, resolve_seed
 from pipec.runtime.tied import share_local_parameters
 from pipec.split import StageModule
@@ -80,8 +80,7 @@ def reference_step(
                                   "(original FQNs), e.g. pipec.merge_state_dicts of every rank's")
             module.load_state_dict({k: state_dict[k] for k in module.state_dict()})
     num = plan.num_microbatches
-    values = plan.traced.flatten_inputs(inputs, kwargs) if plan.traced is not None else bind_inputs(
-        inputs, kwargs, plan.data.inputs)
+    values = plan.flatten_inputs(inputs, kwargs)
     microbatches = split_inputs(values, plan.data.inputs, num, torch.device("cpu"))
     targets = split_target(target, num, torch.device("cpu")) if target is not None else None
     seed = resolve_seed(seed)

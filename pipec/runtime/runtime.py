@@ -46,7 +46,6 @@ from torch import nn
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.facade import Plan
 from pipec.microbatch import (
-    bind_inputs,
     merge_outputs,
     plan_shapes,
     split_inputs,
@@ -252,10 +251,7 @@ class PipelineRuntime:
         """Split the batch and tell P2P and the executor the step's input shapes: a batch
         size or sequence length other than the plan's runs (:mod:`pipec.runtime.comm`)."""
         specs = self.plan.data.inputs
-        if self.plan.traced is not None:
-            values = self.plan.traced.flatten_inputs(inputs, kwargs)
-        else:
-            values = bind_inputs(inputs, kwargs, specs)
+        values = self.plan.flatten_inputs(inputs, kwargs)
         microbatches = split_inputs(values, specs, self.num_microbatches, self.device, self._needed_inputs)
         shapes = step_shapes(values, specs, self.num_microbatches)
         planned = shapes == self._plan_shapes

@@ -1,0 +1,146 @@
+"""A loaded plan binds a call's inputs exactly as the in-memory plan (issues #13, #14).
+
+Regression: a loaded plan matched inputs by graph-input name, and export names
+a dict argument's tensors ``batch_x``, ``batch_y``: ``pipec run``,
+``PipelineRuntime(dir)`` and ``reference_step(dir, ...)`` failed at step 0 with
+"missing input 'batch_y'". The plan data now holds the trace's input structure
+(export's pytree spec, fx's parameters), and one function binds a call for
+both kinds of plan (:func:`pipec.microbatch.flatten_call`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _one_rank import one_rank
+from torch import nn
+from torch.nn import functional as F
+
+import pipec
+from pipec.errors import ConfigError
+from pipec.runtime.runtime import PipelineRuntime
+
+
+class DictInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(4, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.out(torch.relu(self.a(batch["x"])) * torch.sigmoid(self.b(batch["y"])))
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(4, 8, generator=gen), "y": torch.randn(4, 4, generator=gen)}
+
+
+def test_a_loaded_plan_takes_a_dict_input_as_the_in_memory_one(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DictInput()
+    y = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(2))
+    plan = pipec.partition(model, (_batch(0),), num_stages=2, num_microbatches=2,
+                           loss_fn=F.cross_entropy, target=y, cost_model="h100-sxm")
+    d = plan.save(tmp_path / "plan")
+    batch = _batch(1)
+    want = pipec.reference_step(plan, batch, target=y, loss_fn=F.cross_entropy)
+    got = pipec.reference_step(d, batch, target=y, loss_fn=F.cross_entropy)
+    torch.testing.assert_close(got.loss, want.loss)
+    for name, grad in want.grads.items():
+        torch.testing.assert_close(got.grads[name], grad, msg=name)
+    # dict entries are matched by key, whatever their order
+    swapped = {"y": batch["y"], "x": batch["x"]}
+    assert pipec.load(d).flatten_inputs((swapped,)) == plan.flatten_inputs((batch,))
+    pipe = PipelineRuntime(one_rank(pipec.load(d)), loss_fn=F.cross_entropy)
+    loss = pipe.step(swapped, target=y)
+    assert loss is not None
+    torch.testing.assert_close(loss, want.loss)
+    for loaded in (plan, pipec.load(d)):
+        with pytest.raises(ConfigError, match="different structure"):
+            loaded.flatten_inputs(({"x": batch["x"]},))
+        with pytest.raises(ConfigError, match="different structure"):
+            loaded.flatten_inputs((batch["x"], batch["y"]))
+
+
+def test_a_plan_json_without_the_structure_still_binds_by_name(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    d = pipec.partition(model, (x,), num_stages=2, cost_model="h100-sxm").save(tmp_path / "plan")
+    path = d / "plan.json"
+    data = json.loads(path.read_text())
+    assert data.pop("input_structure") is not None
+    path.write_text(json.dumps(data))
+    old = pipec.load(d, verify=False)
+    assert old.data.input_structure is None
+    (value,) = old.flatten_inputs((x,))
+    assert value is x
+
+
+def test_hf_keyword_inputs_bind_the_same_after_save_and_load(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     use_cache=False)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    plan = pipec.partition(model, (ids,), example_kwargs={"attention_mask": mask, "labels": ids},
+                           num_stages=2, num_microbatches=2, cost_model="h100-sxm")
+    loaded = pipec.load(plan.save(tmp_path / "plan"))
+    assert loaded.data.input_structure == plan.data.input_structure is not None
+    ids2 = torch.randint(0, 64, (4, 8))
+    calls = [((ids2,), {"attention_mask": mask, "labels": ids2}),
+             ((ids2,), {"labels": ids2, "attention_mask": mask})]
+    want = plan.flatten_inputs(*calls[0])
+    assert len(want) == len(plan.data.inputs)
+    for args, kwargs in calls:
+        for p in (plan, loaded):
+            got = p.flatten_inputs(args, kwargs)
+            assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+    for p in (plan, loaded):
+        with pytest.raises(ConfigError):
+            p.flatten_inputs((ids2,), {"attention_mask": mask})  # labels were traced: pass them
+
+
+class KeywordModel(nn.Module):
+    """An HF-style forward for fx: a keyword tensor, a flag baked in, ``**kwargs``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                return_dict: bool = True, **kwargs: object) -> object:
+        y = self.b(torch.relu(self.a(x)) * mask) + labels
+        return {"y": y} if return_dict else (y,)
+
+
+def test_fx_keyword_inputs_and_baked_flags_bind_the_same_after_save_and_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, labels, mask = torch.randn(4, 4), torch.randn(4, 4), torch.ones(4, 4)
+    plan = pipec.partition(KeywordModel(), (x,), example_kwargs={"mask": mask, "labels": labels, "return_dict": False},
+                           num_stages=2, num_microbatches=2, cost_model="h100-sxm", method="fx")
+    loaded = pipec.load(plan.save(tmp_path / "plan"))
+    assert loaded.data.input_structure == plan.data.input_structure is not None
+    want = plan.flatten_inputs((x,), {"mask": mask, "labels": labels, "return_dict": False})
+    assert [id(v) for v in want] == [id(v) for v in (x, labels, mask)]  # forward's order
+    for p in (plan, loaded):
+        for args, kwargs in [((x, labels), {"return_dict": False, "mask": mask}),
+                             ((), {"return_dict": False, "mask": mask, "x": x, "labels": labels}),
+                             ((x, labels, mask, False), {"extra": 1})]:  # **kwargs takes any keyword
+            got = p.flatten_inputs(args, kwargs)
+            assert [id(v) for v in got] == [id(v) for v in want]
+        with pytest.raises(ConfigError, match="'return_dict' was traced with the value False"):
+            p.flatten_inputs((x,), {"mask": mask, "labels": labels})  # the default (True) is not what was traced
+        with pytest.raises(ConfigError, match="'return_dict' was traced with the value False"):
+            p.flatten_inputs((x,), {"mask": mask, "labels": labels, "return_dict": True})
+        with pytest.raises(ConfigError, match="missing input 'mask'"):
+            p.flatten_inputs((x,), {"labels": labels, "return_dict": False})
