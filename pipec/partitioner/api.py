@@ -43,6 +43,7 @@ from pipec.partitioner.inputs import (
     first_target,
     split_inputs,
 )
+from pipec.partitioner.loss_check import check_loss_reduction
 from pipec.partitioner.single import (
     Partitioned,
     check_strategy,
@@ -99,6 +100,9 @@ def partition_model(
         )
         warn_batch_norm(found.data)
         warn_mode_blind_random(found.data)
+        args, kwargs = split_inputs(example_inputs, example_kwargs)
+        check_loss_reduction(model, args, kwargs, loss_fn=loss_fn, target=target,
+                             num_microbatches=found.data.num_microbatches)
         return found
     config.count("num_stages", num_stages)
     stages_per_rank = config.count("stages_per_rank", stages_per_rank)
@@ -136,6 +140,7 @@ def partition_model(
     check_runnable(data)
     warn_batch_norm(data)
     warn_mode_blind_random(data)
+    check_loss_reduction(model, args, kwargs, loss_fn=loss_fn, target=target, num_microbatches=num_microbatches)
     return Partitioned(data, traced)
 
 
