@@ -168,7 +168,8 @@ class PlanData(FrozenModel):
     node_modules: dict[str, str] = {}  # compute node -> owning module path (for pictures after load)
     factory: str | None = None  # "FILE.py:FACTORY" the CLI built the model from
     batch_norm_layers: tuple[str, ...] = ()  # normalised per micro-batch (see pipec.mode_ops)
-    # traced in train(): random nodes with no mode argument (node -> module path); they draw in eval() too
+    # traced in train(), the model not random in eval(): random nodes with no mode argument
+    # (node -> module path), which the stages draw in eval() too (pipec.mode_ops.mode_blind_random)
     mode_blind_random: dict[str, str] = {}
 
 

@@ -33,6 +33,7 @@ from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.mode_ops import describe_nodes
 from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.eval_random import draws_in_eval
 from pipec.partitioner.inputs import (
     AUTO,
     batch_size,
@@ -98,9 +99,12 @@ def partition_model(
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
             target=target,
         )
+        args, kwargs = split_inputs(example_inputs, example_kwargs)
+        if found.data.mode_blind_random and draws_in_eval(
+                model, *first_microbatch(args, kwargs, found.data.num_microbatches)):
+            found = Partitioned(found.data.model_copy(update={"mode_blind_random": {}}), found.traced)
         warn_batch_norm(found.data)
         warn_mode_blind_random(found.data)
-        args, kwargs = split_inputs(example_inputs, example_kwargs)
         check_loss_reduction(model, args, kwargs, loss_fn=loss_fn, target=target,
                              num_microbatches=found.data.num_microbatches)
         return found
@@ -138,6 +142,8 @@ def partition_model(
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
     )
     check_runnable(data)
+    if data.mode_blind_random and draws_in_eval(model, mb_args, mb_kwargs):
+        data = data.model_copy(update={"mode_blind_random": {}})  # random in eval like the model: right
     warn_batch_norm(data)
     warn_mode_blind_random(data)
     check_loss_reduction(model, args, kwargs, loss_fn=loss_fn, target=target, num_microbatches=num_microbatches)

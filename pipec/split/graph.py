@@ -112,7 +112,8 @@ class _StageBuilder:
         self.graph.output(tuple(results))
         self._follow_device(graph_inputs + boundary_inputs)
         follows_mode = follow_mode(self.graph, traced_training=self.traced.training, buffer=self._buffer)
-        blind = self._mode_blind_random() if self.traced.training else {}
+        # the plan data lists them unless the model draws in eval too (pipec.partitioner.eval_random)
+        blind = self._mode_blind_random() if self.traced.training and self.data.mode_blind_random else {}
         seed_random_nodes(self.graph, {n: n.meta[_TRACED_NAME] for n in self.graph.nodes if _TRACED_NAME in n.meta})
         self.graph.lint()
         requires_grad = self._requires_grad(boundary_inputs + outputs)

@@ -106,3 +106,28 @@ def test_model_partitioned_in_eval_runs_eval_exactly() -> None:
     assert caught == [] and plan.data.mode_blind_random == {}
     pipe = PipelineRuntime(one_rank(plan))
     torch.testing.assert_close(pipe.forward(x), model(x))
+
+
+class Noisy(nn.Module):
+    """Samples in both modes (noise injection): its eval output is random on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        return self.l2(h + torch.randn_like(h))
+
+
+def test_no_warning_for_a_model_that_draws_in_eval_too() -> None:
+    torch.manual_seed(0)
+    model, x = Noisy(), torch.randn(8, 8)
+    plan, caught = _partition(model, x, "export")
+    assert caught == [] and plan.data.mode_blind_random == {}
+    pipe = PipelineRuntime(one_rank(plan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.eval()
+    assert model.training  # the check ran the model in eval mode and put it back
