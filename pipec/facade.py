@@ -198,6 +198,13 @@ def partition(
     ``loss_fn`` with ``target`` (the full batch's, split like the inputs; without
     it ``loss_fn(output)`` is called) is profiled with the model when
     ``cost_model="profile"``, and its time and memory count on the last stage.
+
+    What pipelining would change silently is said with a warning here: BatchNorm
+    layers that see one micro-batch at a time; random operations the stages
+    draw in ``eval()`` too (stochastic depth traced in training mode); and,
+    whatever the cost model, a scalar ``loss_fn`` whose mean over the example's
+    micro-batches differs from its full-batch loss (padding / ``ignore_index``:
+    return ``(loss_sum, count)``), checked in eval mode without gradients.
     """
     found = partition_model(
         model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,

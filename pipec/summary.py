@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from pipec.mode_ops import describe_nodes
 from pipec.plan import Candidate, PlanData, StageInfo
 from pipec.units import format_bytes, format_seconds
 
@@ -94,6 +95,9 @@ def plan_summary(d: PlanData) -> str:
     if d.batch_norm_layers and d.num_microbatches > 1:
         lines.append(f"batch norm per micro-batch ({', '.join(d.batch_norm_layers)}): statistics and gradients "
                      f"are those of {d.num_microbatches} accumulated micro-batches, not of the full batch")
+    if d.mode_blind_random:
+        lines.append(f"random in eval() too ({describe_nodes(d.mode_blind_random)}): traced in train() with no "
+                     "train/eval argument; for inference partition the model in eval mode")
     limits = {m for m in d.memory_limit if m is not None}
     if limits:
         lines.append("memory limit per rank: " + ", ".join(format_bytes(m) for m in sorted(limits)))

@@ -75,6 +75,7 @@ def test_stochastic_depth_traced_in_train_warns_at_partition_and_eval(
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert "(dp)" in str(caught[0].message) and "pipec.partition(model.eval()" in str(caught[0].message)
     assert list(plan.data.mode_blind_random.values()) == ["dp"]
+    assert "random in eval() too" in plan.summary()
 
     for source in (plan, pipec.load(plan.save(tmp_path / "plan"))):
         pipe = PipelineRuntime(one_rank(source))

@@ -90,3 +90,25 @@ def test_the_check_leaves_the_model_as_it_was() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def output_loss(output: object) -> torch.Tensor:
+    return output.loss  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_hf_model_loss_with_padded_labels_warns(padded: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, use_cache=False)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    if padded:
+        labels[:2, 2:] = -100
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipec.partition(model, (ids,), example_kwargs={"labels": labels}, num_stages=2, num_microbatches=4,
+                        loss_fn=output_loss, cost_model="h100-sxm")
+    found = [w for w in caught if "not a mean over equal micro-batches" in str(w.message)]
+    assert len(found) == (1 if padded else 0)
