@@ -46,6 +46,23 @@ def flatten_call(
     return _bind_parameters(args, kwargs, structure)
 
 
+def call_of(
+    values: Sequence[Any], structure: InputStructure | None, specs: Sequence[InputSpec]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The inverse of :func:`flatten_call`: a call ``(args, kwargs)`` whose graph inputs
+    are ``values`` (one per ``specs``), e.g. a random batch built from plan.json."""
+    if len(values) != len(specs):
+        raise ConfigError(f"expected {len(specs)} inputs {[s.name for s in specs]}, found {len(values)}")
+    if structure is None:
+        return tuple(values), {}
+    if structure.in_spec is not None:
+        args, kwargs = pytree.tree_unflatten(list(values), _spec(structure.in_spec))
+        return tuple(args), dict(kwargs)
+    kwargs = dict(zip(structure.arguments, values))
+    kwargs.update({name: structure.constants[name] for name in structure.explicit})
+    return (), kwargs
+
+
 def flatten_by_spec(args: tuple[Any, ...], kwargs: Mapping[str, Any], spec: pytree.TreeSpec) -> tuple[Any, ...]:
     """The leaves of ``(args, kwargs)`` in the order of ``spec`` (the traced example's
     structure). Dict entries are matched by key, never by position."""

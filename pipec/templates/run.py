@@ -39,6 +39,7 @@ import torch
 import pipec
 from pipec.factory import FactoryResult, resolve_spec, split_spec
 from pipec.factory import load_factory as pipec_load_factory
+from pipec.microbatch import call_of
 from pipec.plan import PlanData
 from pipec.runtime.failure import failure_line, record_of
 
@@ -112,8 +113,8 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
         target = made.target
         loss_fn = made.loss_fn or mean_of_output
         del made  # the plan's weights come from the safetensors files, not this model
-    else:
-        inputs = random_batch(plan)
+    else:  # the plan's inputs, called as the model was traced (positions, keywords, dicts)
+        inputs, kwargs = call_of(random_batch(plan), plan.input_structure, plan.inputs)
 
     pipe = state["pipe"] = pipec.PipelineRuntime(loaded, loss_fn=loss_fn, backend=args.backend)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr)

@@ -11,6 +11,10 @@ both kinds of plan (:func:`pipec.microbatch.flatten_call`).
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from torch.nn import functional as F
 
 import pipec
 from pipec.errors import ConfigError
+from pipec.microbatch import call_of
 from pipec.runtime.runtime import PipelineRuntime
 
 
@@ -61,6 +66,9 @@ def test_a_loaded_plan_takes_a_dict_input_as_the_in_memory_one(tmp_path: Path) -
     assert loss is not None
     torch.testing.assert_close(loss, want.loss)
     for loaded in (plan, pipec.load(d)):
+        values = loaded.flatten_inputs((batch,))
+        args, kwargs = call_of(values, loaded.data.input_structure, loaded.data.inputs)
+        assert args == ({"x": batch["x"], "y": batch["y"]},) and kwargs == {}
         with pytest.raises(ConfigError, match="different structure"):
             loaded.flatten_inputs(({"x": batch["x"]},))
         with pytest.raises(ConfigError, match="different structure"):
@@ -144,3 +152,54 @@ def test_fx_keyword_inputs_and_baked_flags_bind_the_same_after_save_and_load(tmp
             p.flatten_inputs((x,), {"mask": mask, "labels": labels, "return_dict": True})
         with pytest.raises(ConfigError, match="missing input 'mask'"):
             p.flatten_inputs((x,), {"labels": labels, "return_dict": False})
+        args, kwargs = call_of(want, p.data.input_structure, p.data.inputs)
+        assert [id(v) for v in p.flatten_inputs(args, kwargs)] == [id(v) for v in want]
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(4, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, batch):
+        return self.out(torch.relu(self.a(batch["x"])) * torch.sigmoid(self.b(batch["y"])))
+
+
+def make():
+    torch.manual_seed(0)
+    batch = {"x": torch.randn(4, 8), "y": torch.randn(4, 4)}
+    return dict(model=DictInput(), example_inputs=(batch,), loss_fn=nn.functional.cross_entropy,
+                target=torch.randint(0, 3, (4,)))
+"""
+
+
+def _pipec(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ran = subprocess.run([sys.executable, "-m", "pipec", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert ran.returncode == 0, f"{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    return ran.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("factory", [True, False])
+def test_pipec_run_trains_a_dict_input_plan(factory: bool, tmp_path: Path) -> None:
+    """``pipec run`` calls the plan with the dict its model takes: the factory's batch, or
+    (a plan saved from Python, no factory) a random batch built from plan.json."""
+    if factory:
+        (tmp_path / "factory.py").write_text(FACTORY)
+        _pipec(tmp_path, "partition", "factory.py:make", "--stages", "2", "--microbatches", "2",
+               "--cost-model", "h100-sxm", "-o", "plan")
+    else:
+        torch.manual_seed(0)
+        plan = pipec.partition(DictInput(), (_batch(0),), num_stages=2, num_microbatches=2, cost_model="h100-sxm")
+        plan.save(tmp_path / "plan")
+    ran = _pipec(tmp_path, "run", "plan", "--nproc", "2", "--steps", "1")
+    assert re.search(r"step 0: loss [-+0-9.e]+", ran), ran
