@@ -386,7 +386,7 @@ class _Capture:
     flat_inputs: tuple[Any, ...]
     flatten: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]]
     unflatten: Callable[[Any], Any]
-    structure: InputStructure | None  # the same binding as data (saved with the plan)
+    structure: InputStructure | None = None  # the same binding as data (saved with the plan)
 
 
 # -- fx ------------------------------------------------------------------------
