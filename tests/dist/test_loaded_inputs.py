@@ -115,6 +115,16 @@ def test_hf_keyword_inputs_bind_the_same_after_save_and_load(tmp_path: Path) -> 
     for p in (plan, loaded):
         with pytest.raises(ConfigError):
             p.flatten_inputs((ids2,), {"attention_mask": mask})  # labels were traced: pass them
+    # and the loaded plan's stages compute what the in-memory plan's do on a keyword call
+    want_step = pipec.reference_step(plan, ids2, loss_fn=output_loss, labels=ids2, attention_mask=mask)
+    got_step = pipec.reference_step(tmp_path / "plan", ids2, loss_fn=output_loss, attention_mask=mask, labels=ids2)
+    torch.testing.assert_close(got_step.loss, want_step.loss)
+    for name, grad in want_step.grads.items():
+        torch.testing.assert_close(got_step.grads[name], grad, msg=name)
+
+
+def output_loss(output: object) -> torch.Tensor:
+    return output["loss"]  # type: ignore[index,no-any-return]
 
 
 class KeywordModel(nn.Module):
