@@ -53,7 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "tracing, costs",
         (
-            "pipec.tracing",
+            "pipec.tracing.*",
             "pipec.inlining",
             "pipec.mode_ops",
             "pipec.profiling",

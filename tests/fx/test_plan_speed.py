@@ -10,8 +10,9 @@ from models import ZOO, example
 from torch import nn
 
 import pipec
-from pipec import tracing
 from pipec.costs import analytic
+from pipec.tracing import annotate
+from pipec.tracing import capture as capture_mod
 
 
 class CountingLinear(nn.Linear):
@@ -29,9 +30,9 @@ class CountingLinear(nn.Linear):
 def test_export_metas_from_fake_values_equal_a_real_run(name: str) -> None:
     model, inputs = example(name, batch=2)
     traced = pipec.trace(model, inputs, method="export")
-    capture = tracing._Capture(traced.graph_module, "export", traced.example_inputs,
+    capture = capture_mod._Capture(traced.graph_module, "export", traced.example_inputs,
                                traced.flatten_inputs, traced.unflatten_output)
-    (metas, is_tensor), _ = tracing._run_recording(capture)
+    (metas, is_tensor), _ = annotate._run_recording(capture)
     for node in traced.nodes:
         assert node.outputs == metas[node.name], node.name
         assert node.is_tensor == is_tensor[node.name], node.name

@@ -10,7 +10,7 @@ Its ``LAYERS`` table is the layer of each module, bottom to top:
   1 saved data          schedule.ir, plan (data only), timeline_format, manifest
   2 schedule library    schedule.*: stage_graph < dry_run < grid < validator <
                         lowering < simulator; generators, in_flight
-  3 tracing, costs      tracing, inlining, mode_ops, profiling, microbatch, costs.*
+  3 tracing, costs      tracing/, inlining, mode_ops, profiling, microbatch, costs.*
   4 partitioner         partitioner.*
   5 split, codegen      split.*, codegen, templates.stage, plan_check, factory
   6 viz                 viz.*, summary
