@@ -93,7 +93,7 @@ class RankView:
 
 def plan_fingerprint(plan: Plan) -> str:
     """sha256 of the plan as plan.json holds it, without where it came from."""
-    text = plan.data.model_dump_json(exclude={"factory", "candidates"})
+    text = plan.data.model_dump_json(exclude={"factory", "candidates", "chosen"})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
