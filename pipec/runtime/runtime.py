@@ -53,7 +53,7 @@ from pipec.microbatch import (
     step_shapes,
 )
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
-from pipec.runtime.comm import P2P, ProcessGroupInfo, init_process_group
+from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
 from pipec.runtime.executor import Executor, StepResult
 from pipec.runtime.failure import (
     FailureMonitor,
@@ -510,6 +510,16 @@ class PipelineRuntime:
         return step
 
     # -- timelines ----------------------------------------------------------
+    def receive_counts(self) -> ReceiveCounts:
+        """How this rank's receive actions were posted since the runtime was built:
+        ``ahead`` (early in their step: Gloo, so data lands as soon as it is sent),
+        ``on_demand`` (when their action ran: NCCL, and the first step of a new input
+        shape; on Gloo otherwise a round trip on the critical path) and ``unused``
+        (posted ahead, not yet taken: 0 after every step). All 0 on a one-rank plan."""
+        if self._p2p is None:
+            return ReceiveCounts(0, 0, 0)
+        return self._p2p.receive_counts()
+
     def timeline(self) -> list[TimelineEvent]:
         """``(start, end, rank, action)`` of this rank's last step, seconds from its start;
         a training step on a rank holding a tied parameter ends with an ``ALLREDUCE`` entry."""
