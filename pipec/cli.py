@@ -62,7 +62,17 @@ def _speeds(text: str) -> list[float]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors follow the one-line, exit-2 rule."""
+    """argparse whose usage errors follow the one-line, exit-2 rule, and which
+    remembers its flags (:func:`command_flags`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.flags += [s for s in action.option_strings if s not in ("-h", "--help")]
+        return action
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"pipec: error: {message} (see `{self.prog} --help`)\n")
@@ -70,6 +80,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pipec`` argument parser."""
+    return _build()[0]
+
+
+def command_flags() -> dict[str, tuple[str, ...]]:
+    """Every ``pipec`` command and its flags, in the order ``--help`` shows them;
+    the key ``""`` holds the flags before the command (``--debug``). What the
+    README's CLI reference must name, and what a shell completion offers."""
+    parser, commands = _build()
+    flags = {"": tuple(parser.flags)}
+    for name, command in commands.items():
+        flags[name] = tuple(command.flags) if isinstance(command, _Parser) else ()
+    return flags
+
+
+def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(
         prog="pipec",
         description="pipec: partition a PyTorch model into pipeline stages, schedule, and run them.",
@@ -126,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default=None, help="name recorded in the file (default: file stem)")
     c.add_argument("--backend", choices=("gloo", "nccl"), default=None)
     c.add_argument("--quick", action="store_true", help="small sizes: seconds instead of a minute")
-    return parser
+    return parser, dict(sub.choices)  # the action add_subparsers returns: command name -> its parser
 
 
 def _check_output(out: Path, force: bool) -> None:

@@ -41,7 +41,13 @@ from pipec.viz.svg import schedule_svg
 
 class Plan:
     """A pipeline plan: :class:`~pipec.plan.PlanData` plus what lives in memory only
-    (the traced graph, the loss function, the directory it was loaded from)."""
+    (the traced graph, the loss function, the directory it was loaded from).
+
+    ``stage_modules`` gives stages built elsewhere (written by hand, or kept from
+    another plan object over the same data): :meth:`stage_module` returns them
+    instead of splitting the traced graph or loading the stage files. Each reads
+    its inputs and writes its outputs under the names the plan's boundaries use,
+    as the generated stages do (their ``input_names`` / ``output_names``)."""
 
     def __init__(
         self,
@@ -50,12 +56,15 @@ class Plan:
         traced: TracedGraph | None = None,
         loss_fn: Callable[..., Any] | None = None,
         directory: Path | None = None,
+        stage_modules: Mapping[int, nn.Module] | None = None,
     ) -> None:
         self.data = data
         self.traced = traced
         self.loss_fn = loss_fn
         self.directory = directory
         self._stage_modules: dict[int, nn.Module] = {}
+        for index, module in (stage_modules or {}).items():
+            self._stage_modules[check_stage_index(data, index)] = module
 
     # -- data views -----------------------------------------------------
     @property
@@ -88,14 +97,13 @@ class Plan:
 
     def with_factory(self, factory: str) -> Plan:
         """The same plan recording the ``FILE.py:FACTORY`` it was built from."""
-        new = Plan(
+        return Plan(
             self.data.model_copy(update={"factory": factory}),
             traced=self.traced,
             loss_fn=self.loss_fn,
             directory=self.directory,
+            stage_modules=self._stage_modules,
         )
-        new._stage_modules = self._stage_modules
-        return new
 
     def flatten_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         """A call's ``(args, kwargs)`` as one value per graph input (``data.inputs``),

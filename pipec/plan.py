@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from pydantic import model_validator
 from torch import nn
 
 from pipec.schedule.ir import Schedule
@@ -123,7 +124,8 @@ class InputSpec(FrozenModel):
 
 
 class Candidate(FrozenModel):
-    """One configuration the auto-planner tried."""
+    """One configuration the auto-planner tried (which one it chose is
+    :attr:`PlanData.chosen`, not a field here)."""
 
     schedule: str
     num_microbatches: int
@@ -165,12 +167,32 @@ class PlanData(FrozenModel):
     bottleneck: float  # slowest stage time
     lower_bound: float  # max(total / num_stages, largest node): compute only, no communication
     candidates: tuple[Candidate, ...] = ()
+    # index in ``candidates`` of the configuration this plan is: the one fact the
+    # summary and the report read (None when there are no candidates)
+    chosen: int | None = None
     node_modules: dict[str, str] = {}  # compute node -> owning module path (for pictures after load)
     factory: str | None = None  # "FILE.py:FACTORY" the CLI built the model from
     batch_norm_layers: tuple[str, ...] = ()  # normalised per micro-batch (see pipec.mode_ops)
     # traced in train(), the model not random in eval(): random nodes with no mode argument
     # (node -> module path), which the stages draw in eval() too (pipec.mode_ops.mode_blind_random)
     mode_blind_random: dict[str, str] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chosen_of_older_plans(cls, values: Any) -> Any:
+        # plans saved before ``chosen`` was stored list the winner first (the
+        # auto-planner has ranked its candidates that way since it was written)
+        if isinstance(values, dict) and values.get("candidates") and values.get("chosen") is None:
+            return {**values, "chosen": 0}
+        return values
+
+    @property
+    def chosen_candidate(self) -> Candidate | None:
+        """The candidate this plan is (``candidates[chosen]``), None for a plan
+        that was not auto-planned."""
+        if self.chosen is None or not 0 <= self.chosen < len(self.candidates):
+            return None
+        return self.candidates[self.chosen]
 
 
 class PlanLike(Protocol):

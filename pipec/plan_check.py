@@ -18,7 +18,9 @@ invariants every plan ``pipec.partition`` makes holds:
    name stages and ranks that exist;
 4. the schedule: :func:`pipec.schedule.validator.validate` with the plan's
    boundaries -- every stage x micro-batch has its ``F`` and its backward
-   (``B``, or ``I`` and ``W``), in an order that cannot deadlock.
+   (``B``, or ``I`` and ``W``), in an order that cannot deadlock;
+5. an auto plan's ``chosen`` candidate is the plan's own schedule, micro-batches
+   and stages per rank (``pipec show`` and report.html both name it).
 
 A plan that breaks one would run with the wrong gradients or hang, so it is
 refused; the runtime trusts a loaded plan.
@@ -45,6 +47,7 @@ def check_plan_data(data: PlanData, file: Path) -> None:
     """Raise :class:`PlanError` unless ``data`` (read from ``file``) holds the invariants above."""
     _check_sizes(data, file)
     _check_nodes(data, file)
+    _check_chosen(data, file)
     check_schedule(data.schedule, data, file)
     for backend, lowered in data.lowered.items():
         _check_lowered(backend, lowered, data, file)
@@ -118,6 +121,21 @@ def _check_nodes(data: PlanData, file: Path) -> None:
         if any(not 0 <= s <= last for s in g.stages):
             raise _refuse(file, f"tied parameter {g.fqn!r} lives on stages {list(g.stages)}, but the "
                                 f"plan has stages 0..{last}")
+
+
+def _check_chosen(data: PlanData, file: Path) -> None:
+    if not data.candidates and data.chosen is None:
+        return
+    chosen = data.chosen_candidate
+    if chosen is None:
+        want = (f"an index in 0..{len(data.candidates) - 1} of its {len(data.candidates)} candidates"
+                if data.candidates else "none, since it lists no candidates")
+        raise _refuse(file, f"its chosen candidate is {data.chosen}, expected {want}")
+    found = (chosen.schedule, chosen.num_microbatches, chosen.stages_per_rank)
+    expected = (data.schedule.name, data.num_microbatches, data.stages_per_rank)
+    if found != expected:
+        raise _refuse(file, f"its chosen candidate {data.chosen} is (schedule, num_microbatches, stages_per_rank) "
+                            f"= {found}, but the plan is {expected}")
 
 
 def check_schedule(schedule: Schedule, data: PlanData, file: Path, *, check_pair_order: bool = True) -> None:

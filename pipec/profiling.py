@@ -123,16 +123,29 @@ def _measure_node(run: NodeRun, timer: Timer) -> NodeCost:
                             weight_grad_time=backward_time * weight_share, derived=True)
         if run.input_leaves and run.params:
             backward_time = timer.grad_per_call(outs, grads, both)
-            excess = input_grad_time + weight_grad_time - backward_time
-            if excess > (_FUSED_RATIO - 1) * backward_time and excess > 4 * timer.grad_node_time:
-                # One fused kernel computes both (cuDNN/ATen batch norm backward):
-                # asked for apart, each pays for it. Keep the measured I:W proportion,
-                # scaled to the measured whole backward B.
-                scale = backward_time / (input_grad_time + weight_grad_time)
-                return NodeCost(forward_time=forward_time, input_grad_time=input_grad_time * scale,
-                                weight_grad_time=weight_grad_time * scale, derived=True)
+            input_grad_time, weight_grad_time, derived = split_backward(
+                input_grad_time, weight_grad_time, backward_time, noise=4 * timer.grad_node_time)
+            return NodeCost(forward_time=forward_time, input_grad_time=input_grad_time,
+                            weight_grad_time=weight_grad_time, derived=derived)
         return NodeCost(forward_time=forward_time, input_grad_time=input_grad_time,
                         weight_grad_time=weight_grad_time)
+
+
+def split_backward(input_grad_time: float, weight_grad_time: float, backward_time: float, *,
+                   noise: float) -> tuple[float, float, bool]:
+    """A node's I and W from their times asked for apart and its whole backward B:
+    ``(I, W, derived)``.
+
+    As measured, unless I + W exceeds B by more than ``_FUSED_RATIO - 1`` of B and
+    by more than ``noise`` seconds (timer noise): then one fused kernel computes both
+    (cuDNN/ATen batch norm backward) and, asked for apart, each paid for all of it;
+    I and W keep their measured proportion, scaled to sum to B, and are ``derived``.
+    """
+    excess = input_grad_time + weight_grad_time - backward_time
+    if excess > (_FUSED_RATIO - 1) * backward_time and excess > noise:
+        scale = backward_time / (input_grad_time + weight_grad_time)
+        return input_grad_time * scale, weight_grad_time * scale, True
+    return input_grad_time, weight_grad_time, False
 
 
 def _whole_model(traced: TracedGraph, inputs: tuple[Any, ...]) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -406,4 +419,4 @@ def _node_error(node: torch.fx.Node, dev: torch.device, err: BaseException) -> P
     )
 
 
-__all__ = ["Profile", "profile"]
+__all__ = ["Profile", "profile", "split_backward"]

@@ -131,18 +131,10 @@ def candidates_table(candidates: tuple[Candidate, ...]) -> Table:
     return table
 
 
-def _chosen(d: PlanData) -> Candidate | None:
-    for c in d.candidates:
-        if (c.schedule, c.num_microbatches, c.stages_per_rank) == (
-                d.schedule.name, d.num_microbatches, d.stages_per_rank):
-            return c
-    return None
-
-
 def winner_line(d: PlanData) -> str:
-    """Why the plan's configuration won, e.g. "1f1b m=8: fastest of 9 candidates that fit
-    (1.34 ms; zb-h1 m=8 is 1.39 ms)"."""
-    chosen = _chosen(d)
+    """Why the plan's configuration (``d.chosen``, as the report reads it) won, e.g.
+    "1f1b m=8: fastest of 9 candidates that fit (1.34 ms; zb-h1 m=8 is 1.39 ms)"."""
+    chosen = d.chosen_candidate
     if chosen is None:
         return f"chosen: {d.schedule.name} m={d.num_microbatches} (not among the {len(d.candidates)} candidates)"
     fitting = [c for c in d.candidates if c.fits]

@@ -10,7 +10,8 @@ configuration tried. The phases, in order::
     trace + cost        once per distinct micro-batch size (shapes change with it)
     for each config     partition_traced -> simulate_plan -> Trial
     choose              fits first; then step time; ties -> less memory
-    candidates          one Candidate per trial, sorted, with a note why it won or lost
+    candidates          one Candidate per trial, sorted, with a note why it won or lost;
+                        ``data.chosen`` is the winner's index (0), what summary and report read
 
 **The hardware stays fixed.** The number of ranks is what the user has:
 ``num_stages / stages_per_rank`` for a fixed ``stages_per_rank``. With
@@ -208,7 +209,7 @@ def partition_auto(
     if not ranked[0].fits:
         raise none_fits_error(ranked, space.num_ranks)
     winner = ranked[0]
-    data = winner.data.model_copy(update={"candidates": candidates(ranked)})
+    data = winner.data.model_copy(update={"candidates": candidates(ranked), "chosen": 0})  # ranked: winner first
     log.info("auto-plan: chose %s (%s) of %d candidates", winner.config.label,
              format_seconds(winner.step_time), len(ranked))
     return Partitioned(data, costed[winner.config.num_microbatches].traced)

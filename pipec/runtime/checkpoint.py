@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from pipec._files import sha256_file
@@ -93,7 +94,7 @@ class RankView:
 
 def plan_fingerprint(plan: Plan) -> str:
     """sha256 of the plan as plan.json holds it, without where it came from."""
-    text = plan.data.model_dump_json(exclude={"factory", "candidates"})
+    text = plan.data.model_dump_json(exclude={"factory", "candidates", "chosen"})
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -132,7 +133,7 @@ def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer
         fsync_path(tmp)
         tmp.rename(step_dir / f"rank{view.rank}")
         fsync_path(step_dir)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"rank {view.rank} could not write its checkpoint to {step_dir}: {exc}; check the free "

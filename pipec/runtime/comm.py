@@ -50,6 +50,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -187,6 +188,17 @@ def _irecv(buf: torch.Tensor, src: int, tag: int) -> dist.Work:
     return work
 
 
+class ReceiveCounts(NamedTuple):
+    """How a rank's receive actions were posted (:meth:`P2P.receive_counts`): ``ahead``
+    early in their step (Gloo), ``on_demand`` when their action ran (NCCL, and steps
+    that learn new shapes; on Gloo otherwise each costs a round trip on the critical
+    path), ``unused`` posted ahead but not taken by an action yet (0 after each step)."""
+
+    ahead: int
+    on_demand: int
+    unused: int
+
+
 @dataclass(frozen=True)
 class _Message:
     name: str
@@ -270,6 +282,7 @@ class P2P:
         self._zeros: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         # receives posted ahead of their action: (direction, stage, micro-batch) -> requests
         self._posted: dict[tuple[int, int, int], list[Request]] = {}
+        self._ahead = self._on_demand = 0  # receive actions posted each way (receive_counts)
         # boundary shapes of steps shaped unlike the plan (see the module doc)
         self._mode = PLANNED
         self._key: object = None
@@ -346,6 +359,12 @@ class P2P:
         self._posted.clear()
         for direction, stage, microbatch in receives:
             self._posted[(direction, stage, microbatch)] = self._post(direction, stage, microbatch)
+        self._ahead += len(receives)
+
+    def receive_counts(self) -> ReceiveCounts:
+        """The receive actions posted ahead and on demand since this P2P was made, and
+        those posted ahead that no action has taken yet."""
+        return ReceiveCounts(self._ahead, self._on_demand, len(self._posted))
 
     def discard_posted(self) -> None:
         """Forget receives posted for a step that ended early (its process group is
@@ -368,7 +387,10 @@ class P2P:
 
     def _receive(self, direction: int, stage: int, microbatch: int) -> list[Request]:
         posted = self._posted.pop((direction, stage, microbatch), None)
-        return posted if posted is not None else self._post(direction, stage, microbatch)
+        if posted is not None:
+            return posted
+        self._on_demand += 1
+        return self._post(direction, stage, microbatch)
 
     # -- forward ---------------------------------------------------------
     def send_forward(self, stage: int, microbatch: int, outputs: Mapping[str, torch.Tensor]) -> None:
@@ -392,6 +414,7 @@ class P2P:
     def _recv_learning(self, stage: int, microbatch: int) -> list[Request]:
         """A learning step's forward receives: each message's shape header, then its data."""
         works: list[Request] = []
+        self._on_demand += 1
         for m in self._recv_f[stage]:
             header = torch.empty(len(m.shape), dtype=torch.int64, device=self.info.device)
             self.waiter.wait([self._irecv(header, m, microbatch, HEADER)],

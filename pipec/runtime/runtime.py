@@ -53,7 +53,7 @@ from pipec.microbatch import (
     step_shapes,
 )
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
-from pipec.runtime.comm import P2P, ProcessGroupInfo, init_process_group
+from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
 from pipec.runtime.executor import Executor, StepResult
 from pipec.runtime.failure import (
     FailureMonitor,
@@ -164,15 +164,15 @@ class PipelineRuntime:
             for s, m in self.stage_modules.items()
         }
         self.is_last = (plan.num_stages - 1) in self.stage_modules
-        self._monitor: FailureMonitor | None = None
+        self.monitor: FailureMonitor | None = None  # heartbeats and the failure record (see the class doc)
         self._failure: FailureRecord | None = None
         if self.info.distributed and self.info.world_size > 1:
             # raises PeerFailure, naming the store's host, when that host is gone
-            self._monitor = create_monitor(
+            self.monitor = create_monitor(
                 rank=self.rank, world_size=self.info.world_size, heartbeat_timeout=self.heartbeat_timeout,
                 store_timeout=min(self.timeout, self.heartbeat_timeout),
             )
-        self._waiter = Waiter(rank=self.rank, timeout=self.timeout, monitor=self._monitor,
+        self._waiter = Waiter(rank=self.rank, timeout=self.timeout, monitor=self.monitor,
                               inline=self.info.backend == "nccl")
         try:
             self._connect(plan)
@@ -239,9 +239,9 @@ class PipelineRuntime:
         """Wait until every rank has called ``_barrier(name)``, through the c10d store: stops
         with a PeerFailure when a rank failed (published), stopped answering or died
         (heartbeats), or the store is gone, and after ``timeout`` seconds."""
-        if self._monitor is None:
+        if self.monitor is None:
             return
-        store, key, world_size = self._monitor.store, f"barrier/{name}", self.info.world_size
+        store, key, world_size = self.monitor.store, f"barrier/{name}", self.info.world_size
         store.add(key, 1)
         others = [r for r in range(world_size) if r != self.rank]
         self._waiter.poll(lambda: store.add(key, 0) >= world_size, what, others)
@@ -360,10 +360,10 @@ class PipelineRuntime:
     def _publish(self, record: FailureRecord) -> FailureRecord:
         if self._failure is None:
             self._failure = record
-        if self._monitor is None:
+        if self.monitor is None:
             return record
-        first = self._monitor.report(record)
-        self._monitor.break_connections()  # peers blocked on this rank stop at once
+        first = self.monitor.report(record)
+        self.monitor.break_connections()  # peers blocked on this rank stop at once
         return first
 
     def _check_usable(self) -> None:
@@ -377,8 +377,8 @@ class PipelineRuntime:
 
     def close(self) -> None:
         """Stop this runtime's failure monitor (its thread also stops when the runtime is freed)."""
-        if self._monitor is not None:
-            self._monitor.close()
+        if self.monitor is not None:
+            self.monitor.close()
 
     def _end_step_timed(self) -> None:
         """The tied-gradient all-reduces, timed on the executor's clock (on CUDA its
@@ -471,7 +471,7 @@ class PipelineRuntime:
         return RankView(
             rank=self.rank, world_size=self.info.world_size, plan=self.plan, stages=tuple(self.stage_indices),
             tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
-            store=self._monitor.store if self._monitor is not None else None, waiter=self._waiter,
+            store=self.monitor.store if self.monitor is not None else None, waiter=self._waiter,
             save_index=self._saves - 1,
         )
 
@@ -510,6 +510,16 @@ class PipelineRuntime:
         return step
 
     # -- timelines ----------------------------------------------------------
+    def receive_counts(self) -> ReceiveCounts:
+        """How this rank's receive actions were posted since the runtime was built:
+        ``ahead`` (early in their step: Gloo, so data lands as soon as it is sent),
+        ``on_demand`` (when their action ran: NCCL, and the first step of a new input
+        shape; on Gloo otherwise a round trip on the critical path) and ``unused``
+        (posted ahead, not yet taken: 0 after every step). All 0 on a one-rank plan."""
+        if self._p2p is None:
+            return ReceiveCounts(0, 0, 0)
+        return self._p2p.receive_counts()
+
     def timeline(self) -> list[TimelineEvent]:
         """``(start, end, rank, action)`` of this rank's last step, seconds from its start;
         a training step on a rank holding a tied parameter ends with an ``ALLREDUCE`` entry."""

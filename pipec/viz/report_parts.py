@@ -198,22 +198,9 @@ def tied_groups(data: PlanData) -> str:
     return f'<p class="note">Tied parameters (gradients summed across their stages):</p><ul>{items}</ul>'
 
 
-def winner_index(data: PlanData) -> int | None:
-    """The candidate the plan is: same schedule, micro-batches and stages per rank."""
-    for i, c in enumerate(data.candidates):
-        if (c.schedule, c.num_microbatches, c.stages_per_rank) == (
-            data.schedule.name,
-            data.num_microbatches,
-            data.stages_per_rank,
-        ):
-            return i
-    fits = [i for i, c in enumerate(data.candidates) if c.fits]
-    return min(fits, key=lambda i: data.candidates[i].step_time) if fits else None
-
-
 def candidates_section(data: PlanData) -> str:
     cands: Sequence[Candidate] = data.candidates
-    win = winner_index(data)
+    win = data.chosen if data.chosen_candidate is not None else None  # the one fact pipec show reads too
     rows = []
     for i in sorted(range(len(cands)), key=lambda k: cands[k].step_time):
         c = cands[i]

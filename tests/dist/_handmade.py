@@ -166,7 +166,5 @@ def chain_plan(
         boundaries=tuple(boundaries), node_costs={}, tied_groups=tied_groups,
         inputs=(InputSpec(name="x", meta=meta),), bottleneck=0.0, lower_bound=0.0,
     )
-    plan = Plan(data, loss_fn=lambda out, y: ((out - y) ** 2).mean())
-    for s in range(num_stages):
-        plan._stage_modules[s] = ChainStage(model, s, bounds, tied)
-    return plan
+    return Plan(data, loss_fn=lambda out, y: ((out - y) ** 2).mean(),
+                stage_modules={s: ChainStage(model, s, bounds, tied) for s in range(num_stages)})

@@ -5,7 +5,8 @@ one that calls the loss) misbehaves in a real way: it raises and stays alive
 with its connections open (so rank 0 can only learn it from the store),
 SIGKILLs itself, SIGSTOPs itself, or sleeps; or rank 0 (which hosts the c10d
 store here) SIGKILLs itself from a forward pre-hook; or rank 1 fails inside the
-tied-gradient all-reduce or while writing a checkpoint. The survivor must
+tied-gradient all-reduce or while writing a checkpoint (its disk full: see
+``_faults``). The survivor must
 raise a ``PeerFailure`` naming the failed rank, where it stopped (rank,
 action, step) and the failed rank's step -- which also says how it was found
 (the store, the heartbeat, a wait's timeout) -- and never hang.
@@ -13,6 +14,7 @@ action, step) and the failed rank's step -- which also says how it was found
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from _faults import fail_all_reduce, files_cannot_grow
 from _handmade import Chain, chain_plan
 from _workers import run_with_faults
 
@@ -41,8 +44,7 @@ def _misbehave(kind: str) -> None:
 
 
 def _train(rank: int, world_size: int, kind: str, directory: str = "") -> dict[str, Any]:
-    import pipec.runtime.checkpoint as checkpoint
-    from pipec.errors import RuntimeFailure
+    from pipec.errors import CheckpointError, RuntimeFailure
     from pipec.runtime.runtime import PipelineRuntime
 
     step = {"n": 0}
@@ -61,27 +63,19 @@ def _train(rank: int, world_size: int, kind: str, directory: str = "") -> dict[s
     pipe = PipelineRuntime(plan, loss_fn, timeout=3.0 if kind == "sleep" else 30.0,
                            heartbeat_timeout=2.0 if kind == "stop" else 30.0)
     if kind == "raise" and rank == 1:  # keep its connections open: rank 0 must watch the store
-        pipe._monitor.break_connections = lambda: None  # type: ignore[method-assign,union-attr]
+        assert pipe.monitor is not None
+        pipe.monitor.break_connections = lambda: None  # type: ignore[method-assign]
     if kind == "kill_rank0" and rank == 0:
         def pre_hook(module: Any, inputs: Any) -> None:
             if step["n"] == FAULT_STEP:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         pipe.stage_modules[0].register_forward_pre_hook(pre_hook)
-    if kind == "tied" and rank == 1:
-        end_step = pipe._tied.end_step
+    if kind == "tied" and rank == 1:  # the all-reduce of the tied gradients fails
+        def fault() -> None:
+            raise OSError("injected failure in the all-reduce")
 
-        def failing_end_step() -> None:
-            if step["n"] == FAULT_STEP:
-                raise OSError("injected failure before the all-reduce")
-            end_step()
-
-        pipe._tied.end_step = failing_end_step  # type: ignore[method-assign]
-    if kind == "save" and rank == 1:
-        def failing_write(*args: Any, **kwargs: Any) -> Any:
-            raise OSError(28, "No space left on device")
-
-        checkpoint._write_rank = failing_write  # type: ignore[assignment]
+        fail_all_reduce(lambda: step["n"] == FAULT_STEP, fault)
     x, y = torch.randn(8, 8), torch.randn(8, 8)
     report: dict[str, Any] = {}
     started = time.monotonic()
@@ -89,7 +83,9 @@ def _train(rank: int, world_size: int, kind: str, directory: str = "") -> dict[s
         for step["n"] in range(4):
             started = time.monotonic()
             if kind == "save" and step["n"] == FAULT_STEP:
-                pipe.save_checkpoint(directory, step=step["n"])
+                # rank 1's disk is full: its files cannot grow ("File too large")
+                with files_cannot_grow() if rank == 1 else contextlib.nullcontext():
+                    pipe.save_checkpoint(directory, step=step["n"])
             pipe.step(x, target=y)
     except RuntimeFailure as e:
         report = {
@@ -98,7 +94,7 @@ def _train(rank: int, world_size: int, kind: str, directory: str = "") -> dict[s
                        getattr(e, "failed_step", None)),
             "elapsed": time.monotonic() - started,
         }
-    except OSError as e:
+    except (OSError, CheckpointError) as e:
         report = {"type": type(e).__name__, "message": str(e)}
     if kind == "raise":
         # rank 1 stays alive with its connections open until rank 0 has stopped (20 s at
@@ -180,5 +176,6 @@ def test_a_failure_before_the_tied_all_reduce_stops_the_peer_inside_it() -> None
 @pytest.mark.timeout(90)
 def test_a_rank_that_cannot_write_its_checkpoint_stops_the_others(tmp_path: Path) -> None:
     reports = run_with_faults(_train, 2, "save", str(tmp_path), survivors=[0, 1])
-    _check_survivor(reports[0], rank=0, action=None, failed=(1, None, FAULT_STEP), says="No space left")
-    assert reports[1]["type"] == "CheckpointError" or "No space" in reports[1]["message"]
+    _check_survivor(reports[0], rank=0, action=None, failed=(1, None, FAULT_STEP), says="File too large")
+    # a full disk under safetensors is a SafetensorError: the runtime says what to do
+    assert reports[1]["type"] == "CheckpointError" and "check the free space" in reports[1]["message"]

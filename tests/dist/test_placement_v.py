@@ -84,8 +84,8 @@ def _reference(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[
     return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
 
 
-def _step(plan: Plan, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    pipe = PipelineRuntime(plan)
+def _step(plan: Plan | str, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    pipe = PipelineRuntime(plan, F.mse_loss)  # a plan loaded from disk has no loss_fn of its own
     pipe.step(x, target=target)
     return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
 
@@ -142,20 +142,28 @@ def test_v_plan_places_simulates_and_saves(chain: Any, tmp_path: Path) -> None:
     assert loaded.simulate().step_time == pytest.approx(sim.step_time)
 
 
+@pytest.mark.parametrize("source", ["memory", "saved"])
 @pytest.mark.parametrize("text", [V_TEXT, V_SPLIT_TEXT], ids=["B", "I-W"])
-def test_v_plan_gradients_in_one_process(chain: Any, text: str) -> None:
+def test_v_plan_gradients_in_one_process(chain: Any, text: str, source: str, tmp_path: Path) -> None:
     model, traced, x, target = chain
     plan = _plan(traced, v_schedule(text))
-    _assert_grads(_step(one_rank(plan), x, target), _reference(model, x, target), "one rank")
+    if source == "saved":
+        plan = pipec.load(plan.save(tmp_path / "plan"))
+        assert plan.schedule.placement == (0, 1, 1, 0)
+    _assert_grads(_step(one_rank(plan), x, target), _reference(model, x, target), f"one rank, {source}")
 
 
-def _gloo(rank: int, world_size: int, plans: dict[str, Plan], x: Any, target: Any) -> dict[str, Any]:
+def _gloo(rank: int, world_size: int, plans: dict[str, Plan | str], x: Any, target: Any) -> dict[str, Any]:
     return {key: _step(plan, x, target) for key, plan in plans.items()}
 
 
-def test_v_plan_gradients_on_two_gloo_ranks(chain: Any) -> None:
+def test_v_plan_gradients_on_two_gloo_ranks(chain: Any, tmp_path: Path) -> None:
     model, traced, x, target = chain
-    plans = {"B": _plan(traced, v_schedule(V_TEXT)), "I-W": _plan(traced, v_schedule(V_SPLIT_TEXT))}
+    plans: dict[str, Plan | str] = {
+        "B": _plan(traced, v_schedule(V_TEXT)), "I-W": _plan(traced, v_schedule(V_SPLIT_TEXT)),
+        # each rank loads the saved directory: the V placement comes from plan.json
+        "I-W/saved": str(_plan(traced, v_schedule(V_SPLIT_TEXT)).save(tmp_path / "plan")),
+    }
     per_rank = run_ranks(_gloo, 2, plans, x, target, timeout=180)
     want = _reference(model, x, target)
     for key in plans:

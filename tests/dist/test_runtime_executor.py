@@ -59,38 +59,11 @@ def _reference(case: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _count_late_receives() -> dict[str, int]:
-    """Count receives posted when their action runs rather than ahead (Gloo posts every
-    receive of a step ahead: :meth:`pipec.runtime.comm.P2P.post_receives`)."""
-    from pipec.runtime import comm
-
-    counts = {"early": 0, "late": 0}
-    post, post_all = comm.P2P._post, comm.P2P.post_receives
-    inside = [False]
-
-    def counted_post(self: Any, *args: Any) -> Any:
-        counts["early" if inside[0] else "late"] += 1
-        return post(self, *args)
-
-    def counted_post_all(self: Any, *args: Any) -> None:
-        inside[0] = True
-        try:
-            post_all(self, *args)
-        finally:
-            inside[0] = False
-
-    comm.P2P._post = counted_post  # type: ignore[method-assign]
-    comm.P2P.post_receives = counted_post_all  # type: ignore[method-assign]
-    return counts
-
-
 def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: str) -> dict[str, Any]:
     from pipec.runtime.runtime import PipelineRuntime
 
-    counts = _count_late_receives()
     results: dict[str, Any] = {}
     for key, case in cases.items():
-        counts.update(early=0, late=0)
         plan = chain_plan(case["model"], case["schedule"], batch=BATCH, bounds=case["bounds"],
                           tied=case["tied"], lower=case["prelower"])
         pipe = PipelineRuntime(plan)
@@ -103,8 +76,7 @@ def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: st
                 grads = {n: p.grad.clone() for n, p in pipe.named_parameters()}
             opt.step()
         out = pipe.forward(case["xs"][0])
-        assert pipe._executor.p2p is not None
-        left_posted = len(pipe._executor.p2p._posted)
+        counts = pipe.receive_counts()  # on Gloo every receive is posted ahead of its action
         pipe.save_timeline(Path(tmp) / key / f"timeline_rank{rank}.json")
         results[key] = {
             "losses": losses,
@@ -114,9 +86,11 @@ def _train(rank: int, world_size: int, cases: dict[str, dict[str, Any]], tmp: st
             "timeline": pipe.timeline(),
             "forward_actions": [str(a) for a in pipe.schedule.actions[rank] if "F" in a.kind.value],
             "actions": [str(a) for a in pipe.schedule.actions[rank]],
-            "receives": dict(counts),
-            "left_posted": left_posted,
-            "tied_groups": len(pipe._tied),
+            "receives": {"early": counts.ahead, "late": counts.on_demand},
+            "left_posted": counts.unused,
+            # the tied parameters this rank sums across ranks (an all-reduce ends its steps)
+            "tied_groups": sum(rank in g.ranks(pipe.schedule.rank_of) and len(g.ranks(pipe.schedule.rank_of)) > 1
+                               for g in pipe.plan.data.tied_groups),
         }
     return results
 

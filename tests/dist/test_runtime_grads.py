@@ -7,7 +7,10 @@ ones under GPipe and 1F1B. Here: that model under every schedule, and random
 DAG models (several model inputs read at random places, skips, layers used
 twice) under random splits and every schedule. Most cases run every stage in
 this process (``_one_rank``: the real executor and the schedule's real action
-order, no P2P); one case runs the reported model on two Gloo ranks.
+order, no P2P); one case runs the reported model on two Gloo ranks. Each runs
+the plan made in memory and the same plan through ``plan.save`` ->
+``pipec.load`` (the generated stage code and saved weights): every reported
+case, and one drawn schedule of each random model.
 
 The reference is ``loss_fn(model(*inputs), target).backward()`` on the whole
 batch with a mean-reduced loss, which the runtime matches by scaling each
@@ -17,6 +20,8 @@ micro-batch's loss by ``1 / num_microbatches``.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,8 +71,8 @@ def _reference(model: nn.Module, inputs: tuple[torch.Tensor, ...], target: torch
     return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
 
 
-def _step(plan: Plan, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> dict[str, torch.Tensor]:
-    pipe = PipelineRuntime(plan)
+def _step(plan: Plan | str, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> dict[str, torch.Tensor]:
+    pipe = PipelineRuntime(plan, F.mse_loss)  # a plan loaded from disk has no loss_fn of its own
     pipe.step(*inputs, target=target)
     return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
 
@@ -116,10 +121,11 @@ def _gated_plan(traced: TracedGraph, schedule: str, spr: int, starts: list[str])
     return Plan(data, traced=traced, loss_fn=F.mse_loss)
 
 
+@pytest.mark.parametrize("source", ["memory", "saved"])
 @pytest.mark.parametrize("schedule,spr,starts", GATED_CASES, ids=[f"{c[0]}-from-{'-'.join(c[2])}" for c in GATED_CASES])
 def test_linear_of_a_model_input_on_a_later_stage(
     gated: tuple[nn.Module, TracedGraph, tuple[torch.Tensor, ...], torch.Tensor],
-    schedule: str, spr: int, starts: list[str],
+    schedule: str, spr: int, starts: list[str], source: str, tmp_path: Path,
 ) -> None:
     """Issue #13, in one process: ``proj`` (a Linear of model input ``b``) lies on stage 1,
     off the input side of its graph, and (in the reported split) its output is read twice
@@ -127,23 +133,28 @@ def test_linear_of_a_model_input_on_a_later_stage(
     model, traced, inputs, target = gated
     plan = _gated_plan(traced, schedule, spr, starts)
     assert "proj" in plan.data.stages[1].nodes
-    _assert_grads(_step(one_rank(plan), inputs, target), _reference(model, inputs, target), schedule)
+    if source == "saved":
+        plan = pipec.load(plan.save(tmp_path / "plan"))
+        assert plan.traced is None  # what runs is the saved stage code
+    _assert_grads(_step(one_rank(plan), inputs, target), _reference(model, inputs, target), f"{schedule} {source}")
 
 
-def _gloo_steps(rank: int, world_size: int, plans: dict[str, Plan], inputs: Any, target: Any) -> dict[str, Any]:
+def _gloo_steps(rank: int, world_size: int, plans: dict[str, Plan | str], inputs: Any, target: Any) -> dict[str, Any]:
     return {key: _step(plan, inputs, target) for key, plan in plans.items()}
 
 
 def test_linear_of_a_model_input_on_two_gloo_ranks(
-    gated: tuple[nn.Module, TracedGraph, tuple[torch.Tensor, ...], torch.Tensor],
+    gated: tuple[nn.Module, TracedGraph, tuple[torch.Tensor, ...], torch.Tensor], tmp_path: Path,
 ) -> None:
-    """Issue #13 as reported: two ranks, P2P over Gloo, every schedule."""
+    """Issue #13 as reported: two ranks, P2P over Gloo, every schedule; ZB-H1 also from
+    a saved plan directory, which each rank loads."""
     model, traced, inputs, target = gated
-    plans = {
+    plans: dict[str, Plan | str] = {
         "gpipe": _gated_plan(traced, "gpipe", 1, ["proj"]),
         "1f1b": _gated_plan(traced, "1f1b", 1, ["proj"]),
         "zb-h1": _gated_plan(traced, "zb-h1", 1, ["proj"]),
         "interleaved-1f1b": _gated_plan(traced, "interleaved-1f1b", 2, ["proj", "mid", "out"]),
+        "zb-h1/saved": str(_gated_plan(traced, "zb-h1", 1, ["proj"]).save(tmp_path / "zb-h1")),
     }
     per_rank = run_ranks(_gloo_steps, 2, plans, inputs, target, timeout=180)
     want = _reference(model, inputs, target)
@@ -237,6 +248,7 @@ def test_random_dag_models_random_splits_every_schedule(
     inputs = tuple(torch.randn(m * MICROBATCH, DIM, generator=gen) for _ in range(num_inputs))
     target = torch.randn(m * MICROBATCH, 2, generator=gen)
     want = _reference(model, inputs, target)
+    saved = data.draw(st.integers(0, len(SCHEDULES) - 1), label="schedule also run from disk")
     for k, (schedule, spr) in enumerate(SCHEDULES):
         most = min(4, len(names))
         if spr * 2 > most:
@@ -246,5 +258,9 @@ def test_random_dag_models_random_splits_every_schedule(
                                         max_size=num_stages - 1), label=f"{schedule} cuts ({k})"))
         plan = Plan(plan_from_split(traced, _costs(traced), cuts, schedule=schedule, num_microbatches=m,
                                     stages_per_rank=spr), traced=traced, loss_fn=F.mse_loss)
-        _assert_grads(_step(one_rank(plan), inputs, target), want,
-                      f"{schedule} cuts {[names[c] for c in cuts]}")
+        where = f"{schedule} cuts {[names[c] for c in cuts]}"
+        _assert_grads(_step(one_rank(plan), inputs, target), want, where)
+        if k == saved:  # the same plan through plan.save -> pipec.load
+            with tempfile.TemporaryDirectory() as tmp:
+                loaded = pipec.load(plan.save(Path(tmp) / "plan"))
+                _assert_grads(_step(one_rank(loaded), inputs, target), want, where + " (saved and loaded)")

@@ -4,16 +4,20 @@ A token-mean loss with padding (``ignore_index=-100``) spread unevenly over the
 micro-batches: on 2 Gloo ranks, under GPipe, 1F1B, ZB-H1 and interleaved 1F1B,
 the step's loss and every gradient equal the full batch's token mean on one
 process (not the mean of per-micro-batch means, which differs here), also when
-gradients accumulate over two steps without ``zero_grad``. A ``loss_fn``
+gradients accumulate over two steps without ``zero_grad`` -- ZB-H1 also from a
+saved plan directory (``plan.save`` -> ``pipec.load``). A ``loss_fn``
 returning anything else fails on every rank with a message naming what it got.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+import pipec
 from _workers import run_ranks
 from _zoo_plans import zoo_model, zoo_plan
 from torch.nn import functional as F
@@ -75,10 +79,12 @@ def _train(rank: int, world_size: int, plans: dict[str, Any], batches: list[Any]
 
 
 @pytest.mark.timeout(300)
-def test_token_mean_over_uneven_padding_equals_full_batch() -> None:
+def test_token_mean_over_uneven_padding_equals_full_batch(tmp_path: Path) -> None:
     zm = zoo_model("tied", microbatch=MICROBATCH, num_microbatches=NUM_MICROBATCHES, steps=2)
     batches = [(inputs, _padded(target, step)) for step, (inputs, target) in enumerate(zm.batches)]
-    plans = {s: zoo_plan(zm, num_ranks=2, schedule=s, num_microbatches=NUM_MICROBATCHES) for s in SCHEDULES}
+    plans: dict[str, Any] = {s: zoo_plan(zm, num_ranks=2, schedule=s, num_microbatches=NUM_MICROBATCHES)
+                             for s in SCHEDULES}
+    plans["zb-h1/saved"] = str(plans["zb-h1"].save(tmp_path / "zb-h1"))  # each rank loads the directory
     per_rank = run_ranks(_train, 2, plans, batches, timeout=280)
 
     model = zm.model
@@ -96,7 +102,7 @@ def test_token_mean_over_uneven_padding_equals_full_batch() -> None:
     per_mb = [token_mean(o, t) for o, t in zip(out.chunk(NUM_MICROBATCHES), batches[1][1].chunk(NUM_MICROBATCHES))]
     assert not torch.allclose(torch.stack(per_mb).mean(), ref_losses[1], rtol=1e-3)
 
-    for key in SCHEDULES:
+    for key in [*SCHEDULES, "zb-h1/saved"]:
         holders = [r[key] for r in per_rank if r[key]["losses"][0] is not None]
         assert len(holders) == 1, key
         for step, (got, want) in enumerate(zip(holders[0]["losses"], ref_losses)):
@@ -115,7 +121,7 @@ def test_token_mean_over_uneven_padding_equals_full_batch() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_one_rank_interleaved_and_a_loss_that_changes_kind() -> None:
+def test_one_rank_interleaved_and_a_loss_that_changes_kind(tmp_path: Path) -> None:
     """Without a process group (one rank, two stages) the count needs no broadcast; a
     loss_fn that returns a scalar after (loss_sum, count) is refused, as is a mix in a step."""
     from pipec.errors import ConfigError, RuntimeFailure
@@ -133,6 +139,11 @@ def test_one_rank_interleaved_and_a_loss_that_changes_kind() -> None:
     want.backward()
     torch.testing.assert_close(loss, want.detach(), **TOL)
     for n, p in pipe.named_parameters():
+        torch.testing.assert_close(p.grad, dict(model.named_parameters())[n].grad, **TOL)
+    # the same plan through plan.save -> pipec.load
+    loaded = PipelineRuntime(pipec.load(plan.save(tmp_path / "plan")), token_sum)
+    torch.testing.assert_close(loaded.step(*inputs, target=target), want.detach(), **TOL)
+    for n, p in loaded.named_parameters():
         torch.testing.assert_close(p.grad, dict(model.named_parameters())[n].grad, **TOL)
 
     pipe.loss_fn = token_mean

@@ -16,11 +16,13 @@ import os
 import signal
 import socket
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _faults import fail_all_reduce, files_cannot_grow
 from _handmade import Chain, chain_plan
 from _workers import run_with_faults
 
@@ -94,22 +96,15 @@ def _scenario(rank: int, world_size: int, kind: str, directory: str = "") -> dic
                     os.kill(os.getpid(), signal.SIGSTOP)
 
             pipe.stage_modules[0].register_forward_pre_hook(stop)
-        if kind == "allreduce_kill" and rank == 1:
-            end_step = pipe._tied.end_step
-
-            def dying_end_step() -> None:
-                if step["n"] == 1:
-                    _die()
-                end_step()
-
-            pipe._tied.end_step = dying_end_step  # type: ignore[method-assign]
-        if kind == "checkpoint_kill" and rank == 1:
-            checkpoint._write_rank = lambda *args, **kwargs: _die()  # type: ignore[assignment]
+        if kind == "allreduce_kill" and rank == 1:  # killed in the tied gradients' all-reduce
+            fail_all_reduce(lambda: step["n"] == 1, _die)
         if kind == "checkpoint_host_kill" and rank == 0:
             checkpoint.write_atomically = lambda *args, **kwargs: _die()  # type: ignore[assignment]
         for step["n"] in range(2):
             if kind.startswith("checkpoint") and step["n"] == 1:
-                pipe.save_checkpoint(directory)
+                # rank 1 killed by the kernel at its first write (SIGXFSZ)
+                with files_cannot_grow(kill=True) if kind == "checkpoint_kill" and rank == 1 else nullcontext():
+                    pipe.save_checkpoint(directory)
             pipe.step(x, target=y)
     except PipecError as e:
         return _report(e)

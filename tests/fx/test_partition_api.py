@@ -147,3 +147,15 @@ def test_summary_lists_every_stage_and_the_bound() -> None:
     assert "lower bound" in text and "ratio" in text and "\x1b[" not in text
     ratio = plan.data.bottleneck / plan.data.lower_bound
     assert f"ratio {ratio:.3f}" in text
+
+
+def test_a_plan_takes_stage_modules_built_elsewhere() -> None:
+    plan = pipec.partition(MLP((8, 8, 8)), (torch.randn(4, 8),), num_stages=2, cost_model="h100-sxm")
+    first = plan.stage_module(0)
+    # kept from another plan object over the same data: used as given, nothing is split again
+    again = pipec.Plan(plan.data, stage_modules={0: first})
+    assert again.stage_module(0) is first
+    with pytest.raises(pipec.PlanError, match="neither a traced graph nor a directory"):
+        again.stage_module(1)
+    with pytest.raises(ConfigError, match=r"stage index: expected an int in 0\.\.1, found 2"):
+        pipec.Plan(plan.data, stage_modules={2: first})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import threading
-from typing import Any
 
 import pytest
 import torch.distributed as dist
@@ -88,8 +87,9 @@ def test_operations_and_clone_work_on_a_real_store() -> None:
 def test_the_worker_ends_when_the_store_is_dropped() -> None:
     store = BoundedStore(HashStore(), rank=0, timeout=5.0)
     store.set("k", "v")
-    worker: Any = store._worker
-    assert worker is not None and worker.is_alive()
+    # the thread the store's operations run on (submit's public contract)
+    worker = store.submit(lambda raw: threading.current_thread()).result(timeout=5)
+    assert worker is not threading.current_thread() and worker.is_alive()
     del store
     gc.collect()
     worker.join(10)
