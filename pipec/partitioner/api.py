@@ -151,28 +151,41 @@ def partition_model(
 
 
 def check_runnable(data: PlanData) -> None:
-    """Raise PartitionError now for a plan whose schedule cannot be lowered with its boundaries.
+    """Refuse now a plan no backend can run; warn when only some can.
 
     With several stages per rank, a tensor that skips stages (a long residual, a
-    mask made once) can need messages in an order the runtime cannot receive;
-    NCCL ranks would fail later on the same error. The plan's stored lowerings
-    say (``data.lowered`` has no ``"nccl"`` entry); the schedule is lowered
-    again only to word the error. (``schedule="auto"`` leaves such candidates
-    out itself.)
+    mask made once) can need messages on a pair of ranks in an order one
+    RECV per stage and micro-batch cannot take. NCCL matches a pair's messages in
+    issue order, so it cannot run such a plan; Gloo matches them by tag (and
+    posts its receives ahead), so it can. The plan's stored lowerings say which
+    backends can (``data.lowered``); the schedule is lowered again only to word
+    the message. Raises :class:`PartitionError` when there is no lowering at all;
+    warns (``UserWarning``) when NCCL has none: ``pipec run --backend gloo`` runs it.
+    (``schedule="auto"`` leaves such candidates out itself: it plans for NCCL.)
     """
     if "nccl" in data.lowered:
         return
+    skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
+    shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"
     try:
         lower_for(data.schedule, data.boundaries, "nccl")
+        said = "no NCCL lowering was stored"
     except ScheduleError as exc:
-        skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
-        shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"
+        said = str(exc).split("\n", 1)[0]
+    head = (f"{data.schedule.name} with {data.stages_per_rank} stages per rank: tensors skip stages ({shown}) "
+            "and their messages cannot be received in the order they are sent, which NCCL needs")
+    if "gloo" not in data.lowered:
         raise PartitionError(
-            f"{data.schedule.name} with {data.stages_per_rank} stages per rank cannot run this split: "
-            f"tensors skip stages ({shown}) and their messages cannot be received in the order they are "
-            "sent. Use a schedule with one stage per rank (schedule='1f1b' or 'zb-h1'), or "
-            f"schedule='auto', which leaves out what cannot run. Lowering said: {exc}"
-        ) from exc
+            f"{head}, and no backend can run this split. Use a schedule with one stage per rank "
+            f"(schedule='1f1b' or 'zb-h1'), or schedule='auto', which leaves out what cannot run. "
+            f"Lowering said: {said}"
+        )
+    warnings.warn(
+        f"{head}: this plan runs on Gloo only (pipec run --backend gloo; PipelineRuntime in a "
+        "Gloo process group), not on NCCL. For NCCL use a schedule with one stage per rank "
+        f"(schedule='1f1b' or 'zb-h1') or schedule='auto'. Lowering for NCCL said: {said}",
+        UserWarning, stacklevel=4,
+    )
 
 
 def warn_batch_norm(data: PlanData) -> None:

@@ -1,0 +1,210 @@
+"""Interleaved 1F1B runs models whose tensors skip stages (issue #13, new-user review).
+
+Before, ``partition`` refused (and earlier, every rank failed on) an
+interleaved plan (``stages_per_rank=2``) of a model whose first stage feeds a
+later stage on the same rank or skips stages: a long residual (``LongSkip``), a
+mask made once and read by every layer (``MaskBroadcast``; HF DistilBERT's
+``expand``). Now:
+
+* a tensor that carries no gradient (a bool mask) has no backward message, in
+  the lowering and in the runtime alike (one predicate,
+  :func:`pipec.schedule.stage_graph.carries_grad`);
+* a plan whose messages NCCL cannot take in its per-pair order is lowered for
+  Gloo only (tagged receives, posted ahead) and partitions with a warning that
+  names Gloo; it saves, loads, simulates and runs, and its gradients equal the
+  whole model's.
+
+Every case: 4 stages on 2 ranks, each stage's tensors checked in one process
+(``_one_rank``: the real executor in the schedule's order), and all three
+models in one 2-rank Gloo run.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _one_rank import one_rank
+from _workers import run_ranks
+from torch import nn
+from torch.nn import functional as F
+
+import pipec
+from pipec.facade import Plan
+from pipec.runtime.runtime import PipelineRuntime
+from pipec.schedule.stage_graph import carries_grad, graph_of
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+NUM_MICROBATCHES = 4
+BATCH = 8
+
+
+class LongSkip(nn.Module):
+    """``stem``'s output is read again by the last stage, whatever the split (a floating
+    skip that needs its gradient back across non-adjacent stages)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, dim)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(6)])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(self.blocks(h) + h)
+
+
+class MaskBroadcast(nn.Module):
+    """A bool mask made once from the input and read by every layer (DistilBERT's
+    ``expand``, CLIP text's causal mask): no gradient flows through it."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, dim)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(6))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[:, :1] > 0
+        h = torch.tanh(self.stem(x))
+        for layer in self.layers:
+            h = torch.where(mask, torch.tanh(layer(h)), h * 0.5)
+        return self.head(h)
+
+
+def _distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    # dropout off: the reference and the pipeline draw different masks
+    config = DistilBertConfig(n_layers=4, dim=32, hidden_dim=64, n_heads=2, vocab_size=128,
+                              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    return DistilBertForMaskedLM(config)
+
+
+def _mlm_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out["logits"].flatten(0, 1), y.flatten())
+
+
+Case = tuple[nn.Module, tuple[torch.Tensor, ...], dict[str, torch.Tensor], torch.Tensor, Callable[..., torch.Tensor]]
+
+
+def _case(name: str) -> Case:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if name == "distilbert":
+        ids = torch.randint(0, 128, (BATCH, 12), generator=gen)
+        mask = torch.ones(BATCH, 12, dtype=torch.long)
+        mask[::2, 9:] = 0  # padding: the mask matters
+        return _distilbert(), (ids,), {"attention_mask": mask}, torch.randint(0, 128, (BATCH, 12), generator=gen), _mlm_loss
+    model = LongSkip() if name == "long-skip" else MaskBroadcast()
+    return model, (torch.randn(BATCH, 8, generator=gen),), {}, torch.randint(0, 3, (BATCH,), generator=gen), F.cross_entropy
+
+
+def _plan(case: Case, schedule: str = "interleaved-1f1b") -> Plan:
+    model, args, kwargs, target, loss_fn = case
+    return pipec.partition(model, args, example_kwargs=kwargs or None, num_stages=4, schedule=schedule,
+                           stages_per_rank=2, num_microbatches=NUM_MICROBATCHES, loss_fn=loss_fn,
+                           target=target, cost_model="h100-sxm")
+
+
+def _reference(case: Case) -> dict[str, torch.Tensor]:
+    model, args, kwargs, target, loss_fn = case
+    ref = copy.deepcopy(model)
+    loss_fn(ref(*args, **kwargs), target).backward()
+    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+
+
+def _step(plan: Plan, args: Any, kwargs: Any, target: Any) -> dict[str, torch.Tensor]:
+    pipe = PipelineRuntime(plan)
+    pipe.step(*args, target=target, **kwargs)
+    return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+
+
+def _assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: str) -> None:
+    assert got, f"{where}: no gradients at all"
+    for name in sorted(set(got) | set(want)):
+        g, w = got.get(name), want.get(name)
+        if g is None or w is None:  # a zero gradient may be absent on one side
+            present = g if g is not None else w
+            assert present is not None and not present.any(), f"{where}: {name} has a gradient on one side only"
+            continue
+        torch.testing.assert_close(g, w, **TOL, msg=lambda m, name=name: f"{where}: {name}: {m}")
+
+
+CASES = ("long-skip", "mask-broadcast", "distilbert")
+
+
+@pytest.fixture(scope="module")
+def plans() -> dict[str, tuple[Case, Plan]]:
+    out = {}
+    for name in CASES:
+        case = _case(name)
+        with pytest.warns(UserWarning, match=r"runs on Gloo only.*not on NCCL"):
+            out[name] = (case, _plan(case))
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", CASES)
+def test_interleaved_plan_with_skips_partitions_for_gloo_and_simulates(
+    name: str, plans: dict[str, tuple[Case, Plan]], tmp_path: Path
+) -> None:
+    _, plan = plans[name]
+    assert plan.schedule.name == "interleaved-1f1b" and plan.data.stages_per_rank == 2
+    skips = [b for b in plan.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
+    assert skips, "the split should have a tensor that skips stages"
+    assert set(plan.data.lowered) == {"gloo"}
+    sim = plan.simulate()
+    assert sim.schedule == plan.data.lowered["gloo"] and sim.step_time > 0
+    plan.save(tmp_path / "plan")
+    loaded = pipec.load(tmp_path / "plan")
+    assert loaded.data.lowered == plan.data.lowered
+    assert loaded.simulate().step_time == pytest.approx(sim.step_time)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", CASES)
+def test_interleaved_plan_with_skips_gives_the_reference_gradients_in_one_process(
+    name: str, plans: dict[str, tuple[Case, Plan]]
+) -> None:
+    case, plan = plans[name]
+    _, args, kwargs, target, _ = case
+    _assert_grads(_step(one_rank(plan), args, kwargs, target), _reference(case), name)
+
+
+def test_a_mask_has_no_backward_message() -> None:
+    """The bool mask crosses ranks forward, and no SEND_B/RECV_B carries it back."""
+    case = _case("mask-broadcast")
+    with pytest.warns(UserWarning, match="Gloo only"):
+        plan = _plan(case)
+    masks = [b for b in plan.boundaries if b.dtype == "bool"]
+    assert masks and not any(carries_grad(b) for b in masks)
+    graph = graph_of(plan.data.lowered["gloo"], plan.boundaries)
+    floating = {(b.producer_stage, c) for b in plan.boundaries if carries_grad(b) for c in b.consumer_stages}
+    mask_only = {(b.producer_stage, c) for b in masks for c in b.consumer_stages} - floating
+    assert mask_only, "some edge should carry the mask alone"
+    for p, c in mask_only:
+        assert c not in graph.backward_consumers(p) and p not in graph.backward_producers(c)
+    sent = {(m.src_stage, m.dst_stage, m.forward) for row in plan.data.lowered["gloo"].actions for a in row
+            for m in graph.messages(a)}
+    assert {(p, c, True) for p, c in mask_only if graph.rank_of(p) != graph.rank_of(c)} <= sent
+    assert {(dst, src) for src, dst, forward in sent if not forward} <= floating
+
+
+def _gloo_steps(rank: int, world_size: int, runs: dict[str, tuple[Plan, Any, Any, Any]]) -> dict[str, Any]:
+    return {key: _step(plan, args, kwargs, target) for key, (plan, args, kwargs, target) in runs.items()}
+
+
+@pytest.mark.timeout(300)
+def test_interleaved_plans_with_skips_on_two_gloo_ranks(plans: dict[str, tuple[Case, Plan]]) -> None:
+    runs = {name: (plan, case[1], case[2], case[3]) for name, (case, plan) in plans.items()}
+    per_rank = run_ranks(_gloo_steps, 2, runs, timeout=240)
+    for name, (case, _) in plans.items():
+        got: dict[str, torch.Tensor] = {}
+        for r in per_rank:
+            got.update(r[name])
+        _assert_grads(got, _reference(case), f"{name} on 2 Gloo ranks")
