@@ -239,7 +239,7 @@ def run_trial(
                               memory_limit=limits, device_speeds=device_speeds,
                               optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
         need = min_memory_limit(chain.problem)[0]
-    if "nccl" not in plan.lowered:  # as pipec.partition refuses it (partitioner.api.check_runnable)
+    if "nccl" not in plan.lowered:  # Gloo-only (pipec.partition warns: check_runnable); auto plans for NCCL
         raise ScheduleError(f"{cfg.label}: tensors skip stages and their messages cannot be received in the "
                             "order NCCL needs")
     sim = simulate_plan(plan)

@@ -1,13 +1,19 @@
-"""``partition`` with several stages per rank refuses a split its runtime cannot run.
+"""What ``partition`` says about an interleaved split whose tensors skip stages.
 
-Regression: a model whose first stage feeds its last one directly (a long
-residual; HF DistilBERT and CLIP text, whose attention mask is made once)
-partitioned with ``interleaved-1f1b`` without complaint, and only
-``plan.save()``, ``plan.simulate()`` and the ranks then failed, on a lowering
-message about receive order that named no fix a user can apply.
+Regression (issue #13): a model whose first stage feeds its last one directly
+(a long residual; HF DistilBERT and CLIP text, whose attention mask is made
+once) partitioned with ``interleaved-1f1b`` and then failed in ``save``,
+``simulate`` and every rank; later, ``partition`` refused it. Now such a plan
+is lowered for Gloo, whose tagged receives take messages in any order, and
+partitions with a warning naming the backend that can run it. NCCL, which
+matches a pair of ranks' messages in issue order, still cannot: the runtime
+refuses it for NCCL with a message naming Gloo, and ``partition`` refuses a
+plan no backend can run. (Gradients and a 2-rank run: tests/dist/test_interleaved_skips.py.)
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
-from pipec.errors import PartitionError
+from pipec.errors import PartitionError, PlanError
+from pipec.partitioner.api import check_runnable
+from pipec.schedule.backends import plan_lowered
 
 
 class LongSkip(nn.Module):
@@ -40,13 +48,33 @@ def _partition(schedule: str, num_stages: int, stages_per_rank: int) -> pipec.Pl
                            cost_model="h100-sxm")
 
 
-def test_interleaved_split_with_a_long_skip_is_refused_at_partition_naming_the_fix() -> None:
-    with pytest.raises(PartitionError, match=r"skip stages \('stem'\).*schedule='1f1b' or 'zb-h1'"):
-        _partition("interleaved-1f1b", 4, 2)
+def test_interleaved_split_with_a_long_skip_partitions_for_gloo_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"skip stages \('stem'\).*runs on Gloo only \(pipec run --backend gloo"):
+        plan = _partition("interleaved-1f1b", 4, 2)
+    assert set(plan.data.lowered) == {"gloo"}
+    plan.simulate()
+    plan.save(str(tmp_path))
+    assert pipec.load(str(tmp_path)).data.lowered == plan.data.lowered
+
+
+def test_nccl_is_still_refused_for_it_naming_gloo() -> None:
+    with pytest.warns(UserWarning, match="Gloo only"):
+        plan = _partition("interleaved-1f1b", 4, 2)
+    with pytest.raises(PlanError, match=r"cannot run on nccl.*--backend gloo"):
+        plan_lowered(plan.data, "nccl")
+
+
+def test_a_plan_no_backend_can_run_is_refused_at_partition_naming_the_fix() -> None:
+    with pytest.warns(UserWarning, match="Gloo only"):
+        plan = _partition("interleaved-1f1b", 4, 2)
+    unrunnable = plan.data.model_copy(update={"lowered": {}})
+    with pytest.raises(PartitionError, match=r"skip stages \('stem'\).*no backend can run.*schedule='1f1b' or 'zb-h1'"):
+        check_runnable(unrunnable)
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
-def test_one_stage_per_rank_runs_the_long_skip(schedule: str, tmp_path: object) -> None:
+def test_one_stage_per_rank_runs_the_long_skip_on_every_backend(schedule: str, tmp_path: Path) -> None:
     plan = _partition(schedule, 4, 1)
+    assert set(plan.data.lowered) == {"gloo", "nccl"}
     plan.simulate()
     plan.save(str(tmp_path))
