@@ -14,14 +14,16 @@ mask made once and read by every layer (``MaskBroadcast``; HF DistilBERT's
   names Gloo; it saves, loads, simulates and runs, and its gradients equal the
   whole model's.
 
-Every case: 4 stages on 2 ranks, each stage's tensors checked in one process
-(``_one_rank``: the real executor in the schedule's order), and all three
-models in one 2-rank Gloo run.
+Every case: 4 stages on 2 ranks, under ``interleaved-1f1b`` and under a
+hand-written V-shaped zero-bubble schedule (I/W split; rank 0 holds stages 0
+and 3); gradients checked in one process (``_one_rank``: the real executor in
+the schedule's order), and every plan in one 2-rank Gloo run.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,17 @@ from torch.nn import functional as F
 import pipec
 from pipec.facade import Plan
 from pipec.runtime.runtime import PipelineRuntime
+from pipec.schedule.ir import Schedule, v_placement
 from pipec.schedule.stage_graph import carries_grad, graph_of
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 NUM_MICROBATCHES = 4
 BATCH = 8
+# a V-shaped zero-bubble schedule: rank 0 runs stages 0 and 3, rank 1 stages 1 and 2
+V_SPLIT = Schedule.from_text("""
+0: 0F0 0F1 0F2 0F3 3F0 3I0 3F1 3I1 3W0 3F2 3I2 3W1 3F3 3I3 3W2 3W3 0I0 0I1 0I2 0I3 0W0 0W1 0W2 0W3
+1: 1F0 2F0 1F1 2F1 1F2 2F2 1F3 2F3 2I0 1I0 2I1 1I1 2W0 2I2 1I2 2W1 2I3 1I3 2W2 2W3 1W0 1W1 1W2 1W3
+""", name="v-zb-hand", stages_per_rank=2, placement=v_placement(4, 2))
 
 
 class LongSkip(nn.Module):
@@ -62,17 +70,22 @@ class MaskBroadcast(nn.Module):
     """A bool mask made once from the input and read by every layer (DistilBERT's
     ``expand``, CLIP text's causal mask): no gradient flows through it."""
 
-    def __init__(self, dim: int = 16) -> None:
+    def __init__(self, dim: int = 16, *, float_mask: bool = False) -> None:
         super().__init__()
+        self.float_mask = float_mask
         self.stem = nn.Linear(8, dim)
         self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(6))
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = x[:, :1] > 0
+        keep = mask.to(x.dtype)  # floating, but made from the input alone: no gradient to send
         h = torch.tanh(self.stem(x))
         for layer in self.layers:
-            h = torch.where(mask, torch.tanh(layer(h)), h * 0.5)
+            if self.float_mask:
+                h = keep * torch.tanh(layer(h)) + (1 - keep) * h * 0.5
+            else:
+                h = torch.where(mask, torch.tanh(layer(h)), h * 0.5)
         return self.head(h)
 
 
@@ -100,11 +113,11 @@ def _case(name: str) -> Case:
         mask = torch.ones(BATCH, 12, dtype=torch.long)
         mask[::2, 9:] = 0  # padding: the mask matters
         return _distilbert(), (ids,), {"attention_mask": mask}, torch.randint(0, 128, (BATCH, 12), generator=gen), _mlm_loss
-    model = LongSkip() if name == "long-skip" else MaskBroadcast()
+    model = LongSkip() if name == "long-skip" else MaskBroadcast(float_mask=name == "float-mask")
     return model, (torch.randn(BATCH, 8, generator=gen),), {}, torch.randint(0, 3, (BATCH,), generator=gen), F.cross_entropy
 
 
-def _plan(case: Case, schedule: str = "interleaved-1f1b") -> Plan:
+def _plan(case: Case, schedule: str | Schedule = "interleaved-1f1b") -> Plan:
     model, args, kwargs, target, loss_fn = case
     return pipec.partition(model, args, example_kwargs=kwargs or None, num_stages=4, schedule=schedule,
                            stages_per_rank=2, num_microbatches=NUM_MICROBATCHES, loss_fn=loss_fn,
@@ -118,8 +131,8 @@ def _reference(case: Case) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
 
 
-def _step(plan: Plan, args: Any, kwargs: Any, target: Any) -> dict[str, torch.Tensor]:
-    pipe = PipelineRuntime(plan)
+def _step(plan: Plan, args: Any, kwargs: Any, target: Any, loss_fn: Any = None) -> dict[str, torch.Tensor]:
+    pipe = PipelineRuntime(plan, loss_fn)
     pipe.step(*args, target=target, **kwargs)
     return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
 
@@ -135,7 +148,7 @@ def _assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], w
         torch.testing.assert_close(g, w, **TOL, msg=lambda m, name=name: f"{where}: {name}: {m}")
 
 
-CASES = ("long-skip", "mask-broadcast", "distilbert")
+CASES = ("long-skip", "mask-broadcast", "float-mask", "distilbert")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +159,31 @@ def plans() -> dict[str, tuple[Case, Plan]]:
         with pytest.warns(UserWarning, match=r"runs on Gloo only.*not on NCCL"):
             out[name] = (case, _plan(case))
     return out
+
+
+@pytest.fixture(scope="module")
+def v_plans() -> dict[str, tuple[Case, Plan]]:
+    out = {}
+    for name in CASES:
+        case = _case(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # whether NCCL can run it depends on the split
+            out[name] = (case, _plan(case, V_SPLIT))
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", CASES)
+def test_v_shaped_zero_bubble_plan_with_skips_gives_the_reference_gradients(
+    name: str, v_plans: dict[str, tuple[Case, Plan]], tmp_path: Path
+) -> None:
+    case, plan = v_plans[name]
+    assert plan.data.schedule.placement == (0, 1, 1, 0) and "gloo" in plan.data.lowered
+    plan.simulate()
+    plan.save(tmp_path / "plan")
+    _, args, kwargs, target, loss_fn = case
+    loaded = one_rank(pipec.load(tmp_path / "plan"))  # the saved stage files, run
+    _assert_grads(_step(loaded, args, kwargs, target, loss_fn), _reference(case), name)
 
 
 @pytest.mark.timeout(300)
@@ -172,6 +210,8 @@ def test_interleaved_plan_with_skips_gives_the_reference_gradients_in_one_proces
     name: str, plans: dict[str, tuple[Case, Plan]]
 ) -> None:
     case, plan = plans[name]
+    if name == "float-mask":
+        assert any(b.dtype == "float32" and len(b.consumer_stages) > 1 for b in plan.boundaries)
     _, args, kwargs, target, _ = case
     _assert_grads(_step(one_rank(plan), args, kwargs, target), _reference(case), name)
 
@@ -200,11 +240,14 @@ def _gloo_steps(rank: int, world_size: int, runs: dict[str, tuple[Plan, Any, Any
 
 
 @pytest.mark.timeout(300)
-def test_interleaved_plans_with_skips_on_two_gloo_ranks(plans: dict[str, tuple[Case, Plan]]) -> None:
-    runs = {name: (plan, case[1], case[2], case[3]) for name, (case, plan) in plans.items()}
+def test_plans_with_skips_on_two_gloo_ranks(
+    plans: dict[str, tuple[Case, Plan]], v_plans: dict[str, tuple[Case, Plan]]
+) -> None:
+    every = {**{f"interleaved {k}": v for k, v in plans.items()}, **{f"v {k}": v for k, v in v_plans.items()}}
+    runs = {key: (plan, case[1], case[2], case[3]) for key, (case, plan) in every.items()}
     per_rank = run_ranks(_gloo_steps, 2, runs, timeout=240)
-    for name, (case, _) in plans.items():
+    for key, (case, _) in every.items():
         got: dict[str, torch.Tensor] = {}
         for r in per_rank:
-            got.update(r[name])
-        _assert_grads(got, _reference(case), f"{name} on 2 Gloo ranks")
+            got.update(r[key])
+        _assert_grads(got, _reference(case), f"{key} on 2 Gloo ranks")
