@@ -53,7 +53,7 @@ from pipec.partitioner.single import (
     resolve_cost_model,
 )
 from pipec.plan import PlanData
-from pipec.schedule.backends import lower_for
+from pipec.schedule.backends import BACKENDS, lower_for
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel
 
@@ -153,37 +153,34 @@ def partition_model(
 def check_runnable(data: PlanData) -> None:
     """Refuse now a plan no backend can run; warn when only some can.
 
-    With several stages per rank, a tensor that skips stages (a long residual, a
-    mask made once) can need messages on a pair of ranks in an order one
-    RECV per stage and micro-batch cannot take. NCCL matches a pair's messages in
-    issue order, so it cannot run such a plan; Gloo matches them by tag (and
-    posts its receives ahead), so it can. The plan's stored lowerings say which
-    backends can (``data.lowered``); the schedule is lowered again only to word
-    the message. Raises :class:`PartitionError` when there is no lowering at all;
-    warns (``UserWarning``) when NCCL has none: ``pipec run --backend gloo`` runs it.
+    The plan stores one lowering per backend that can run its schedule
+    (``data.lowered``, :func:`pipec.schedule.backends.lower_per_backend`); one
+    missing means the schedule failed validation for it (a deadlock the dry run
+    found). Tensors that skip stages across interleaved stages no longer make
+    one (the runtime keeps each pair's message order per message), so this
+    guards the rest. Raises :class:`PartitionError` when no backend can run the
+    plan; warns (``UserWarning``) naming the backends that can when some cannot.
     (``schedule="auto"`` leaves such candidates out itself: it plans for NCCL.)
     """
-    if "nccl" in data.lowered:
+    missing = [b for b in BACKENDS if b not in data.lowered]
+    if not missing:
         return
-    skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
-    shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"
+    said = ""
     try:
-        lower_for(data.schedule, data.boundaries, "nccl")
-        said = "no NCCL lowering was stored"
+        lower_for(data.schedule, data.boundaries, missing[0])
     except ScheduleError as exc:
-        said = str(exc).split("\n", 1)[0]
-    head = (f"{data.schedule.name} with {data.stages_per_rank} stages per rank: tensors skip stages ({shown}) "
-            "and their messages cannot be received in the order they are sent, which NCCL needs")
-    if "gloo" not in data.lowered:
+        said = f" Lowering for {missing[0]} said: {str(exc).splitlines()[0]}"
+    head = f"{data.schedule.name} with {data.stages_per_rank} stages per rank cannot run on {', '.join(missing)}"
+    if not data.lowered:
         raise PartitionError(
-            f"{head}, and no backend can run this split. Use a schedule with one stage per rank "
-            f"(schedule='1f1b' or 'zb-h1'), or schedule='auto', which leaves out what cannot run. "
-            f"Lowering said: {said}"
+            f"{head}: no backend can run this split. Use a schedule with one stage per rank "
+            f"(schedule='1f1b' or 'zb-h1'), or schedule='auto', which leaves out what cannot run.{said}"
         )
+    can = ", ".join(sorted(data.lowered))
     warnings.warn(
-        f"{head}: this plan runs on Gloo only (pipec run --backend gloo; PipelineRuntime in a "
-        "Gloo process group), not on NCCL. For NCCL use a schedule with one stage per rank "
-        f"(schedule='1f1b' or 'zb-h1') or schedule='auto'. Lowering for NCCL said: {said}",
+        f"{head}: this plan runs on {can} only (pipec run --backend {sorted(data.lowered)[0]}). For "
+        f"{', '.join(missing)} use a schedule with one stage per rank (schedule='1f1b' or 'zb-h1') or "
+        f"schedule='auto'.{said}",
         UserWarning, stacklevel=4,
     )
 

@@ -9,10 +9,17 @@ mask made once and read by every layer (``MaskBroadcast``; HF DistilBERT's
 * a tensor that carries no gradient (a bool mask) has no backward message, in
   the lowering and in the runtime alike (one predicate,
   :func:`pipec.schedule.stage_graph.carries_grad`);
-* a plan whose messages NCCL cannot take in its per-pair order is lowered for
-  Gloo only (tagged receives, posted ahead) and partitions with a warning that
-  names Gloo; it saves, loads, simulates and runs, and its gradients equal the
-  whole model's.
+* where one RECV per stage and micro-batch cannot take a rank pair's messages
+  in send order, each RECV stays before its compute (validated deadlock-free)
+  and the runtime keeps the pair's order per message: Gloo by tag, NCCL by
+  receiving in each peer's send order (:mod:`pipec.runtime.pair_order`). Such
+  plans partition for both backends, save, load, simulate and run, with the
+  whole model's gradients.
+
+NCCL cannot run on CPU, so its matching is emulated on Gloo: no tags (Gloo then
+matches a pair's messages in issue order, as NCCL does) and receives posted by
+their actions, as on NCCL; a receive out of send order there gets another
+message's data or hangs.
 
 Every case: 4 stages on 2 ranks, under ``interleaved-1f1b`` and under a
 hand-written V-shaped zero-bubble schedule (I/W split; rank 0 holds stages 0
@@ -23,6 +30,7 @@ the schedule's order), and every plan in one 2-rank Gloo run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -156,7 +164,8 @@ def plans() -> dict[str, tuple[Case, Plan]]:
     out = {}
     for name in CASES:
         case = _case(name)
-        with pytest.warns(UserWarning, match=r"runs on Gloo only.*not on NCCL"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # runnable on every backend: no warning
             out[name] = (case, _plan(case))
     return out
 
@@ -166,9 +175,7 @@ def v_plans() -> dict[str, tuple[Case, Plan]]:
     out = {}
     for name in CASES:
         case = _case(name)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # whether NCCL can run it depends on the split
-            out[name] = (case, _plan(case, V_SPLIT))
+        out[name] = (case, _plan(case, V_SPLIT))
     return out
 
 
@@ -178,7 +185,7 @@ def test_v_shaped_zero_bubble_plan_with_skips_gives_the_reference_gradients(
     name: str, v_plans: dict[str, tuple[Case, Plan]], tmp_path: Path
 ) -> None:
     case, plan = v_plans[name]
-    assert plan.data.schedule.placement == (0, 1, 1, 0) and "gloo" in plan.data.lowered
+    assert plan.data.schedule.placement == (0, 1, 1, 0) and set(plan.data.lowered) == {"gloo", "nccl"}
     plan.simulate()
     plan.save(tmp_path / "plan")
     _, args, kwargs, target, loss_fn = case
@@ -188,16 +195,16 @@ def test_v_shaped_zero_bubble_plan_with_skips_gives_the_reference_gradients(
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", CASES)
-def test_interleaved_plan_with_skips_partitions_for_gloo_and_simulates(
+def test_interleaved_plan_with_skips_partitions_for_every_backend_and_simulates(
     name: str, plans: dict[str, tuple[Case, Plan]], tmp_path: Path
 ) -> None:
     _, plan = plans[name]
     assert plan.schedule.name == "interleaved-1f1b" and plan.data.stages_per_rank == 2
     skips = [b for b in plan.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
     assert skips, "the split should have a tensor that skips stages"
-    assert set(plan.data.lowered) == {"gloo"}
+    assert set(plan.data.lowered) == {"gloo", "nccl"}
     sim = plan.simulate()
-    assert sim.schedule == plan.data.lowered["gloo"] and sim.step_time > 0
+    assert sim.schedule == plan.data.lowered["nccl"] and sim.step_time > 0
     plan.save(tmp_path / "plan")
     loaded = pipec.load(tmp_path / "plan")
     assert loaded.data.lowered == plan.data.lowered
@@ -218,9 +225,7 @@ def test_interleaved_plan_with_skips_gives_the_reference_gradients_in_one_proces
 
 def test_a_mask_has_no_backward_message() -> None:
     """The bool mask crosses ranks forward, and no SEND_B/RECV_B carries it back."""
-    case = _case("mask-broadcast")
-    with pytest.warns(UserWarning, match="Gloo only"):
-        plan = _plan(case)
+    plan = _plan(_case("mask-broadcast"))
     masks = [b for b in plan.boundaries if b.dtype == "bool"]
     assert masks and not any(carries_grad(b) for b in masks)
     graph = graph_of(plan.data.lowered["gloo"], plan.boundaries)
@@ -251,3 +256,33 @@ def test_plans_with_skips_on_two_gloo_ranks(
         for r in per_rank:
             got.update(r[key])
         _assert_grads(got, _reference(case), f"{key} on 2 Gloo ranks")
+
+
+def _nccl_like_steps(rank: int, world_size: int, runs: dict[str, tuple[Plan, Any, Any, Any]]) -> dict[str, Any]:
+    """:func:`_gloo_steps` with NCCL's matching emulated on Gloo (module doc): this process
+    is a forked child, so the patches end with it."""
+    from pipec.runtime import comm
+    from pipec.runtime import runtime as runtime_module
+
+    init, lowered = comm.P2P.__init__, runtime_module.lowered_schedule
+
+    def p2p_as_nccl(self: comm.P2P, info: comm.ProcessGroupInfo, *args: Any, **kwargs: Any) -> None:
+        init(self, dataclasses.replace(info, backend="nccl"), *args, **kwargs)
+
+    comm.P2P.__init__ = p2p_as_nccl  # type: ignore[method-assign]
+    runtime_module.lowered_schedule = lambda plan, backend: lowered(plan, "nccl")  # type: ignore[assignment]
+    return _gloo_steps(rank, world_size, runs)
+
+
+@pytest.mark.timeout(300)
+def test_plans_with_skips_on_two_ranks_matching_messages_in_issue_order_as_nccl(
+    plans: dict[str, tuple[Case, Plan]], v_plans: dict[str, tuple[Case, Plan]]
+) -> None:
+    every = {**{f"interleaved {k}": v for k, v in plans.items()}, **{f"v {k}": v for k, v in v_plans.items()}}
+    runs = {key: (plan, case[1], case[2], case[3]) for key, (case, plan) in every.items()}
+    per_rank = run_ranks(_nccl_like_steps, 2, runs, timeout=120)
+    for key, (case, _) in every.items():
+        got: dict[str, torch.Tensor] = {}
+        for r in per_rank:
+            got.update(r[key])
+        _assert_grads(got, _reference(case), f"{key} on 2 ranks, NCCL's matching")
