@@ -141,6 +141,8 @@ def _reference(case: Case) -> dict[str, torch.Tensor]:
 
 def _step(plan: Plan, args: Any, kwargs: Any, target: Any, loss_fn: Any = None) -> dict[str, torch.Tensor]:
     pipe = PipelineRuntime(plan, loss_fn)
+    for _, p in pipe.named_parameters():  # runtimes of one plan in one process share its stage modules
+        p.grad = None
     pipe.step(*args, target=target, **kwargs)
     return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
 
@@ -240,6 +242,13 @@ def test_a_mask_has_no_backward_message() -> None:
     assert {(dst, src) for src, dst, forward in sent if not forward} <= floating
 
 
+def _larger_batch(case: Case) -> Case:
+    """``case`` on a batch 3 times the plan's: each rank's first step of it learns its shapes."""
+    model, _, _, _, loss_fn = case
+    gen = torch.Generator().manual_seed(2)
+    return model, (torch.randn(3 * BATCH, 8, generator=gen),), {}, torch.randint(0, 3, (3 * BATCH,), generator=gen), loss_fn
+
+
 def _gloo_steps(rank: int, world_size: int, runs: dict[str, tuple[Plan, Any, Any, Any]]) -> dict[str, Any]:
     return {key: _step(plan, args, kwargs, target) for key, (plan, args, kwargs, target) in runs.items()}
 
@@ -249,6 +258,7 @@ def test_plans_with_skips_on_two_gloo_ranks(
     plans: dict[str, tuple[Case, Plan]], v_plans: dict[str, tuple[Case, Plan]]
 ) -> None:
     every = {**{f"interleaved {k}": v for k, v in plans.items()}, **{f"v {k}": v for k, v in v_plans.items()}}
+    every["interleaved long-skip, a larger batch"] = (_larger_batch(plans["long-skip"][0]), plans["long-skip"][1])
     runs = {key: (plan, case[1], case[2], case[3]) for key, (case, plan) in every.items()}
     per_rank = run_ranks(_gloo_steps, 2, runs, timeout=240)
     for key, (case, _) in every.items():
@@ -279,6 +289,8 @@ def test_plans_with_skips_on_two_ranks_matching_messages_in_issue_order_as_nccl(
     plans: dict[str, tuple[Case, Plan]], v_plans: dict[str, tuple[Case, Plan]]
 ) -> None:
     every = {**{f"interleaved {k}": v for k, v in plans.items()}, **{f"v {k}": v for k, v in v_plans.items()}}
+    # a larger batch than the plan's: a step that learns its shapes (a header before each tensor)
+    every["interleaved long-skip, a larger batch"] = (_larger_batch(plans["long-skip"][0]), plans["long-skip"][1])
     runs = {key: (plan, case[1], case[2], case[3]) for key, (case, plan) in every.items()}
     per_rank = run_ranks(_nccl_like_steps, 2, runs, timeout=120)
     for key, (case, _) in every.items():
