@@ -53,7 +53,7 @@ from pipec.partitioner.single import (
     resolve_cost_model,
 )
 from pipec.plan import PlanData
-from pipec.schedule.backends import lower_for
+from pipec.schedule.backends import BACKENDS, lower_for
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel
 
@@ -151,28 +151,38 @@ def partition_model(
 
 
 def check_runnable(data: PlanData) -> None:
-    """Raise PartitionError now for a plan whose schedule cannot be lowered with its boundaries.
+    """Refuse now a plan no backend can run; warn when only some can.
 
-    With several stages per rank, a tensor that skips stages (a long residual, a
-    mask made once) can need messages in an order the runtime cannot receive;
-    NCCL ranks would fail later on the same error. The plan's stored lowerings
-    say (``data.lowered`` has no ``"nccl"`` entry); the schedule is lowered
-    again only to word the error. (``schedule="auto"`` leaves such candidates
-    out itself.)
+    The plan stores one lowering per backend that can run its schedule
+    (``data.lowered``, :func:`pipec.schedule.backends.lower_per_backend`); one
+    missing means the schedule failed validation for it (a deadlock the dry run
+    found). Tensors that skip stages across interleaved stages no longer make
+    one (the runtime keeps each pair's message order per message), so this
+    guards the rest. Raises :class:`PartitionError` when no backend can run the
+    plan; warns (``UserWarning``) naming the backends that can when some cannot.
+    (``schedule="auto"`` leaves such candidates out itself: it plans for NCCL.)
     """
-    if "nccl" in data.lowered:
+    missing = [b for b in BACKENDS if b not in data.lowered]
+    if not missing:
         return
+    said = ""
     try:
-        lower_for(data.schedule, data.boundaries, "nccl")
+        lower_for(data.schedule, data.boundaries, missing[0])
     except ScheduleError as exc:
-        skips = [b.name for b in data.boundaries if any(c != b.producer_stage + 1 for c in b.consumer_stages)]
-        shown = ", ".join(f"{b!r}" for b in skips[:5]) or "none"
+        said = f" Lowering for {missing[0]} said: {str(exc).splitlines()[0]}"
+    head = f"{data.schedule.name} with {data.stages_per_rank} stages per rank cannot run on {', '.join(missing)}"
+    if not data.lowered:
         raise PartitionError(
-            f"{data.schedule.name} with {data.stages_per_rank} stages per rank cannot run this split: "
-            f"tensors skip stages ({shown}) and their messages cannot be received in the order they are "
-            "sent. Use a schedule with one stage per rank (schedule='1f1b' or 'zb-h1'), or "
-            f"schedule='auto', which leaves out what cannot run. Lowering said: {exc}"
-        ) from exc
+            f"{head}: no backend can run this split. Use a schedule with one stage per rank "
+            f"(schedule='1f1b' or 'zb-h1'), or schedule='auto', which leaves out what cannot run.{said}"
+        )
+    can = ", ".join(sorted(data.lowered))
+    warnings.warn(
+        f"{head}: this plan runs on {can} only (pipec run --backend {sorted(data.lowered)[0]}). For "
+        f"{', '.join(missing)} use a schedule with one stage per rank (schedule='1f1b' or 'zb-h1') or "
+        f"schedule='auto'.{said}",
+        UserWarning, stacklevel=4,
+    )
 
 
 def warn_batch_norm(data: PlanData) -> None:

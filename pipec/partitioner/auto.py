@@ -240,9 +240,8 @@ def run_trial(
                               memory_limit=limits, device_speeds=device_speeds,
                               optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
         need = min_memory_limit(chain.problem)[0]
-    if "nccl" not in plan.lowered:  # as pipec.partition refuses it (partitioner.api.check_runnable)
-        raise ScheduleError(f"{cfg.label}: tensors skip stages and their messages cannot be received in the "
-                            "order NCCL needs")
+    if "nccl" not in plan.lowered:  # its schedule failed validation for NCCL (check_runnable); auto plans for NCCL
+        raise ScheduleError(f"{cfg.label}: the schedule has no valid NCCL lowering for this split")
     sim = simulate_plan(plan)
     memory = [0] * num_ranks
     for st in plan.stages:

@@ -18,7 +18,11 @@ early, the data lands as soon as it is sent. Each (stage, message,
 micro-batch) has its own buffer, so early receives never overwrite data in
 use. NCCL runs a pair's operations in issue order on one stream, where an
 early receive would block the sends queued behind it: there receives are
-posted when their action runs.
+posted when their action runs -- at message granularity: a receive first
+posts those of every message the same peer sent before it
+(:mod:`pipec.runtime.pair_order`, which says why that never adds waiting), so
+a rank receives each pair's messages in send order even where one RECV action's
+messages are interleaved with another's (skip tensors across interleaved stages).
 
 **Shapes that follow the data.** A step may have another batch size or
 sequence length than the plan's example (:mod:`pipec.microbatch`), so
@@ -57,8 +61,10 @@ import torch.distributed as dist
 
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Boundary
+from pipec.runtime.pair_order import Incoming, incoming_order
 from pipec.runtime.routing import StageRoutes, boundary_index
 from pipec.runtime.waiting import Request, Waiter
+from pipec.schedule.ir import Action, ActionKind
 from pipec.schedule.stage_graph import message_order
 
 log = logging.getLogger(__name__)
@@ -214,6 +220,9 @@ class P2P:
     """Point-to-point transfers of one rank's stages, with preallocated buffers.
 
     ``routes`` are this rank's stages; ``rank_of`` maps any stage to its rank.
+    ``actions`` are every rank's lowered actions (the schedule all ranks run):
+    without tags (NCCL) they give each peer's send order, which receives follow
+    (module doc); without them, receives follow each action's own message order.
     """
 
     def __init__(
@@ -226,6 +235,7 @@ class P2P:
         num_stages: int,
         num_microbatches: int,
         waiter: Waiter,
+        actions: Sequence[Sequence[Action]] | None = None,
     ) -> None:
         self.info = info
         self.rank_of = rank_of
@@ -283,6 +293,21 @@ class P2P:
         # receives posted ahead of their action: (direction, stage, micro-batch) -> requests
         self._posted: dict[tuple[int, int, int], list[Request]] = {}
         self._ahead = self._on_demand = 0  # receive actions posted each way (receive_counts)
+        # without tags: each peer's send order (train, forward-only) and how far it is received
+        self._by_key = {(d, s, m.name, m.peer_stage): m for d, lists in ((FORWARD, self._recv_f), (BACKWARD, self._recv_b))
+                        for s, msgs in lists.items() for m in msgs}
+        self._orders: dict[bool, dict[int, list[Incoming]]] = {}
+        if actions is not None and not self._use_tags:
+            rf = {s: [(m.name, m.peer_stage) for m in msgs] for s, msgs in self._recv_f.items()}
+            rb = {s: [(m.name, m.peer_stage) for m in msgs] for s, msgs in self._recv_b.items()}
+            self._orders = {
+                True: incoming_order(actions, me, recv_forward=rf, recv_backward=rb, boundary_index=index),
+                False: incoming_order(actions, me, recv_forward=rf, recv_backward=rb, boundary_index=index,
+                                      keep=_forward_only),
+            }
+        self._order: dict[int, list[Incoming]] = {}
+        self._next: dict[int, int] = {}  # source rank -> messages of its order posted so far
+        self._drained: dict[Incoming, Request] = {}  # posted, not yet taken by their action
         # boundary shapes of steps shaped unlike the plan (see the module doc)
         self._mode = PLANNED
         self._key: object = None
@@ -370,6 +395,37 @@ class P2P:
         """Forget receives posted for a step that ended early (its process group is
         being torn down); their buffers are not read again."""
         self._posted.clear()
+        self._drained.clear()
+        self._next.clear()
+
+    def begin_actions(self, train: bool) -> None:
+        """A step's actions start: a training step's, or (``train`` False) the forward-only
+        ones; without tags, receives follow that step's send order per peer."""
+        self._order = self._orders.get(train, {})
+        self._next, self._drained = {}, {}
+
+    def _drain_to(self, m: _Message, key: Incoming) -> Request:
+        """Post the receives of every message ``m``'s peer sends before ``key``, then
+        ``key``'s own (module doc); returns ``key``'s request."""
+        src = m.peer_rank
+        seq = self._order.get(src, ())
+        while key not in self._drained:
+            i = self._next.get(src, 0)
+            if i >= len(seq):
+                raise RuntimeError(
+                    f"rank {src} sends no message {key[2]!r} for stage {key[1]}, micro-batch {key[4]} in its "
+                    "actions; the plan's schedule and its stage modules are out of sync, re-create the plan"
+                )
+            self._next[src] = i + 1
+            direction, stage, name, peer, microbatch = k = seq[i]
+            msg = self._by_key[(direction, stage, name, peer)]
+            if direction == FORWARD and self._mode == LEARNING:  # its shape header comes first
+                header = torch.empty(len(msg.shape), dtype=torch.int64, device=self.info.device)
+                self.waiter.wait([self._irecv(header, msg, microbatch, HEADER)],
+                                 f"receiving the shape of {name!r} for stage {stage}, micro-batch {microbatch}")
+                self._in_shapes[(stage, name, peer, microbatch)] = tuple(int(d) for d in header.tolist())
+            self._drained[k] = self._irecv(self._buffer(direction, stage, msg, microbatch), msg, microbatch, direction)
+        return self._drained.pop(key)
 
     def _messages(self, direction: int, stage: int, microbatch: int) -> list[tuple[_Message, torch.Tensor]]:
         """``stage``'s incoming messages in one direction, each with its receive buffer."""
@@ -386,6 +442,9 @@ class P2P:
             raise self.waiter.failure(m.peer_rank, f"posting a receive of {m.name!r}", error) from error
 
     def _receive(self, direction: int, stage: int, microbatch: int) -> list[Request]:
+        if self._order:
+            msgs = self._recv_f if direction == FORWARD else self._recv_b
+            return [self._drain_to(m, (direction, stage, m.name, m.peer_stage, microbatch)) for m in msgs[stage]]
         posted = self._posted.pop((direction, stage, microbatch), None)
         if posted is not None:
             return posted
@@ -425,7 +484,7 @@ class P2P:
 
     def recv_forward(self, stage: int, microbatch: int) -> dict[str, torch.Tensor]:
         """Receive every remote input of ``stage`` for ``microbatch``; returns the buffers."""
-        if self._mode == LEARNING:
+        if self._mode == LEARNING and not self._order:
             works = self._recv_learning(stage, microbatch)
         else:
             works = self._receive(FORWARD, stage, microbatch)
@@ -480,3 +539,8 @@ class P2P:
         """Block until every send issued so far has completed."""
         self.waiter.wait([(w, d) for w, d, _ in self._pending], "sending this step's boundary tensors")
         self._pending.clear()
+
+
+def _forward_only(a: Action) -> bool:
+    """The actions of a forward-only (inference) step (as the executor runs them)."""
+    return a.kind in (ActionKind.F, ActionKind.SEND_F, ActionKind.RECV_F)

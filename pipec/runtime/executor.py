@@ -165,6 +165,8 @@ class Executor:
         self._step = step
         actions = self.actions if train else self.forward_actions
         receives, post_at = self._early_receives[train]
+        if self.p2p is not None:
+            self.p2p.begin_actions(train)
         self.clock.begin()
         current: Action | None = None
         try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pipec.errors import PlanError
 from pipec.plan import Boundary
+from pipec.schedule.stage_graph import carries_grad
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def build_routes(
     flags = requires_grad or {}
 
     def grad(b: Boundary) -> bool:
-        return b.meta.is_floating and bool(flags.get(b.name, True))
+        return carries_grad(b, flags)  # the predicate lowering used for SEND_B/RECV_B
 
     inputs: list[InputRoute] = []
     for name in input_names:

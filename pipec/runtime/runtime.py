@@ -209,6 +209,7 @@ class PipelineRuntime:
                 num_stages=plan.num_stages,
                 num_microbatches=plan.num_microbatches,
                 waiter=self._waiter,
+                actions=self.schedule.actions,
             )
         self._p2p = p2p
         self._plan_shapes = plan_shapes(plan.data.inputs)

@@ -6,13 +6,19 @@ lowered, validated schedule per communication backend (:data:`BACKENDS`),
 stored on the plan (:attr:`pipec.plan.PlanData.lowered`, ``plan.json``): the
 schedule that runs is the one validated, simulated, saved and drawn.
 
-The policy (:func:`lower_for`): NCCL matches point-to-point messages per pair
-of ranks in issue order, so its schedule must receive in send order
-(:func:`~pipec.schedule.lowering.lower`); a schedule that cannot be ordered so
-has no NCCL lowering. Gloo matches by tag: it takes the same pair-ordered
-lowering when there is one, else each RECV right before its compute
-(``match_pair_order=False``). Any other backend, and a single process, follow
-Gloo's policy; :func:`backend_kind` says which.
+The policy (:func:`lower_for`): the RECVs are ordered so every pair of ranks
+receives whole actions in send order (:func:`~pipec.schedule.lowering.lower`)
+when that is possible -- NCCL matches a pair's point-to-point messages in issue
+order, and this order makes each receive take the next messages. With several
+stages per rank and tensors that skip stages it may be impossible (one RECV per
+stage and micro-batch would have to take messages the sender interleaves with
+others'); then each RECV stays right before its compute
+(``match_pair_order=False``), validated deadlock-free, and the runtime keeps
+each pair's order itself: Gloo matches messages by tag, and on NCCL receives
+are posted at message granularity in each peer's send order
+(:mod:`pipec.runtime.pair_order`). A backend whose schedule fails validation has
+no lowering. Any other backend, and a single process, follow Gloo's policy;
+:func:`backend_kind` says which.
 """
 
 from __future__ import annotations
@@ -49,20 +55,18 @@ def lower_for(
     """``schedule`` lowered under ``backend``'s policy (module docstring), and
     validated unless ``check=False``.
 
-    Raises :class:`~pipec.errors.ScheduleError` when NCCL's message order cannot be
-    met, or the schedule is invalid under either policy."""
+    Raises :class:`~pipec.errors.ScheduleError` when the schedule is invalid
+    (a dependency, or a deadlock found by the dry run)."""
     kind = backend_kind(backend)
     compute = schedule.compute_only()
     try:
         lowered = lower(compute, boundaries)
         pair_order = True
     except ScheduleError:
-        if kind == "nccl":
-            raise
         # Interleaved placement with skip tensors can need a per-pair message order that
-        # one RECV per (stage, micro-batch) cannot give; Gloo matches by tag, so there
-        # the plain order is safe.
-        log.info("lowering %s without per-pair ordering (messages matched by tag on %s)", schedule.name, kind)
+        # one RECV per (stage, micro-batch) cannot give; the runtime keeps it per message
+        # (Gloo by tag, NCCL by receiving in each peer's send order), so the plain order is safe.
+        log.info("lowering %s for %s without per-pair ordering of whole actions", schedule.name, kind)
         lowered = lower(compute, boundaries, match_pair_order=False)
         pair_order = False
     if check:
@@ -72,7 +76,7 @@ def lower_for(
 
 def lower_per_backend(schedule: Schedule, boundaries: Sequence[BoundarySpec] | None) -> dict[str, Schedule]:
     """``{backend: lowered schedule}`` for each of :data:`BACKENDS` that can run it
-    (a schedule NCCL cannot order has no ``"nccl"`` entry). What a plan stores."""
+    (one that fails validation has no entry). What a plan stores."""
     out: dict[str, Schedule] = {}
     for backend in BACKENDS:
         try:
@@ -105,9 +109,10 @@ def plan_lowered(data: PlanData, backend: str | None = None) -> Schedule:
     found = stored.get(kind)
     if found is None:
         raise PlanError(
-            f"the plan's schedule {data.schedule.name!r} cannot run on {kind}: its messages cannot be "
-            f"received in the order {kind} needs (the plan holds lowerings for {sorted(stored)}); run with "
-            "--backend gloo, or re-plan with another schedule or stages_per_rank=1"
+            f"the plan's schedule {data.schedule.name!r} has no {kind} lowering (the plan holds lowerings "
+            f"for {sorted(stored)}; a plan made before pipec could order skip tensors' messages for NCCL has "
+            f"only Gloo's); re-create the plan with pipec.partition, or run with --backend "
+            f"{' / '.join(sorted(stored))}"
         )
     if found.compute_only().actions != data.schedule.compute_only().actions or found.placement != data.schedule.placement:
         raise PlanError(

@@ -94,12 +94,12 @@ def _dependencies(
         return deps
     if kind in (_K.B, _K.I):
         deps = [(Action(s, _K.F, m), 0.0)]
-        for c in graph.consumers[s]:
+        for c in graph.backward_consumers(s):  # consumers that send no gradient are not waited for
             if graph.rank_of(c) == rank:
                 deps.append((Action(c, _K.I, m), 0.0))
             elif not lowered:
                 deps.append((Action(c, _K.I, m), costs.latency(s, c, False)))
-        if lowered and graph.remote_consumers[s]:
+        if lowered and graph.remote_backward_consumers(s):
             deps.append((Action(s, _K.RECV_B, m), 0.0))
         return deps
     if kind is _K.W or kind is _K.SEND_B:
@@ -108,7 +108,7 @@ def _dependencies(
         return [(Action(s, _K.F, m), 0.0)]
     if kind is _K.RECV_F:
         return [(Action(p, _K.SEND_F, m), costs.latency(p, s, True)) for p in graph.remote_producers[s]]
-    return [(Action(c, _K.SEND_B, m), costs.latency(s, c, False)) for c in graph.remote_consumers[s]]
+    return [(Action(c, _K.SEND_B, m), costs.latency(s, c, False)) for c in graph.remote_backward_consumers(s)]
 
 
 def _duration(a: Action, costs: Costs) -> float:

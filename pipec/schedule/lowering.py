@@ -37,6 +37,14 @@ between them, one RECV may have to take messages that the sender interleaves
 with others; lowering then delays the offending SEND past later sends (a send
 never blocks its sender), dry-runs the result, and raises
 :class:`~pipec.errors.ScheduleError` if no deadlock-free order is found.
+Whole actions cannot always be ordered so (a tensor that skips stages across
+interleaved stages); :mod:`pipec.schedule.backends` then lowers with
+``match_pair_order=False`` and the runtime keeps each pair's order per message
+(:mod:`pipec.runtime.pair_order`).
+
+Backward messages exist only for tensors that carry a gradient
+(:func:`~pipec.schedule.stage_graph.carries_grad`): a bool mask read by a later
+stage has a ``SEND_F``/``RECV_F`` and no ``SEND_B``/``RECV_B``.
 
 Lowering an already-lowered schedule returns it unchanged (lowering is
 idempotent); call ``schedule.compute_only()`` first to lower it afresh.
@@ -255,8 +263,8 @@ class _ReceiveOrder:
                     f"rank {self.rank} cannot receive in send order: {top} needs message {msg}, "
                     f"but rank {src} sends {earlier} before it, which {blocker} receives. One "
                     f"action per stage and micro-batch cannot receive messages the sender "
-                    f"interleaves with others; use a schedule with one stage per rank, or "
-                    f"boundaries without skips between stages of the same ranks",
+                    f"interleaves with others; lower with match_pair_order=False (as "
+                    f"pipec.schedule.backends does) and keep the order per message at run time",
                     src,
                     earlier,
                     msg,

@@ -7,11 +7,16 @@ boundaries (``producer_stage -> consumer_stages``; default: stage ``s`` feeds
 ``s + 1``). Output: a :class:`StageGraph` -- producers and consumers of each
 stage, the ones on other ranks, and the :class:`Message` each cross-rank
 transfer is (see :mod:`pipec.schedule.lowering` for the semantics).
+
+Gradients flow back only along edges with a tensor that :func:`carries_grad`
+(a floating-point tensor; not a bool/int mask): the one predicate lowering,
+the dry run and the runtime (:mod:`pipec.runtime.routing`) share, so an edge
+made only of masks has forward messages and no backward ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -30,6 +35,29 @@ class BoundaryLike(Protocol):
 
 
 BoundarySpec = BoundaryLike | tuple[int, Sequence[int]]
+
+
+def carries_grad(boundary: BoundarySpec, requires_grad: Mapping[str, bool] | None = None) -> bool:
+    """Whether a gradient flows back through ``boundary`` from its consumers to its producer.
+
+    The one predicate of backward messages: lowering inserts ``SEND_B``/``RECV_B``
+    only for edges with such a tensor, and the runtime sends and receives the
+    gradients of exactly those (:func:`pipec.runtime.routing.build_routes`).
+    A ``(producer, consumers)`` pair carries one; a plan boundary
+    (:class:`pipec.plan.Boundary`) does when it is floating point
+    (``is_floating``: no gradient for bool/int masks or indices) and
+    ``requires_grad`` (the stage modules' analysis, by boundary name; absent: True)
+    does not say False. The runtime passes ``requires_grad``; the schedule does
+    not, so a floating tensor that depends on no trainable parameter keeps its
+    (empty) backward message in the schedule: the runtime then sends nothing
+    and receives nothing for it, which never changes any message order.
+    """
+    if isinstance(boundary, tuple):
+        return True
+    if not bool(getattr(boundary, "is_floating", True)):
+        return False
+    name = getattr(boundary, "name", None)
+    return requires_grad is None or name is None or bool(requires_grad.get(name, True))
 
 COMPUTE_KINDS = frozenset({ActionKind.F, ActionKind.B, ActionKind.I, ActionKind.W})
 SEND_KINDS = frozenset({ActionKind.SEND_F, ActionKind.SEND_B})
@@ -69,6 +97,10 @@ class StageGraph:
     remote_producers: tuple[tuple[int, ...], ...]
     remote_consumers: tuple[tuple[int, ...], ...]
     placement: tuple[int, ...] = ()
+    #: per stage, the producers/consumers whose edge carries a gradient
+    #: (:func:`carries_grad`); empty: all of them (a graph built by hand)
+    grad_producers: tuple[tuple[int, ...], ...] = ()
+    grad_consumers: tuple[tuple[int, ...], ...] = ()
     _memo: dict[Action, tuple[Message, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -76,6 +108,22 @@ class StageGraph:
     def rank_of(self, stage: int) -> int:
         """The rank that runs ``stage`` (the schedule's placement)."""
         return self.placement[stage]
+
+    def backward_producers(self, stage: int) -> tuple[int, ...]:
+        """The producers of ``stage`` that a gradient flows back to."""
+        return self.grad_producers[stage] if self.grad_producers else self.producers[stage]
+
+    def backward_consumers(self, stage: int) -> tuple[int, ...]:
+        """The consumers of ``stage`` that send it a gradient back."""
+        return self.grad_consumers[stage] if self.grad_consumers else self.consumers[stage]
+
+    def remote_backward_producers(self, stage: int) -> tuple[int, ...]:
+        """:meth:`backward_producers` on other ranks: the peers of ``sSEND_Bm``."""
+        return tuple(p for p in self.backward_producers(stage) if p in self.remote_producers[stage])
+
+    def remote_backward_consumers(self, stage: int) -> tuple[int, ...]:
+        """:meth:`backward_consumers` on other ranks: the peers of ``sRECV_Bm``."""
+        return tuple(c for c in self.backward_consumers(stage) if c in self.remote_consumers[stage])
 
     def messages(self, action: Action) -> tuple[Message, ...]:
         """The messages a communication action moves, in order ( () for compute):
@@ -93,9 +141,9 @@ class StageGraph:
         if kind is ActionKind.RECV_F:
             return tuple(Message(p, s, True, m) for p in self.remote_producers[s])
         if kind is ActionKind.SEND_B:
-            return tuple(Message(s, p, False, m) for p in self.remote_producers[s])
+            return tuple(Message(s, p, False, m) for p in self.remote_backward_producers(s))
         if kind is ActionKind.RECV_B:
-            return tuple(Message(c, s, False, m) for c in self.remote_consumers[s])
+            return tuple(Message(c, s, False, m) for c in self.remote_backward_consumers(s))
         return ()
 
     def comm_around(self, action: Action) -> tuple[Action | None, Action | None]:
@@ -105,8 +153,8 @@ class StageGraph:
             recv = ActionKind.RECV_F if self.remote_producers[s] else None
             send = ActionKind.SEND_F if self.remote_consumers[s] else None
         elif action.kind in (ActionKind.B, ActionKind.I):
-            recv = ActionKind.RECV_B if self.remote_consumers[s] else None
-            send = ActionKind.SEND_B if self.remote_producers[s] else None
+            recv = ActionKind.RECV_B if self.remote_backward_consumers(s) else None
+            send = ActionKind.SEND_B if self.remote_backward_producers(s) else None
         else:
             return None, None
         return (
@@ -132,11 +180,14 @@ def stage_graph(
 
     ``boundaries`` holds :class:`pipec.plan.Boundary` values or plain
     ``(producer_stage, consumer_stages)`` pairs; several boundaries between the
-    same two stages make one edge.
+    same two stages make one edge, which carries a gradient back when any of
+    them does (:func:`carries_grad`).
     """
     edges: set[tuple[int, int]] = set()
+    grad_edges: set[tuple[int, int]] = set()
     if boundaries is None:
         edges = {(s, s + 1) for s in range(num_stages - 1)}
+        grad_edges = set(edges)
     for b in boundaries or ():
         if isinstance(b, tuple):
             producer, consumers = b[0], tuple(b[1])
@@ -149,6 +200,8 @@ def stage_graph(
                     f"< num_stages={num_stages}; a stage can only feed a later stage"
                 )
             edges.add((producer, c))
+            if carries_grad(b):
+                grad_edges.add((producer, c))
     producers: list[list[int]] = [[] for _ in range(num_stages)]
     consumers_of: list[list[int]] = [[] for _ in range(num_stages)]
     for p, c in sorted(edges):  # peers ascending: the message order (message_order)
@@ -173,6 +226,8 @@ def stage_graph(
         remote_producers=tuple(remote(s, x) for s, x in enumerate(producers)),
         remote_consumers=tuple(remote(s, x) for s, x in enumerate(consumers_of)),
         placement=where,
+        grad_producers=tuple(tuple(p for p in x if (p, c) in grad_edges) for c, x in enumerate(producers)),
+        grad_consumers=tuple(tuple(c for c in x if (p, c) in grad_edges) for p, x in enumerate(consumers_of)),
     )
 
 
@@ -184,6 +239,7 @@ __all__ = [
     "BoundarySpec",
     "Message",
     "StageGraph",
+    "carries_grad",
     "graph_of",
     "message_order",
     "stage_graph",

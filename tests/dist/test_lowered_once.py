@@ -27,6 +27,7 @@ from pipec.runtime.runtime import PipelineRuntime
 from pipec.runtime.setup import lowered_schedule
 from pipec.schedule.backends import lower_per_backend, plan_lowered
 from pipec.schedule.ir import Schedule
+from pipec.schedule.validator import validate
 from pipec.types import NodeCost, TracedGraph
 
 
@@ -90,18 +91,24 @@ def test_a_plan_stores_its_lowering_per_backend_and_uses_it(tmp_path: Path) -> N
     assert pipec.load(tmp_path / "plan").data.lowered == lowered
 
 
-def test_a_plan_only_gloo_can_run_saves_simulates_and_loads(tmp_path: Path) -> None:
+def test_a_plan_whose_receives_cannot_follow_pair_order_saves_simulates_and_loads(tmp_path: Path) -> None:
     plan = _from_first_plan()
     assert plan.boundaries[0].producer_stage == 0 and len(plan.boundaries[0].consumer_stages) == 5
-    assert set(plan.data.lowered) == {"gloo"}  # NCCL's per-pair order cannot be met
+    # whole RECV actions cannot follow each pair's send order; the runtime keeps it per
+    # message (Gloo by tag, NCCL in send order: tests/dist/test_interleaved_skips.py)
+    assert set(plan.data.lowered) == {"gloo", "nccl"}
+    with pytest.raises(ScheduleError, match="NCCL pairs sends and receives in order"):
+        validate(plan.data.lowered["nccl"], plan.boundaries, check_pair_order=True)
     sim = plan.simulate()
-    assert sim.schedule == plan.data.lowered["gloo"]
+    assert sim.schedule == plan.data.lowered["nccl"]
     plan.save(tmp_path / "plan")  # used to fail: codegen lowered with NCCL's order
     loaded = pipec.load(tmp_path / "plan")
     assert loaded.simulate().step_time == pytest.approx(sim.step_time)
     assert lowered_schedule(loaded, "gloo") == plan.data.lowered["gloo"]
-    with pytest.raises(PlanError, match="cannot run on nccl"):
-        lowered_schedule(loaded, "nccl")
+    # a plan saved when pipec stored only Gloo's lowering for it
+    older = Plan(plan.data.model_copy(update={"lowered": {"gloo": plan.data.lowered["gloo"]}}), traced=plan.traced)
+    with pytest.raises(PlanError, match="has no nccl lowering.*re-create the plan.*--backend gloo"):
+        lowered_schedule(older, "nccl")
 
 
 def test_a_stale_stored_lowering_is_refused() -> None:
@@ -113,8 +120,8 @@ def test_a_stale_stored_lowering_is_refused() -> None:
     # a plan saved before lowerings were stored is lowered on use, by the same policy
     old = plan.data.model_copy(update={"lowered": {}})
     assert plan_lowered(old, "gloo") == plan.data.lowered["gloo"]
-    with pytest.raises(ScheduleError):
-        plan_lowered(_from_first_plan().data.model_copy(update={"lowered": {}}), "nccl")
+    skips = _from_first_plan().data
+    assert plan_lowered(skips.model_copy(update={"lowered": {}}), "nccl") == skips.lowered["nccl"]
     assert lower_per_backend(plan.schedule, plan.boundaries) == plan.data.lowered
 
 

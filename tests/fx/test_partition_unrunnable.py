@@ -1,13 +1,19 @@
-"""``partition`` with several stages per rank refuses a split its runtime cannot run.
+"""What ``partition`` says about an interleaved split whose tensors skip stages.
 
-Regression: a model whose first stage feeds its last one directly (a long
-residual; HF DistilBERT and CLIP text, whose attention mask is made once)
-partitioned with ``interleaved-1f1b`` without complaint, and only
-``plan.save()``, ``plan.simulate()`` and the ranks then failed, on a lowering
-message about receive order that named no fix a user can apply.
+Regression (issue #13): a model whose first stage feeds its last one directly
+(a long residual; HF DistilBERT and CLIP text, whose attention mask is made
+once) partitioned with ``interleaved-1f1b`` and then failed in ``save``,
+``simulate`` and every rank; later, ``partition`` refused it. Now such a plan
+is lowered for every backend (the runtime keeps each pair's message order per
+message) and partitions without a word. ``partition`` still refuses a plan no
+backend can run, and warns, naming the backends that can, when some cannot.
+(Gradients and 2-rank runs: tests/dist/test_interleaved_skips.py.)
 """
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +22,7 @@ from torch.nn import functional as F
 
 import pipec
 from pipec.errors import PartitionError
+from pipec.partitioner.api import check_runnable
 
 
 class LongSkip(nn.Module):
@@ -40,13 +47,25 @@ def _partition(schedule: str, num_stages: int, stages_per_rank: int) -> pipec.Pl
                            cost_model="h100-sxm")
 
 
-def test_interleaved_split_with_a_long_skip_is_refused_at_partition_naming_the_fix() -> None:
-    with pytest.raises(PartitionError, match=r"skip stages \('stem'\).*schedule='1f1b' or 'zb-h1'"):
-        _partition("interleaved-1f1b", 4, 2)
-
-
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
-def test_one_stage_per_rank_runs_the_long_skip(schedule: str, tmp_path: object) -> None:
-    plan = _partition(schedule, 4, 1)
+@pytest.mark.parametrize("schedule,stages_per_rank", [("interleaved-1f1b", 2), ("1f1b", 1), ("zb-h1", 1)])
+def test_the_long_skip_partitions_for_every_backend(schedule: str, stages_per_rank: int, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plan = _partition(schedule, 4, stages_per_rank)
+    assert set(plan.data.lowered) == {"gloo", "nccl"}
     plan.simulate()
     plan.save(str(tmp_path))
+    assert pipec.load(str(tmp_path)).data.lowered == plan.data.lowered
+
+
+def test_a_plan_only_some_backends_can_run_partitions_with_a_warning_naming_them() -> None:
+    data = _partition("interleaved-1f1b", 4, 2).data
+    gloo_only = data.model_copy(update={"lowered": {"gloo": data.lowered["gloo"]}})
+    with pytest.warns(UserWarning, match=r"cannot run on nccl: this plan runs on gloo only \(pipec run --backend gloo\)"):
+        check_runnable(gloo_only)
+
+
+def test_a_plan_no_backend_can_run_is_refused_at_partition_naming_the_fix() -> None:
+    data = _partition("interleaved-1f1b", 4, 2).data
+    with pytest.raises(PartitionError, match=r"cannot run on gloo, nccl: no backend can run.*schedule='1f1b' or 'zb-h1'"):
+        check_runnable(data.model_copy(update={"lowered": {}}))
