@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) examples/demo.py
 
-# the suite against the checkout (editable), then the wheel: built, installed
-# in a fresh venv and used from outside the source tree (.ci/wheel_check.sh)
-test: source-test wheel-check
+# the wheel, built from this checkout and installed in a fresh venv, used from
+# outside the source tree: README tutorial, CLI, then the whole suite against
+# it (.ci/wheel_check.sh). `make source-test` runs the suite against the
+# editable checkout instead (the same tests; no wheel).
+test: wheel-check
 
 source-test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --timeout=$(PYTEST_TIMEOUT) -p no:cacheprovider tests
