@@ -6,7 +6,9 @@ and the step's loss is the mean over micro-batches (:mod:`pipec.loss`). That
 equals the full batch's loss only when the loss is a mean over equal
 micro-batches: a token mean with padding or ``ignore_index`` averages each
 micro-batch over its own count, a summed loss is divided by the number of
-micro-batches. :func:`check_loss_reduction` computes both on the example batch
+micro-batches. :func:`check_loss_reduction` computes both on the first two
+micro-batches of the example (a fixed cost of four micro-batch forwards however
+many micro-batches there are: planning a large model on a laptop runs no more)
 -- the model in eval mode (no dropout; batch norm on running statistics, which
 does not change how the loss reduces) under ``torch.no_grad``, the model left
 as it was (:func:`pipec._preserve.preserved`) -- and warns when they differ.
@@ -51,6 +53,14 @@ def _chunks(tree: Any, num_microbatches: int) -> list[Any] | None:
     return [pytree.tree_unflatten(p, spec) for p in parts]
 
 
+def _joined(parts: list[Any]) -> Any:
+    """Micro-batches ``parts`` as one batch again (tensors concatenated along dim 0)."""
+    leaves, spec = zip(*(pytree.tree_flatten(p) for p in parts))
+    joined = [torch.cat(list(xs), dim=0) if isinstance(xs[0], torch.Tensor) and xs[0].dim() > 0 else xs[0]
+              for xs in zip(*leaves)]
+    return pytree.tree_unflatten(joined, spec[0])
+
+
 def _loss(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any],
           loss_fn: Callable[..., Any], target: Any) -> tuple[torch.Tensor, bool]:
     """The loss of one batch and whether it came as ``(loss_sum, count)``."""
@@ -63,10 +73,12 @@ def check_loss_reduction(
     model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], *,
     loss_fn: Callable[..., Any] | None, target: Any, num_microbatches: int,
 ) -> None:
-    """Warn when ``loss_fn``'s loss of the full example batch differs from the mean of
-    its ``num_microbatches`` micro-batch losses (what the pipeline computes).
+    """Warn when ``loss_fn``'s loss of the example's first two micro-batches taken as
+    one batch differs from the mean of their two losses (what the pipeline computes).
 
-    Runs the model ``num_microbatches + 1`` times on the example (no gradients).
+    Runs the model three times (no gradients): on the two micro-batches joined and
+    on each. A padding pattern that leaves the first two micro-batches with equal
+    counts is not seen.
     A failure of the check itself is logged and skipped: partition has run the
     model already, and the runtime reports a loss_fn that fails.
     """
@@ -76,10 +88,12 @@ def check_loss_reduction(
     targets = [None] * num_microbatches if target is None else _chunks(target, num_microbatches)
     if batches is None or targets is None:
         return
+    batches, targets = batches[:2], targets[:2]
+    (pair_args, pair_kwargs), pair_target = _joined(batches), _joined(targets)
     try:
         with preserved(model), torch.no_grad():
             model.eval()
-            full, counted = _loss(model, args, kwargs, loss_fn, target)
+            full, counted = _loss(model, pair_args, pair_kwargs, loss_fn, pair_target)
             if counted:
                 return
             losses = [_loss(model, a, k, loss_fn, t)[0] for (a, k), t in zip(batches, targets)]
@@ -91,9 +105,10 @@ def check_loss_reduction(
         return
     shown = ", ".join(f"{float(x):.6g}" for x in losses[:8]) + (", ..." if len(losses) > 8 else "")
     warnings.warn(
-        f"loss_fn is not a mean over equal micro-batches: on the example batch (model in eval mode) "
-        f"the full batch's loss is {float(full):.6g}, but the pipeline's loss -- the mean of the "
-        f"{num_microbatches} micro-batch losses ({shown}) -- is {float(mean):.6g}, and its gradients "
+        f"loss_fn is not a mean over equal micro-batches: on the example's first two micro-batches "
+        f"(model in eval mode) the loss of the two as one batch is {float(full):.6g}, but the "
+        f"pipeline's loss -- the mean of the micro-batch losses ({shown}) -- is {float(mean):.6g}, "
+        "and its gradients "
         "differ in the same way. A token mean with padding or ignore_index averages each micro-batch "
         "over its own count; a summed loss is divided by the number of micro-batches. Return "
         "(loss_sum, count) from loss_fn and the pipeline divides by the whole batch's count, e.g. "
