@@ -38,7 +38,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ from pipec.microbatch import (
     step_shapes,
 )
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
+from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
 from pipec.runtime.executor import Executor, StepResult
 from pipec.runtime.failure import (
@@ -78,6 +79,8 @@ from pipec.runtime.tied import TiedGradReducer, share_local_parameters
 from pipec.runtime.timeline import TimelineEvent, TimelineLog, write_chrome_trace
 from pipec.runtime.waiting import Waiter
 from pipec.timeline_format import ALLREDUCE
+
+_Optimizer = TypeVar("_Optimizer", bound=torch.optim.Optimizer)
 
 log = logging.getLogger(__name__)
 
@@ -427,8 +430,50 @@ class PipelineRuntime:
                 yield name, p
 
     def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters, each once (a tied one too, whatever the number of
+        local stages using it): what a per-rank optimizer updates."""
         for _, p in self.named_parameters():
             yield p
+
+    def optimizer(self, cls: Callable[..., _Optimizer], **kwargs: Any) -> _Optimizer:
+        """``cls(self.parameters(), **kwargs)``: an optimizer over this rank's parameters
+        (a tied one once), e.g. ``pipe.optimizer(torch.optim.AdamW, lr=1e-3)``. Tied
+        copies on other ranks stay equal because every holder gets the same summed
+        gradient at :meth:`step` and applies the same update."""
+        return cls(self.parameters(), **kwargs)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradients by the norm of the WHOLE model's gradient, as
+        ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)`` on
+        the single-process model; returns that total norm (the same on every rank).
+
+        Collective: call it on every rank, after :meth:`step` and before the
+        optimizer's ``step``. ``torch.nn.utils.clip_grad_norm_(pipe.parameters(), ...)``
+        would clip each rank by its own part's norm -- a different, silently wrong
+        update. Each rank sums ``|g|^p`` over its parameters (a tied parameter counted
+        on its lowest holder rank only: after :meth:`step` every holder has the same
+        gradient), one all-reduce over the pipeline's process group (MAX for
+        ``norm_type=inf``) gives the total, and every local gradient is scaled by
+        ``min(1, max_norm / (total + 1e-6))``. A non-finite total is returned and
+        scaled with as torch does by default (``error_if_nonfinite=False``): the
+        gradients turn NaN. The norm is accumulated in float64 and returned in float32
+        (float64 when this rank's gradients are). ``norm_type`` must be > 0 or inf.
+        """
+        self._check_usable()
+        norm_type = check_norm_type(norm_type)  # the same on every rank: raise before the collective
+        skip = self._tied.counted_elsewhere()
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        counted = [p.grad for p in self.parameters() if p.grad is not None and id(p) not in skip]
+        try:
+            total = global_grad_norm(counted, norm_type, info=self.info, waiter=self._waiter)
+        except BaseException as exc:
+            failure = self._on_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc.__cause__
+        scale_grads(grads, max_norm, total)
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        return total.to(dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's parameters and buffers under their original FQNs (tied ones once)."""

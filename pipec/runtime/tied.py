@@ -133,5 +133,11 @@ class TiedGradReducer:
             p.grad = grad if before is None else before.add_(grad)
         self._saved = []
 
+    def counted_elsewhere(self) -> set[int]:
+        """``id``s of this rank's tied parameters whose gradient a lower rank also holds:
+        after :meth:`end_step` every holder has the same summed gradient, so a norm over
+        the whole pipeline counts it once, on its lowest holder rank."""
+        return {id(p) for p, _, peers in self._groups if peers and min(peers) < self._rank}
+
     def __len__(self) -> int:
         return len(self._groups)
