@@ -136,6 +136,40 @@ def gpt2(num_layers: int = 2, dim: int = 32, vocab_size: int = 128, seq_len: int
     return transformers.GPT2LMHeadModel(config)
 
 
+class DictInput(nn.Module):
+    """A model whose one input is a dict of tensors (fx would bake it in; export takes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(4, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.out(torch.relu(self.a(batch["x"])) * torch.sigmoid(self.b(batch["y"])))
+
+
+def dict_batch(seed: int) -> dict[str, torch.Tensor]:
+    """A batch of 4 for :class:`DictInput`."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(4, 8, generator=gen), "y": torch.randn(4, 4, generator=gen)}
+
+
+class LongSkip(nn.Module):
+    """``stem``'s output is read again by the last stage, whatever the split (a floating
+    skip that needs its gradient back across non-adjacent stages)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, dim)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(6)])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(self.blocks(h) + h)
+
+
 def example(name: str, batch: int = 4) -> tuple[nn.Module, tuple[Any, ...]]:
     """A seeded (model, example_inputs) pair by zoo name."""
     torch.manual_seed(0)

@@ -43,6 +43,8 @@ from _workers import run_ranks
 from torch import nn
 from torch.nn import functional as F
 
+from models import LongSkip
+
 import pipec
 from pipec.facade import Plan
 from pipec.runtime.runtime import PipelineRuntime
@@ -57,21 +59,6 @@ V_SPLIT = Schedule.from_text("""
 0: 0F0 0F1 0F2 0F3 3F0 3I0 3F1 3I1 3W0 3F2 3I2 3W1 3F3 3I3 3W2 3W3 0I0 0I1 0I2 0I3 0W0 0W1 0W2 0W3
 1: 1F0 2F0 1F1 2F1 1F2 2F2 1F3 2F3 2I0 1I0 2I1 1I1 2W0 2I2 1I2 2W1 2I3 1I3 2W2 2W3 1W0 1W1 1W2 1W3
 """, name="v-zb-hand", stages_per_rank=2, placement=v_placement(4, 2))
-
-
-class LongSkip(nn.Module):
-    """``stem``'s output is read again by the last stage, whatever the split (a floating
-    skip that needs its gradient back across non-adjacent stages)."""
-
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, dim)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(6)])
-        self.head = nn.Linear(dim, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        return self.head(self.blocks(h) + h)
 
 
 class MaskBroadcast(nn.Module):

@@ -23,36 +23,23 @@ from _one_rank import one_rank
 from torch import nn
 from torch.nn import functional as F
 
+from models import DictInput, dict_batch
+
 import pipec
 from pipec.errors import ConfigError
 from pipec.microbatch import call_of
 from pipec.runtime.runtime import PipelineRuntime
 
 
-class DictInput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 16)
-        self.b = nn.Linear(4, 16)
-        self.out = nn.Linear(16, 3)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.out(torch.relu(self.a(batch["x"])) * torch.sigmoid(self.b(batch["y"])))
-
-
-def _batch(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(4, 8, generator=gen), "y": torch.randn(4, 4, generator=gen)}
-
 
 def test_a_loaded_plan_takes_a_dict_input_as_the_in_memory_one(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = DictInput()
     y = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(2))
-    plan = pipec.partition(model, (_batch(0),), num_stages=2, num_microbatches=2,
+    plan = pipec.partition(model, (dict_batch(0),), num_stages=2, num_microbatches=2,
                            loss_fn=F.cross_entropy, target=y, cost_model="h100-sxm")
     d = plan.save(tmp_path / "plan")
-    batch = _batch(1)
+    batch = dict_batch(1)
     want = pipec.reference_step(plan, batch, target=y, loss_fn=F.cross_entropy)
     got = pipec.reference_step(d, batch, target=y, loss_fn=F.cross_entropy)
     torch.testing.assert_close(got.loss, want.loss)
@@ -209,7 +196,7 @@ def test_pipec_run_trains_a_dict_input_plan(factory: bool, tmp_path: Path) -> No
                "--cost-model", "h100-sxm", "-o", "plan")
     else:
         torch.manual_seed(0)
-        plan = pipec.partition(DictInput(), (_batch(0),), num_stages=2, num_microbatches=2, cost_model="h100-sxm")
+        plan = pipec.partition(DictInput(), (dict_batch(0),), num_stages=2, num_microbatches=2, cost_model="h100-sxm")
         plan.save(tmp_path / "plan")
     ran = _pipec(tmp_path, "run", "plan", "--nproc", "2", "--steps", "1")
     assert re.search(r"step 0: loss [-+0-9.e]+", ran), ran

@@ -17,26 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from models import LongSkip
 from torch.nn import functional as F
 
 import pipec
 from pipec.errors import PartitionError
 from pipec.partitioner.api import check_runnable
-
-
-class LongSkip(nn.Module):
-    """``stem``'s output is read again by the last stage, whatever the split."""
-
-    def __init__(self, dim: int = 16) -> None:
-        super().__init__()
-        self.stem = nn.Linear(8, dim)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(6)])
-        self.head = nn.Linear(dim, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.stem(x)
-        return self.head(self.blocks(h) + h)
 
 
 def _partition(schedule: str, num_stages: int, stages_per_rank: int) -> pipec.Plan:

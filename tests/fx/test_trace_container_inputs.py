@@ -13,40 +13,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from models import DictInput, dict_batch
 from torch.nn import functional as F
 
 import pipec
 from pipec.errors import TraceError
 
 
-class DictInput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 16)
-        self.b = nn.Linear(4, 16)
-        self.out = nn.Linear(16, 3)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.out(torch.relu(self.a(batch["x"])) * torch.sigmoid(self.b(batch["y"])))
-
-
-def _batch(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(4, 8, generator=gen), "y": torch.randn(4, 4, generator=gen)}
-
-
 def test_fx_refuses_tensors_inside_a_dict_input_and_names_the_fix() -> None:
     with pytest.raises(TraceError, match=r"'batch' is a dict holding tensors.*method='export'"):
-        pipec.trace(DictInput(), (_batch(0),), method="fx")
+        pipec.trace(DictInput(), (dict_batch(0),), method="fx")
 
 
 def test_auto_traces_a_dict_input_with_export_and_the_graph_reads_it() -> None:
     torch.manual_seed(0)
     model = DictInput()
-    traced = pipec.trace(model, (_batch(0),))
+    traced = pipec.trace(model, (dict_batch(0),))
     assert traced.method == "export"
-    other = _batch(1)
+    other = dict_batch(1)
     (got,) = traced.graph_module(*traced.flatten_inputs((other,)))
     torch.testing.assert_close(got, model(other))
 
@@ -55,9 +39,9 @@ def test_partition_of_a_dict_input_model_computes_on_the_batch_it_is_given() -> 
     torch.manual_seed(0)
     model = DictInput()
     target = torch.randint(0, 3, (4,), generator=torch.Generator().manual_seed(2))
-    plan = pipec.partition(model, (_batch(0),), num_stages=2, num_microbatches=2,
+    plan = pipec.partition(model, (dict_batch(0),), num_stages=2, num_microbatches=2,
                            loss_fn=F.cross_entropy, target=target)  # default cost model: profile
-    other = _batch(1)
+    other = dict_batch(1)
     ref = pipec.reference_step(plan, other, target=target)
     want = F.cross_entropy(model(other), target)
     want.backward()
