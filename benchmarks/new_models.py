@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dist"))
 
 import torch  # noqa: E402
 from _one_rank import one_rank  # noqa: E402
+from _table import aligned  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
@@ -645,10 +646,7 @@ def table(results: list[Result]) -> str:
     rows = [("model", "trace", *SCHEDULES)]
     for r in results:
         rows.append((r.name, ",".join(sorted(r.trace)) or "-", *(_cell(r.checks[s]) for s in SCHEDULES)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return aligned(rows)
 
 
 def failures(results: list[Result]) -> str:

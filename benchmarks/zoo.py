@@ -28,6 +28,7 @@ _TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(_TESTS / "zoo"), str(_TESTS)]
 
 import torch  # noqa: E402
+from _table import aligned  # noqa: E402
 from zoo_harness import CHECKS, CaseResult, Check, run_case  # noqa: E402
 from zoo_models import CASES  # noqa: E402
 
@@ -53,10 +54,7 @@ def table(results: list[CaseResult]) -> str:
             _cell(r.checks["eval"]),
             "ok" if not others else "FAIL " + ",".join(others),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return aligned(rows)
 
 
 def failures(results: list[CaseResult]) -> str:
