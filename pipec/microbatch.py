@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from pipec.errors import ConfigError
 from pipec.plan import InputSpec
-from pipec.types import Constant, InputStructure
+from pipec.types import InputStructure
 
 
 def flatten_call(
@@ -117,7 +117,7 @@ def _bind_parameters(args: tuple[Any, ...], kwargs: Mapping[str, Any], structure
         given[name] = value
     for name, traced in structure.constants.items():
         if name in given:
-            _check_constant(name, given[name], traced)
+            check_constant(name, given[name], traced)
         elif name in structure.explicit:
             raise ConfigError(
                 f"argument {name!r} was traced with the value {traced!r} (not forward's default) and is "
@@ -132,8 +132,9 @@ def _bind_parameters(args: tuple[Any, ...], kwargs: Mapping[str, Any], structure
     return tuple(given[a] for a in structure.arguments)
 
 
-def _check_constant(name: str, found: Any, traced: Constant) -> None:
-    """An argument fx baked into the graph must be passed as traced."""
+def check_constant(name: str, found: Any, traced: Any) -> None:
+    """An argument fx baked into the graph must be passed as traced (the guard fx would
+    have run: ``is`` for None and bools, same type and ``==`` otherwise)."""
     same = found is traced if traced is None or isinstance(traced, bool) else (
         type(found) is type(traced) and bool(found == traced))
     if not same:

@@ -12,7 +12,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from pipec.errors import TraceError
-from pipec.microbatch import flatten_call
+from pipec.microbatch import check_constant, flatten_call
 from pipec.tracing.capture import LeafSpec, _Capture
 from pipec.types import InputStructure
 
@@ -73,17 +73,20 @@ def _trace_fx(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 
     structure = _fx_structure(sig, placeholders, {n: concrete[n] for n in dropped})
 
+    # baked-in values the structure cannot hold (not None/bool/int/float/str) are checked here
+    unsaved = [n for n in dropped if structure is None or n not in structure.constants]
+
     def flatten(a: tuple[Any, ...], kw: Mapping[str, Any]) -> tuple[Any, ...]:
-        if structure is not None:  # the binding a loaded plan uses too
-            values = flatten_call(a, kw, structure, ())
-            unsaved = [n for n in dropped if n not in structure.constants]
-        else:
-            values, unsaved = None, dropped
-        b = sig.bind(*a, **kw)
-        b.apply_defaults()
-        for name in unsaved:
-            _check_constant(name, b.arguments.get(name), concrete[name])
-        return values if values is not None else tuple(b.arguments.get(name) for name in names)
+        # the binding a loaded plan uses too; the signature is bound again only when needed
+        values = flatten_call(a, kw, structure, ()) if structure is not None else None
+        if values is None or unsaved:
+            b = sig.bind(*a, **kw)
+            b.apply_defaults()
+            for name in unsaved:
+                check_constant(name, b.arguments.get(name), concrete[name])
+            if values is None:
+                values = tuple(b.arguments.get(name) for name in names)
+        return values
 
     return _Capture(gm, "fx", flatten(args, kwargs), flatten, lambda out: out, structure)
 
@@ -122,7 +125,7 @@ def _drop_guarded_constants(graph: fx.Graph, concrete: Mapping[str, Any]) -> lis
     whose only readers are a guard (``_assert_is_none``, or ``==`` and
     ``torch._assert``) checking the call passes the same value. Left in, the plan
     asks every caller for ``labels_1``, ``return_dict_1`` ... that the model
-    never reads; the guard moves to ``flatten`` (:func:`_check_constant`) instead.
+    never reads; the guard moves to ``flatten`` (:func:`pipec.microbatch.check_constant`) instead.
     """
     dropped = []
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
@@ -147,19 +150,3 @@ def _drop_guarded_constants(graph: fx.Graph, concrete: Mapping[str, Any]) -> lis
         graph.erase_node(node)
         dropped.append(name[:-2])
     return dropped
-
-
-def _check_constant(name: str, found: Any, traced: Any) -> None:
-    """The guard fx would have run: a baked-in argument must be passed as traced."""
-    if traced is None or isinstance(traced, bool):
-        same = found is traced
-    else:
-        same = type(found) is type(traced) and bool(found == traced)
-    if not same:
-        raise TraceError(
-            f"argument {name!r} was traced with the value {traced!r} and is baked into the "
-            f"graph, but {found!r} was passed; partition again with example_kwargs="
-            f"{{{name!r}: ...}} set as you will call the model"
-        )
-
-
