@@ -249,8 +249,9 @@ def plan_shapes(specs: Sequence[InputSpec]) -> tuple[Any, ...]:
     return tuple(tuple(s.meta.shape) if s.meta is not None else None for s in specs)
 
 
-def split_target(target: Any, num_microbatches: int, device: torch.device) -> list[Any]:
-    """Chunk every tensor of ``target`` (any pytree) along dim 0."""
+def split_target(target: Any, num_microbatches: int, device: torch.device | None) -> list[Any]:
+    """Chunk every tensor of ``target`` (any pytree) along dim 0, moved to ``device``
+    (None: where it is); other values go to every micro-batch."""
     leaves, spec = pytree.tree_flatten(target)
     chunks: list[list[Any]] = [[] for _ in range(num_microbatches)]
     for leaf in leaves:
@@ -260,7 +261,7 @@ def split_target(target: Any, num_microbatches: int, device: torch.device) -> li
                     f"target: expected a batch divisible into {num_microbatches} micro-batches along "
                     f"dim 0, found shape {tuple(leaf.shape)}; pass the target of the full batch"
                 )
-            for c, part in zip(chunks, chunk(leaf.to(device), num_microbatches)):
+            for c, part in zip(chunks, chunk(leaf if device is None else leaf.to(device), num_microbatches)):
                 c.append(part)
         else:
             for c in chunks:

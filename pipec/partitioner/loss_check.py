@@ -27,30 +27,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from pipec._preserve import preserved
-from pipec.errors import PipecError
+from pipec.errors import ConfigError, PipecError
 from pipec.loss import loss_parts
+from pipec.microbatch import split_target
 
 log = logging.getLogger(__name__)
 
 #: relative and absolute tolerance of "the same loss" (float32 sums in another order)
 _RTOL, _ATOL = 1e-4, 1e-6
-
-
-def _chunks(tree: Any, num_microbatches: int) -> list[Any] | None:
-    """Each micro-batch of ``tree`` as the runtime splits it (tensors along dim 0, the
-    rest repeated); None when a tensor does not split into equal parts."""
-    leaves, spec = pytree.tree_flatten(tree)
-    parts: list[list[Any]] = [[] for _ in range(num_microbatches)]
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            if leaf.shape[0] % num_microbatches:
-                return None
-            for part, chunk in zip(parts, leaf.chunk(num_microbatches, dim=0)):
-                part.append(chunk)
-        else:
-            for part in parts:
-                part.append(leaf)
-    return [pytree.tree_unflatten(p, spec) for p in parts]
 
 
 def _joined(parts: list[Any]) -> Any:
@@ -84,9 +68,10 @@ def check_loss_reduction(
     """
     if loss_fn is None or num_microbatches < 2:
         return
-    batches = _chunks((args, dict(kwargs)), num_microbatches)
-    targets = [None] * num_microbatches if target is None else _chunks(target, num_microbatches)
-    if batches is None or targets is None:
+    try:  # each micro-batch as the runtime splits it; a batch that does not split is partition's to refuse
+        batches = split_target((args, dict(kwargs)), num_microbatches, None)
+        targets = [None] * num_microbatches if target is None else split_target(target, num_microbatches, None)
+    except ConfigError:
         return
     batches, targets = batches[:2], targets[:2]
     (pair_args, pair_kwargs), pair_target = _joined(batches), _joined(targets)
