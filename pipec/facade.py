@@ -184,6 +184,7 @@ def partition(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
+    data_parallel: int = 1,
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -220,7 +221,7 @@ def partition(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-        target=target,
+        target=target, data_parallel=data_parallel,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

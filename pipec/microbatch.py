@@ -269,6 +269,27 @@ def split_target(target: Any, num_microbatches: int, device: torch.device | None
     return [pytree.tree_unflatten(c, spec) for c in chunks]
 
 
+def replica_share(value: Any, data_parallel: int, index: int) -> Any:
+    """Replica ``index``'s share of a global batch for ``data_parallel`` replicas: every
+    tensor of ``value`` (any pytree) with a dim 0 cut into ``data_parallel`` equal,
+    contiguous parts by :func:`chunk` (replica ``d`` gets rows ``[d b, (d + 1) b)``, so
+    global micro-batch ``d * M + m`` is replica ``d``'s micro-batch ``m``); other values
+    go to every replica. What each rank of replica ``index`` passes to ``pipe.step``."""
+    leaves, spec = pytree.tree_flatten(value)
+    out: list[Any] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            if leaf.shape[0] % data_parallel:
+                raise ConfigError(
+                    f"the global batch: expected dim 0 divisible by data_parallel={data_parallel}, found "
+                    f"shape {tuple(leaf.shape)}; pass a global batch of a multiple of {data_parallel} samples"
+                )
+            out.append(chunk(leaf, data_parallel)[index])
+        else:
+            out.append(leaf)
+    return pytree.tree_unflatten(out, spec)
+
+
 def merge_outputs(outputs: Sequence[Any]) -> Any:
     """Concatenate micro-batch outputs along dim 0 leaf by leaf; a leaf that cannot
     be concatenated (a scalar, a non-tensor) becomes the list of its values."""

@@ -31,6 +31,9 @@ from pipec.types import FrozenModel, InputStructure, NodeCost, TensorMeta, Trace
 
 FORMAT_VERSION = 1
 
+#: the DeviceMesh dimension orders a plan may name (:attr:`PlanData.mesh_order`)
+MESH_ORDERS: tuple[tuple[str, str], ...] = (("dp", "pp"), ("pp", "dp"))
+
 
 class StageInfo(FrozenModel):
     """One pipeline stage. Times are per micro-batch on the stage's own device
@@ -176,6 +179,13 @@ class PlanData(FrozenModel):
     # traced in train(), the model not random in eval(): random nodes with no mode argument
     # (node -> module path), which the stages draw in eval() too (pipec.mode_ops.mode_blind_random)
     mode_blind_random: dict[str, str] = {}
+    # D replicas of the pipeline (data parallel): the plan's world is D x num_ranks; each
+    # replica gets batch_size / D of the global batch. ``mesh_order`` is the DeviceMesh's
+    # dimension order: ("dp", "pp") = mesh (D, num_ranks), global rank = dp * num_ranks + pp
+    # (a pipeline's ranks adjacent); ("pp", "dp") = mesh (num_ranks, D), global rank =
+    # pp * D + dp (the replicas of a stage adjacent). Plans saved before: D = 1.
+    data_parallel: int = 1
+    mesh_order: tuple[str, str] = ("dp", "pp")
 
     @model_validator(mode="before")
     @classmethod
@@ -185,6 +195,25 @@ class PlanData(FrozenModel):
         if isinstance(values, dict) and values.get("candidates") and values.get("chosen") is None:
             return {**values, "chosen": 0}
         return values
+
+    @model_validator(mode="after")
+    def _check_data_parallel(self) -> PlanData:
+        if self.data_parallel < 1:
+            raise ValueError(f"data_parallel: expected >= 1, found {self.data_parallel}")
+        if self.mesh_order not in MESH_ORDERS:
+            raise ValueError(f"mesh_order: expected one of {MESH_ORDERS}, found {self.mesh_order}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """The processes the plan runs on: ``data_parallel * num_ranks``."""
+        return self.data_parallel * self.num_ranks
+
+    def global_rank(self, pp_rank: int, dp_rank: int) -> int:
+        """The global rank of pipeline rank ``pp_rank`` in replica ``dp_rank`` (:attr:`mesh_order`)."""
+        if self.mesh_order == ("pp", "dp"):
+            return pp_rank * self.data_parallel + dp_rank
+        return dp_rank * self.num_ranks + pp_rank
 
     @property
     def chosen_candidate(self) -> Candidate | None:

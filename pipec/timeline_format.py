@@ -22,6 +22,9 @@ from pipec.schedule.ir import Action
 
 #: The name of the span a runtime step's tied-gradient all-reduces take, after its actions.
 ALLREDUCE = "ALLREDUCE"
+#: A stage's data-parallel gradient all-reduce across replicas, named ``<stage>DP_ALLREDUCE``:
+#: from its start (right after the stage's last backward) to when the rank saw it complete.
+DP_ALLREDUCE = "DP_ALLREDUCE"
 
 
 def _as_action(action: Action | str) -> Action | None:

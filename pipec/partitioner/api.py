@@ -33,6 +33,12 @@ from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.mode_ops import describe_nodes
 from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.data_parallel import (
+    check_data_parallel,
+    check_global_batch,
+    replica_example,
+    with_data_parallel,
+)
 from pipec.partitioner.eval_random import draws_in_eval
 from pipec.partitioner.inputs import (
     AUTO,
@@ -78,6 +84,7 @@ def partition_model(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
+    data_parallel: int = 1,
 ) -> Partitioned:
     """What :func:`pipec.partition` computes, as the plan data and the traced
     graph it splits (see that function for the arguments)."""
@@ -88,6 +95,21 @@ def partition_model(
         )
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
     check_loss_fn(loss_fn)
+    data_parallel = check_data_parallel(data_parallel)
+    if data_parallel > 1:  # one pipeline on replica 0's share of the global batch, stamped with D
+        args, kwargs = split_inputs(example_inputs, example_kwargs)
+        batch = batch_size(args, kwargs)
+        check_global_batch(batch, data_parallel, num_microbatches)
+        r_args, r_kwargs, r_target = replica_example(args, kwargs, target, data_parallel)
+        found = partition_model(
+            model, r_args, num_stages=num_stages, num_microbatches=num_microbatches,
+            schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
+            memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
+            example_kwargs=r_kwargs, method=method,
+            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
+            target=r_target,
+        )
+        return with_data_parallel(found, data_parallel, batch)
     if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
 

@@ -53,18 +53,23 @@ def global_grad_norm(
     *,
     info: ProcessGroupInfo,
     waiter: Waiter,
+    group: dist.ProcessGroup | None = None,
+    ranks: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The ``norm_type``-norm of the gradients counted on all ranks together
-    (collective: every rank of the pipeline calls it), a scalar on this rank's device. ``grads`` are the gradients this rank counts (each tied one on
+    (collective: every rank of the pipeline calls it; ``group`` / ``ranks``: the
+    pipeline's process group and its global ranks, default the whole world -- with
+    replicas, whose gradients are equal after the step, one pipeline's norm is the model's), a scalar on this rank's device. ``grads`` are the gradients this rank counts (each tied one on
     one rank only). Float64: accumulated in double precision, cast by the caller."""
     norm_type = check_norm_type(norm_type)
     part = local_norm_part(grads, norm_type, info.device)
-    if info.distributed and info.world_size > 1:
+    members = list(ranks) if ranks is not None else list(range(info.world_size))
+    if info.distributed and len(members) > 1:
         op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-        work = dist.all_reduce(part, op=op, async_op=True)
+        work = dist.all_reduce(part, op=op, group=group, async_op=True)
         if work is None:
             raise RuntimeError(f"all_reduce on rank {info.rank} returned no request")
-        peers = [r for r in range(info.world_size) if r != info.rank]
+        peers = [r for r in members if r != info.rank]
         waiter.wait_collective(work, peers, "the all-reduce of the gradient norm (clip_grad_norm_)")
     total = part if math.isinf(norm_type) else part.pow(1.0 / norm_type)
     return total

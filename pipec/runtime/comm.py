@@ -122,10 +122,12 @@ def init_process_group(
     backend: str | None = None,
     device: str | torch.device | None = None,
     timeout: float | None = None,
+    data_parallel: int = 1,
 ) -> ProcessGroupInfo:
     """Join the default process group, initialising it from torchrun's variables if needed
     (with ``timeout`` seconds for its collectives and store operations).
 
+    ``num_ranks`` is the plan's world (``data_parallel`` replicas of its pipeline).
     Raises :class:`ConfigError` outside a process group (unless the plan has a
     single rank, which runs without one), when the group's size differs from
     ``num_ranks``, or when NCCL is asked for without CUDA.
@@ -167,6 +169,14 @@ def init_process_group(
         group_backend: str | None = str(dist.get_backend())
     else:
         rank, world_size, group_backend = 0, 1, None
+    if world_size != num_ranks and data_parallel > 1:
+        pipeline = num_ranks // data_parallel
+        raise ConfigError(
+            f"the plan runs on {data_parallel} replicas x {pipeline} pipeline ranks = {num_ranks} processes, "
+            f"but the process group has {world_size}; launch {num_ranks} processes (`pipec run DIR`, or "
+            f"torchrun with --nnodes x --nproc-per-node = {num_ranks}), or re-plan with "
+            f"data_parallel x ranks = {world_size}"
+        )
     if world_size != num_ranks:
         raise ConfigError(
             f"the plan runs on {num_ranks} ranks but the process group has {world_size}; "
@@ -236,6 +246,8 @@ class P2P:
         num_microbatches: int,
         waiter: Waiter,
         actions: Sequence[Sequence[Action]] | None = None,
+        pipeline_rank: int | None = None,
+        to_global: Callable[[int], int] | None = None,
     ) -> None:
         self.info = info
         self.rank_of = rank_of
@@ -245,6 +257,10 @@ class P2P:
         self._pending: list[tuple[dist.Work, int, torch.Tensor]] = []
         index = boundary_index(boundaries)
         me = info.rank
+        # with D replicas (pipec.runtime.mesh) ``rank_of`` gives global ranks of this replica,
+        # ``actions`` are indexed by pipeline rank (``pipeline_rank``; ``to_global`` maps one)
+        row = me if pipeline_rank is None else pipeline_rank
+        glob: Callable[[int], int] = to_global if to_global is not None else (lambda r: r)
 
         def msg(name: str, peer: int, b: Boundary, consumer: int) -> _Message:
             return _Message(name, peer, rank_of(peer), b, index[name] * num_stages + consumer,
@@ -301,10 +317,12 @@ class P2P:
             rf = {s: [(m.name, m.peer_stage) for m in msgs] for s, msgs in self._recv_f.items()}
             rb = {s: [(m.name, m.peer_stage) for m in msgs] for s, msgs in self._recv_b.items()}
             self._orders = {
-                True: incoming_order(actions, me, recv_forward=rf, recv_backward=rb, boundary_index=index),
-                False: incoming_order(actions, me, recv_forward=rf, recv_backward=rb, boundary_index=index,
+                True: incoming_order(actions, row, recv_forward=rf, recv_backward=rb, boundary_index=index),
+                False: incoming_order(actions, row, recv_forward=rf, recv_backward=rb, boundary_index=index,
                                       keep=_forward_only),
             }
+            # the schedule's rows are pipeline ranks; messages name their peers' global ranks
+            self._orders = {k: {glob(src): seq for src, seq in v.items()} for k, v in self._orders.items()}
         self._order: dict[int, list[Incoming]] = {}
         self._next: dict[int, int] = {}  # source rank -> messages of its order posted so far
         self._drained: dict[Incoming, Request] = {}  # posted, not yet taken by their action

@@ -37,6 +37,7 @@ from pipec.errors import ConfigError, RuntimeFailure
 from pipec.loss import loss_parts
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
+from pipec.runtime.data_parallel import last_backward
 from pipec.runtime.failure import PeerFailure
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.shapes import baked_shape_message
@@ -106,9 +107,18 @@ class Executor:
         num_microbatches: int,
         device: torch.device,
         seed: int = 0,
+        microbatch_offset: int = 0,
+        after_backward: Callable[[int], None] | None = None,
     ) -> None:
         self.rank = rank
         self.seed = seed
+        # replica d of D draws as global micro-batches d * M + m: the same as one process
+        # running the global batch (pipec.runtime.data_parallel)
+        self.microbatch_offset = microbatch_offset
+        # called with a stage once its last backward action of a training step is done:
+        # the data-parallel all-reduce of its gradients starts there
+        self.after_backward = after_backward
+        self._done_at = {i: s for s, i in last_backward(actions).items()}
         self.stages = dict(stages)
         self.routes = dict(routes)
         self.actions = tuple(actions)
@@ -177,6 +187,8 @@ class Executor:
                     started = self.clock.start()
                     self._handlers[current.kind](current)
                     self.clock.stop(started, str(current))
+                    if train and self.after_backward is not None and i in self._done_at:
+                        self.after_backward(self._done_at[i])
                 current = None
                 if self.p2p is not None:
                     self.p2p.wait_sends()
@@ -249,7 +261,7 @@ class Executor:
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
         try:
-            with random_scope(self.seed, self._step, a.microbatch):  # same draws on any layout
+            with random_scope(self.seed, self._step, self.microbatch_offset + a.microbatch):  # same draws on any layout
                 result = self.stages[a.stage](*values)
         except Exception as e:
             if self.shape_note is None:

@@ -9,7 +9,9 @@ front. Gradients are linear in the loss, so the executor backpropagates each
 ``loss_sum`` unscaled and, after the schedule, every rank divides *this step's*
 gradients by the batch's count, which the last stage's rank broadcasts: exact
 for every schedule, whatever the schedule's order, and independent of the
-split. Gradients accumulated by earlier steps (no ``zero_grad`` in between) are
+split. With D replicas (:mod:`pipec.runtime.mesh`) the count is broadcast inside
+each pipeline and summed over the replicas: the global batch's count, by which the
+replica-summed gradients are divided. Gradients accumulated by earlier steps (no ``zero_grad`` in between) are
 set aside before the step and added back unscaled, as the tied-parameter
 reducer does (:mod:`pipec.runtime.tied`); the division comes before the
 tied-gradient all-reduce, which then sums already-normalised gradients.
@@ -31,6 +33,7 @@ from torch import nn
 
 from pipec.errors import ConfigError
 from pipec.runtime.comm import ProcessGroupInfo
+from pipec.runtime.mesh import Mesh
 from pipec.runtime.waiting import Waiter
 
 MEAN, COUNT = "mean", "count"
@@ -52,8 +55,10 @@ class CountNormalizer:
         source: int,
         params: Callable[[], list[nn.Parameter]],
         waiter: Waiter,
+        mesh: Mesh | None = None,
     ) -> None:
         self._info = info
+        self._mesh = mesh
         self._source = source
         self._params = params
         self._waiter = waiter
@@ -78,7 +83,7 @@ class CountNormalizer:
         None. Collective (every rank calls it) unless the loss is a mean.
         """
         local = torch.stack([counts[m] for m in sorted(counts)]).sum() if counts else None
-        is_source = self._info.rank == self._source
+        is_source = self._info.rank == self._source  # global ranks
         if self.kind == MEAN:
             if is_source and local is not None:
                 raise ConfigError(
@@ -108,15 +113,24 @@ class CountNormalizer:
             message = message.to(device=device, dtype=torch.float64)
         else:
             message = torch.zeros(2 if learning else 1, dtype=torch.float64, device=device)
-        if self._info.distributed and self._info.world_size > 1:
-            work = dist.broadcast(message, src=self._source, async_op=True)
+        mesh = self._mesh
+        pipeline = mesh.pipeline_ranks() if mesh is not None else list(range(self._info.world_size))
+        if self._info.distributed and len(pipeline) > 1:
+            group = mesh.pp_group if mesh is not None else None
+            work = dist.broadcast(message, src=self._source, group=group, async_op=True)
             if work is None:
                 raise RuntimeError(f"broadcast on rank {self._info.rank} returned no request")
-            peers = [self._source] if not is_source else [
-                r for r in range(self._info.world_size) if r != self._source]
+            peers = [self._source] if not is_source else [r for r in pipeline if r != self._source]
             self._waiter.wait_collective(work, peers, "the broadcast of the batch's loss count")
+        if self._info.distributed and mesh is not None and mesh.dp_group is not None:
+            # the global count: summed over the replicas (and the kind flag: > 0 for a count loss)
+            work = dist.all_reduce(message, op=dist.ReduceOp.SUM, group=mesh.dp_group, async_op=True)
+            if work is None:
+                raise RuntimeError(f"all_reduce on rank {self._info.rank} returned no request")
+            others = [r for r in mesh.replica_ranks() if r != self._info.rank]
+            self._waiter.wait_collective(work, others, "the all-reduce of the loss count across replicas")
         if learning:
-            self.kind = COUNT if bool(message[0].item()) else MEAN
+            self.kind = COUNT if bool(message[0].item() > 0) else MEAN
             if self.kind == MEAN:
                 return None
             return message[1]

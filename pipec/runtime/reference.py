@@ -79,7 +79,8 @@ def reference_step(
                 raise ConfigError(f"state_dict lacks {missing[:5]}; pass the full state dict of the model "
                                   "(original FQNs), e.g. pipec.merge_state_dicts of every rank's")
             module.load_state_dict({k: state_dict[k] for k in module.state_dict()})
-    num = plan.num_microbatches
+    # the global batch of every replica: global micro-batch d * M + m is replica d's m-th
+    num = plan.num_microbatches * plan.data.data_parallel
     values = plan.flatten_inputs(inputs, kwargs)
     microbatches = split_inputs(values, plan.data.inputs, num, torch.device("cpu"))
     targets = split_target(target, num, torch.device("cpu")) if target is not None else None

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipec.errors import ConfigError, RuntimeFailure
@@ -55,6 +56,7 @@ from pipec.microbatch import (
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
+from pipec.runtime.data_parallel import DEFAULT_BUCKET_BYTES, DataParallelReducer, last_backward
 from pipec.runtime.executor import Executor, StepResult
 from pipec.runtime.failure import (
     FailureMonitor,
@@ -64,6 +66,7 @@ from pipec.runtime.failure import (
     record_of,
 )
 from pipec.runtime.loss_scale import CountNormalizer
+from pipec.runtime.mesh import Mesh, build_mesh, position
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -136,21 +139,32 @@ class PipelineRuntime:
         timeout: float | None = None,
         heartbeat_timeout: float | None = None,
         seed: int | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
         plan = as_plan(plan_or_dir)
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ConfigError(f"bucket_bytes: expected a size in bytes >= 1, found {bucket_bytes!r}; "
+                              f"pass e.g. {DEFAULT_BUCKET_BYTES} (25 MiB, as DDP)")
+        self._bucket_bytes = bucket_bytes
         self.seed = resolve_seed(seed)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
         self.timeout = seconds(timeout, "PIPEC_TIMEOUT", DEFAULT_TIMEOUT)
         self.heartbeat_timeout = seconds(heartbeat_timeout, "PIPEC_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT)
+        data = plan.data
         self.info: ProcessGroupInfo = init_process_group(
-            plan.num_ranks, backend=backend, device=device, timeout=self.timeout
+            data.world_size, backend=backend, device=device, timeout=self.timeout,
+            data_parallel=data.data_parallel,
         )
         self.schedule = lowered_schedule(plan, self.info.backend)
-        self.rank = self.info.rank
+        self.rank = self.info.rank  # global
         self.device = self.info.device
         self.num_microbatches = plan.num_microbatches
-        self.stage_indices = self.schedule.stages_of(self.rank)
+        # this rank's place among the replicas; the DeviceMesh's groups come in _connect
+        self.pp_rank, self.dp_rank = position(data, self.rank)
+        self.mesh = Mesh(rank=self.rank, pp_rank=self.pp_rank, dp_rank=self.dp_rank, num_ranks=data.num_ranks,
+                         data_parallel=data.data_parallel, mesh_order=data.mesh_order)
+        self.stage_indices = self.schedule.stages_of(self.pp_rank)
         self.stage_modules: dict[int, nn.Module] = {
             s: plan.stage_module(s).to(self.device) for s in self.stage_indices
         }
@@ -193,7 +207,7 @@ class PipelineRuntime:
             self.rank,
             list(self.stage_indices),
             self.device,
-            len(self.schedule.actions[self.rank]),
+            len(self.schedule.actions[self.pp_rank]),
             self.schedule.name,
         )
 
@@ -202,41 +216,64 @@ class PipelineRuntime:
         subgroups (collective: after a barrier that stops when a rank failed or is gone), the
         executor."""
         self._saves = 0
+        replicated = self.data_parallel_size > 1 and self.info.distributed
+        if replicated:  # init_device_mesh creates its groups collectively, on every rank
+            self._barrier("mesh", "waiting for every rank to set up the data x pipeline DeviceMesh")
+            self.mesh = build_mesh(plan.data, rank=self.rank, device=self.device, distributed=True)
+        mesh = self.mesh
+        pp_rank_of = self.schedule.rank_of
+
+        def rank_of(stage: int) -> int:  # the global rank of ``stage`` in this replica
+            return mesh.global_rank(pp_rank_of(stage))
+
         p2p = None
-        if self.info.world_size > 1:
+        if plan.num_ranks > 1:
             p2p = P2P(
                 self.info,
                 self._routes,
                 boundaries=plan.data.boundaries,
-                rank_of=self.schedule.rank_of,
+                rank_of=rank_of,
                 num_stages=plan.num_stages,
                 num_microbatches=plan.num_microbatches,
                 waiter=self._waiter,
                 actions=self.schedule.actions,
+                pipeline_rank=self.pp_rank,
+                to_global=mesh.global_rank,
             )
         self._p2p = p2p
         self._plan_shapes = plan_shapes(plan.data.inputs)
-        rank_of = self.schedule.rank_of
-        if any(len({rank_of(s) for s in g.stages}) > 1 for g in plan.data.tied_groups):
+        if any(len({pp_rank_of(s) for s in g.stages}) > 1 or replicated for g in plan.data.tied_groups):
             self._barrier("tied", "waiting for every rank to set up the tied-parameter groups")
         self._tied = TiedGradReducer(
-            plan.data.tied_groups, rank_of=rank_of, info=self.info, params=self._params,
-            waiter=self._waiter, timeout=self.timeout,
+            plan.data.tied_groups, rank_of=pp_rank_of, info=self.info, params=self._params,
+            waiter=self._waiter, timeout=self.timeout, mesh=mesh if replicated else None,
         )
+        actions = self.schedule.actions[self.pp_rank]
         self._executor = Executor(
             rank=self.rank,
             stages=self.stage_modules,
             routes=self._routes,
-            actions=self.schedule.actions[self.rank],
+            actions=actions,
             rank_of=rank_of,
             p2p=p2p,
             num_microbatches=plan.num_microbatches,
             device=self.device,
             seed=self.seed,
+            microbatch_offset=self.dp_rank * plan.num_microbatches,
         )
+        self._dp: DataParallelReducer | None = None
+        if replicated:
+            done = last_backward(actions)
+            self._dp = DataParallelReducer(
+                self.stage_modules, order=sorted(self.stage_modules, key=lambda s: done.get(s, -1)),
+                exclude=self._tied.param_ids(), group=mesh.dp_group,
+                peers=[r for r in mesh.replica_ranks() if r != self.rank], waiter=self._waiter,
+                clock=self._executor.clock, bucket_bytes=self._bucket_bytes,
+            )
+            self._executor.after_backward = self._dp.launch
         self._counts = CountNormalizer(
             info=self.info, source=rank_of(plan.num_stages - 1),
-            params=lambda: list(self.parameters()), waiter=self._waiter,
+            params=lambda: list(self.parameters()), waiter=self._waiter, mesh=mesh if replicated else None,
         )
 
     def _barrier(self, name: str, what: str) -> None:
@@ -298,26 +335,62 @@ class PipelineRuntime:
                 targets = split_target(target, self.num_microbatches, self.device)
             self._tied.begin_step()
             self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
+            if self._dp is not None:
+                self._dp.begin_step()
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
             if self._p2p is not None:
                 self._p2p.end_step()
+            self._finish_data_parallel(result)  # summed over the replicas: before the division
             count = self._counts.end_step(result.counts, self._step)
-            self._end_step_timed()
+            # a mean loss: the replicas' sum / D; a count loss was divided by the global count
+            scale = 1.0 / self.data_parallel_size if self._dp is not None and count is None else None
+            if scale is not None and self._dp is not None:
+                for p in self._dp.params():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            self._end_step_timed(scale)
             self._counts.restore()
+            loss = self._step_loss(result, count) if self.is_last else None
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
                 raise
             raise failure from exc.__cause__
         self._record(result)
-        if not self.is_last:
-            return None
+        return loss
+
+    def _finish_data_parallel(self, result: StepResult) -> None:
+        """Wait for the replicas' gradient all-reduces (started as each stage's backward
+        ended) and add their spans to the step's timeline."""
+        if self._dp is None:
+            return
+        clock = self._executor.clock
+
+        def span(started: Any, text: str) -> None:
+            clock.stop(started, text)
+            result.timeline.append(clock.last_event(self.rank))
+
+        self._dp.finish(span)
+
+    def _step_loss(self, result: StepResult, count: torch.Tensor | None) -> torch.Tensor:
+        """The step's loss on a last-stage rank: over every replica's micro-batches (the
+        global batch), by one all-reduce among the replicas' last-stage ranks."""
         losses = torch.stack([result.losses[m] for m in range(self.num_microbatches)])
+        total = losses.sum() if count is not None else losses.mean()
+        if self._dp is not None:
+            total = total.detach().clone()
+            work = dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mesh.dp_group, async_op=True)
+            if work is None:
+                raise RuntimeError(f"all_reduce on rank {self.rank} returned no request")
+            others = [r for r in self.mesh.replica_ranks() if r != self.rank]
+            self._waiter.wait_collective(work, others, "the all-reduce of the step's loss across replicas")
+            if count is None:
+                total = total / self.data_parallel_size
         if count is not None:
-            return (losses.sum() / count).to(losses.dtype)
-        return losses.mean()
+            return (total / count).to(losses.dtype)
+        return total
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Inference on the full batch: the model's output (micro-batches concatenated
@@ -384,17 +457,17 @@ class PipelineRuntime:
         if self.monitor is not None:
             self.monitor.close()
 
-    def _end_step_timed(self) -> None:
+    def _end_step_timed(self, scale: float | None = None) -> None:
         """The tied-gradient all-reduces, timed on the executor's clock (on CUDA its
         events) as one ``ALLREDUCE`` span of the step, added to the step's timeline
         by :meth:`_resolve_allreduce` -- later, so on CUDA the step returns without
         waiting for the all-reduce, as NCCL allows."""
         if not len(self._tied):
-            self._tied.end_step()
+            self._tied.end_step(scale)
             return
         clock = self._executor.clock
         started = clock.start()
-        self._tied.end_step()
+        self._tied.end_step(scale)
         clock.stop(started, ALLREDUCE)
         self._allreduce_pending = True
 
@@ -408,6 +481,16 @@ class PipelineRuntime:
     def _record(self, result: StepResult) -> None:
         self._timelines.add(self._step, result.started, result.timeline)
         self._step += 1
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's replica (0 .. D-1): the ``rank`` of a ``DistributedSampler``."""
+        return self.dp_rank
+
+    @property
+    def data_parallel_size(self) -> int:
+        """The number of replicas D: the ``num_replicas`` of a ``DistributedSampler``."""
+        return self.plan.data.data_parallel
 
     def train(self, mode: bool = True) -> PipelineRuntime:
         """Training (``mode=True``) or inference mode for dropout and batch norm, as
@@ -465,7 +548,8 @@ class PipelineRuntime:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         counted = [p.grad for p in self.parameters() if p.grad is not None and id(p) not in skip]
         try:
-            total = global_grad_norm(counted, norm_type, info=self.info, waiter=self._waiter)
+            total = global_grad_norm(counted, norm_type, info=self.info, waiter=self._waiter,
+                                     group=self.mesh.pp_group, ranks=self.mesh.pipeline_ranks())
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:

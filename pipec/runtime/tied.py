@@ -23,6 +23,7 @@ from torch import nn
 from pipec.errors import PlanError
 from pipec.plan import TiedGroup
 from pipec.runtime.comm import ProcessGroupInfo
+from pipec.runtime.mesh import Mesh
 from pipec.runtime.waiting import Waiter
 
 
@@ -80,14 +81,21 @@ class TiedGradReducer:
         params: Mapping[str, nn.Parameter],
         waiter: Waiter | None = None,
         timeout: float | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
-        self._groups: list[tuple[nn.Parameter, dist.ProcessGroup | None, list[int]]] = []
+        # (parameter, group, the group's other global ranks, the other holders' pipeline ranks)
+        self._groups: list[tuple[nn.Parameter, dist.ProcessGroup | None, list[int], list[int]]] = []
         self._saved: list[torch.Tensor | None] = []
         self._waiter = waiter
         self._timeout = timeout if timeout is not None else 300.0
         self._rank = info.rank
+        self._pp_rank = mesh.pp_rank if mesh is not None else info.rank
         for g in tied_groups:  # the same order on every rank
-            ranks = list(g.ranks(rank_of))
+            holders = list(g.ranks(rank_of))  # pipeline ranks
+            # with D replicas: one group of every holder in every replica, so the gradient is
+            # summed once over holders and replicas (the data-parallel reducer leaves it out)
+            ranks = holders if mesh is None else sorted(
+                mesh.global_rank(h, d) for h in holders for d in range(mesh.data_parallel))
             if len(ranks) < 2 or not info.distributed:
                 continue
             try:  # collective: waits (for ``timeout`` at most) for every rank of the group
@@ -109,19 +117,22 @@ class TiedGradReducer:
                     f"tied parameter {g.fqn!r} should live on rank {info.rank} (stages {list(g.stages)}) "
                     "but no local stage module has it; re-create the plan"
                 )
-            self._groups.append((param, group, [r for r in ranks if r != info.rank]))
+            self._groups.append((param, group, [r for r in ranks if r != info.rank],
+                                 [h for h in holders if h != self._pp_rank]))
 
     def begin_step(self) -> None:
         """Set aside gradients accumulated before this step, so only this step's are summed."""
         self._saved = []
-        for p, _, _ in self._groups:
+        for p, _, _, _ in self._groups:
             self._saved.append(p.grad)
             p.grad = None
 
-    def end_step(self) -> None:
-        """Sum this step's gradients across holders and add back the set-aside ones."""
+    def end_step(self, scale: float | None = None) -> None:
+        """Sum this step's gradients across holders (and replicas), multiply the sum by
+        ``scale`` when given (``1 / D`` for a mean loss over D replicas) and add back the
+        set-aside ones."""
         saved = self._saved or [None] * len(self._groups)
-        for (p, group, peers), before in zip(self._groups, saved):
+        for (p, group, peers, _), before in zip(self._groups, saved):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group, async_op=True)
             if work is None:
@@ -130,6 +141,8 @@ class TiedGradReducer:
                 self._waiter.wait_collective(work, peers, "the tied-gradient all-reduce")
             else:
                 work.wait(datetime.timedelta(seconds=self._timeout))
+            if scale is not None:
+                grad.mul_(scale)
             p.grad = grad if before is None else before.add_(grad)
         self._saved = []
 
@@ -137,7 +150,11 @@ class TiedGradReducer:
         """``id``s of this rank's tied parameters whose gradient a lower rank also holds:
         after :meth:`end_step` every holder has the same summed gradient, so a norm over
         the whole pipeline counts it once, on its lowest holder rank."""
-        return {id(p) for p, _, peers in self._groups if peers and min(peers) < self._rank}
+        return {id(p) for p, _, _, holders in self._groups if holders and min(holders) < self._pp_rank}
+
+    def param_ids(self) -> set[int]:
+        """``id``s of the parameters this reducer sums (left out of the data-parallel one)."""
+        return {id(p) for p, _, _, _ in self._groups}
 
     def __len__(self) -> int:
         return len(self._groups)
