@@ -18,6 +18,12 @@ step, the plan's fingerprint, the sha256 of every file -- and then replaces
 naming the previous checkpoint; a directory without a manifest is incomplete
 and never loaded. Several nodes need a shared file system.
 
+With D replicas of the pipeline (``data_parallel``) each stage is written once,
+by replica 0's rank (``rank<r>`` is then pipeline rank ``r``; the other
+replicas hold equal tensors and only take part in the agreement), so a
+checkpoint loads into any D -- every replica reads the same files -- and, as
+above, into any number of stages.
+
 Parameters are stored under their original FQNs, so a checkpoint loads into a
 plan of the same model with any number of stages or ranks, and
 :func:`merge_checkpoint` gives the full state dict of the original model.
@@ -90,6 +96,21 @@ class RankView:
     store: BoundedStore | None  # the runtime's prefixed c10d store; None in a one-process run
     waiter: Waiter
     save_index: int  # checkpoints this runtime saved before: keeps store keys apart
+    # with D replicas: the pipeline rank whose files these are, the pipeline's ranks, and
+    # whether this rank writes them (replica 0 does; the others' tensors are equal)
+    file_rank: int = -1  # -1: ``rank``
+    num_ranks: int = 0  # 0: ``world_size``
+    writes: bool = True
+
+    @property
+    def own_rank(self) -> int:
+        """The rank this view's files are saved and looked up under (its pipeline rank)."""
+        return self.rank if self.file_rank < 0 else self.file_rank
+
+    @property
+    def pipeline_ranks(self) -> int:
+        """How many ranks write a checkpoint: one per pipeline rank."""
+        return self.world_size if self.num_ranks <= 0 else self.num_ranks
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -116,7 +137,7 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer | None) -> RankFiles:
     model = _cpu_tensors(view.tensors)
     rng_tensors, rng_meta = rng_to_files()
-    tmp = step_dir / f".rank{view.rank}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = step_dir / f".rank{view.own_rank}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         save_file(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
@@ -131,7 +152,7 @@ def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer
             fsync_path(f)
             files[f.name] = sha256_file(f)
         fsync_path(tmp)
-        tmp.rename(step_dir / f"rank{view.rank}")
+        tmp.rename(step_dir / f"rank{view.own_rank}")
         fsync_path(step_dir)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +163,7 @@ def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return RankFiles(rank=view.rank, stages=view.stages, tensors=tuple(model), files=files)
+    return RankFiles(rank=view.own_rank, stages=view.stages, tensors=tuple(model), files=files)
 
 
 def _fresh_name(root: Path, step: int) -> str:
@@ -202,21 +223,22 @@ def save_checkpoint(
         view.waiter.poll(lambda: store.check([prefix + "name"]), "waiting for rank 0 to start the checkpoint", [0])
         name = store.get(prefix + "name").decode()
     step_dir = root / name
-    files = _write_rank(step_dir, view, optimizer)
     if store is None:
-        entries = [files]
+        entries = [_write_rank(step_dir, view, optimizer)]
     else:
-        store.set(prefix + f"rank/{view.rank}", files.model_dump_json())
-        store.add(prefix + "written", 1)
+        if view.writes:  # one replica writes each pipeline rank's files
+            files = _write_rank(step_dir, view, optimizer)
+            store.set(prefix + f"rank/{view.own_rank}", files.model_dump_json())
+            store.add(prefix + "written", 1)
         if view.rank != 0:
             view.waiter.poll(lambda: store.check([prefix + "done"]), "waiting for rank 0 to commit the checkpoint", [0])
             store.add(prefix + "seen", 1)  # rank 0 may host the store: it waits for this before going on
             return step_dir
-        view.waiter.poll(lambda: store.add(prefix + "written", 0) >= view.world_size,
+        view.waiter.poll(lambda: store.add(prefix + "written", 0) >= view.pipeline_ranks,
                          "waiting for every rank to write its checkpoint files", others)
-        entries = [RankFiles.model_validate_json(store.get(prefix + f"rank/{r}")) for r in range(view.world_size)]
+        entries = [RankFiles.model_validate_json(store.get(prefix + f"rank/{r}")) for r in range(view.pipeline_ranks)]
     manifest = CheckpointManifest(
-        step=step, num_ranks=view.world_size, num_stages=view.plan.num_stages,
+        step=step, num_ranks=view.pipeline_ranks, num_stages=view.plan.num_stages,
         plan_fingerprint=plan_fingerprint(view.plan), model_name=view.plan.data.model_name,
         saved_at=time.time(), ranks=tuple(entries),
     )
@@ -245,9 +267,9 @@ def load_checkpoint(
     ``directory`` (its ``latest``, or a ``step_<k>`` directory); returns its step."""
     path = resolve_checkpoint(Path(directory))
     manifest = read_manifest(path)
-    own = next((e for e in manifest.ranks if e.rank == view.rank), None)
+    own = next((e for e in manifest.ranks if e.rank == view.own_rank), None)
     same_layout = (
-        manifest.num_ranks == view.world_size and own is not None and set(own.tensors) == set(view.tensors)
+        manifest.num_ranks == view.pipeline_ranks and own is not None and set(own.tensors) == set(view.tensors)
     )
     if optimizer is not None and not same_layout:
         raise CheckpointError(

@@ -602,7 +602,8 @@ class PipelineRuntime:
             rank=self.rank, world_size=self.info.world_size, plan=self.plan, stages=tuple(self.stage_indices),
             tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
             store=self.monitor.store if self.monitor is not None else None, waiter=self._waiter,
-            save_index=self._saves - 1,
+            save_index=self._saves - 1, file_rank=self.pp_rank, num_ranks=self.plan.num_ranks,
+            writes=self.dp_rank == 0,
         )
 
     def save_checkpoint(

@@ -232,3 +232,51 @@ def test_world_size_that_does_not_match_the_plan() -> None:
     plan = _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=2)
     for text in run_ranks(_world_mismatch, 2, plan, timeout=50):
         assert "2 replicas x 2 pipeline ranks = 4 processes" in text and "has 2" in text, text
+
+
+def _train_and_save(rank: int, world_size: int, plan: Plan, inputs: Any, target: Any, directory: str) -> Any:
+    pipe = PipelineRuntime(plan, F.mse_loss, seed=0)
+    opt = pipe.optimizer(torch.optim.SGD, lr=0.1)
+    d, size = pipe.data_parallel_rank, pipe.data_parallel_size
+    pipe.step(*replica_share(inputs, size, d), target=replica_share(target, size, d))
+    opt.step()
+    pipe.save_checkpoint(directory, optimizer=opt)
+    state = {k: v.clone() for k, v in pipe.state_dict().items()}
+    pipe.close()
+    return state
+
+
+def _load(rank: int, world_size: int, plan: Plan, directory: str) -> Any:
+    pipe = PipelineRuntime(plan, F.mse_loss)
+    opt = pipe.optimizer(torch.optim.SGD, lr=0.1)
+    step = pipe.load_checkpoint(directory, optimizer=opt if pipe.plan.num_ranks == 2 else None)
+    state = {k: v.clone() for k, v in pipe.state_dict().items()}
+    pipe.close()
+    torch.distributed.barrier()  # loading is per rank: rank 0 (the store host) waits for the others
+    return step, state
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_written_once_per_stage_resumed_into_another_data_parallel(tmp_path: Any) -> None:
+    """DP2 x PP2 saves: one directory per pipeline rank (replica 0 writes); it loads into
+    DP1 x PP2 (optimizer too: the same pipeline layout) and into DP2 x PP1 (a different
+    split), every rank getting the trained weights."""
+    model, inputs, target, loss_fn = _case("mlp")
+    directory = str(tmp_path / "ckpt")
+    saved = run_ranks(_train_and_save, 4, _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1,
+                                                  num_stages=2), inputs, target, directory, timeout=100)
+    step_dir = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert sorted(p.name for p in step_dir.iterdir() if p.is_dir()) == ["rank0", "rank1"]
+    trained: dict[str, torch.Tensor] = {}
+    for state in saved:
+        for k, v in state.items():
+            if k in trained:  # the replicas stepped to equal weights
+                torch.testing.assert_close(v, trained[k])
+            trained[k] = v
+    for plan, world in ((_plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=2,
+                               data_parallel=1), 2),
+                        (_plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=1), 2)):
+        for step, state in run_ranks(_load, world, plan, directory, timeout=60):
+            assert step == 1
+            for k, v in state.items():
+                torch.testing.assert_close(v, trained[k])
