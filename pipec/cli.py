@@ -119,6 +119,8 @@ def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
     p.add_argument("--stages-per-rank", type=_int_or_auto, default=1,
                    help="stages_per_rank (virtual stages per rank for interleaved-1f1b), or 'auto': then "
                    "--stages counts ranks and interleaved-1f1b tries 2 and 4 stages per rank")
+    p.add_argument("--data-parallel", type=_whole(1), default=1, metavar="D",
+                   help="replicas of the pipeline (data parallel); the factory's batch is the global one")
     p.add_argument("--cost-model", default="profile",
                    help="'profile' (measure here), a name in cost_models/ such as h100-sxm, or a JSON path")
     p.add_argument("--memory-limit", default=None,
@@ -146,6 +148,11 @@ def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
                    help="save a checkpoint every K steps (0: never)")
     r.add_argument("--master-addr", default="127.0.0.1",
                    help="rendezvous address (default 127.0.0.1: local only)")
+    r.add_argument("--nnodes", type=_whole(1), default=1,
+                   help="nodes (torchrun's --nnodes); run the same command on each with its --node-rank")
+    r.add_argument("--node-rank", type=_whole(0), default=0, help="this node's index (torchrun's --node-rank)")
+    r.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="the c10d rendezvous every node joins (needed with --nnodes > 1)")
 
     c = sub.add_parser("calibrate", help="measure this machine and write a hardware cost-model file")
     c.add_argument("-o", "--output", required=True, type=Path, help="e.g. cost_models/mybox.json")
@@ -189,6 +196,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         num_microbatches=args.microbatches,
         schedule=args.schedule,
         stages_per_rank=args.stages_per_rank,
+        data_parallel=args.data_parallel,
         loss_fn=made.loss_fn,
         cost_model=args.cost_model,
         memory_limit=args.memory_limit,
@@ -236,13 +244,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # a missing, damaged or hand-edited plan fails here, before any process starts
     plan = load(args.directory)
+    world = plan.data.world_size  # data_parallel x num_ranks
+    if world % args.nnodes:
+        raise ConfigError(f"the plan runs on {world} processes, which --nnodes {args.nnodes} does not divide; "
+                          f"use a node count that divides {world}")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node "
+                          "(a port on the first node that every node can reach)")
+    per_node = world // args.nnodes
     if args.nproc is None:
-        args.nproc = plan.num_ranks
-    if args.nproc != plan.num_ranks:
+        args.nproc = per_node
+    if args.nproc != per_node:
+        layout = f"{plan.data.data_parallel} replicas x {plan.num_ranks} ranks = {world} processes"
         raise ConfigError(
-            f"the plan in {args.directory} runs on {plan.num_ranks} ranks, but --nproc is {args.nproc}; "
-            f"pass --nproc {plan.num_ranks}, or re-plan with `pipec partition` for {args.nproc} ranks"
+            f"the plan in {args.directory} runs on {layout}, but --nproc is {args.nproc} on {args.nnodes} "
+            f"node(s); pass --nproc {per_node}, or re-plan with `pipec partition` for {args.nproc * args.nnodes}"
         )
+    from pipec.runtime.launch import Nodes
+
+    nodes = Nodes(args.nnodes, args.node_rank, args.rdzv_endpoint) if args.nnodes > 1 else None
 
     extra: list[str] = []
     if args.resume:
@@ -256,6 +276,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         steps=args.steps,
         extra_args=tuple(extra),
         master_addr=args.master_addr,
+        nodes=nodes,
     )
     if code == 0:
         _write_report_quietly(args.directory)

@@ -42,6 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TextIO
 
@@ -50,6 +51,16 @@ from pipec.runtime.failure import FailureRecord, parse_failure_line
 from pipec.runtime.proctree import ProcessTree
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """One node of a multi-node launch: torchrun's ``--nnodes``, ``--node-rank`` and the
+    c10d rendezvous ``HOST:PORT`` every node names (``--rdzv-endpoint``)."""
+
+    nnodes: int
+    node_rank: int
+    endpoint: str
 
 _PREFIX_RE = re.compile(r"^\[default(\d+)\]:(.*)$")
 _ROOT_RANK_RE = re.compile(r"^\s*rank\s*:\s*(\d+)")
@@ -74,10 +85,11 @@ def _loopback_interface() -> str | None:
 
 
 def _plan_ranks(directory: Path) -> int | None:
+    """The plan's world size: ``data_parallel x num_ranks`` (1 replica in older plans)."""
     try:
         data = json.loads((directory / "plan.json").read_text(encoding="utf-8"))
-        ranks = data.get("num_ranks")
-        return int(ranks) if isinstance(ranks, int) else None
+        ranks, replicas = data.get("num_ranks"), data.get("data_parallel", 1)
+        return int(ranks) * int(replicas) if isinstance(ranks, int) and isinstance(replicas, int) else None
     except (OSError, ValueError):
         return None
 
@@ -90,18 +102,21 @@ def torchrun_command(
     master_addr: str,
     master_port: int,
     extra_args: Sequence[str] = (),
+    nodes: Nodes | None = None,
 ) -> list[str]:
-    """The command line :func:`run_plan` executes."""
+    """The command line :func:`run_plan` executes: ``nproc`` processes on this node;
+    with ``nodes``, torchrun's own multi-node rendezvous (c10d at ``nodes.endpoint``)."""
+    where = ["--master-addr", master_addr, "--master-port", str(master_port)] if nodes is None else [
+        "--nnodes", str(nodes.nnodes), "--node-rank", str(nodes.node_rank),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", nodes.endpoint,
+    ]
     return [
         sys.executable,
         "-m",
         "pipec.runtime.torchrun_local",
         "--nproc-per-node",
         str(nproc),
-        "--master-addr",
-        master_addr,
-        "--master-port",
-        str(master_port),
+        *where,
         "--tee",
         "3",
         str(directory / "run.py"),
@@ -111,7 +126,7 @@ def torchrun_command(
     ]
 
 
-def _check_arguments(path: Path, nproc: int, backend: str | None, steps: int) -> None:
+def _check_arguments(path: Path, nproc: int, backend: str | None, steps: int, nnodes: int = 1) -> None:
     if not (path / "run.py").is_file():
         raise PlanError(
             f"{path} has no run.py; expected a plan directory written by plan.save(dir) or "
@@ -120,10 +135,12 @@ def _check_arguments(path: Path, nproc: int, backend: str | None, steps: int) ->
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ConfigError(f"nproc: expected a number of processes >= 1, found {nproc!r}")
     ranks = _plan_ranks(path)
-    if ranks is not None and ranks != nproc:
+    if ranks is not None and ranks != nproc * nnodes:
+        per_node = f"{ranks // nnodes} per node" if ranks % nnodes == 0 else f"a node count that divides {ranks}"
         raise ConfigError(
-            f"the plan in {path} runs on {ranks} ranks, but nproc is {nproc}; pass --nproc {ranks} "
-            "or re-plan for this many ranks"
+            f"the plan in {path} runs on {ranks} processes (data_parallel x num_ranks), but nproc is "
+            f"{nproc} on {nnodes} node(s); pass --nproc {ranks // nnodes if ranks % nnodes == 0 else ranks} "
+            f"({per_node}) or re-plan for this many ranks"
         )
     if backend not in (None, "gloo", "nccl"):
         raise ConfigError(f"backend: expected 'gloo' or 'nccl', found {backend!r}")
@@ -189,17 +206,21 @@ def run_plan(
     stream: TextIO | None = None,
     settle: float = 3.0,
     grace: float = 10.0,
+    nodes: Nodes | None = None,
 ) -> int:
     """Run ``DIR/run.py`` on ``nproc`` local ranks; returns the exit code (0 on success).
+    With ``nodes`` this is one node of several (run the same on each, with its
+    ``node_rank``): ``nproc`` per node, ``nproc x nnodes`` = the plan's world.
 
     Raises :class:`PlanError` when ``directory`` holds no ``run.py`` and
     :class:`ConfigError` when ``nproc`` differs from the plan's ranks.
     """
     out = stream if stream is not None else sys.stdout
     path = Path(directory)
-    _check_arguments(path, nproc, backend, steps)
+    _check_arguments(path, nproc, backend, steps, nodes.nnodes if nodes is not None else 1)
     cmd = torchrun_command(  # port 0: torchrun_local binds one the kernel chooses
         path, nproc=nproc, steps=steps, master_addr=master_addr, master_port=0, extra_args=extra_args,
+        nodes=nodes,
     )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")

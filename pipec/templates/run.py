@@ -4,11 +4,16 @@
                  [--checkpoint-every K] [--resume]
     pipec run DIR --nproc N [--steps K] [--checkpoint-every K] [--resume]
                                                  (the same, launched for you)
+    torchrun --nnodes 2 --node-rank R --nproc-per-node N/2 --rdzv-backend c10d \
+             --rdzv-endpoint HOST:PORT run.py [...]   (on each of 2 nodes, R = 0, 1)
+
+N is the plan's world: data_parallel x num_ranks processes.
 
 Written by pipec; this is your training loop, edit it freely. Every rank runs
 this file: it builds its own stage(s) from stage_<k>.py + stage_<k>.safetensors,
-passes the FULL batch to pipe.step(...) (the runtime splits it into
-micro-batches), and the rank holding the last stage prints the loss.
+passes its replica's share of the global batch to pipe.step(...) (the whole
+batch with one replica; the runtime splits it into micro-batches), and the
+ranks holding the last stage print the loss (the global mean over replicas).
 
 The batch, target and loss come from the factory recorded in plan.json
 ("FILE.py:FACTORY", a function returning a dict with model, example_inputs,
@@ -39,7 +44,7 @@ import torch
 import pipec
 from pipec.factory import FactoryResult, resolve_spec, split_spec
 from pipec.factory import load_factory as pipec_load_factory
-from pipec.microbatch import call_of
+from pipec.microbatch import call_of, replica_share
 from pipec.plan import PlanData
 from pipec.runtime.failure import failure_line, record_of
 
@@ -117,6 +122,9 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
         inputs, kwargs = call_of(random_batch(plan), plan.input_structure, plan.inputs)
 
     pipe = state["pipe"] = pipec.PipelineRuntime(loaded, loss_fn=loss_fn, backend=args.backend)
+    size = getattr(pipe, "data_parallel_size", 1)
+    if size > 1:  # every rank of replica d passes rows [d b, (d + 1) b) of the global batch
+        inputs, kwargs, target = replica_share((inputs, kwargs, target), size, pipe.data_parallel_rank)
     optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr)
     first = 0
     if args.resume:

@@ -107,7 +107,7 @@ def _check(per_rank: list[dict[str, Any]], key: str, want: dict[str, torch.Tenso
         seen.add(where)
         covered.update(grads)
         for name, g in grads.items():
-            torch.testing.assert_close(g, want[name], **TOL, msg=lambda m, n=name: f"{key} rank {rank} {n}: {m}")
+            torch.testing.assert_close(g, want[name], **TOL, msg=lambda m, n=name, r=rank: f"{key} rank {r} {n}: {m}")
         if world > 1 and grads:
             assert spans, f"{key}: rank {rank} recorded no DP_ALLREDUCE span"
         if loss is not None:
@@ -193,7 +193,7 @@ def test_dropout_draws_by_global_microbatch() -> None:
     got: dict[str, torch.Tensor] = {}
     for r, grads in enumerate(run_ranks(_dropout_step, 4, plan, inputs, target, timeout=80)):
         for n, g in grads.items():
-            torch.testing.assert_close(g, want[n], **TOL, msg=lambda m, n=n: f"rank {r} {n}: {m}")
+            torch.testing.assert_close(g, want[n], **TOL, msg=lambda m, n=n, r=r: f"rank {r} {n}: {m}")
             got[n] = g
     assert set(got) == set(want)
     # and the draws differ per replica: replica 0's micro-batches alone give other gradients
