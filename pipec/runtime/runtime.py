@@ -5,7 +5,12 @@ directory saved by ``plan.save``) inside a torch.distributed process group
 (torchrun, ``pipec run``). It builds this rank's stage modules, lowers the
 plan's schedule (adding SEND/RECV actions) and hands both to the one
 :class:`~pipec.runtime.executor.Executor`. Every rank passes the full batch to
-:meth:`PipelineRuntime.step`; gradients accumulate into the local parameters
+:meth:`PipelineRuntime.step` -- with D replicas (``partition(..., data_parallel=D)``),
+every rank of replica ``d`` passes that replica's batch, rows ``[d b, (d + 1) b)`` of
+the global batch (:func:`pipec.microbatch.replica_share`; ``pipe.data_parallel_rank``
+and ``pipe.data_parallel_size`` for a ``DistributedSampler``), the gradients are summed
+over the replicas per stage as soon as its backward is done
+(:mod:`pipec.runtime.data_parallel`) and the loss returned is the global one; gradients accumulate into the local parameters
 exactly as ``loss_fn(model(*inputs), target).backward()`` would for a
 mean-reduced loss (or of ``sum(loss_sum) / sum(count)`` for a ``loss_fn``
 returning ``(loss_sum, count)``, :mod:`pipec.runtime.loss_scale`), and tied

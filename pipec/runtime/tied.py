@@ -6,7 +6,10 @@ FQN (:class:`pipec.plan.TiedGroup`). Stages on the same rank are made to share
 one ``nn.Parameter`` (:func:`share_local_parameters`), so their gradients add up
 by themselves; across ranks :class:`TiedGradReducer` sums each step's gradient
 over a small process subgroup of the holders, so every holder sees the full
-gradient and an optimizer keeps the copies equal. The all-reduce is
+gradient and an optimizer keeps the copies equal. With D replicas
+(:mod:`pipec.runtime.mesh`) the subgroup is every holder in every replica, so
+the gradient is summed once over holders and replicas (the data-parallel
+reducer leaves tied parameters out). The all-reduce is
 asynchronous and waited for through the runtime's
 :class:`~pipec.runtime.waiting.Waiter`, so a failed peer stops it too.
 """
