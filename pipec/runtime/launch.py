@@ -137,10 +137,11 @@ def _check_arguments(path: Path, nproc: int, backend: str | None, steps: int, nn
     ranks = _plan_ranks(path)
     if ranks is not None and ranks != nproc * nnodes:
         per_node = f"{ranks // nnodes} per node" if ranks % nnodes == 0 else f"a node count that divides {ranks}"
+        nodes = f" on each of {nnodes} nodes" if nnodes > 1 else ""
         raise ConfigError(
-            f"the plan in {path} runs on {ranks} processes (data_parallel x num_ranks), but nproc is "
-            f"{nproc} on {nnodes} node(s); pass --nproc {ranks // nnodes if ranks % nnodes == 0 else ranks} "
-            f"({per_node}) or re-plan for this many ranks"
+            f"the plan in {path} runs on {ranks} ranks, but nproc is {nproc}{nodes}; "
+            f"pass --nproc {ranks // nnodes if ranks % nnodes == 0 else ranks} ({per_node}) or re-plan for "
+            "this many ranks"
         )
     if backend not in (None, "gloo", "nccl"):
         raise ConfigError(f"backend: expected 'gloo' or 'nccl', found {backend!r}")
