@@ -43,7 +43,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,7 @@ from pipec.runtime.setup import (
 from pipec.runtime.tied import TiedGradReducer, share_local_parameters
 from pipec.runtime.timeline import TimelineEvent, TimelineLog, write_chrome_trace
 from pipec.runtime.waiting import Waiter
+from pipec.runtime.zero import consolidate, zero_optimizer
 from pipec.timeline_format import ALLREDUCE
 
 _Optimizer = TypeVar("_Optimizer", bound=torch.optim.Optimizer)
@@ -145,8 +146,13 @@ class PipelineRuntime:
         heartbeat_timeout: float | None = None,
         seed: int | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        zero: int = 0,
     ) -> None:
         plan = as_plan(plan_or_dir)
+        if zero not in (0, 1) or isinstance(zero, bool):
+            raise ConfigError(f"zero: expected 0 (off) or 1 (ZeRO-1: optimizer state sharded over the "
+                              f"replicas), found {zero!r}")
+        self._zero = zero == 1
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ConfigError(f"bucket_bytes: expected a size in bytes >= 1, found {bucket_bytes!r}; "
                               f"pass e.g. {DEFAULT_BUCKET_BYTES} (25 MiB, as DDP)")
@@ -523,11 +529,27 @@ class PipelineRuntime:
         for _, p in self.named_parameters():
             yield p
 
-    def optimizer(self, cls: Callable[..., _Optimizer], **kwargs: Any) -> _Optimizer:
+    @overload
+    def optimizer(self, cls: Callable[..., _Optimizer], *, zero: Literal[False], **kwargs: Any) -> _Optimizer: ...
+
+    @overload
+    def optimizer(self, cls: Callable[..., _Optimizer], *, zero: bool | None = None,
+                  **kwargs: Any) -> torch.optim.Optimizer: ...
+
+    def optimizer(self, cls: Callable[..., _Optimizer], *, zero: bool | None = None,
+                  **kwargs: Any) -> torch.optim.Optimizer:
         """``cls(self.parameters(), **kwargs)``: an optimizer over this rank's parameters
         (a tied one once), e.g. ``pipe.optimizer(torch.optim.AdamW, lr=1e-3)``. Tied
         copies on other ranks stay equal because every holder gets the same summed
-        gradient at :meth:`step` and applies the same update."""
+        gradient at :meth:`step` and applies the same update.
+
+        ``zero=True`` (default: the runtime's ``zero=1``) with D > 1 replicas shards
+        the optimizer state over the replicas (ZeRO-1,
+        ``torch.distributed.optim.ZeroRedundancyOptimizer``; :mod:`pipec.runtime.zero`):
+        about ``1 / D`` of the state per rank. With one replica it is the plain optimizer."""
+        use_zero = self._zero if zero is None else zero
+        if use_zero and self.data_parallel_size > 1 and self.info.distributed:
+            return zero_optimizer(self.parameters(), cls, self.mesh.dp_group, **kwargs)
         return cls(self.parameters(), **kwargs)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -624,6 +646,8 @@ class PipelineRuntime:
         far; ``keep`` deletes all but the newest ``keep`` checkpoints there."""
         self._check_usable()
         try:
+            if optimizer is not None:
+                consolidate(optimizer)  # ZeRO-1: the replicas' shards onto replica 0, which writes
             return save_checkpoint(self._view(saving=True), directory, optimizer=optimizer,
                                    step=self._step if step is None else step, keep=keep)
         except BaseException as exc:
