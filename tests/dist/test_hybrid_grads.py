@@ -322,3 +322,31 @@ def test_zero1_matches_plain_optimizer_and_resumes(tmp_path: Any) -> None:
         assert set(want) == set(got)
         for k in want:
             torch.testing.assert_close(got[k], want[k], **TOL)
+
+
+def _accumulate_and_clip(rank: int, world_size: int, plan: Plan, inputs: Any, target: Any, loss_fn: Any) -> Any:
+    pipe = PipelineRuntime(plan, loss_fn)
+    d, size = pipe.data_parallel_rank, pipe.data_parallel_size
+    for _ in range(2):  # no zero_grad in between: the gradients add up, as on one process
+        pipe.step(*replica_share(inputs, size, d), target=replica_share(target, size, d))
+    grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
+    norm = pipe.clip_grad_norm_(1e-3)
+    pipe.close()
+    return grads, norm.item()
+
+
+@pytest.mark.timeout(90)
+def test_accumulated_steps_and_global_norm_clipping() -> None:
+    """Two steps without zero_grad give twice the full-batch gradient (earlier gradients,
+    equal on every replica, are not summed again), and clip_grad_norm_ returns the whole
+    model's norm on every rank of both replicas (the tied head counted once)."""
+    model, inputs, target, loss_fn = _case("tied")
+    plan = _plan(model, inputs, target, loss_fn, schedule="zb-h1", spr=1, num_stages=2)
+    want, _ = _reference(model, inputs, target, loss_fn)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(2 * g) for n, g in want.items()
+                                                 if n != "head.weight"])).item()
+    for rank, (grads, got_norm) in enumerate(run_ranks(_accumulate_and_clip, 4, plan, inputs, target, loss_fn,
+                                                                     timeout=80)):
+        for n, g in grads.items():
+            torch.testing.assert_close(g, 2 * want[n], **TOL, msg=lambda m, n=n, r=rank: f"rank {r} {n}: {m}")
+        assert abs(got_norm - norm) < 1e-4 * norm, (rank, got_norm, norm)
