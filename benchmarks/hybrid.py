@@ -1,9 +1,10 @@
 """Data x pipeline parallelism on this machine (issue #15, part a): DP2 x PP1 vs DP1 x PP2
 vs one process, measured against ``plan.simulate()``.
 
-    PYTHONPATH=. python benchmarks/hybrid.py [--steps 12] [--warmup 3] [--rounds 3]
+    PYTHONPATH=. python benchmarks/hybrid.py [--steps 12] [--warmup 3] [--rounds 3] [--cost-model profile]
 
-One MLP (a global batch of 64) is planned three ways with the ``cpu`` cost model;
+One MLP (a global batch of 64) is planned three ways, costed by profiling on this
+machine (``--cost-model cpu``: the analytic CPU model);
 each configuration runs ``--steps`` training steps on Gloo (OMP_NUM_THREADS=1 per
 process), rounds alternating the configurations so a noisy neighbour hits all
 alike. The step time is the median of the steps after ``--warmup``, over every
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cost-model", default="profile", help="profile (default: measured here) or a name, e.g. cpu")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -103,7 +105,7 @@ def main() -> None:
         "DP1 x PP2": dict(num_stages=2, data_parallel=1, num_microbatches=4),
         "DP2 x PP1": dict(num_stages=1, data_parallel=2, num_microbatches=1),
     }
-    plans = {k: pipec.partition(model, (x,), target=y, loss_fn=F.mse_loss, cost_model="cpu", **c)  # type: ignore[arg-type]
+    plans = {k: pipec.partition(model, (x,), target=y, loss_fn=F.mse_loss, cost_model=args.cost_model, **c)  # type: ignore[arg-type]
              for k, c in configs.items()}
     measured: dict[str, list[float]] = {k: [] for k in plans}
     for _ in range(args.rounds):
