@@ -133,6 +133,17 @@ class PipelineRuntime:
 
     The stages start in the mode the model was traced in; :meth:`train` and
     :meth:`eval` switch dropout and batch norm as on the original model.
+
+    A plan of D replicas (``pipec.partition(..., data_parallel=D)``) runs on
+    ``D x num_ranks`` processes laid out by ``plan.data.mesh_order``
+    (:mod:`pipec.runtime.mesh`): point-to-point inside each replica, gradients
+    summed across replicas per stage in buckets of ``bucket_bytes`` (25 MiB by
+    default), each stage's all-reduce starting once its backward for the step
+    is done (:mod:`pipec.runtime.data_parallel`). ``zero=1`` makes
+    :meth:`optimizer` shard the optimizer state over the replicas (ZeRO-1,
+    :mod:`pipec.runtime.zero`). With replicas, ``seed`` draws micro-batch ``m`` of
+    replica ``d`` as global micro-batch ``d * M + m``: dropout equals one process
+    running the global batch.
     """
 
     def __init__(
@@ -318,11 +329,19 @@ class PipelineRuntime:
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> torch.Tensor | None:
         """One training step on the full batch (every rank passes it).
 
+        With D replicas (``data_parallel=D``) every rank of replica ``d`` passes
+        its REPLICA's batch instead -- the global batch's rows ``[d b, (d + 1) b)``,
+        ``b = batch / D`` (:func:`pipec.microbatch.replica_share`, or a
+        ``DistributedSampler`` with ``num_replicas=pipe.data_parallel_size``,
+        ``rank=pipe.data_parallel_rank`` and ``drop_last=True``) -- and the loss
+        and gradients are those of the global batch.
+
         Returns the mean of the micro-batch losses on the rank holding the last
         stage -- ``sum(loss_sum) / sum(count)`` over the batch when ``loss_fn``
-        returns ``(loss_sum, count)`` -- and None elsewhere. Gradients accumulate
-        into :meth:`parameters` (those of that loss on the whole batch); call your
-        optimizer's ``step`` and ``zero_grad`` afterwards.
+        returns ``(loss_sum, count)``; with replicas, over every replica's
+        micro-batches, the same on each replica's last rank -- and None elsewhere.
+        Gradients accumulate into :meth:`parameters` (those of that loss on the
+        whole batch); call your optimizer's ``step`` and ``zero_grad`` afterwards.
 
         The batch may have any size that splits into ``num_microbatches`` equal
         micro-batches, and other sizes than the plan's example in its other
