@@ -350,3 +350,17 @@ def test_accumulated_steps_and_global_norm_clipping() -> None:
         for n, g in grads.items():
             torch.testing.assert_close(g, 2 * want[n], **TOL, msg=lambda m, n=n, r=rank: f"rank {r} {n}: {m}")
         assert abs(got_norm - norm) < 1e-4 * norm, (rank, got_norm, norm)
+
+
+def test_bad_runtime_options() -> None:
+    """zero and bucket_bytes are checked before any process group is joined."""
+    model, inputs, target, loss_fn = _case("mlp")
+    plan = _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=1, data_parallel=1,
+                 num_microbatches=2)
+    for kwargs, text in (({"zero": 2}, "zero: expected 0"), ({"bucket_bytes": 0}, "bucket_bytes: expected")):
+        with pytest.raises(ConfigError, match=text):
+            PipelineRuntime(plan, loss_fn, **kwargs)
+    pipe = PipelineRuntime(plan, loss_fn, zero=1)  # one replica: zero is the plain optimizer
+    assert pipe.data_parallel_size == 1 and pipe.data_parallel_rank == 0
+    assert type(pipe.optimizer(torch.optim.SGD, lr=0.1)) is torch.optim.SGD
+    pipe.close()
