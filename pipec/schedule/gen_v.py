@@ -34,20 +34,17 @@ def zb_v(num_stages: int, num_microbatches: int, stages_per_rank: int = 2) -> Sc
     cool-down runs the input gradients first and the weight gradients last, where
     they fill the drain. p=2 (4 stages), m=4, F = I = W (one column per unit)::
 
-        step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19  20  21  22  23  24  25
-        rank 0: 0F0 0F1 0F2 .   .   .   3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 .   .   0I1 0W1 .   .   .   .
-        ...
+        step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19  20  21  22  23  24
+        rank 0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 3I3 3W3 0I2 0W2 0I3 0W3 .
+        rank 1: .   1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 2I3 1I3 1W2 2W3 1W3
 
-    (the picture is schedules/zb-v-p2-v2-m4.txt run by the simulator: see the
-    golden file for the exact order of every rank).
-
-    Bubble (F = I = W = ``c`` per stage, ``m >= 2p``): every rank's idle time is
-    ``(p - 1) c`` -- the one forward of the first micro-batch through the ranks
-    before it; the paper's ``(p - 1)(T_F + T_B - 2 T_W)`` with per-rank (two-chunk)
-    times ``T = 2c`` is 0 and leaves out exactly this fill. Peak activations: ``2p``
-    stage micro-batches per rank (``p`` micro-batches of the whole rank's layers,
-    the paper's ``p M_B``, 1F1B's). Needs ``m >= 1``; with ``m < 2p - 1`` the warm-up
-    is cut short and the bubble grows.
+    Bubble (F = I = W = ``c`` per stage): for ``m >= 2p`` every rank idles
+    ``(p - 1)c`` -- the first micro-batch's forward through the ranks before it;
+    the paper's ``(p - 1)(T_F + T_B - 2T_W)`` with per-rank (two-stage) times is 0
+    and leaves exactly this fill out. With ``m = p`` the warm-up is cut short and
+    each rank idles ``2(p - 1)c``. Peak activations (``m >= 2p``): ``2p`` stage
+    micro-batches on every rank -- ``p`` micro-batches of the rank's whole share
+    of the model, the paper's ``p M_B``, as 1F1B's rank 0. Any ``m >= 1`` runs.
     """
     num_ranks = check_sizes("zb-v", num_stages, num_microbatches, stages_per_rank)
     p, m = num_ranks, num_microbatches
@@ -106,14 +103,20 @@ def dualpipe_v(num_stages: int, num_microbatches: int, stages_per_rank: int = 2)
     the other's backward communicates). pipec's executor runs one action at a
     time on each rank, so each pair is emitted as **two adjacent actions** ``F``
     then ``B`` -- the same order, without the overlap; the simulator times them
-    one after the other. p=2 (4 stages), m=4: see schedules/dualpipe-v-p2-v2-m4.txt.
+    one after the other. p=2 (4 stages), m=4 (one column per unit of time; the
+    pairs ``3F1 0F3 3B1`` ... show as adjacent columns)::
 
-    Bubble with F = I = W = ``c`` per stage and no overlap (``F&B = F + B = 3c``):
-    DualPipe's ``(PP/2 - 1)(F&B + B - 3W)`` with ``PP = 2p`` stages is ``2(p - 1) c``;
-    the simulator's idle time per rank is ``(p - 1) c`` more (the first
-    micro-batch's fill through ``p - 1`` ranks, which the formula leaves out) --
-    see tests/unit/test_schedule_v.py. Peak activations: ``2p + 1`` stage micro-batches on
-    rank 0 (the report's ``PP + 1``). Needs ``m >= 2p`` (torch's constraint too).
+        step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18
+        rank 0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3 3B1 3F2 0B0 3B2 3F3 0B1 3B3 0I2 0W2 0I3 0W3
+        rank 1: .   1F0 2F0 1F1 2F1 1F2 2B0 2F2 1B0 1F3 2B1 2F3 1B1 2B2 1B2 2I3 1I3 2W3 1W3
+
+    Bubble with F = I = W = ``c`` per stage and no overlap: every rank idles
+    ``(p - 1)c`` (``m >= 2p``), as ZB-V. The report's ``(PP/2 - 1)(F&B + B - 3W)``
+    (``F&B`` the overlapped pair) counts on the overlap, which a one-action-at-a-time
+    executor does not have, so it does not apply here --
+    see tests/unit/test_schedule_v.py. Peak activations: ``2p + 1`` stage
+    micro-batches on every rank (the report's ``PP + 1``). Needs ``m >= 2p``
+    (torch's constraint too).
     """
     num_ranks = check_sizes("dualpipe-v", num_stages, num_microbatches, stages_per_rank)
     p, m = num_ranks, num_microbatches

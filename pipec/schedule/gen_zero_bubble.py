@@ -62,23 +62,27 @@ def zb_h2(num_stages: int, num_microbatches: int, stages_per_rank: int = 1) -> S
     forwards -- as many as fit before its first input gradient can arrive, so the
     start of the pipeline has no idle slot after the first forward -- then repeats
     ``I F W`` (an input gradient, the next forward, the oldest weight gradient)
-    while forwards remain, and drains with all its input gradients before the
-    remaining weight gradients (``I`` is on the critical path between ranks, ``W``
-    is not). p=4, m=8 (one column per unit of time, F = I = W)::
+    while forwards remain; as in ZB-H1, rank ``k`` keeps ``k`` weight gradients
+    back for the drain, where they fill the wait for the last input gradients
+    (``I`` is on the critical path between ranks, ``W`` is not). p=4, m=8 (one
+    column per unit of time, F = I = W)::
 
-        step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  ...
-        rank 0: 0F0 0F1 0F2 0F3 0F4 0F5 0F6 0I0 0F7 0W0 0I1 0W1 0I2 0W2 ...
-        rank 1: .   1F0 1F1 1F2 1F3 1F4 1I0 1F5 1W0 1I1 1F6 1W1 1I2 1F7 ...
-        rank 2: .   .   2F0 2F1 2F2 2I0 2F3 2W0 2I1 2F4 2W1 2I2 2F5 2W2 ...
-        rank 3: .   .   .   3F0 3I0 3F1 3W0 3I1 3F2 3W1 3I2 3F3 3W2 3I3 ...
+        step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19  20  21  22  23  24  25  26
+        rank 0: 0F0 0F1 0F2 0F3 0F4 0F5 0F6 0I0 0F7 0W0 0I1 0W1 0I2 0W2 .   0I3 0W3 0I4 0W4 .   0I5 0W5 0I6 0W6 .   0I7 0W7
+        rank 1: .   1F0 1F1 1F2 1F3 1F4 1I0 1F5 1I1 1F6 1W0 1I2 1F7 1W1 1I3 1W2 1I4 1W3 .   1I5 1W4 1I6 1W5 .   1I7 1W6 1W7
+        rank 2: .   .   2F0 2F1 2F2 2I0 2F3 2I1 2F4 2I2 2F5 2W0 2I3 2F6 2W1 2I4 2F7 2W2 2I5 2W3 2I6 2W4 .   2I7 2W5 2W6 2W7
+        rank 3: .   .   .   3F0 3I0 3F1 3I1 3F2 3I2 3F3 3I3 3F4 3W0 3I4 3F5 3W1 3I5 3F6 3W2 3I6 3F7 3W3 3I7 3W4 3W5 3W6 3W7
 
-    (schedules/zb-h2-p4-m8.txt has every rank's order). With ``F = I = W = c``
-    and ``m >= 2p - 1`` the step time is ``3mc + (p - 1)c``: each rank idles only
-    the ``(p - 1)c`` the first forward needs to reach the last rank -- the
-    paper's ``(p - 1)(T_F + T_B - 2T_W)`` is 0 here and leaves that fill out
-    (ZB-H1: ``(p - 1)(F + I - W)``, 1F1B ``(p - 1)(F + I + W)``). Peak
-    activations on rank ``k``: ``min(2(p - 1 - k) + 1, m)`` -- ``2p - 1`` on
-    rank 0, the paper's ``(2p - 1) M_B``.
+    Bubble: with ``F = I = W = c`` the step time is ``3mc + (p - 1)c`` for every
+    ``m >= 1`` -- each rank idles ``(p - 1)c``, the time the first forward needs
+    to reach the last rank, which no schedule avoids. The paper's
+    ``(p - 1)(T_F + T_B - 2T_W)`` is 0 here because it leaves that fill out;
+    pipec's ZB-H2 reaches the fill alone, as ZB-H1 does at equal costs
+    (ZB-H1: ``(p - 1)(F + I - W)``, 1F1B ``(p - 1)(F + I + W)``), and its
+    larger warm-up pays off when ``F`` is larger than ``W``.
+    Peak activations on rank ``k`` (``m >= 2p``): ``2p - k`` micro-batches --
+    ``2p`` on rank 0 (the paper's ``2p - 1`` plus the one forward this order
+    runs before the first ``W``); with ``m <= p``: ``m`` on every rank.
     """
     num_ranks = check_sizes("zb-h2", num_stages, num_microbatches, stages_per_rank)
     m = num_microbatches
@@ -114,15 +118,15 @@ def interleaved_zb(num_stages: int, num_microbatches: int, stages_per_rank: int)
     unit of time, F = I = W)::
 
         step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19  20  21  22  23  24
-        rank 0: 0F0 0F1 2F0 .   2F1 2I0 2W0 0F2 2I1 2W1 0F3 .   0I0 0W0 2F2 .   0I1 0W1 2F3 2I2 2W2 2I3 2W3 0I2 0W2 0I3 0W3
-        ...
+        rank 0: 0F0 0F1 2F0 2F1 .   2I0 2W0 0F2 2I1 2W1 0F3 0I0 0W0 2F2 0I1 0W1 2F3 2I2 2W2 2I3 2W3 0I2 0W2 0I3 0W3
+        rank 1: .   1F0 1F1 3F0 3I0 3F1 3I1 3W0 1F2 1I0 3W1 1F3 1I1 1W0 3F2 3I2 1W1 3F3 3I3 3W2 1I2 3W3 1I3 1W2 1W3
 
-    (schedules/interleaved-zb-p2-v2-m4.txt has every rank's order).
-    With ``F = I = W = c`` per stage and ``m`` a multiple of ``p`` the step time is
-    ``3 v m c + (p - 1)(F + I - W)`` per stage hop -- a third of interleaved 1F1B's
-    bubble, as ZB-H1 is of 1F1B's; tests/unit/test_schedule_v.py checks the
-    simulated value. Peak activations: interleaved 1F1B's warm-up count plus the
-    ``k`` weight passes held back.
+    Bubble: with ``F = I = W = c`` per stage the step time is ``3vmc + (p - 1)c``
+    (``m >= p``) -- each rank idles ``(p - 1)c``, a third of interleaved 1F1B's
+    ``3(p - 1)c``, as ZB-H1's ``(p - 1)(F + I - W)`` is of 1F1B's; the
+    simulator checks it in tests/unit/test_schedule_v.py. Peak activations:
+    ``v p`` stage micro-batches on every rank (``m >= p``), interleaved 1F1B's
+    largest (rank 0's).
     """
     num_ranks = check_sizes("interleaved-zb", num_stages, num_microbatches, stages_per_rank)
     p, v = num_ranks, stages_per_rank

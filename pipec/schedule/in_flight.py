@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 def in_flight_from_schedule(schedule: Schedule) -> tuple[int, ...]:
     """Peak micro-batches in flight on each stage of a (compute-only or lowered) schedule."""
-    split = {a.stage for row in schedule.actions for a in row if a.kind is ActionKind.W}
     count = [0] * schedule.num_stages
     peak = [0] * schedule.num_stages
     for row in schedule.actions:
@@ -47,7 +46,9 @@ def in_flight_from_schedule(schedule: Schedule) -> tuple[int, ...]:
             if a.kind is ActionKind.F:
                 count[a.stage] += 1
                 peak[a.stage] = max(peak[a.stage], count[a.stage])
-            elif a.kind is ActionKind.W or (a.kind is ActionKind.B and a.stage not in split):
+            elif a.kind is ActionKind.W or a.kind is ActionKind.B:
+                # a micro-batch ends with its full backward, or with its W when split
+                # (one stage may do both, for different micro-batches: DualPipeV)
                 count[a.stage] -= 1
     return tuple(peak)
 
