@@ -84,10 +84,13 @@ def synthesize(
     transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
     boundaries: Sequence[BoundarySpec] | None = None,
     max_in_flight: Sequence[int] | None = None,
+    max_rank_in_flight: Sequence[int] | None = None,
     activation_bytes: float | Sequence[float] | None = None,
 ) -> Synthesis:
     """The fastest schedule found for these costs within ``max_in_flight`` (default: no
-    cap but the number of micro-batches). See the module docstring.
+    cap but the number of micro-batches) and, when given, ``max_rank_in_flight``: the
+    most stage micro-batches each rank may hold at once (a fixed schedule's simulated
+    ``peak_inflight``, for "the same memory" counted per rank). See the module docstring.
 
     Raises :class:`~pipec.errors.ScheduleError` for sizes the schedule cannot take,
     :class:`~pipec.errors.ConfigError` for bad costs or caps."""
@@ -111,7 +114,10 @@ def synthesize(
                     policy = Policy(input_grad_first=first, late_stage_first=late, w_fill=fill)
                     label = f"greedy cap={scale:g} {'I' if first else 'F'}-first " \
                             f"{'late' if late else 'early'}-stage w_fill={fill:g}"
-                    rows = greedy_order(graph, m, costs, tight, policy)
+                    try:
+                        rows = greedy_order(graph, m, costs, tight, policy, max_rank_in_flight)
+                    except ScheduleError:
+                        continue  # these caps starve this order (a rank full of one stage's forwards)
                     candidates[label] = Schedule.model_construct(
                         name=SYNTH, num_stages=n, num_microbatches=m, stages_per_rank=stages_per_rank,
                         actions=tuple(tuple(r) for r in rows), placement=placement)
@@ -136,13 +142,18 @@ def synthesize(
             continue
         seen.add(cand.actions)
         sim = run(cand)
+        if max_rank_in_flight is not None and any(a > c for a, c in zip(sim.peak_inflight, max_rank_in_flight)):
+            continue  # a fixed schedule holding more at once on some rank
         tried[label] = sim.step_time
         # fastest; then fewer micro-batches held; then the greedy order over a fixed one
         key = (sim.step_time, max(sim.peak_inflight), 0 if label.startswith("greedy") else 1)
         if best is None or key < best[0]:
             best = (key, label, sim)
-    if best is None:  # cannot happen: there is always a greedy candidate
-        raise ScheduleError("synth: no candidate schedule; raise max_in_flight")
+    if best is None:
+        raise ScheduleError(
+            f"synth: no schedule fits max_in_flight={list(caps)} and max_rank_in_flight="
+            f"{None if max_rank_in_flight is None else list(max_rank_in_flight)}; raise the caps"
+        )
     _, label, sim = best
     source = "greedy" if label.startswith("greedy") else label
     chosen = candidates[label].model_copy(update={"name": SYNTH})

@@ -62,9 +62,12 @@ def greedy_order(
     costs: StageCosts,
     caps: Sequence[int],
     policy: Policy,
+    rank_caps: Sequence[int] | None = None,
 ) -> list[list[Action]]:
     """One list of compute actions per rank (F, I, W), built as the module docstring says.
 
+    ``rank_caps[r]``, when given, also caps the micro-batches in flight on rank ``r``
+    over all its stages at once.
     Raises :class:`~pipec.errors.ScheduleError` when no rank can move (a cap below 1)."""
     n, m, ranks = graph.num_stages, num_microbatches, graph.num_ranks
     if any(c < 1 for c in caps):
@@ -101,13 +104,14 @@ def greedy_order(
         best_i: tuple[float, Action] | None = None
         pending_w: Action | None = None
         full = False
+        held = sum(nf[s] - nw[s] for s in stages_of[r])
         for s in stages_of[r]:
             if ni[s] < nf[s]:
                 ready = i_ready(s)
                 if ready < math.inf and (best_i is None or ready < best_i[0]):
                     best_i = (ready, Action(s, _K.I, ni[s]))
             if nf[s] < m:
-                if nf[s] - nw[s] >= caps[s]:
+                if nf[s] - nw[s] >= caps[s] or (rank_caps is not None and held >= rank_caps[r]):
                     full = True
                 else:
                     ready = f_ready(s)

@@ -130,11 +130,14 @@ def test_synth_never_slower_than_a_fixed_schedule_of_the_same_memory(p: int, m: 
         except pipec.ScheduleError:
             continue
         caps = in_flight_from_schedule(fixed)
-        found = synthesize(p * v, m, v, comm=0.05, max_in_flight=caps, **costs)
+        base_sim = simulate(fixed, comm=0.05, **costs)
+        base = base_sim.step_time
+        found = synthesize(p * v, m, v, comm=0.05, max_in_flight=caps, max_rank_in_flight=base_sim.peak_inflight,
+                           **costs)
         validate(found.schedule)
         assert found.schedule.name == "synth"
         assert all(a <= c for a, c in zip(in_flight_from_schedule(found.schedule), caps))
-        base = simulate(fixed, comm=0.05, **costs).step_time
+        assert all(a <= c for a, c in zip(found.simulation.peak_inflight, base_sim.peak_inflight))
         assert found.simulation.step_time <= base + 1e-9, (name, found.source)
         assert found.tried[name] == pytest.approx(base)  # the fixed one was in the running
 
