@@ -87,7 +87,8 @@ def part2() -> tuple[int, int, int]:
                 found = synthesize(p * v, m, v, comm=0.05, max_in_flight=in_flight_from_schedule(fixed),
                                    max_rank_in_flight=base.peak_inflight, **c)
                 syn = found.simulation
-                for label, sim, src in ((name, base, ""), ("synth", syn, found.source)):
+                origin = found.source + (" + search" if found.improved else "")
+                for label, sim, src in ((name, base, ""), ("synth", syn, origin)):
                     rows.append([str(p), str(v), str(m), name, label, f"{sim.step_time:.2f}",
                                  f"{sim.bubble_fraction:.3f}", " ".join(str(x) for x in sim.peak_inflight), src])
                 if syn.step_time < base.step_time - 1e-9:

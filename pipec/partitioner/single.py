@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipec.errors import ConfigError, PartitionError
+from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
 from pipec.partitioner.assemble import build_plan_data, given_schedule
@@ -73,7 +73,7 @@ def partition_traced(
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size)
     if synth:
-        data = synthesized(data, traced, node_costs, chain, solution.cuts, strategy=strategy,
+        data = synthesized(data, traced, node_costs, solution.cuts, strategy=strategy,
                            cost_model=cost_model, memory_limit=memory_limit, device_speeds=device_speeds,
                            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
                            batch_size=batch_size)
@@ -87,32 +87,61 @@ def synth_base(stages_per_rank: int) -> str:
 
 
 def synthesized(
-    data: PlanData, traced: TracedGraph, node_costs: Mapping[str, NodeCost], chain: GraphChain,
+    data: PlanData, traced: TracedGraph, node_costs: Mapping[str, NodeCost],
     cuts: Sequence[int], *, strategy: str, cost_model: CostModel | None, memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None, optimizer_state_bytes_per_param: int, batch_size: int | None,
 ) -> PlanData:
     """``data`` (split for :func:`synth_base`'s schedule) with the schedule built from its
-    stages' own F, I, W and boundary transfer times (:func:`pipec.schedule.synth.synthesize`),
-    each stage holding at most the micro-batches the base schedule holds -- the memory the
-    split was checked against -- and the plan's memory recomputed for the new schedule."""
-    from pipec.partitioner.chain import evaluate
-    from pipec.schedule.simulator import plan_costs, plan_transfers
-    from pipec.schedule.synth import synthesize
+    stages' own F, I, W and boundary transfer times (:func:`pipec.schedule.synth.synthesize`).
 
+    Memory: each fixed schedule of the same placement whose micro-batches in flight fit
+    every rank's limit on this split (the base always does: the split was made for it) is
+    a memory level; synth is built under each maximal level's in-flight counts and the
+    fastest kept, so it is never slower in simulation than any fixed schedule that fits.
+    The plan's memory is then recomputed for the schedule chosen."""
+    from pipec.partitioner.chain import evaluate, fits
+    from pipec.schedule.simulator import plan_costs, plan_transfers
+    from pipec.schedule.synth import Synthesis, synthesize
+
+    def solved(sched: Schedule) -> tuple[GraphChain, Any]:
+        found_chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
+                                device_speeds=device_speeds,
+                                optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+        return found_chain, evaluate(found_chain.problem, cuts, strategy)
+
+    levels = {data.schedule.name: in_flight_from_schedule(data.schedule)}
+    for name in FIXED_NAMES:
+        try:
+            fixed = make_schedule(name, data.num_stages, data.num_microbatches, data.stages_per_rank)
+        except ScheduleError:
+            continue
+        if name in levels or fixed.placement != data.schedule.placement:
+            continue
+        level_chain, level_solution = solved(fixed)
+        if fits(level_chain.problem, level_solution):
+            levels[name] = in_flight_from_schedule(fixed)
+    maximal = {name: caps for name, caps in levels.items()
+               if not any(other != caps and all(a <= b for a, b in zip(caps, other)) for other in levels.values())}
     costs, held = plan_costs(data)
-    found = synthesize(
-        data.num_stages, data.num_microbatches, data.stages_per_rank,
-        forward=costs.forward, input_grad=costs.input_grad, weight_grad=costs.weight_grad,
-        comm=costs.comm, transfers=plan_transfers(data), boundaries=data.boundaries,
-        max_in_flight=in_flight_from_schedule(data.schedule), activation_bytes=held,
-    )
-    if found.source != "greedy":
-        log.warning("schedule='synth': no greedy order beat the fixed schedule %r on this split; the plan "
-                    "runs its order (named synth)", found.source)
-    chain = chain_for(traced, node_costs, found.schedule, cost_model=cost_model, memory_limit=memory_limit,
-                      device_speeds=device_speeds, optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
-    solution = evaluate(chain.problem, cuts, strategy)
-    return build_plan_data(chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
+    best: tuple[str, Synthesis] | None = None
+    for name, caps in maximal.items():
+        found = synthesize(
+            data.num_stages, data.num_microbatches, data.stages_per_rank,
+            forward=costs.forward, input_grad=costs.input_grad, weight_grad=costs.weight_grad,
+            comm=costs.comm, transfers=plan_transfers(data), boundaries=data.boundaries,
+            max_in_flight=caps, activation_bytes=held,
+        )
+        if best is None or found.simulation.step_time < best[1].simulation.step_time:
+            best = (name, found)
+    assert best is not None  # the base level is always there
+    level, found = best
+    log.info("schedule='synth': built within %s's memory (%s), %.4g s simulated", level,
+             ", ".join(maximal), found.simulation.step_time)
+    if not found.heuristic_won:
+        log.warning("schedule='synth': no greedy order or local search beat the fixed schedule %r on this "
+                    "split; the plan runs its order (named synth)", found.source)
+    final_chain, solution = solved(found.schedule)
+    return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size)
 

@@ -17,12 +17,15 @@ Parallelism", sections 3-4, extended):
    eagerly ``W`` fills a wait -- and several caps (the given ones and tighter);
 2. every fixed schedule (:data:`pipec.schedule.generators.GENERATORS`) with the
    same placement whose micro-batches in flight fit ``max_in_flight``;
-3. each candidate simulated exactly with the same costs; the fastest wins (ties:
-   fewer activations held, then the greedy one).
+3. each candidate simulated exactly with the same costs; the fastest (ties: fewer
+   activations held, then the greedy one) is the start of
+4. a local search (:mod:`pipec.schedule.synth_search`): neighbouring actions swap
+   places while the simulated step gets shorter and the caps hold.
 
 So ``synth`` is never slower in simulation than the best fixed schedule that
-fits the same memory, by construction. When a fixed schedule wins,
-:attr:`Synthesis.source` names it and a log line says so: the heuristic lost.
+fits the same memory, by construction. When a fixed schedule wins and
+the search cannot shorten it, :attr:`Synthesis.source` names it,
+:attr:`Synthesis.heuristic_won` is False and a log line says so: the heuristic lost.
 
 Placement: one stage per rank; two per rank in a V
 (:func:`~pipec.schedule.ir.v_placement`, as ``zb-v``); more per rank round-robin.
@@ -43,11 +46,14 @@ from pipec.schedule.ir import Action, Schedule, round_robin_placement, v_placeme
 from pipec.schedule.simulator import Simulation, per_stage, simulate
 from pipec.schedule.stage_graph import BoundarySpec, stage_graph
 from pipec.schedule.synth_greedy import Policy, StageCosts, greedy_order
+from pipec.schedule.synth_search import improve
 
 log = logging.getLogger(__name__)
 
 #: caps tried, as fractions of ``max_in_flight`` (rounded up, at least 1)
 CAP_SCALES = (1.0, 0.75, 0.5)
+#: the local search's default budget: this many actions simulated in all (20 to 1000 runs)
+SEARCH_WORK = 200_000
 #: how eagerly a W fills a wait, in units of its own time
 W_FILLS = (0.0, 0.5, 1.0, math.inf)  # inf: a W only when nothing else can run
 
@@ -64,6 +70,13 @@ class Synthesis:
     simulation: Simulation
     source: str
     tried: Mapping[str, float]
+    improved: bool = False  # the local search shortened the step
+
+    @property
+    def heuristic_won(self) -> bool:
+        """Whether synth found an order no fixed schedule gives: a greedy one, or a
+        fixed one the local search improved. False: synth runs a fixed schedule's order."""
+        return self.source == "greedy" or self.improved
 
 
 def synth_placement(num_stages: int, stages_per_rank: int) -> tuple[int, ...]:
@@ -86,11 +99,14 @@ def synthesize(
     max_in_flight: Sequence[int] | None = None,
     max_rank_in_flight: Sequence[int] | None = None,
     activation_bytes: float | Sequence[float] | None = None,
+    search_budget: int | None = None,
 ) -> Synthesis:
     """The fastest schedule found for these costs within ``max_in_flight`` (default: no
     cap but the number of micro-batches) and, when given, ``max_rank_in_flight``: the
     most stage micro-batches each rank may hold at once (a fixed schedule's simulated
-    ``peak_inflight``, for "the same memory" counted per rank). See the module docstring.
+    ``peak_inflight``, for "the same memory" counted per rank). ``search_budget``: the
+    simulations the local search may run (default: about :data:`SEARCH_WORK` actions'
+    worth, 20 to 1000). See the module docstring.
 
     Raises :class:`~pipec.errors.ScheduleError` for sizes the schedule cannot take,
     :class:`~pipec.errors.ConfigError` for bad costs or caps."""
@@ -156,14 +172,31 @@ def synthesize(
         )
     _, label, sim = best
     source = "greedy" if label.startswith("greedy") else label
-    chosen = candidates[label].model_copy(update={"name": SYNTH})
-    if source == "greedy":
-        log.info("synth: %s, %.4g s simulated", label, sim.step_time)
+
+    def evaluate(cand: Schedule) -> float | None:
+        if any(a > c for a, c in zip(in_flight_from_schedule(cand), caps)):
+            return None
+        try:
+            found = run(cand)
+        except ScheduleError:
+            return None  # the swap deadlocks
+        if max_rank_in_flight is not None and any(a > c for a, c in zip(found.peak_inflight, max_rank_in_flight)):
+            return None
+        return found.step_time
+
+    actions = 3 * n * m
+    budget = search_budget if search_budget is not None else max(20, min(1000, SEARCH_WORK // actions))
+    start = candidates[label].model_copy(update={"name": SYNTH})
+    chosen, step = improve(start, sim.step_time, evaluate, budget)
+    improved = step < sim.step_time
+    tried[f"{label} + local search"] = step
+    sim = run(chosen)
+    if source != "greedy" and not improved:
+        log.info("synth: the fixed schedule %s (%.4g s) beat every greedy order and the local search; "
+                 "using its actions", source, sim.step_time)
     else:
-        log.info("synth: the fixed schedule %s (%.4g s) beat every greedy order; using its actions",
-                 source, sim.step_time)
-        sim = run(chosen)
-    return Synthesis(chosen, sim, source, tried)
+        log.info("synth: %s%s, %.4g s simulated", label, " + local search" if improved else "", sim.step_time)
+    return Synthesis(chosen, sim, source, tried, improved)
 
 
 def _check_caps(max_in_flight: Sequence[int] | None, num_stages: int, num_microbatches: int) -> tuple[int, ...]:
@@ -196,4 +229,4 @@ def _latency(
     return {(p, c, fwd): per[p] for c in range(num_stages) for p in producers[c] for fwd in (True, False)}
 
 
-__all__ = ["CAP_SCALES", "W_FILLS", "Synthesis", "synth_placement", "synthesize"]
+__all__ = ["CAP_SCALES", "SEARCH_WORK", "W_FILLS", "Synthesis", "synth_placement", "synthesize"]

@@ -111,7 +111,12 @@ def greedy_order(
                 if ready < math.inf and (best_i is None or ready < best_i[0]):
                     best_i = (ready, Action(s, _K.I, ni[s]))
             if nf[s] < m:
-                if nf[s] - nw[s] >= caps[s] or (rank_caps is not None and held >= rank_caps[r]):
+                # under a rank cap, keep room for one micro-batch of each later stage on the
+                # rank that holds none: else the earlier stage's forwards fill the rank and
+                # the later one, whose backward would free memory, starves
+                reserve = 0 if rank_caps is None else sum(
+                    1 for t in stages_of[r] if t > s and nf[t] < m and nf[t] == nw[t])
+                if nf[s] - nw[s] >= caps[s] or (rank_caps is not None and held + reserve >= rank_caps[r]):
                     full = True
                 else:
                     ready = f_ready(s)
