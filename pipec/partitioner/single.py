@@ -133,7 +133,8 @@ def synthesized(
         )
         if best is None or found.simulation.step_time < best[1].simulation.step_time:
             best = (name, found)
-    assert best is not None  # the base level is always there
+    if best is None:  # cannot happen: the base schedule's level is always there
+        raise PartitionError("schedule='synth': no memory level to build the schedule under; report this")
     level, found = best
     log.info("schedule='synth': built within %s's memory (%s), %.4g s simulated", level,
              ", ".join(maximal), found.simulation.step_time)

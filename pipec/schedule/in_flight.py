@@ -19,6 +19,9 @@ in flight on a stage from the start of its ``F`` to the end of its ``B`` (or
   ranks keep ``k`` weight passes back (Qi et al. 2023 §3.1); counted until
   ``W`` like the simulator does -- the brief's "same as 1F1B" is the peak of
   rank 0 only.
+- ``zb-h2``, ``interleaved-zb``, ``zb-v``, ``dualpipe-v``: counted by walking the
+  generated schedule (their docstrings give the peaks); ``synth`` by walking the
+  schedule the plan stores.
 - ``interleaved-1f1b``: counted by walking the generated schedule -- rank
   ``r`` warms up with ``(v - 1) * g + 2 (R - 1 - r)`` forwards spread over its
   ``v`` chunks in groups of ``g`` micro-batches (Narayanan et al. 2021 §2.2).

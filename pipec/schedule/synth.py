@@ -29,6 +29,12 @@ the search cannot shorten it, :attr:`Synthesis.source` names it,
 
 Placement: one stage per rank; two per rank in a V
 (:func:`~pipec.schedule.ir.v_placement`, as ``zb-v``); more per rank round-robin.
+
+In a plan (``pipec.partition(schedule="synth")``,
+:func:`pipec.partitioner.single.synthesized`): the split is made for ``zb-h1``,
+``zb-v`` or ``interleaved-zb`` (one, two, more stages per rank), then synth is
+built under the in-flight counts of every fixed schedule of that placement whose
+memory fits each rank's limit on that split, and the fastest kept.
 """
 
 from __future__ import annotations
