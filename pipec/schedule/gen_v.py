@@ -103,8 +103,8 @@ def dualpipe_v(num_stages: int, num_microbatches: int, stages_per_rank: int = 2)
     the other's backward communicates). pipec's executor runs one action at a
     time on each rank, so each pair is emitted as **two adjacent actions** ``F``
     then ``B`` -- the same order, without the overlap; the simulator times them
-    one after the other. p=2 (4 stages), m=4 (one column per unit of time; the
-    pairs ``3F1 0F3 3B1`` ... show as adjacent columns)::
+    one after the other. p=2 (4 stages), m=4 (one column per unit of time; rank
+    0's pairs ``0F3 3B1`` and ``3F2 0B0`` are adjacent columns)::
 
         step    0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18
         rank 0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3 3B1 3F2 0B0 3B2 3F3 0B1 3B3 0I2 0W2 0I3 0W3
