@@ -115,10 +115,12 @@ def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
     p.add_argument("--microbatches", type=_int_or_auto, default=None,
                    help="num_microbatches: a number, or 'auto' to search the divisors of the batch")
     p.add_argument("--schedule", default="1f1b",
-                   help="gpipe, 1f1b, interleaved-1f1b, zb-h1, or 'auto' (default 1f1b)")
+                   help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, interleaved-zb, zb-v, dualpipe-v, "
+                   "synth (built from the split's own costs), or 'auto' (default 1f1b)")
     p.add_argument("--stages-per-rank", type=_int_or_auto, default=1,
-                   help="stages_per_rank (virtual stages per rank for interleaved-1f1b), or 'auto': then "
-                   "--stages counts ranks and interleaved-1f1b tries 2 and 4 stages per rank")
+                   help="stages_per_rank (virtual stages per rank: >= 2 for interleaved-1f1b and "
+                   "interleaved-zb, 2 for zb-v and dualpipe-v, 1 or 2 for synth), or 'auto': then --stages "
+                   "counts ranks and the interleaved schedules try 2 and 4 stages per rank")
     p.add_argument("--data-parallel", type=_whole(1), default=1, metavar="D",
                    help="replicas of the pipeline (data parallel); the factory's batch is the global one")
     p.add_argument("--cost-model", default="profile",

@@ -17,8 +17,10 @@ configuration tried. The phases, in order::
 ``num_stages / stages_per_rank`` for a fixed ``stages_per_rank``. With
 ``stages_per_rank="auto"``, ``num_stages`` is read as the number of ranks (as
 with one stage per rank) and each rank may hold ``v`` stages: ``v = 1`` for
-``gpipe``, ``1f1b`` and ``zb-h1``; ``v`` in :data:`INTERLEAVED_DEPTHS` (so
-``num_stages * v`` stages in all) for ``interleaved-1f1b``.
+``gpipe``, ``1f1b``, ``zb-h1`` and ``zb-h2``; ``v`` in :data:`INTERLEAVED_DEPTHS` (so
+``num_stages * v`` stages in all) for ``interleaved-1f1b`` and ``interleaved-zb``;
+``v = 2`` (a V) for ``zb-v`` and ``dualpipe-v``; 1 and 2 for ``synth``, built from
+each split's own costs (:mod:`pipec.schedule.synth`).
 
 **Micro-batches**: ``"auto"`` tries every divisor of the batch up to
 ``MICROBATCHES_PER_RANK * num_ranks``; ``None`` is the same default as a plain
@@ -71,7 +73,7 @@ from pipec.units import format_bytes, format_seconds
 
 log = logging.getLogger(__name__)
 
-INTERLEAVED_DEPTHS = (2, 4)  # stages per rank tried for interleaved-1f1b
+INTERLEAVED_DEPTHS = (2, 4)  # stages per rank tried for interleaved-1f1b and interleaved-zb
 MICROBATCHES_PER_RANK = 8  # "auto" micro-batches: divisors of the batch up to this times num_ranks
 
 
@@ -98,7 +100,7 @@ def search_space(
     stages_per_rank: int | str, batch: int | None,
 ) -> SearchSpace:
     """The configurations to try (see the module docstring for the semantics)."""
-    from pipec.schedule.gen_common import INTERLEAVED
+    from pipec.schedule.gen_common import accepts_depth, stage_depths
     from pipec.schedule.generators import SCHEDULE_NAMES
 
     config.count("num_stages", num_stages)
@@ -118,15 +120,14 @@ def search_space(
     configs = []
     for m in counts:
         for name in schedules:
-            if stages_per_rank == AUTO:
-                depths: Iterable[int] = INTERLEAVED_DEPTHS if name in INTERLEAVED else (1,)
-            else:
-                depths = (int(stages_per_rank),)
-            configs += [Config(name, m, v) for v in depths if (v >= 2) == (name in INTERLEAVED)]
+            accepted = stage_depths(name, INTERLEAVED_DEPTHS)
+            depths: Iterable[int] = accepted if stages_per_rank == AUTO else (int(stages_per_rank),)
+            configs += [Config(name, m, v) for v in depths if accepts_depth(name, v)]
     if not configs:
         raise ConfigError(
             f"schedule={schedule!r} with stages_per_rank={stages_per_rank!r}: no configuration to try; "
-            "interleaved-1f1b needs stages_per_rank >= 2 and the other schedules 1; pass "
+            "interleaved-1f1b and interleaved-zb need stages_per_rank >= 2, zb-v and dualpipe-v 2, synth 1 or 2 "
+            "and the other schedules 1; pass "
             "stages_per_rank='auto' or a value the schedule accepts"
         )
     return SearchSpace(ranks, tuple(configs))

@@ -9,6 +9,8 @@ limits). Output: :class:`~pipec.plan.PlanData` (the façade,
     chain_for                  chain problem (in-flight micro-batches from the schedule)
     solve                      the split (pipec.partitioner.algorithm)
     build_plan_data            plan data (pipec.partitioner.assemble)
+    synthesized                schedule="synth" only: the schedule built from the split's own
+                               costs (pipec.schedule.synth), the split kept, the plan rebuilt
 
 :func:`partition_traced` is the step :func:`pipec.partition` takes once and the
 automatic search (:mod:`pipec.partitioner.auto`) takes per configuration.
@@ -22,14 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipec.errors import ConfigError, PartitionError
+from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
 from pipec.partitioner.assemble import build_plan_data, given_schedule
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
-from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
+from pipec.schedule.gen_common import SYNTH
+from pipec.schedule.generators import FIXED_NAMES, SCHEDULE_NAMES, make_schedule
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
@@ -54,6 +57,9 @@ def partition_traced(
 ) -> PlanData:
     """One configuration: the plan data for a traced, costed graph (no tracing, no profiling)."""
     check_strategy(strategy)
+    synth = schedule == SYNTH
+    if synth:
+        schedule = synth_base(stages_per_rank)
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                       device_speeds=device_speeds,
@@ -66,7 +72,79 @@ def partition_traced(
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size)
+    if synth:
+        data = synthesized(data, traced, node_costs, solution.cuts, strategy=strategy,
+                           cost_model=cost_model, memory_limit=memory_limit, device_speeds=device_speeds,
+                           optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+                           batch_size=batch_size)
     return data
+
+
+def synth_base(stages_per_rank: int) -> str:
+    """The fixed schedule a ``synth`` plan is split for, whose memory it keeps: ``zb-h1``
+    with one stage per rank, ``zb-v`` with two (the V), else ``interleaved-zb``."""
+    return {1: "zb-h1", 2: "zb-v"}.get(stages_per_rank, "interleaved-zb")
+
+
+def synthesized(
+    data: PlanData, traced: TracedGraph, node_costs: Mapping[str, NodeCost],
+    cuts: Sequence[int], *, strategy: str, cost_model: CostModel | None, memory_limit: MemoryLimit,
+    device_speeds: Sequence[float] | None, optimizer_state_bytes_per_param: int, batch_size: int | None,
+) -> PlanData:
+    """``data`` (split for :func:`synth_base`'s schedule) with the schedule built from its
+    stages' own F, I, W and boundary transfer times (:func:`pipec.schedule.synth.synthesize`).
+
+    Memory: each fixed schedule of the same placement whose micro-batches in flight fit
+    every rank's limit on this split (the base always does: the split was made for it) is
+    a memory level; synth is built under each maximal level's in-flight counts and the
+    fastest kept, so it is never slower in simulation than any fixed schedule that fits.
+    The plan's memory is then recomputed for the schedule chosen."""
+    from pipec.partitioner.chain import evaluate, fits
+    from pipec.schedule.simulator import plan_costs, plan_transfers
+    from pipec.schedule.synth import Synthesis, synthesize
+
+    def solved(sched: Schedule) -> tuple[GraphChain, Any]:
+        found_chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
+                                device_speeds=device_speeds,
+                                optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+        return found_chain, evaluate(found_chain.problem, cuts, strategy)
+
+    levels = {data.schedule.name: in_flight_from_schedule(data.schedule)}
+    for name in FIXED_NAMES:
+        try:
+            fixed = make_schedule(name, data.num_stages, data.num_microbatches, data.stages_per_rank)
+        except ScheduleError:
+            continue
+        if name in levels or fixed.placement != data.schedule.placement:
+            continue
+        level_chain, level_solution = solved(fixed)
+        if fits(level_chain.problem, level_solution):
+            levels[name] = in_flight_from_schedule(fixed)
+    maximal = {name: caps for name, caps in levels.items()
+               if not any(other != caps and all(a <= b for a, b in zip(caps, other)) for other in levels.values())}
+    costs, held = plan_costs(data)
+    best: tuple[str, Synthesis] | None = None
+    for name, caps in maximal.items():
+        found = synthesize(
+            data.num_stages, data.num_microbatches, data.stages_per_rank,
+            forward=costs.forward, input_grad=costs.input_grad, weight_grad=costs.weight_grad,
+            comm=costs.comm, transfers=plan_transfers(data), boundaries=data.boundaries,
+            max_in_flight=caps, activation_bytes=held,
+        )
+        if best is None or found.simulation.step_time < best[1].simulation.step_time:
+            best = (name, found)
+    if best is None:  # cannot happen: the base schedule's level is always there
+        raise PartitionError("schedule='synth': no memory level to build the schedule under; report this")
+    level, found = best
+    log.info("schedule='synth': built within %s's memory (%s), %.4g s simulated", level,
+             ", ".join(maximal), found.simulation.step_time)
+    if not found.heuristic_won:
+        log.warning("schedule='synth': no greedy order or local search beat the fixed schedule %r on this "
+                    "split; the plan runs its order (named synth)", found.source)
+    final_chain, solution = solved(found.schedule)
+    return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
+                           cost_model_name=cost_model.name if cost_model is not None else "given",
+                           batch_size=batch_size)
 
 
 def chain_for(
@@ -108,7 +186,9 @@ def make_schedule_checked(name: object, num_stages: int, num_microbatches: int, 
     dropped: the plan lowers it once."""
     if isinstance(name, Schedule):
         return given_schedule(name, num_stages, num_microbatches, stages_per_rank)
-    if not isinstance(name, str) or name not in SCHEDULE_NAMES:
+    if name == SYNTH:
+        name = synth_base(stages_per_rank)  # the split's schedule; partition_traced builds synth on it
+    if not isinstance(name, str) or name not in FIXED_NAMES:
         raise ConfigError(f"schedule: expected one of {', '.join(SCHEDULE_NAMES)}, found {name!r}; "
                           "pass one of these names")
     return make_schedule(name, num_stages, num_microbatches, stages_per_rank)
@@ -152,4 +232,6 @@ __all__ = [
     "make_schedule_checked",
     "partition_traced",
     "resolve_cost_model",
+    "synth_base",
+    "synthesized",
 ]

@@ -7,14 +7,17 @@ Phase: schedule (first pass). Input: ``num_stages``, ``num_microbatches``,
 Every generator has the same signature ``(num_stages, num_microbatches,
 stages_per_rank) -> Schedule`` and is registered under its public name in
 :data:`GENERATORS`; :func:`make_schedule` is the one entry point that checks the
-arguments. Every generator places stage ``s`` on rank ``s % num_ranks`` (round-robin,
+arguments. Every generator but the V-shaped ones places stage ``s`` on rank ``s % num_ranks`` (round-robin,
 ``Schedule.placement``; ask ``Schedule.rank_of``) where ``num_ranks =
 num_stages // stages_per_rank``. Within one stage every generator runs the
 forwards in micro-batch order and the backwards in micro-batch order, so the
 messages between two ranks flow in a predictable order.
 
-The interleaved and zero-bubble generators live in :mod:`pipec.schedule.gen_interleaved`
-and :mod:`pipec.schedule.gen_zero_bubble`.
+The interleaved, zero-bubble and V-shaped generators live in
+:mod:`pipec.schedule.gen_interleaved`, :mod:`pipec.schedule.gen_zero_bubble` and
+:mod:`pipec.schedule.gen_v` (``zb-v`` and ``dualpipe-v`` place stages in a V,
+:func:`~pipec.schedule.ir.v_placement`); ``"synth"`` is made from costs by
+:mod:`pipec.schedule.synth`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import difflib
 from collections.abc import Callable
 
 from pipec.errors import ScheduleError
-from pipec.schedule.gen_common import check_sizes, make
+from pipec.schedule.gen_common import SYNTH, check_sizes, make
 from pipec.schedule.gen_interleaved import interleaved_1f1b
-from pipec.schedule.gen_zero_bubble import zb_h1
+from pipec.schedule.gen_v import dualpipe_v, zb_v
+from pipec.schedule.gen_zero_bubble import interleaved_zb, zb_h1, zb_h2
 from pipec.schedule.ir import B, F, Schedule
 
 
@@ -90,9 +94,17 @@ GENERATORS: dict[str, Generator] = {
     "1f1b": one_f_one_b,
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": zb_h1,
+    "zb-h2": zb_h2,
+    "interleaved-zb": interleaved_zb,
+    "zb-v": zb_v,
+    "dualpipe-v": dualpipe_v,
 }
 
-SCHEDULE_NAMES: tuple[str, ...] = tuple(GENERATORS)
+#: the schedules a generator makes from sizes alone
+FIXED_NAMES: tuple[str, ...] = tuple(GENERATORS)
+#: every schedule name :func:`pipec.partition` takes: the fixed ones and ``"synth"``, built at
+#: partition time from the split's own costs (:mod:`pipec.schedule.synth`)
+SCHEDULE_NAMES: tuple[str, ...] = (*FIXED_NAMES, SYNTH)
 
 
 def make_schedule(
@@ -105,6 +117,12 @@ def make_schedule(
     with one stage per rank, or another schedule with several stages per rank.
     """
     generator = GENERATORS.get(name) if isinstance(name, str) else None
+    if name == SYNTH:
+        raise ScheduleError(
+            "schedule 'synth' is built from a plan's per-stage costs, not from sizes alone: pass "
+            "schedule='synth' to pipec.partition, or call pipec.schedule.synth.synthesize(...) with the "
+            f"costs; make_schedule takes one of {', '.join(FIXED_NAMES)}"
+        )
     if generator is None:
         close = difflib.get_close_matches(str(name).lower().replace("_", "-"), SCHEDULE_NAMES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else "; pass one of these names"
@@ -115,11 +133,16 @@ def make_schedule(
 
 
 __all__ = [
+    "FIXED_NAMES",
     "GENERATORS",
     "SCHEDULE_NAMES",
+    "dualpipe_v",
+    "interleaved_zb",
     "gpipe",
     "interleaved_1f1b",
     "make_schedule",
     "one_f_one_b",
     "zb_h1",
+    "zb_h2",
+    "zb_v",
 ]

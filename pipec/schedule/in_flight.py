@@ -19,6 +19,9 @@ in flight on a stage from the start of its ``F`` to the end of its ``B`` (or
   ranks keep ``k`` weight passes back (Qi et al. 2023 §3.1); counted until
   ``W`` like the simulator does -- the brief's "same as 1F1B" is the peak of
   rank 0 only.
+- ``zb-h2``, ``interleaved-zb``, ``zb-v``, ``dualpipe-v``: counted by walking the
+  generated schedule (their docstrings give the peaks); ``synth`` by walking the
+  schedule the plan stores.
 - ``interleaved-1f1b``: counted by walking the generated schedule -- rank
   ``r`` warms up with ``(v - 1) * g + 2 (R - 1 - r)`` forwards spread over its
   ``v`` chunks in groups of ``g`` micro-batches (Narayanan et al. 2021 §2.2).
@@ -39,7 +42,6 @@ log = logging.getLogger(__name__)
 
 def in_flight_from_schedule(schedule: Schedule) -> tuple[int, ...]:
     """Peak micro-batches in flight on each stage of a (compute-only or lowered) schedule."""
-    split = {a.stage for row in schedule.actions for a in row if a.kind is ActionKind.W}
     count = [0] * schedule.num_stages
     peak = [0] * schedule.num_stages
     for row in schedule.actions:
@@ -47,7 +49,9 @@ def in_flight_from_schedule(schedule: Schedule) -> tuple[int, ...]:
             if a.kind is ActionKind.F:
                 count[a.stage] += 1
                 peak[a.stage] = max(peak[a.stage], count[a.stage])
-            elif a.kind is ActionKind.W or (a.kind is ActionKind.B and a.stage not in split):
+            elif a.kind is ActionKind.W or a.kind is ActionKind.B:
+                # a micro-batch ends with its full backward, or with its W when split
+                # (one stage may do both, for different micro-batches: DualPipeV)
                 count[a.stage] -= 1
     return tuple(peak)
 

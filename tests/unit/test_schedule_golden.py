@@ -35,7 +35,9 @@ def test_generator_matches_golden_file(spec: tuple[str, int, int, int, bool]) ->
     text = path.read_text(encoding="utf-8")
     assert REGENERATE.render(*spec) == text, f"{path.name} differs; review, then regenerate"
     name, num_ranks, stages_per_rank, num_microbatches, lowered = spec
-    schedule = Schedule.from_text(text, name=name)
+    placement = next((tuple(int(r) for r in line.split(":", 1)[1].split())
+                      for line in text.splitlines() if line.startswith("# placement:")), None)
+    schedule = Schedule.from_text(text, name=name, stages_per_rank=stages_per_rank, placement=placement)
     assert schedule.num_ranks == num_ranks
     assert schedule.num_microbatches == num_microbatches
     assert schedule.is_lowered == lowered

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipec.errors import ScheduleError
-from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
+from pipec.schedule.gen_common import stage_depths
+from pipec.schedule.generators import FIXED_NAMES, make_schedule
 from pipec.schedule.ir import Schedule
 from pipec.schedule.lowering import lower
 from pipec.schedule.validator import validate
@@ -22,10 +23,12 @@ def _raises(
     return message
 
 
-@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("name", FIXED_NAMES)
 @pytest.mark.parametrize(("p", "m"), [(1, 1), (2, 1), (2, 5), (3, 4), (4, 8)])
 def test_generated_schedules_are_valid(name: str, p: int, m: int) -> None:
-    v = 2 if name == "interleaved-1f1b" else 1
+    v = stage_depths(name, (2,))[0]
+    if name == "dualpipe-v" and m < p * v:
+        pytest.skip("dualpipe-v needs num_microbatches >= num_stages")
     schedule = make_schedule(name, p * v, m, v)
     validate(schedule)
     validate(lower(schedule))
