@@ -32,7 +32,7 @@ from pipec.plan import PlanData
 from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
-from pipec.types import CostModel, NodeCost, TracedGraph
+from pipec.types import CostModel, NodeCost, TracedGraph, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,17 @@ def partition_traced(
     strategy: str = "optimal",
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> PlanData:
-    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling)."""
+    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling).
+    ``precision`` sets the boundaries' dtype and bytes and the plan's autocast dtype; the
+    node costs must already be those of that precision (:func:`resolve_cost_model`)."""
     check_strategy(strategy)
+    precision = check_precision(precision)
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                       device_speeds=device_speeds,
-                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision)
     started = time.perf_counter()
     solution = solve(chain.problem, strategy)
     log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
@@ -65,7 +69,7 @@ def partition_traced(
              solution.bottleneck)
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision)
     return data
 
 
@@ -78,6 +82,7 @@ def chain_for(
     memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None,
     optimizer_state_bytes_per_param: int,
+    precision: str = "fp32",
 ) -> GraphChain:
     """The chain problem of one configuration (the schedule fixes stages, ranks, micro-batches)."""
     ranks = config.num_ranks(sched.num_stages, sched.stages_per_rank)
@@ -90,7 +95,7 @@ def chain_for(
         schedule=sched.name, num_microbatches=sched.num_microbatches,
         in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-        placement=sched.placement,
+        placement=sched.placement, precision=precision,
     )
 
 
@@ -122,23 +127,31 @@ class Partitioned(NamedTuple):
 
 
 def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Callable[..., Any] | None = None,
-                       target: Any = None) -> CostModel:
+                       target: Any = None, precision: str = "fp32") -> CostModel:
     """``"profile"`` (measure here, the loss too when ``loss_fn`` is given; ``target`` is
-    one micro-batch's), a hardware name or JSON path, or a CostModel object."""
+    one micro-batch's), a hardware name or JSON path, or a CostModel object.
+
+    ``precision``: the profiler measures under that precision's autocast, and an
+    analytic model counts its kernels under it (each kernel priced at its dtype's
+    peak FLOP/s); a CostModel object of your own is used as it is (it is yours to
+    cost in the precision you plan for)."""
     if isinstance(cost_model, CostModel):
+        with_precision = getattr(cost_model, "with_precision", None)
+        if precision != "fp32" and callable(with_precision):
+            return with_precision(precision)  # type: ignore[no-any-return]
         return cost_model
     if cost_model == "profile":
         from pipec.costs.profiled import ProfiledCostModel
         from pipec.profiling import profile
 
-        return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target))
+        return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target, precision=precision))
     if isinstance(cost_model, (str, Path)):
         from pipec.costs.analytic import load_cost_model
 
         if loss_fn is not None:
             log.info("the analytic cost model %s does not cost the loss; profile (cost_model='profile') "
                      "to count it on the last stage", cost_model)
-        return load_cost_model(cost_model)
+        return load_cost_model(cost_model, precision=precision)
     raise ConfigError(
         f"cost_model: expected 'profile', a name in cost_models/ such as 'h100-sxm', a JSON path or "
         f"a CostModel object, found {type(cost_model).__name__}"

@@ -22,6 +22,14 @@ step's gradients by it afterwards (:mod:`pipec.runtime.loss_scale`).
 Each forward runs in a
 :func:`~pipec.split.randomness.random_scope` of ``(seed, step, micro-batch)``,
 so dropout draws the same masks whatever the schedule or stage layout.
+
+Mixed precision (a plan's ``precision`` "bf16"/"fp16", :mod:`pipec.costs.precision`):
+each stage forward runs under autocast; its float boundary outputs are cast to
+the plan's boundary dtype (the compute dtype) inside the autograd graph, so
+what crosses ranks, what local consumers read and the gradients that come back
+all have that dtype, whatever op produced the tensor; the loss runs outside
+autocast on the output cast to float32, and is multiplied by ``loss_scale``
+(float16 loss scaling, :mod:`pipec.runtime.amp`) before its backward.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipec.costs.precision import autocast, upcast_floats
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.loss import loss_parts
+from pipec.plan import Boundary
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.failure import PeerFailure
@@ -106,8 +116,12 @@ class Executor:
         num_microbatches: int,
         device: torch.device,
         seed: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.rank = rank
+        self.device = device
+        self.precision = precision
+        self.loss_scale = 1.0  # set by the runtime before each training step (fp16 loss scaling)
         self.seed = seed
         self.stages = dict(stages)
         self.routes = dict(routes)
@@ -249,8 +263,8 @@ class Executor:
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
         try:
-            with random_scope(self.seed, self._step, a.microbatch):  # same draws on any layout
-                result = self.stages[a.stage](*values)
+            with random_scope(self.seed, self._step, a.microbatch), autocast(self.device, self.precision):
+                result = self.stages[a.stage](*values)  # same random draws on any layout
         except Exception as e:
             if self.shape_note is None:
                 raise
@@ -264,7 +278,7 @@ class Executor:
         if len(result) != expected:
             raise self._fail(a, f"stage {a.stage} returned {len(result)} values, expected {expected}")
         slot.forwarded = True
-        slot.outputs = {o.name: t for o, t in zip(routes.outputs, result)}
+        slot.outputs = {o.name: self._as_boundary(o.boundary, t) for o, t in zip(routes.outputs, result)}
         for o in routes.outputs:
             value = slot.outputs[o.name]
             for c in o.consumers:
@@ -283,6 +297,8 @@ class Executor:
             return
         if self._loss_fn is None:
             raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
+        if self.precision != "fp32":
+            output = upcast_floats(output)  # the loss in float32, outside autocast (as _forward ends it)
         if self._targets is None:
             value = self._loss_fn(output)
         else:
@@ -303,6 +319,17 @@ class Executor:
         else:  # divided by the batch's count after the step (pipec.runtime.loss_scale)
             result.counts[a.microbatch] = count
             slot.scaled_loss = loss
+        if self.loss_scale != 1.0:  # fp16: unscaled after the step (pipec.runtime.amp)
+            slot.scaled_loss = slot.scaled_loss * self.loss_scale
+
+    def _as_boundary(self, boundary: Boundary, value: Any) -> Any:
+        """A float stage output in the dtype the plan says it crosses in (mixed precision:
+        the compute dtype, whatever dtype autocast left it in); differentiable, so its
+        gradient comes back in that dtype too. fp32 plans send what the stage made."""
+        if self.precision == "fp32" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        dtype = boundary.meta.torch_dtype
+        return value if value.dtype == dtype or not dtype.is_floating_point else value.to(dtype)
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()

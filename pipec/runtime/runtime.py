@@ -19,6 +19,13 @@ Usage (one process per rank)::
     opt.step(); opt.zero_grad()
     pipe.save_checkpoint("ckpt", optimizer=opt, step=k)   # collective; resume with load_checkpoint
 
+Mixed precision is the plan's (``pipec.partition(..., precision="bf16")``): the
+stages run under autocast, parameters and gradients stay float32. Under "fp16"
+the loss is scaled (:mod:`pipec.runtime.amp`): build the optimizer with
+:meth:`PipelineRuntime.optimizer` (its ``step()`` skips an overflowed step on
+every rank and updates the scale) or call :meth:`PipelineRuntime.optimizer_step`;
+the loop above is otherwise unchanged.
+
 No wait lasts longer than ``timeout`` seconds, and a rank that fails tells
 the others through the c10d store (:mod:`pipec.runtime.failure`): when any
 rank raises or dies during a step, every rank raises a ``RuntimeFailure``
@@ -43,6 +50,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import nn
 
+from pipec.costs.precision import check_device_precision
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.facade import Plan
 from pipec.microbatch import (
@@ -52,6 +60,7 @@ from pipec.microbatch import (
     split_target,
     step_shapes,
 )
+from pipec.runtime.amp import LossScaler, LossScaling, is_wrapped, wrap_optimizer_step
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
@@ -124,6 +133,11 @@ class PipelineRuntime:
 
     The stages start in the mode the model was traced in; :meth:`train` and
     :meth:`eval` switch dropout and batch norm as on the original model.
+
+    ``loss_scaling`` (:class:`~pipec.runtime.amp.LossScaling`) sets float16's dynamic
+    loss scale: initial scale, growth and backoff factors, growth interval (torch
+    GradScaler's defaults). A plan precision this device cannot compute in is a
+    :class:`~pipec.errors.PrecisionError` here.
     """
 
     def __init__(
@@ -136,8 +150,13 @@ class PipelineRuntime:
         timeout: float | None = None,
         heartbeat_timeout: float | None = None,
         seed: int | None = None,
+        loss_scaling: LossScaling | None = None,
     ) -> None:
         plan = as_plan(plan_or_dir)
+        self.precision = plan.data.precision
+        self.loss_scaling = loss_scaling if loss_scaling is not None else LossScaling()
+        if not isinstance(self.loss_scaling, LossScaling):
+            raise ConfigError(f"loss_scaling: expected a pipec.LossScaling, found {type(loss_scaling).__name__}")
         self.seed = resolve_seed(seed)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
@@ -149,6 +168,7 @@ class PipelineRuntime:
         self.schedule = lowered_schedule(plan, self.info.backend)
         self.rank = self.info.rank
         self.device = self.info.device
+        check_device_precision(self.device, self.precision)  # the same answer on every rank
         self.num_microbatches = plan.num_microbatches
         self.stage_indices = self.schedule.stages_of(self.rank)
         self.stage_modules: dict[int, nn.Module] = {
@@ -233,11 +253,14 @@ class PipelineRuntime:
             num_microbatches=plan.num_microbatches,
             device=self.device,
             seed=self.seed,
+            precision=self.precision,
         )
         self._counts = CountNormalizer(
             info=self.info, source=rank_of(plan.num_stages - 1),
             params=lambda: list(self.parameters()), waiter=self._waiter,
         )
+        self.scaler = LossScaler(self.loss_scaling, precision=self.precision, info=self.info,
+                                 waiter=self._waiter, params=lambda: list(self.parameters()))
 
     def _barrier(self, name: str, what: str) -> None:
         """Wait until every rank has called ``_barrier(name)``, through the c10d store: stops
@@ -283,6 +306,19 @@ class PipelineRuntime:
         views) fails on every rank, naming the stage and node. The first step of
         each new input shape sends a small shape header with every boundary
         tensor (:mod:`pipec.runtime.comm`); later ones run as fast as the plan's.
+
+        Gradient accumulation: gradients of several calls add up (no ``zero_grad`` in
+        between). Each call's gradient is that of its own batch's mean loss, so ``k``
+        calls on ``k`` equal parts of a batch give ``k`` times the full batch's
+        gradient: divide the loss by ``k`` (``loss_fn=lambda o, t: F.mse_loss(o, t) / k``)
+        or the learning rate, for the gradient of one step on the whole batch.
+
+        Under float16 loss scaling the loss is multiplied by :attr:`loss_scale` on the
+        last stage and the gradients divided by it after the schedule: ``.grad`` holds
+        unscaled gradients, and the loss returned is unscaled. An inf/NaN gradient on
+        any rank sets :attr:`found_inf` on every rank (collective check); the next
+        optimizer step through :meth:`optimizer_step` (or an optimizer from
+        :meth:`optimizer`) is then skipped everywhere.
         """
         if self.loss_fn is None:
             raise ConfigError(
@@ -298,14 +334,18 @@ class PipelineRuntime:
                 targets = split_target(target, self.num_microbatches, self.device)
             self._tied.begin_step()
             self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
+            self.scaler.begin_step()  # after the count normaliser's: the rest of the earlier gradients
+            self._executor.loss_scale = self.scaler.scale
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
             if self._p2p is not None:
                 self._p2p.end_step()
             count = self._counts.end_step(result.counts, self._step)
+            self.scaler.unscale(self._step)  # collective when scaling: every rank learns of an overflow
             self._end_step_timed()
             self._counts.restore()
+            self.scaler.restore()
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -439,8 +479,40 @@ class PipelineRuntime:
         """``cls(self.parameters(), **kwargs)``: an optimizer over this rank's parameters
         (a tied one once), e.g. ``pipe.optimizer(torch.optim.AdamW, lr=1e-3)``. Tied
         copies on other ranks stay equal because every holder gets the same summed
-        gradient at :meth:`step` and applies the same update."""
-        return cls(self.parameters(), **kwargs)
+        gradient at :meth:`step` and applies the same update.
+
+        Under loss scaling (``precision="fp16"``) its ``step()`` is :meth:`optimizer_step`:
+        it skips the update on every rank after an overflow and updates the scale, so a
+        plain ``pipe.step(...); opt.step(); opt.zero_grad()`` loop trains fp16 correctly
+        (``step(closure)`` is refused). Otherwise it is the plain optimizer."""
+        optimizer = cls(self.parameters(), **kwargs)
+        if self.scaler.enabled:
+            wrap_optimizer_step(optimizer, self.scaler)
+        return optimizer
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``optimizer.step()`` unless the gradients accumulated since the last optimizer
+        step overflowed on any rank (:attr:`found_inf`); then the loss scale is updated
+        (halved after an overflow, doubled after ``growth_interval`` clean steps). Returns
+        whether the optimizer stepped: the same on every rank. For an optimizer made
+        elsewhere than :meth:`optimizer` (one from it steps this way by itself). Without
+        loss scaling it just steps. Not collective: the overflow flag is already agreed."""
+        self._check_usable()
+        if is_wrapped(optimizer, self.scaler):  # its step() goes through the scaler already
+            stepped = not self.scaler.found_inf
+            optimizer.step()
+            return stepped
+        return self.scaler.step(optimizer.step)
+
+    @property
+    def loss_scale(self) -> float:
+        """The current float16 loss scale, the same on every rank (1.0 without scaling)."""
+        return self.scaler.scale
+
+    @property
+    def found_inf(self) -> bool:
+        """Whether a gradient overflowed (inf/NaN) on any rank since the last optimizer step."""
+        return self.scaler.found_inf
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients by the norm of the WHOLE model's gradient, as
@@ -518,7 +590,7 @@ class PipelineRuntime:
             rank=self.rank, world_size=self.info.world_size, plan=self.plan, stages=tuple(self.stage_indices),
             tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
             store=self.monitor.store if self.monitor is not None else None, waiter=self._waiter,
-            save_index=self._saves - 1,
+            save_index=self._saves - 1, scaler=self.scaler,
         )
 
     def save_checkpoint(
