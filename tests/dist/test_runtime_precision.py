@@ -1,0 +1,230 @@
+"""Mixed precision on 2 Gloo ranks: bf16 autocast, fp16 loss scaling, gradient accumulation.
+
+- bf16 (1F1B and ZB-H1; an MLP and Hugging Face GPT-2): the step's loss and every
+  gradient are within bf16 tolerance of the fp32 single-process model's, and not
+  equal to them (autocast ran); parameters and gradients stay float32; float
+  boundaries cross in bfloat16.
+- fp16 (CPU autocast runs float16): gradients come back unscaled and the loss
+  returned is unscaled; an overflow injected into one parameter's gradient on
+  rank 1 only makes every rank skip the optimizer step and halve the scale; two
+  clean steps grow it again; ``pipe.optimizer_step`` does the same for an
+  optimizer built by hand; a checkpoint restores the scale into a fresh runtime,
+  and loading it into a bf16 plan warns.
+- gradient accumulation: two ``step()`` calls on the halves of a batch with the
+  loss halved give the gradient of one step on the whole batch (fp32 exactly,
+  fp16 with loss scaling within fp16 tolerance).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _workers import run_ranks
+from _zoo_plans import ZooModel, zoo_model, zoo_plan
+from torch.nn import functional as F
+
+NUM_MICROBATCHES = 4
+MICROBATCH = 2
+LR = 0.1
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| relative to ||b|| (absolute below a tiny ||b||)."""
+    return float((a.double() - b.double()).norm() / max(float(b.double().norm()), 1e-6))
+
+
+def _reference(zm: ZooModel, batch: int = 0) -> dict[str, Any]:
+    """fp32 single process: the step's loss, gradients and global gradient norm."""
+    model = copy.deepcopy(zm.model)
+    inputs, target = zm.batches[batch]
+    loss = zm.loss_fn(model(*inputs), target)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.get_total_norm(list(grads.values()))
+    return {"loss": loss.detach(), "grads": grads, "norm": norm}
+
+
+# -- bf16 -------------------------------------------------------------------------------------------
+
+
+def _bf16_worker(rank: int, world_size: int, cases: dict[str, tuple[Any, ZooModel]]) -> dict[str, Any]:
+    from pipec.runtime.runtime import PipelineRuntime
+
+    results: dict[str, Any] = {}
+    for key, (plan, zm) in cases.items():
+        pipe = PipelineRuntime(plan)
+        inputs, target = zm.batches[0]
+        loss = pipe.step(*inputs, target=target)
+        named = dict(pipe.named_parameters())
+        results[key] = {
+            "loss": loss,
+            "grads": {n: p.grad.clone() for n, p in named.items() if p.grad is not None},
+            "param_dtypes": {p.dtype for p in named.values()},
+            "grad_dtypes": {p.grad.dtype for p in named.values() if p.grad is not None},
+            "scale": pipe.loss_scale,
+        }
+        pipe.close()
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_bf16_matches_fp32_within_bf16_tolerance_on_two_gloo_ranks() -> None:
+    torch.manual_seed(0)
+    zoo = {name: zoo_model(name, microbatch=MICROBATCH, num_microbatches=NUM_MICROBATCHES, steps=1)
+           for name in ("mlp", "gpt2")}
+    refs = {name: _reference(zm) for name, zm in zoo.items()}
+    layouts = [(name, schedule) for name in zoo for schedule in ("1f1b", "zb-h1")]
+    cases = {f"{n}/{s}": (zoo_plan(zoo[n], num_ranks=2, schedule=s, num_microbatches=NUM_MICROBATCHES,
+                                   precision="bf16"), zoo[n]) for n, s in layouts}
+    for key, (plan, _) in cases.items():
+        assert plan.data.precision == "bf16", key
+        floats = [b for b in plan.boundaries if b.is_floating]
+        assert floats and all(b.dtype == "bfloat16" for b in floats), (key, plan.boundaries)
+    per_rank = run_ranks(_bf16_worker, 2, cases, timeout=240)
+    for key in cases:
+        ref = refs[key.split("/")[0]]
+        ranks = [r[key] for r in per_rank]
+        assert ranks[0]["loss"] is None
+        loss = ranks[1]["loss"]
+        assert loss.dtype == torch.float32, key
+        assert abs(float(loss) - float(ref["loss"])) <= 2e-2 * abs(float(ref["loss"])) + 1e-3, (key, loss, ref["loss"])
+        grads = {n: g for res in ranks for n, g in res["grads"].items()}
+        assert set(grads) >= set(ref["grads"]) - {"lm_head.weight"}, key  # a tied head is its embedding
+        errors = {n: _rel(g, ref["grads"][n]) for n, g in grads.items() if n in ref["grads"]}
+        assert max(errors.values()) < 0.05, (key, sorted(errors.items(), key=lambda kv: -kv[1])[:3])
+        assert max(errors.values()) > 1e-5, f"{key}: bit-equal to fp32, autocast did not run"
+        for res in ranks:
+            assert res["param_dtypes"] == {torch.float32}, key  # master weights
+            assert res["grad_dtypes"] == {torch.float32}, key  # accumulated in fp32
+            assert res["scale"] == 1.0, key  # bf16 needs no loss scaling
+
+
+# -- fp16 loss scaling, optimizer_step, checkpoint --------------------------------------------------
+
+
+def _fp16_worker(rank: int, world_size: int, plan: Any, bf16_plan: Any, zm: ZooModel,
+                 directory: str) -> dict[str, Any]:
+    import warnings
+
+    from pipec.runtime.amp import LossScaling
+    from pipec.runtime.runtime import PipelineRuntime
+
+    scaling = LossScaling(init_scale=2.0**10, growth_interval=2)
+    pipe = PipelineRuntime(plan, loss_scaling=scaling)
+    opt = pipe.optimizer(torch.optim.SGD, lr=LR)
+    inputs, target = zm.batches[0]
+    named = dict(pipe.named_parameters())
+    victim = next(iter(named.values()))
+    out: dict[str, Any] = {"found_inf": [], "stepped": [], "scales": []}
+
+    def run(inject: bool, optimizer: torch.optim.Optimizer | None = None) -> None:
+        handle = victim.register_hook(lambda g: torch.full_like(g, math.inf)) if inject and rank == 1 else None
+        opt.zero_grad()
+        loss = pipe.step(*inputs, target=target)
+        if handle is not None:
+            handle.remove()
+        out["found_inf"].append(pipe.found_inf)
+        if "grads" not in out:
+            out["loss"] = loss
+            out["grads"] = {n: p.grad.clone() for n, p in named.items()}
+            out["norm"] = pipe.clip_grad_norm_(1e9)  # no clipping: the unscaled norm
+        before = {n: p.detach().clone() for n, p in named.items()}
+        if optimizer is None:
+            opt.step()
+        else:
+            out["optimizer_step"] = pipe.optimizer_step(optimizer)
+        out["stepped"].append(any(not torch.equal(before[n], p) for n, p in named.items()))
+        out["scales"].append(pipe.loss_scale)
+
+    run(False)  # clean: 1 clean step
+    run(True)  # overflow on rank 1 only: skipped everywhere, scale halved
+    run(False)
+    run(False)  # two clean steps: the scale grows
+    run(True, torch.optim.SGD(pipe.parameters(), lr=LR))  # a hand-made optimizer through optimizer_step
+    pipe.save_checkpoint(directory, optimizer=opt)
+    out["saved"] = (pipe.loss_scale, pipe.scaler.growth_tracker)
+    pipe.close()
+
+    fresh = PipelineRuntime(plan, loss_scaling=scaling)
+    out["fresh"] = fresh.loss_scale
+    fresh.load_checkpoint(directory)
+    out["loaded"] = (fresh.loss_scale, fresh.scaler.growth_tracker)
+    fresh.close()
+    other = PipelineRuntime(bf16_plan)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other.load_checkpoint(directory)
+    out["bf16_warnings"] = [str(w.message) for w in caught]
+    other.close()
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_fp16_overflow_on_one_rank_skips_every_rank_and_halves_the_scale(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    zm = zoo_model("mlp", microbatch=MICROBATCH, num_microbatches=NUM_MICROBATCHES, steps=1)
+    ref = _reference(zm)
+    plan = zoo_plan(zm, num_ranks=2, schedule="1f1b", num_microbatches=NUM_MICROBATCHES, precision="fp16")
+    bf16_plan = zoo_plan(zm, num_ranks=2, schedule="1f1b", num_microbatches=NUM_MICROBATCHES, precision="bf16")
+    per_rank = run_ranks(_fp16_worker, 2, plan, bf16_plan, zm, str(tmp_path / "ckpt"), timeout=240)
+    for r, res in enumerate(per_rank):
+        assert res["found_inf"] == [False, True, False, False, True], r
+        assert res["stepped"] == [True, False, True, True, False], r
+        assert res["optimizer_step"] is False, r
+        assert res["scales"] == [1024.0, 512.0, 512.0, 1024.0, 512.0], r
+        # the first (clean) step's gradients and norm are unscaled
+        for n, g in res["grads"].items():
+            assert g.dtype == torch.float32
+            assert _rel(g, ref["grads"][n]) < 1e-2, (r, n)
+        assert abs(float(res["norm"]) - float(ref["norm"])) < 1e-2 * float(ref["norm"]), r
+        assert res["saved"] == (512.0, 0), r
+        assert res["fresh"] == 1024.0 and res["loaded"] == res["saved"], r
+        assert any("fp16 run" in w and "bf16" in w for w in res["bf16_warnings"]), res["bf16_warnings"]
+    loss = per_rank[1]["loss"]
+    assert abs(float(loss) - float(ref["loss"])) < 1e-2 * float(ref["loss"]), (loss, ref["loss"])
+
+
+# -- gradient accumulation ----------------------------------------------------------------------------
+
+
+def _accumulate_worker(rank: int, world_size: int, plans: dict[str, Any], zm: ZooModel) -> dict[str, Any]:
+    from pipec.runtime.runtime import PipelineRuntime
+
+    inputs, target = zm.batches[0]
+    half = inputs[0].shape[0] // 2
+    results: dict[str, Any] = {}
+    for key, plan in plans.items():
+        # each call's loss is its half's mean: halved, the two add up to the whole batch's mean
+        pipe = PipelineRuntime(plan, loss_fn=lambda out, y: F.mse_loss(out, y) / 2)
+        losses = [pipe.step(inputs[0][:half], target=target[:half]),
+                  pipe.step(inputs[0][half:], target=target[half:])]
+        results[key] = {"losses": losses,
+                        "grads": {n: p.grad.clone() for n, p in pipe.named_parameters()}}
+        pipe.close()
+    return results
+
+
+@pytest.mark.timeout(300)
+def test_two_steps_on_halves_accumulate_the_whole_batch_gradient() -> None:
+    torch.manual_seed(0)
+    zm = zoo_model("mlp", microbatch=MICROBATCH, num_microbatches=NUM_MICROBATCHES, steps=1)
+    ref = _reference(zm)
+    plans = {p: zoo_plan(zm, num_ranks=2, schedule="1f1b", num_microbatches=2, precision=p)
+             for p in ("fp32", "fp16")}
+    per_rank = run_ranks(_accumulate_worker, 2, plans, zm, timeout=240)
+    for key, tol in (("fp32", 1e-5), ("fp16", 1e-2)):
+        grads = {n: g for r in per_rank for n, g in r[key]["grads"].items()}
+        assert set(grads) == set(ref["grads"]), key
+        for n, g in grads.items():
+            assert _rel(g, ref["grads"][n]) < tol, (key, n, _rel(g, ref["grads"][n]))
+        losses = per_rank[1][key]["losses"]
+        assert abs(float(sum(losses)) - float(ref["loss"])) < tol * float(ref["loss"]) + 1e-6, key
+    # without halving the loss, the accumulated gradient is twice the whole batch's: the test can fail
+    g = next(iter(per_rank[0]["fp32"]["grads"].values()))
+    name = next(iter(per_rank[0]["fp32"]["grads"]))
+    assert _rel(2 * g, ref["grads"][name]) > 0.5
