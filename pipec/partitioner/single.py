@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -139,6 +140,14 @@ def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Call
         with_precision = getattr(cost_model, "with_precision", None)
         if precision != "fp32" and callable(with_precision):
             return with_precision(precision)  # type: ignore[no-any-return]
+        measured = getattr(getattr(cost_model, "profile", None), "precision", precision)
+        if measured != precision:
+            warnings.warn(
+                f"the cost model {cost_model.name} was profiled in {measured} but the plan is {precision}: "
+                f"its times and activation bytes are {measured}'s; profile with "
+                f"pipec.profile(..., precision={precision!r}) or pass cost_model='profile'",
+                UserWarning, stacklevel=4,
+            )
         return cost_model
     if cost_model == "profile":
         from pipec.costs.profiled import ProfiledCostModel

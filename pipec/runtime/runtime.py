@@ -526,7 +526,9 @@ class PipelineRuntime:
         on its lowest holder rank only: after :meth:`step` every holder has the same
         gradient), one all-reduce over the pipeline's process group (MAX for
         ``norm_type=inf``) gives the total, and every local gradient is scaled by
-        ``min(1, max_norm / (total + 1e-6))``. A non-finite total is returned and
+        ``min(1, max_norm / (total + 1e-6))``. Under fp16 loss scaling the gradients are
+        unscaled already (:meth:`step` divides them by the scale), so this clips the true
+        gradients, as ``GradScaler.unscale_`` before clipping does. A non-finite total is returned and
         scaled with as torch does by default (``error_if_nonfinite=False``): the
         gradients turn NaN. The norm is accumulated in float64 and returned in float32
         (float64 when this rank's gradients are). ``norm_type`` must be > 0 or inf.

@@ -117,7 +117,8 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
         inputs, kwargs = call_of(random_batch(plan), plan.input_structure, plan.inputs)
 
     pipe = state["pipe"] = pipec.PipelineRuntime(loaded, loss_fn=loss_fn, backend=args.backend)
-    optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr)
+    # pipe.optimizer: under fp16 its step() skips an overflowed step on every rank (loss scaling)
+    optimizer = pipe.optimizer(torch.optim.SGD, lr=args.lr)
     first = 0
     if args.resume:
         first = pipe.load_checkpoint(args.checkpoint_dir, optimizer=optimizer)

@@ -149,6 +149,14 @@ def test_profiler_measures_under_the_precisions_autocast() -> None:
     assert [c.saved_bytes for c in prof.nodes.values()] != [c.saved_bytes for c in fp32.nodes.values()]
 
 
+def test_a_profile_of_another_precision_warns() -> None:
+    traced = pipec.trace(_MLP(), (torch.randn(4, 16),))
+    measured = pipec.ProfiledCostModel(pipec.profile(traced, repeats=1, warmup=0, progress=False))
+    with pytest.warns(UserWarning, match="profiled in fp32 but the plan is bf16"):
+        pipec.partition(_MLP(), (torch.randn(8, 16),), num_stages=2, num_microbatches=2, cost_model=measured,
+                        precision="bf16")
+
+
 def test_loss_sees_float32_outputs() -> None:
     out = {"logits": torch.ones(2, dtype=torch.bfloat16), "ids": torch.ones(2, dtype=torch.int64),
            "pair": (torch.ones(1, dtype=torch.float16), 3)}
