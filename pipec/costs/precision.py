@@ -81,6 +81,16 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(torch.device(device).type, dtype=compute_dtype(precision))
 
 
+def cast_boundary(value: Any, dtype: torch.dtype, precision: str) -> Any:
+    """A stage output as it crosses to other stages under ``precision``: a float tensor in
+    ``dtype`` (the plan's boundary dtype, :func:`pipec.types.boundary_meta`) whatever
+    dtype autocast left it in; differentiable, so its gradient comes back in ``dtype``.
+    Under "fp32" (and for anything else) the value as the stage made it."""
+    if precision == "fp32" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    return value if value.dtype == dtype or not dtype.is_floating_point else value.to(dtype)
+
+
 def upcast_floats(value: Any) -> Any:
     """``value`` with every bfloat16/float16 tensor in it (tuples, lists, dicts) cast to
     float32: what ``loss_fn`` sees under mixed precision, so the loss is float32."""
@@ -100,4 +110,4 @@ def upcast_floats(value: Any) -> Any:
     return value
 
 
-__all__ = ["autocast", "check_device_precision", "compute_dtype", "upcast_floats"]
+__all__ = ["autocast", "cast_boundary", "check_device_precision", "compute_dtype", "upcast_floats"]

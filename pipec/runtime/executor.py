@@ -41,10 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipec.costs.precision import autocast, upcast_floats
+from pipec.costs.precision import autocast, cast_boundary, upcast_floats
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.loss import loss_parts
-from pipec.plan import Boundary
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.failure import PeerFailure
@@ -278,7 +277,8 @@ class Executor:
         if len(result) != expected:
             raise self._fail(a, f"stage {a.stage} returned {len(result)} values, expected {expected}")
         slot.forwarded = True
-        slot.outputs = {o.name: self._as_boundary(o.boundary, t) for o, t in zip(routes.outputs, result)}
+        slot.outputs = {o.name: cast_boundary(t, o.boundary.meta.torch_dtype, self.precision)
+                        for o, t in zip(routes.outputs, result)}
         for o in routes.outputs:
             value = slot.outputs[o.name]
             for c in o.consumers:
@@ -321,15 +321,6 @@ class Executor:
             slot.scaled_loss = loss
         if self.loss_scale != 1.0:  # fp16: unscaled after the step (pipec.runtime.amp)
             slot.scaled_loss = slot.scaled_loss * self.loss_scale
-
-    def _as_boundary(self, boundary: Boundary, value: Any) -> Any:
-        """A float stage output in the dtype the plan says it crosses in (mixed precision:
-        the compute dtype, whatever dtype autocast left it in); differentiable, so its
-        gradient comes back in that dtype too. fp32 plans send what the stage made."""
-        if self.precision == "fp32" or not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            return value
-        dtype = boundary.meta.torch_dtype
-        return value if value.dtype == dtype or not dtype.is_floating_point else value.to(dtype)
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()

@@ -4,7 +4,9 @@
   gradient are within bf16 tolerance of the fp32 single-process model's -- at most
   twice as far from them (+ 2%) as bf16 autocast on one process is -- and not
   equal to them (autocast ran); parameters and gradients stay float32; float
-  boundaries cross in bfloat16; inference returns bfloat16 outputs.
+  boundaries cross in bfloat16; inference returns bfloat16 outputs; and the step
+  equals ``pipec.reference_step`` (the same bf16 stages in one process) to float32
+  accumulation order.
 - fp16 (CPU autocast runs float16): gradients come back unscaled and the loss
   returned is unscaled; an overflow injected into one parameter's gradient on
   rank 1 only makes every rank skip the optimizer step and halve the scale; two
@@ -28,6 +30,8 @@ import torch
 from _workers import run_ranks
 from _zoo_plans import ZooModel, zoo_model, zoo_plan
 from torch.nn import functional as F
+
+import pipec
 
 NUM_MICROBATCHES = 4
 MICROBATCH = 2
@@ -65,7 +69,7 @@ def _bf16_worker(rank: int, world_size: int, cases: dict[str, tuple[Any, ZooMode
 
     results: dict[str, Any] = {}
     for key, (plan, zm) in cases.items():
-        pipe = PipelineRuntime(plan)
+        pipe = PipelineRuntime(plan, seed=0)
         inputs, target = zm.batches[0]
         loss = pipe.step(*inputs, target=target)
         named = dict(pipe.named_parameters())
@@ -99,7 +103,9 @@ def test_bf16_matches_fp32_within_bf16_tolerance_on_two_gloo_ranks() -> None:
         floats = [b for b in plan.boundaries if b.is_floating]
         assert floats and all(b.dtype == "bfloat16" for b in floats), (key, plan.boundaries)
     per_rank = run_ranks(_bf16_worker, 2, cases, timeout=240)
-    for key in cases:
+    for key, (plan, zm) in cases.items():
+        # what the runtime computes, reproduced in one process (bf16 stages, boundaries cast)
+        same = pipec.reference_step(plan, *zm.batches[0][0], target=zm.batches[0][1], seed=0)
         ref = refs[key.split("/")[0]]
         ranks = [r[key] for r in per_rank]
         assert ranks[0]["loss"] is None
@@ -116,6 +122,9 @@ def test_bf16_matches_fp32_within_bf16_tolerance_on_two_gloo_ranks() -> None:
         worst = sorted(((errors[n] - bounds[n], n, errors[n], bounds[n]) for n in errors), reverse=True)[:3]
         assert all(errors[n] <= bounds[n] for n in errors), (key, worst)
         assert max(errors.values()) > 1e-5, f"{key}: bit-equal to fp32, autocast did not run"
+        torch.testing.assert_close(loss, same.loss, rtol=1e-4, atol=1e-6, msg=key)
+        for n, g in grads.items():
+            assert _rel(g, same.grads[n]) < 1e-3, (key, n, _rel(g, same.grads[n]))
         output = ranks[1]["output"]
         logits = output["logits"] if isinstance(output, dict) else output
         assert logits.dtype == torch.bfloat16, key
