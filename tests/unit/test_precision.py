@@ -200,3 +200,12 @@ def test_bf16_and_fp32_do_not_scale_unless_asked() -> None:
 def test_bad_loss_scaling_is_a_config_error(bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=f"LossScaling.{next(iter(bad))}"):
         LossScaling(**bad)
+
+
+def test_the_auto_planner_plans_in_the_precision_too() -> None:
+    torch.manual_seed(0)
+    plan = pipec.partition(_MLP(), (torch.randn(8, 16),), num_stages=2, num_microbatches="auto",
+                           schedule="auto", cost_model="h100-sxm", precision="bf16")
+    assert plan.data.precision == "bf16" and plan.data.cost_model == "analytic:h100-sxm[bf16]"
+    assert plan.boundaries and all(b.dtype == "bfloat16" for b in plan.boundaries)
+    assert plan.simulate().step_time > 0
