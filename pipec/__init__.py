@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     # errors
     "PipecError": "pipec.errors",
     "ConfigError": "pipec.errors",
+    "PrecisionError": "pipec.errors",
     "TraceError": "pipec.errors",
     "ProfileError": "pipec.errors",
     "CostModelError": "pipec.errors",
@@ -64,6 +65,7 @@ _EXPORTS: dict[str, str] = {
     "PipelineRuntime": "pipec.runtime.runtime",
     "reference_step": "pipec.runtime.reference",
     "ReferenceStep": "pipec.runtime.reference",
+    "LossScaling": "pipec.runtime.amp",
 }
 
 if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getattr__ below
@@ -77,6 +79,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getat
     from pipec.errors import PartitionError as PartitionError
     from pipec.errors import PipecError as PipecError
     from pipec.errors import PlanError as PlanError
+    from pipec.errors import PrecisionError as PrecisionError
     from pipec.errors import ProfileError as ProfileError
     from pipec.errors import RuntimeFailure as RuntimeFailure
     from pipec.errors import ScheduleError as ScheduleError
@@ -90,6 +93,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getat
     from pipec.plan import TiedGroup as TiedGroup
     from pipec.profiling import Profile as Profile
     from pipec.profiling import profile as profile
+    from pipec.runtime.amp import LossScaling as LossScaling
     from pipec.runtime.reference import ReferenceStep as ReferenceStep
     from pipec.runtime.reference import reference_step as reference_step
     from pipec.runtime.runtime import PipelineRuntime as PipelineRuntime

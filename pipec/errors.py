@@ -17,6 +17,10 @@ class ConfigError(PipecError, ValueError):
     """An argument to a public function is out of range or inconsistent."""
 
 
+class PrecisionError(ConfigError):
+    """An unknown ``precision``, or one the device cannot compute in (:mod:`pipec.precision`)."""
+
+
 class TraceError(PipecError, ValueError):
     """The model could not be captured as a graph."""
 
@@ -74,6 +78,7 @@ __all__ = [
     "PartitionError",
     "PipecError",
     "PlanError",
+    "PrecisionError",
     "ProfileError",
     "RuntimeFailure",
     "ScheduleError",

@@ -185,6 +185,7 @@ def partition(
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
     data_parallel: int = 1,
+    precision: str = "fp32",
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -214,6 +215,16 @@ def partition(
     whatever the cost model, a scalar ``loss_fn`` whose mean over the example's
     micro-batches differs from its full-batch loss (padding / ``ignore_index``:
     return ``(loss_sum, count)``), checked in eval mode without gradients.
+
+    ``precision`` ("fp32", the default; "bf16"; "fp16") is the stages' compute dtype:
+    their forward runs under ``torch.autocast`` in it, parameters and their gradients
+    stay float32 (master weights), and float tensors cross stages in it (half the
+    bytes: the plan's boundaries and the communication the partitioner charges say
+    so). The cost model prices it (profiled under autocast; the analytic model at
+    the dtype's peak FLOP/s). "fp16" trains with dynamic loss scaling
+    (:class:`pipec.LossScaling`, :meth:`pipec.PipelineRuntime.optimizer`). An unknown
+    name is a :class:`pipec.PrecisionError`, as is a precision the runtime's device
+    cannot compute in (checked when the runtime starts).
     """
     found = partition_model(
         model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
@@ -221,7 +232,7 @@ def partition(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-        target=target, data_parallel=data_parallel,
+        target=target, data_parallel=data_parallel, precision=precision,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

@@ -23,11 +23,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from pipec.schedule.ir import Schedule
-from pipec.types import FrozenModel, InputStructure, NodeCost, TensorMeta, TracedGraph
+from pipec.types import (
+    FrozenModel,
+    InputStructure,
+    NodeCost,
+    TensorMeta,
+    TracedGraph,
+    check_precision,
+)
 
 FORMAT_VERSION = 1
 
@@ -167,6 +174,9 @@ class PlanData(FrozenModel):
     memory_limit: tuple[int | None, ...] = ()  # per rank
     device_speeds: tuple[float, ...] = ()  # per rank
     optimizer_state_bytes_per_param: int = 8
+    # "fp32" | "bf16" | "fp16" (pipec.types.PRECISIONS): the stages' autocast dtype; float
+    # boundaries cross in it. Plans saved before it was stored are fp32.
+    precision: str = "fp32"
     bottleneck: float  # slowest stage time
     lower_bound: float  # max(total / num_stages, largest node): compute only, no communication
     candidates: tuple[Candidate, ...] = ()
@@ -186,6 +196,11 @@ class PlanData(FrozenModel):
     # pp * D + dp (the replicas of a stage adjacent). Plans saved before: D = 1.
     data_parallel: int = 1
     mesh_order: tuple[str, str] = ("dp", "pp")
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        return check_precision(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -59,10 +59,11 @@ from pipec.costs.node_exec import (
     storage_key,
     walk,
 )
+from pipec.costs.precision import autocast, check_device_precision, upcast_floats
 from pipec.costs.timer import Timer, node_thunks, progress_bar
 from pipec.errors import ConfigError, ProfileError
 from pipec.loss import loss_parts
-from pipec.types import FrozenModel, NodeCost, TracedGraph
+from pipec.types import FrozenModel, NodeCost, TracedGraph, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class Profile(FrozenModel):
     # the loss on the model's output (forward; backward as input_grad_time; the bytes
     # its backward keeps), when pipec.profile was given loss_fn; None otherwise
     loss: NodeCost | None = None
+    # "fp32" | "bf16" | "fp16": measured under that precision's autocast (as the stages run)
+    precision: str = "fp32"
 
     @property
     def node_time(self) -> float:
@@ -201,7 +204,7 @@ def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: to
                   timer: Timer) -> NodeCost | None:
     """The loss's forward and backward time on ``output`` (its float tensors as leaves),
     and the bytes its backward keeps; None, logged, if it fails there."""
-    leaves, spec = pytree.tree_flatten(output)
+    leaves, spec = pytree.tree_flatten(upcast_floats(output))  # as the runtime hands it to loss_fn
     leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
               for x in leaves]
     out = pytree.tree_unflatten(leaves, spec)
@@ -210,7 +213,8 @@ def _measure_loss(output: Any, loss_fn: Callable[..., Any], target: Any, dev: to
     inputs = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def forward() -> Any:  # the loss tensor; a (loss_sum, count) pair gives its loss_sum (pipec.loss)
-        return loss_parts(loss_fn(out) if target is None else loss_fn(out, target)).loss
+        with torch.autocast(dev.type, enabled=False):  # the runtime runs the loss outside autocast
+            return loss_parts(loss_fn(out) if target is None else loss_fn(out, target)).loss
 
     def forward_backward() -> None:
         loss = forward()
@@ -288,6 +292,7 @@ def profile(
     progress: bool | None = None,
     loss_fn: Callable[..., Any] | None = None,
     target: Any = None,
+    precision: str = "fp32",
 ) -> Profile:
     """Measure every node of ``traced`` on ``device`` (default: where its parameters are).
 
@@ -299,6 +304,11 @@ def profile(
     backward, on the model's output: it runs in the last stage but is not in the
     traced graph (cross-entropy over a large vocabulary costs as much as a few
     layers). A loss that fails on the example output is logged and left out.
+
+    ``precision`` ("fp32", "bf16", "fp16"): every node, and the whole model, runs
+    under ``torch.autocast`` in that dtype, as the stages of a plan of that
+    precision do (:mod:`pipec.costs.precision`); the loss outside it, on the output
+    cast to float32. A precision the device cannot compute in is a PrecisionError.
     """
     if not isinstance(traced, TracedGraph):
         raise ConfigError(f"traced: expected a pipec.TracedGraph (from pipec.trace), found {type(traced).__name__}")
@@ -309,6 +319,8 @@ def profile(
                 f"pass e.g. {what}={5 if what == 'repeats' else 2}"
             )
     dev = _resolve_device(traced, device)
+    precision = check_precision(precision)
+    check_device_precision(dev, precision)
     gm = traced.graph_module
     home = next(iter(gm.parameters()), torch.empty(0)).device
     timer = Timer(dev, repeats, warmup)
@@ -326,7 +338,7 @@ def profile(
         try:
             # timing runs the graph many times in the model's mode: keep its batch-norm
             # statistics, RNG state and modes as they were (the plan saves these buffers)
-            with preserved(gm), _moved(gm, home, dev):
+            with preserved(gm), _moved(gm, home, dev), autocast(dev, precision):
                 inputs = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in traced.example_inputs)
                 whole = _whole_model(traced, inputs)
                 try:
@@ -366,7 +378,7 @@ def profile(
         model_name=traced.model_name, device=str(dev), device_name=name,
         torch_version=torch.__version__, num_threads=torch.get_num_threads(), repeats=repeats,
         warmup=warmup, memory_capacity=memory, forward_time=forward_time,
-        forward_backward_time=forward_backward_time, nodes=nodes, loss=loss_cost,
+        forward_backward_time=forward_backward_time, nodes=nodes, loss=loss_cost, precision=precision,
     )
     log.info("profiled %s on %s: %d nodes, sum %.3g s vs whole model %.3g s (fwd+bwd)",
              traced.model_name, dev, len(nodes), result.node_time, forward_backward_time)

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from pipec.mode_ops import describe_nodes
 from pipec.plan import Candidate, PlanData, StageInfo
+from pipec.types import compute_dtype_name
 from pipec.units import format_bytes, format_seconds
 
 _WIDTH = 120
@@ -54,6 +55,15 @@ def _bottleneck_parts(slowest: StageInfo | None) -> str:
     compute = slowest.forward_time + slowest.backward_time
     return (f"stage {slowest.index}, marked *: compute {format_seconds(compute)} + communication "
             f"{format_seconds(slowest.comm_time + slowest.tied_time)}")
+
+
+def _precision_line(precision: str) -> str:
+    if precision == "fp32":
+        return "precision fp32"
+    dtype = compute_dtype_name(precision)
+    return (f"precision {precision}: stage forwards under autocast in {dtype}, float32 master weights and "
+            f"gradients, float boundaries cross in {dtype}"
+            + ("; dynamic loss scaling at run time" if precision == "fp16" else ""))
 
 
 def plan_summary(d: PlanData) -> str:
@@ -92,6 +102,7 @@ def plan_summary(d: PlanData) -> str:
         + (": " + ", ".join(f"{g.fqn} on stages {list(g.stages)} ({_allreduce(g.allreduce_time)})"
                             for g in d.tied_groups) if d.tied_groups else ""),
     ]
+    lines.append(_precision_line(d.precision))
     if d.batch_norm_layers and d.num_microbatches > 1:
         lines.append(f"batch norm per micro-batch ({', '.join(d.batch_norm_layers)}): statistics and gradients "
                      f"are those of {d.num_microbatches} accumulated micro-batches, not of the full batch")

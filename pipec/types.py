@@ -32,6 +32,45 @@ _DTYPE_NAMES = frozenset({
 })
 _FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
 
+# -- mixed precision: the names partition(precision=...) takes --------------------
+PRECISIONS = ("fp32", "bf16", "fp16")
+_COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# the float dtypes that autocast computes in and boundaries cross in the compute dtype;
+# float64 (and complex) stay as they are: autocast leaves them alone too
+_CAST_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+
+
+def check_precision(precision: object) -> str:
+    """``precision`` when it is one of :data:`PRECISIONS`, else a PrecisionError listing them."""
+    if isinstance(precision, str) and precision in PRECISIONS:
+        return precision
+    from pipec.errors import PrecisionError
+
+    raise PrecisionError(
+        f"precision: expected one of {', '.join(repr(p) for p in PRECISIONS)}, found {precision!r}; "
+        "pass precision='bf16' (autocast to bfloat16, fp32 master weights), 'fp16' (float16 with "
+        "dynamic loss scaling) or 'fp32' (the default)"
+    )
+
+
+def compute_dtype_name(precision: str) -> str:
+    """The dtype (``"bfloat16"``...) that stages of ``precision`` compute matmuls in."""
+    return _COMPUTE_DTYPES[check_precision(precision)]
+
+
+def boundary_meta(meta: TensorMeta, precision: str) -> TensorMeta:
+    """How a tensor of ``meta`` (traced in the model's own dtype) crosses stages under
+    ``precision``: a float32/bfloat16/float16 tensor in the compute dtype (under bf16
+    and fp16 half the bytes of float32), anything else unchanged."""
+    dtype = compute_dtype_name(precision)
+    if precision == "fp32" or meta.dtype not in _CAST_DTYPES or meta.dtype == dtype:
+        return meta
+    numel = 1
+    for d in meta.shape:
+        numel *= d
+    return TensorMeta(shape=meta.shape, dtype=dtype, num_bytes=numel * getattr(torch, dtype).itemsize)
+
+
 
 class TensorMeta(FrozenModel):
     """Shape, dtype (``str(torch.dtype)`` without ``torch.``) and size of one tensor."""

@@ -24,8 +24,15 @@ kernel's tensor inputs plus outputs (an expanded input counts its storage; a
 gather such as ``embedding`` reads only the rows it outputs). View kernels
 (``view``, ``t``, ``expand``...) move nothing and launch nothing: they cost 0.
 The peak's dtype is the kernel's output dtype (fp32, bf16, ...) unless
-``dtype=`` names one for every floating kernel (e.g. ``"tf32"`` or ``"bf16"``
-to plan a mixed-precision run from an fp32 trace). Bytes are as traced.
+``dtype=`` names one for every floating kernel (e.g. ``"tf32"``). Bytes are as
+traced. With ``precision="bf16"``/``"fp16"`` (what ``pipec.partition(...,
+precision=)`` plans) the graph is counted under CPU ``torch.autocast`` in that
+dtype, so the kernels the runtime's autocast runs in it (matmuls, convolutions,
+their backward) are priced at its peak and move its bytes, the casts autocast
+adds are counted as the memory-bound kernels they are, and what autocast keeps
+in float32 stays at the fp32 peak. (CPU autocast's op lists stand in for the
+target's: they agree on the matmul-like ops, which dominate; CUDA keeps a few
+more ops -- softmax, norms -- in float32.)
 
 ``saved_bytes`` uses the same saved-tensor hooks as the profiler, on fake
 tensors. If a node cannot run on fake tensors (data-dependent shapes), the
@@ -62,8 +69,9 @@ from pipec.costs.node_exec import (
     tensors_in,
     walk,
 )
+from pipec.costs.precision import autocast
 from pipec.errors import CostModelError
-from pipec.types import NodeCost, TracedGraph
+from pipec.types import NodeCost, TracedGraph, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +211,11 @@ class AnalyticCostModel:
     """Roofline cost model of ``spec`` (see the module docstring for the rules).
 
     ``dtype``: a key of ``spec.peak_flops`` used for every floating kernel;
-    default: each kernel's own dtype.
+    default: each kernel's own dtype. ``precision``: count the graph under
+    autocast in that precision's dtype (see the module docstring).
     """
 
-    def __init__(self, spec: HardwareSpec, *, dtype: str | None = None) -> None:
+    def __init__(self, spec: HardwareSpec, *, dtype: str | None = None, precision: str = "fp32") -> None:
         if not isinstance(spec, HardwareSpec):
             raise CostModelError(
                 f"AnalyticCostModel: expected a HardwareSpec, found {type(spec).__name__}; "
@@ -219,19 +228,25 @@ class AnalyticCostModel:
             )
         self.spec = spec
         self.dtype = dtype
+        self.precision = check_precision(precision)
         self._flops = _flop_registry()
         self._cache: tuple[TracedGraph, dict[str, NodeCount], dict[str, int]] | None = None
 
     @property
     def name(self) -> str:
-        return f"analytic:{self.spec.name}" + (f":{self.dtype}" if self.dtype else "")
+        return (f"analytic:{self.spec.name}" + (f":{self.dtype}" if self.dtype else "")
+                + (f"[{self.precision}]" if self.precision != "fp32" else ""))
 
     @property
     def memory_capacity(self) -> int | None:
         return self.spec.memory_capacity
 
     def __repr__(self) -> str:
-        return f"AnalyticCostModel({self.spec.name!r}, dtype={self.dtype!r})"
+        return f"AnalyticCostModel({self.spec.name!r}, dtype={self.dtype!r}, precision={self.precision!r})"
+
+    def with_precision(self, precision: str) -> AnalyticCostModel:
+        """The same hardware counted under ``precision`` (what :func:`pipec.partition` asks for)."""
+        return AnalyticCostModel(self.spec, dtype=self.dtype, precision=precision)
 
     # -- roofline ------------------------------------------------------------
     def peak_key(self, dtype: torch.dtype) -> str:
@@ -307,13 +322,15 @@ class AnalyticCostModel:
             if key is not None:
                 same_as[key] = count.copy()
 
-        if not fake:
-            return counts, walk(traced, visit, device=torch.device("cpu"))
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        # the graph's tensors are on the CPU (real, or fake ones made from them): CPU autocast
+        with autocast("cpu", self.precision):
+            if not fake:
+                return counts, walk(traced, visit, device=torch.device("cpu"))
+            from torch._subclasses.fake_tensor import FakeTensorMode
 
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            saved = walk(traced, visit, to_fake=mode.from_tensor)
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                saved = walk(traced, visit, to_fake=mode.from_tensor)
         return counts, saved
 
     # -- CostModel protocol ----------------------------------------------------
@@ -360,22 +377,23 @@ def load_cost_model(name_or_path: str | Path, **overrides: Any) -> AnalyticCostM
     """An analytic (roofline) cost model for a shipped or custom hardware file.
 
     ``overrides`` replace fields of the file (``memory_capacity="40GiB"``,
-    ``gpus_per_node=4``, ...); ``dtype=`` is passed to
-    :class:`~pipec.costs.analytic.AnalyticCostModel` (which peak to use).
+    ``gpus_per_node=4``, ...); ``dtype=`` (which peak to use) and ``precision=``
+    (count under autocast) are passed to :class:`~pipec.costs.analytic.AnalyticCostModel`.
     """
     dtype = overrides.pop("dtype", None)
+    precision = overrides.pop("precision", "fp32")
     spec = load_hardware(name_or_path)
     if overrides:
         unknown = sorted(set(overrides) - set(HardwareSpec.model_fields))
         if unknown:
             raise CostModelError(
                 f"load_cost_model: unknown override(s) {unknown}; "
-                f"valid ones are {sorted(HardwareSpec.model_fields)} and 'dtype'"
+                f"valid ones are {sorted(HardwareSpec.model_fields)}, 'dtype' and 'precision'"
             )
         spec = spec_from_dict(
             {**spec.model_dump(), **overrides}, where=f"{spec.name!r} with overrides"
         )
-    return AnalyticCostModel(spec, dtype=dtype)
+    return AnalyticCostModel(spec, dtype=dtype, precision=precision)
 
 
 __all__ = [

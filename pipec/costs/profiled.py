@@ -110,7 +110,8 @@ class ProfiledCostModel:
 
     @property
     def name(self) -> str:
-        return f"profile:{self.profile.device_name}"
+        precision = self.profile.precision
+        return f"profile:{self.profile.device_name}" + (f"[{precision}]" if precision != "fp32" else "")
 
     @property
     def memory_capacity(self) -> int | None:

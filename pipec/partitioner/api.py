@@ -61,7 +61,7 @@ from pipec.partitioner.single import (
 from pipec.plan import PlanData
 from pipec.schedule.backends import BACKENDS, lower_for
 from pipec.schedule.ir import Schedule
-from pipec.types import CostModel
+from pipec.types import CostModel, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,11 @@ def partition_model(
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
     data_parallel: int = 1,
+    precision: str = "fp32",
 ) -> Partitioned:
     """What :func:`pipec.partition` computes, as the plan data and the traced
     graph it splits (see that function for the arguments)."""
+    precision = check_precision(precision)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model: expected a torch.nn.Module, found {type(model).__name__}; "
@@ -107,7 +109,7 @@ def partition_model(
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=r_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=r_target,
+            target=r_target, precision=precision,
         )
         return with_data_parallel(found, data_parallel, batch)
     if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):
@@ -119,7 +121,7 @@ def partition_model(
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=target,
+            target=target, precision=precision,
         )
         args, kwargs = split_inputs(example_inputs, example_kwargs)
         if found.data.mode_blind_random and draws_in_eval(
@@ -153,7 +155,7 @@ def partition_model(
     started = time.perf_counter()
     traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=leaf_modules)
     model_costs = resolve_cost_model(cost_model, traced, loss_fn=loss_fn,
-                                     target=first_target(target, num_microbatches))
+                                     target=first_target(target, num_microbatches), precision=precision)
     node_costs = model_costs.node_costs(traced)
     log.info("traced and costed %s (%d nodes) in %.2fs", traced.model_name, len(traced.nodes),
              time.perf_counter() - started)
@@ -162,6 +164,7 @@ def partition_model(
         num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
+        precision=precision,
     )
     check_runnable(data)
     if data.mode_blind_random and draws_in_eval(model, mb_args, mb_kwargs):

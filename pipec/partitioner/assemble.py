@@ -34,7 +34,7 @@ from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, hold
 from pipec.schedule.backends import lower_per_backend
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
-from pipec.types import CostModel, NodeCost, TracedGraph
+from pipec.types import CostModel, NodeCost, TracedGraph, boundary_meta, check_precision
 
 
 def build_plan_data(
@@ -47,6 +47,7 @@ def build_plan_data(
     strategy: str,
     cost_model_name: str,
     batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> PlanData:
     """The plan data of ``solution`` (see the module docstring)."""
     problem = chain.problem
@@ -91,7 +92,7 @@ def build_plan_data(
         source = stage_of(tensor.producer)
         readers = sorted({stage_of(c) for c in tensor.consumers} - {source})
         if readers:
-            meta = infos[name].outputs[0]
+            meta = boundary_meta(infos[name].outputs[0], precision)  # what crosses (as build_chain costed it)
             boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
                                        shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes,
                                        transfer_times=transfer_times(problem, meta.num_bytes, source, readers)))
@@ -111,7 +112,7 @@ def build_plan_data(
         tied_groups=tuple(tied), inputs=inputs, input_structure=traced.input_structure,
         memory_limit=tuple(problem.limit_of(r) for r in range(problem.ranks)),
         device_speeds=tuple(problem.speed_of(r) for r in range(problem.ranks)),
-        optimizer_state_bytes_per_param=problem.optimizer_state_bytes_per_param,
+        optimizer_state_bytes_per_param=problem.optimizer_state_bytes_per_param, precision=precision,
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
@@ -191,8 +192,10 @@ def plan_from_split(
     device_speeds: Sequence[float] | None = None,
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> PlanData:
     """The plan data of a split given by hand (wrap it as ``pipec.Plan(data, traced=traced)``).
+    ``precision``: as in :func:`pipec.partition` (the boundaries' dtype and bytes).
 
     ``split``: node-name lists (one per stage), interior cut positions
     (``num_stages - 1`` ints into the compute nodes), or names of the nodes
@@ -213,12 +216,12 @@ def plan_from_split(
         memory_limit=config.memory_limits(memory_limit, ranks, cost_model),
         schedule=sched.name, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-        placement=sched.placement,
+        placement=sched.placement, precision=check_precision(precision),
     )
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision)
     return data
 
 

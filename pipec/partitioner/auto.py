@@ -164,6 +164,7 @@ def partition_auto(
     cost_model: str | Path | CostModel, memory_limit: MemoryLimit, device_speeds: Sequence[float] | None,
     strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
     optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
+    precision: str = "fp32",
 ) -> Partitioned:
     """:func:`pipec.partition` with some of its choices ``"auto"`` (see the module docstring)."""
     from pipec.costs.timer import progress_bar
@@ -184,7 +185,7 @@ def partition_auto(
         mb_args, mb_kwargs = first_microbatch(args, kwargs, m)
         traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=leaf_modules)
         model_costs = resolve_cost_model(cost_model, traced, loss_fn=loss_fn,
-                                             target=first_target(target, m))
+                                             target=first_target(target, m), precision=precision)
         costed[m] = Costed(traced, model_costs.node_costs(traced), model_costs)
         log.info("auto-plan: traced and costed micro-batch size %s (%d micro-batches)",
                  batch // m if batch else "-", m)
@@ -197,7 +198,7 @@ def partition_auto(
                 trials.append(run_trial(
                     costed[cfg.num_microbatches], cfg, num_ranks=space.num_ranks, memory_limit=memory_limit,
                     device_speeds=device_speeds, strategy=strategy, batch=batch,
-                    optimizer_state_bytes_per_param=optimizer_state_bytes_per_param))
+                    optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision))
             except (PartitionError, ScheduleError) as exc:
                 reason = " ".join(str(exc).split())
                 log.info("auto-plan: %s cannot be split: %s", cfg.label, reason)
@@ -219,7 +220,7 @@ def partition_auto(
 def run_trial(
     costed: Costed, cfg: Config, *, num_ranks: int, memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None, strategy: str, batch: int | None,
-    optimizer_state_bytes_per_param: int,
+    optimizer_state_bytes_per_param: int, precision: str = "fp32",
 ) -> Trial:
     """Split and simulate one configuration (PartitionError when it cannot be split at all)."""
     limits = config.memory_limits(memory_limit, num_ranks, costed.cost_model)
@@ -227,7 +228,7 @@ def run_trial(
         num_stages=num_ranks * cfg.stages_per_rank, num_microbatches=cfg.num_microbatches,
         schedule=cfg.schedule, stages_per_rank=cfg.stages_per_rank, cost_model=costed.cost_model,
         device_speeds=device_speeds, strategy=strategy, batch_size=batch,
-        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision,
     )
     need = None
     try:
@@ -239,7 +240,8 @@ def run_trial(
         log.info("auto-plan: %s does not fit: %s", cfg.label, " ".join(str(exc).split()))
         chain = chain_for(costed.traced, costed.node_costs, plan.schedule, cost_model=costed.cost_model,
                               memory_limit=limits, device_speeds=device_speeds,
-                              optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+                              optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+                              precision=precision)
         need = min_memory_limit(chain.problem)[0]
     if "nccl" not in plan.lowered:  # its schedule failed validation for NCCL (check_runnable); auto plans for NCCL
         raise ScheduleError(f"{cfg.label}: the schedule has no valid NCCL lowering for this split")

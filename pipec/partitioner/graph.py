@@ -33,7 +33,7 @@ import torch
 from pipec.costs.node_exec import FREE_OPS
 from pipec.errors import PartitionError
 from pipec.partitioner.problem import AllReduceTime, ChainProblem, ChainTensor, CommTime, ParamGroup
-from pipec.types import NodeCost, NodeInfo, TracedGraph
+from pipec.types import NodeCost, NodeInfo, TracedGraph, boundary_meta
 
 NOT_COMPUTE = FREE_OPS  # the ops that cost nothing are the ones that are not chain positions
 
@@ -82,8 +82,11 @@ def build_chain(
     in_flight: Sequence[int] | None = None,
     optimizer_state_bytes_per_param: int = 8,
     placement: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> GraphChain:
-    """The chain problem of ``traced`` (see the module docstring)."""
+    """The chain problem of ``traced`` (see the module docstring). Under ``precision``
+    "bf16"/"fp16" a float tensor crossing a cut costs its compute-dtype bytes
+    (:func:`pipec.types.boundary_meta`): the runtime sends it in that dtype."""
     graph = value_graph(traced)
     infos = {n.name: n for n in traced.nodes}
     names = compute_names(traced)
@@ -113,7 +116,7 @@ def build_chain(
             continue
         info = infos[name]
         if is_plain_tensor(info, fx_nodes):
-            meta = info.outputs[0]
+            meta = boundary_meta(info.outputs[0], precision)
             tensors.append(ChainTensor(p, tuple(readers), meta.num_bytes, meta.is_floating))
             tensor_names.append(name)
         else:

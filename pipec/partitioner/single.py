@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +36,7 @@ from pipec.schedule.gen_common import SYNTH
 from pipec.schedule.generators import FIXED_NAMES, SCHEDULE_NAMES, make_schedule
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
-from pipec.types import CostModel, NodeCost, TracedGraph
+from pipec.types import CostModel, NodeCost, TracedGraph, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,20 @@ def partition_traced(
     strategy: str = "optimal",
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> PlanData:
-    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling)."""
+    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling).
+    ``precision`` sets the boundaries' dtype and bytes and the plan's autocast dtype; the
+    node costs must already be those of that precision (:func:`resolve_cost_model`)."""
     check_strategy(strategy)
+    precision = check_precision(precision)
     synth = schedule == SYNTH
     if synth:
         schedule = synth_base(stages_per_rank)
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                       device_speeds=device_speeds,
-                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision)
     started = time.perf_counter()
     solution = solve(chain.problem, strategy)
     log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
@@ -71,12 +76,12 @@ def partition_traced(
              solution.bottleneck)
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision)
     if synth:
         data = synthesized(data, traced, node_costs, solution.cuts, strategy=strategy,
                            cost_model=cost_model, memory_limit=memory_limit, device_speeds=device_speeds,
                            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision)
     return data
 
 
@@ -90,6 +95,7 @@ def synthesized(
     data: PlanData, traced: TracedGraph, node_costs: Mapping[str, NodeCost],
     cuts: Sequence[int], *, strategy: str, cost_model: CostModel | None, memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None, optimizer_state_bytes_per_param: int, batch_size: int | None,
+    precision: str = "fp32",
 ) -> PlanData:
     """``data`` (split for :func:`synth_base`'s schedule) with the schedule built from its
     stages' own F, I, W and boundary transfer times (:func:`pipec.schedule.synth.synthesize`).
@@ -106,7 +112,8 @@ def synthesized(
     def solved(sched: Schedule) -> tuple[GraphChain, Any]:
         found_chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                                 device_speeds=device_speeds,
-                                optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+                                optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
+                                precision=precision)
         return found_chain, evaluate(found_chain.problem, cuts, strategy)
 
     levels = {data.schedule.name: in_flight_from_schedule(data.schedule)}
@@ -144,7 +151,7 @@ def synthesized(
     final_chain, solution = solved(found.schedule)
     return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, precision=precision)
 
 
 def chain_for(
@@ -156,6 +163,7 @@ def chain_for(
     memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None,
     optimizer_state_bytes_per_param: int,
+    precision: str = "fp32",
 ) -> GraphChain:
     """The chain problem of one configuration (the schedule fixes stages, ranks, micro-batches)."""
     ranks = config.num_ranks(sched.num_stages, sched.stages_per_rank)
@@ -168,7 +176,7 @@ def chain_for(
         schedule=sched.name, num_microbatches=sched.num_microbatches,
         in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-        placement=sched.placement,
+        placement=sched.placement, precision=precision,
     )
 
 
@@ -202,23 +210,39 @@ class Partitioned(NamedTuple):
 
 
 def resolve_cost_model(cost_model: object, traced: TracedGraph, *, loss_fn: Callable[..., Any] | None = None,
-                       target: Any = None) -> CostModel:
+                       target: Any = None, precision: str = "fp32") -> CostModel:
     """``"profile"`` (measure here, the loss too when ``loss_fn`` is given; ``target`` is
-    one micro-batch's), a hardware name or JSON path, or a CostModel object."""
+    one micro-batch's), a hardware name or JSON path, or a CostModel object.
+
+    ``precision``: the profiler measures under that precision's autocast, and an
+    analytic model counts its kernels under it (each kernel priced at its dtype's
+    peak FLOP/s); a CostModel object of your own is used as it is (it is yours to
+    cost in the precision you plan for)."""
     if isinstance(cost_model, CostModel):
+        with_precision = getattr(cost_model, "with_precision", None)
+        if precision != "fp32" and callable(with_precision):
+            return with_precision(precision)  # type: ignore[no-any-return]
+        measured = getattr(getattr(cost_model, "profile", None), "precision", precision)
+        if measured != precision:
+            warnings.warn(
+                f"the cost model {cost_model.name} was profiled in {measured} but the plan is {precision}: "
+                f"its times and activation bytes are {measured}'s; profile with "
+                f"pipec.profile(..., precision={precision!r}) or pass cost_model='profile'",
+                UserWarning, stacklevel=4,
+            )
         return cost_model
     if cost_model == "profile":
         from pipec.costs.profiled import ProfiledCostModel
         from pipec.profiling import profile
 
-        return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target))
+        return ProfiledCostModel(profile(traced, loss_fn=loss_fn, target=target, precision=precision))
     if isinstance(cost_model, (str, Path)):
         from pipec.costs.analytic import load_cost_model
 
         if loss_fn is not None:
             log.info("the analytic cost model %s does not cost the loss; profile (cost_model='profile') "
                      "to count it on the last stage", cost_model)
-        return load_cost_model(cost_model)
+        return load_cost_model(cost_model, precision=precision)
     raise ConfigError(
         f"cost_model: expected 'profile', a name in cost_models/ such as 'h100-sxm', a JSON path or "
         f"a CostModel object, found {type(cost_model).__name__}"

@@ -29,7 +29,9 @@ plan of the same model with any number of stages or ranks, and
 :func:`merge_checkpoint` gives the full state dict of the original model.
 Optimizer and RNG state are per rank: they are restored only into the same
 layout (same ranks, each holding the same tensors), and loading an optimizer
-into another layout is a :class:`CheckpointError`.
+into another layout is a :class:`CheckpointError`. The manifest records the
+plan's precision and the fp16 loss scale (restored on load); loading a
+checkpoint of another precision warns (parameters are float32 in every precision).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ from safetensors.torch import save_file
 from pipec._files import sha256_file
 from pipec.errors import CheckpointError
 from pipec.facade import Plan
+from pipec.runtime.amp import LossScaler
 from pipec.runtime.checkpoint_io import (
     MANIFEST,
     MODEL_FILE,
@@ -61,6 +65,7 @@ from pipec.runtime.checkpoint_io import (
     RNG_FILE,
     RNG_JSON,
     CheckpointManifest,
+    LossScaleState,
     RankFiles,
     read_json,
     read_manifest,
@@ -111,6 +116,7 @@ class RankView:
     def pipeline_ranks(self) -> int:
         """How many ranks write a checkpoint: one per pipeline rank."""
         return self.world_size if self.num_ranks <= 0 else self.num_ranks
+    scaler: LossScaler | None = None  # the fp16 loss scaler: its scale is saved and restored
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -240,7 +246,8 @@ def save_checkpoint(
     manifest = CheckpointManifest(
         step=step, num_ranks=view.pipeline_ranks, num_stages=view.plan.num_stages,
         plan_fingerprint=plan_fingerprint(view.plan), model_name=view.plan.data.model_name,
-        saved_at=time.time(), ranks=tuple(entries),
+        saved_at=time.time(), ranks=tuple(entries), precision=view.plan.data.precision,
+        loss_scale=_scaler_state(view.scaler),
     )
     try:
         write_atomically(step_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
@@ -257,7 +264,34 @@ def save_checkpoint(
     return step_dir
 
 
+def _scaler_state(scaler: LossScaler | None) -> LossScaleState | None:
+    if scaler is None or not scaler.enabled:
+        return None
+    return LossScaleState(scale=scaler.scale, growth_tracker=scaler.growth_tracker)
+
+
 # -- loading --------------------------------------------------------------------------------
+
+
+def _restore_scaler(view: RankView, manifest: CheckpointManifest, path: Path) -> None:
+    """Restore the loss scale; warn when the checkpoint ran in another precision.
+
+    Parameters are float32 master weights under every precision, so they load
+    whatever the precision (a bf16 run resumed in fp32, or fine-tuned in fp16,
+    is legitimate); only the loss scale has no meaning across precisions: a
+    run that scales and a checkpoint without a scale start from the initial scale."""
+    precision = view.plan.data.precision
+    if manifest.precision != precision:
+        warnings.warn(
+            f"the checkpoint in {path} was saved by a {manifest.precision} run and this plan runs in "
+            f"{precision}: its float32 parameters (and optimizer state) load as they are, but the "
+            f"losses will not continue the saved run's exactly"
+            + (", and the loss scale starts afresh" if view.scaler is not None and view.scaler.enabled else "")
+            + f"; re-partition with precision={manifest.precision!r} to resume the same run",
+            UserWarning, stacklevel=4,
+        )
+    if view.scaler is not None and view.scaler.enabled and manifest.loss_scale is not None:
+        view.scaler.load_state_dict(manifest.loss_scale.model_dump())
 
 
 def load_checkpoint(
@@ -317,6 +351,7 @@ def load_checkpoint(
         optimizer_from_files(optimizer, view.param_names, read_tensors(path, own, OPTIMIZER_FILE), opt_meta)
     if own is not None and same_layout:
         rng_from_files(read_tensors(path, own, RNG_FILE), read_json(path, own, RNG_JSON))
+    _restore_scaler(view, manifest, path)
     log.info("rank %d loaded checkpoint %s (step %d)", view.rank, path, manifest.step)
     return manifest.step
 

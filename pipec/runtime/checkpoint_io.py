@@ -44,6 +44,13 @@ class RankFiles(FrozenModel):
     files: dict[str, str]
 
 
+class LossScaleState(FrozenModel):
+    """The float16 loss scaler's state (:class:`pipec.runtime.amp.LossScaler`)."""
+
+    scale: float
+    growth_tracker: int
+
+
 class CheckpointManifest(FrozenModel):
     """``manifest.json``: present only when the checkpoint is complete."""
 
@@ -55,6 +62,10 @@ class CheckpointManifest(FrozenModel):
     model_name: str
     saved_at: float  # seconds since the epoch
     ranks: tuple[RankFiles, ...]
+    # the plan's precision, and the fp16 loss scaler's state (the same on every rank;
+    # None when the run did not scale): older checkpoints are fp32 without a scaler
+    precision: str = "fp32"
+    loss_scale: LossScaleState | None = None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -22,6 +22,14 @@ step's gradients by it afterwards (:mod:`pipec.runtime.loss_scale`).
 Each forward runs in a
 :func:`~pipec.split.randomness.random_scope` of ``(seed, step, micro-batch)``,
 so dropout draws the same masks whatever the schedule or stage layout.
+
+Mixed precision (a plan's ``precision`` "bf16"/"fp16", :mod:`pipec.costs.precision`):
+each stage forward runs under autocast; its float boundary outputs are cast to
+the plan's boundary dtype (the compute dtype) inside the autograd graph, so
+what crosses ranks, what local consumers read and the gradients that come back
+all have that dtype, whatever op produced the tensor; the loss runs outside
+autocast on the output cast to float32, and is multiplied by ``loss_scale``
+(float16 loss scaling, :mod:`pipec.runtime.amp`) before its backward.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipec.costs.precision import autocast, cast_boundary, upcast_floats
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.loss import loss_parts
 from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
@@ -109,8 +118,12 @@ class Executor:
         seed: int = 0,
         microbatch_offset: int = 0,
         after_backward: Callable[[int], None] | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.rank = rank
+        self.device = device
+        self.precision = precision
+        self.loss_scale = 1.0  # set by the runtime before each training step (fp16 loss scaling)
         self.seed = seed
         # replica d of D draws as global micro-batches d * M + m: the same as one process
         # running the global batch (pipec.runtime.data_parallel)
@@ -261,8 +274,9 @@ class Executor:
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
         try:
-            with random_scope(self.seed, self._step, self.microbatch_offset + a.microbatch):  # same draws on any layout
-                result = self.stages[a.stage](*values)
+            with random_scope(self.seed, self._step, self.microbatch_offset + a.microbatch), \
+                    autocast(self.device, self.precision):
+                result = self.stages[a.stage](*values)  # same random draws on any layout
         except Exception as e:
             if self.shape_note is None:
                 raise
@@ -276,7 +290,8 @@ class Executor:
         if len(result) != expected:
             raise self._fail(a, f"stage {a.stage} returned {len(result)} values, expected {expected}")
         slot.forwarded = True
-        slot.outputs = {o.name: t for o, t in zip(routes.outputs, result)}
+        slot.outputs = {o.name: cast_boundary(t, o.boundary.meta.torch_dtype, self.precision)
+                        for o, t in zip(routes.outputs, result)}
         for o in routes.outputs:
             value = slot.outputs[o.name]
             for c in o.consumers:
@@ -295,6 +310,8 @@ class Executor:
             return
         if self._loss_fn is None:
             raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
+        if self.precision != "fp32":
+            output = upcast_floats(output)  # the loss in float32, outside autocast (as _forward ends it)
         if self._targets is None:
             value = self._loss_fn(output)
         else:
@@ -315,6 +332,8 @@ class Executor:
         else:  # divided by the batch's count after the step (pipec.runtime.loss_scale)
             result.counts[a.microbatch] = count
             slot.scaled_loss = loss
+        if self.loss_scale != 1.0:  # fp16: unscaled after the step (pipec.runtime.amp)
+            slot.scaled_loss = slot.scaled_loss * self.loss_scale
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()

@@ -12,7 +12,10 @@ count)`` loss: the sums, with the gradients divided by the batch's count).
 Random operations draw from ``(seed, step, micro-batch, node)``, so this is
 what every schedule and every stage layout computes: use it to check a
 pipeline, or to debug one without torch.distributed. Batch norm normalises
-each micro-batch alone, as in the pipeline.
+each micro-batch alone, as in the pipeline. A plan of precision "bf16"/"fp16"
+runs as its stages do: each stage under CPU autocast, float boundaries cast to
+the plan's boundary dtype, the loss in float32 (fp16's loss scale is left out:
+it is undone exactly unless a gradient overflows).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from pipec.costs.precision import autocast, cast_boundary, upcast_floats
 from pipec.errors import ConfigError
 from pipec.facade import Plan
 from pipec.loss import LossParts, loss_parts
@@ -86,16 +90,19 @@ def reference_step(
     targets = split_target(target, num, torch.device("cpu")) if target is not None else None
     seed = resolve_seed(seed)
     losses: list[LossParts] = []
+    precision = plan.data.precision
+    crossing = {b.name: b.meta.torch_dtype for b in plan.data.boundaries}
     for m, graph_inputs in enumerate(microbatches):
         known: dict[str, Any] = dict(graph_inputs)
         output: Any = None
         with random_scope(seed, step, m):
             for k in range(plan.num_stages):
                 stage = stages[k]
-                result: tuple[Any, ...] = stage(*[known[n] for n in stage.input_names])
-                known.update(zip(stage.output_names, result))
+                with autocast("cpu", precision):
+                    result: tuple[Any, ...] = stage(*[known[n] for n in stage.input_names])
+                known.update((n, cast_boundary(t, crossing[n], precision)) for n, t in zip(stage.output_names, result))
                 if k == plan.num_stages - 1:
-                    output = result[-1]
+                    output = result[-1] if precision == "fp32" else upcast_floats(result[-1])
         parts = loss_parts(loss_fn(output) if targets is None else loss_fn(output, targets[m]))
         # a mean loss is scaled per micro-batch; a (loss_sum, count) loss is summed and the
         # step's gradients divided by the batch's count at the end, as the runtime does

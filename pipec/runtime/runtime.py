@@ -24,6 +24,13 @@ Usage (one process per rank)::
     opt.step(); opt.zero_grad()
     pipe.save_checkpoint("ckpt", optimizer=opt, step=k)   # collective; resume with load_checkpoint
 
+Mixed precision is the plan's (``pipec.partition(..., precision="bf16")``): the
+stages run under autocast, parameters and gradients stay float32. Under "fp16"
+the loss is scaled (:mod:`pipec.runtime.amp`): build the optimizer with
+:meth:`PipelineRuntime.optimizer` (its ``step()`` skips an overflowed step on
+every rank and updates the scale) or call :meth:`PipelineRuntime.optimizer_step`;
+the loop above is otherwise unchanged.
+
 No wait lasts longer than ``timeout`` seconds, and a rank that fails tells
 the others through the c10d store (:mod:`pipec.runtime.failure`): when any
 rank raises or dies during a step, every rank raises a ``RuntimeFailure``
@@ -49,6 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipec.costs.precision import check_device_precision
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.facade import Plan
 from pipec.microbatch import (
@@ -58,6 +66,7 @@ from pipec.microbatch import (
     split_target,
     step_shapes,
 )
+from pipec.runtime.amp import LossScaler, LossScaling, is_wrapped, wrap_optimizer_step
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
@@ -144,6 +153,11 @@ class PipelineRuntime:
     :mod:`pipec.runtime.zero`). With replicas, ``seed`` draws micro-batch ``m`` of
     replica ``d`` as global micro-batch ``d * M + m``: dropout equals one process
     running the global batch.
+
+    ``loss_scaling`` (:class:`~pipec.runtime.amp.LossScaling`) sets float16's dynamic
+    loss scale: initial scale, growth and backoff factors, growth interval (torch
+    GradScaler's defaults). A plan precision this device cannot compute in is a
+    :class:`~pipec.errors.PrecisionError` here.
     """
 
     def __init__(
@@ -158,6 +172,7 @@ class PipelineRuntime:
         seed: int | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         zero: int = 0,
+        loss_scaling: LossScaling | None = None,
     ) -> None:
         plan = as_plan(plan_or_dir)
         if zero not in (0, 1) or isinstance(zero, bool):
@@ -168,6 +183,10 @@ class PipelineRuntime:
             raise ConfigError(f"bucket_bytes: expected a size in bytes >= 1, found {bucket_bytes!r}; "
                               f"pass e.g. {DEFAULT_BUCKET_BYTES} (25 MiB, as DDP)")
         self._bucket_bytes = bucket_bytes
+        self.precision = plan.data.precision
+        self.loss_scaling = loss_scaling if loss_scaling is not None else LossScaling()
+        if not isinstance(self.loss_scaling, LossScaling):
+            raise ConfigError(f"loss_scaling: expected a pipec.LossScaling, found {type(loss_scaling).__name__}")
         self.seed = resolve_seed(seed)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
@@ -181,6 +200,7 @@ class PipelineRuntime:
         self.schedule = lowered_schedule(plan, self.info.backend)
         self.rank = self.info.rank  # global
         self.device = self.info.device
+        check_device_precision(self.device, self.precision)  # the same answer on every rank
         self.num_microbatches = plan.num_microbatches
         # this rank's place among the replicas; the DeviceMesh's groups come in _connect
         self.pp_rank, self.dp_rank = position(data, self.rank)
@@ -282,6 +302,7 @@ class PipelineRuntime:
             device=self.device,
             seed=self.seed,
             microbatch_offset=self.dp_rank * plan.num_microbatches,
+            precision=self.precision,
         )
         self._dp: DataParallelReducer | None = None
         if replicated:
@@ -297,6 +318,8 @@ class PipelineRuntime:
             info=self.info, source=rank_of(plan.num_stages - 1),
             params=lambda: list(self.parameters()), waiter=self._waiter, mesh=mesh if replicated else None,
         )
+        self.scaler = LossScaler(self.loss_scaling, precision=self.precision, info=self.info,
+                                 waiter=self._waiter, params=lambda: list(self.parameters()))
 
     def _barrier(self, name: str, what: str) -> None:
         """Wait until every rank has called ``_barrier(name)``, through the c10d store: stops
@@ -350,6 +373,19 @@ class PipelineRuntime:
         views) fails on every rank, naming the stage and node. The first step of
         each new input shape sends a small shape header with every boundary
         tensor (:mod:`pipec.runtime.comm`); later ones run as fast as the plan's.
+
+        Gradient accumulation: gradients of several calls add up (no ``zero_grad`` in
+        between). Each call's gradient is that of its own batch's mean loss, so ``k``
+        calls on ``k`` equal parts of a batch give ``k`` times the full batch's
+        gradient: divide the loss by ``k`` (``loss_fn=lambda o, t: F.mse_loss(o, t) / k``)
+        or the learning rate, for the gradient of one step on the whole batch.
+
+        Under float16 loss scaling the loss is multiplied by :attr:`loss_scale` on the
+        last stage and the gradients divided by it after the schedule: ``.grad`` holds
+        unscaled gradients, and the loss returned is unscaled. An inf/NaN gradient on
+        any rank sets :attr:`found_inf` on every rank (collective check); the next
+        optimizer step through :meth:`optimizer_step` (or an optimizer from
+        :meth:`optimizer`) is then skipped everywhere.
         """
         if self.loss_fn is None:
             raise ConfigError(
@@ -367,6 +403,8 @@ class PipelineRuntime:
             self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
             if self._dp is not None:
                 self._dp.begin_step()
+            self.scaler.begin_step()  # after the count normaliser's: the rest of the earlier gradients
+            self._executor.loss_scale = self.scaler.scale
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
@@ -380,8 +418,10 @@ class PipelineRuntime:
                 for p in self._dp.params():
                     if p.grad is not None:
                         p.grad.mul_(scale)
+            self.scaler.unscale(self._step)  # collective when scaling: every rank learns of an overflow
             self._end_step_timed(scale)
             self._counts.restore()
+            self.scaler.restore()
             loss = self._step_loss(result, count) if self.is_last else None
         except BaseException as exc:
             failure = self._on_failure(exc)
@@ -565,11 +605,44 @@ class PipelineRuntime:
         ``zero=True`` (default: the runtime's ``zero=1``) with D > 1 replicas shards
         the optimizer state over the replicas (ZeRO-1,
         ``torch.distributed.optim.ZeroRedundancyOptimizer``; :mod:`pipec.runtime.zero`):
-        about ``1 / D`` of the state per rank. With one replica it is the plain optimizer."""
+        about ``1 / D`` of the state per rank. With one replica it is the plain optimizer.
+
+        Under loss scaling (``precision="fp16"``) its ``step()`` is :meth:`optimizer_step`:
+        it skips the update on every rank after an overflow and updates the scale, so a
+        plain ``pipe.step(...); opt.step(); opt.zero_grad()`` loop trains fp16 correctly
+        (``step(closure)`` is refused). Otherwise it is the plain optimizer."""
         use_zero = self._zero if zero is None else zero
         if use_zero and self.data_parallel_size > 1 and self.info.distributed:
-            return zero_optimizer(self.parameters(), cls, self.mesh.dp_group, **kwargs)
-        return cls(self.parameters(), **kwargs)
+            optimizer = zero_optimizer(self.parameters(), cls, self.mesh.dp_group, **kwargs)
+        else:
+            optimizer = cls(self.parameters(), **kwargs)
+        if self.scaler.enabled:
+            wrap_optimizer_step(optimizer, self.scaler)
+        return optimizer
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``optimizer.step()`` unless the gradients accumulated since the last optimizer
+        step overflowed on any rank (:attr:`found_inf`); then the loss scale is updated
+        (halved after an overflow, doubled after ``growth_interval`` clean steps). Returns
+        whether the optimizer stepped: the same on every rank. For an optimizer made
+        elsewhere than :meth:`optimizer` (one from it steps this way by itself). Without
+        loss scaling it just steps. Not collective: the overflow flag is already agreed."""
+        self._check_usable()
+        if is_wrapped(optimizer, self.scaler):  # its step() goes through the scaler already
+            stepped = not self.scaler.found_inf
+            optimizer.step()
+            return stepped
+        return self.scaler.step(optimizer.step)
+
+    @property
+    def loss_scale(self) -> float:
+        """The current float16 loss scale, the same on every rank (1.0 without scaling)."""
+        return self.scaler.scale
+
+    @property
+    def found_inf(self) -> bool:
+        """Whether a gradient overflowed (inf/NaN) on any rank since the last optimizer step."""
+        return self.scaler.found_inf
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients by the norm of the WHOLE model's gradient, as
@@ -583,7 +656,9 @@ class PipelineRuntime:
         on its lowest holder rank only: after :meth:`step` every holder has the same
         gradient), one all-reduce over the pipeline's process group (MAX for
         ``norm_type=inf``) gives the total, and every local gradient is scaled by
-        ``min(1, max_norm / (total + 1e-6))``. A non-finite total is returned and
+        ``min(1, max_norm / (total + 1e-6))``. Under fp16 loss scaling the gradients are
+        unscaled already (:meth:`step` divides them by the scale), so this clips the true
+        gradients, as ``GradScaler.unscale_`` before clipping does. A non-finite total is returned and
         scaled with as torch does by default (``error_if_nonfinite=False``): the
         gradients turn NaN. The norm is accumulated in float64 and returned in float32
         (float64 when this rank's gradients are). ``norm_type`` must be > 0 or inf.
@@ -649,7 +724,7 @@ class PipelineRuntime:
             tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
             store=self.monitor.store if self.monitor is not None else None, waiter=self._waiter,
             save_index=self._saves - 1, file_rank=self.pp_rank, num_ranks=self.plan.num_ranks,
-            writes=self.dp_rank == 0,
+            writes=self.dp_rank == 0, scaler=self.scaler,
         )
 
     def save_checkpoint(

@@ -125,7 +125,8 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
     size = getattr(pipe, "data_parallel_size", 1)
     if size > 1:  # every rank of replica d passes rows [d b, (d + 1) b) of the global batch
         inputs, kwargs, target = replica_share((inputs, kwargs, target), size, pipe.data_parallel_rank)
-    optimizer = torch.optim.SGD(pipe.parameters(), lr=args.lr)
+    # pipe.optimizer: under fp16 its step() skips an overflowed step on every rank (loss scaling)
+    optimizer = pipe.optimizer(torch.optim.SGD, lr=args.lr)
     first = 0
     if args.resume:
         first = pipe.load_checkpoint(args.checkpoint_dir, optimizer=optimizer)

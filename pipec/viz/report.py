@@ -179,7 +179,8 @@ def _page(data: PlanData, sections: list[str]) -> str:
     title = f"{data.model_name}: {data.num_stages}-stage pipeline plan"
     subtitle = (
         f"{data.num_stages} stages on {data.num_ranks} ranks \u00b7 {data.schedule.name} \u00b7 "
-        f"{data.num_microbatches} micro-batches \u00b7 cost model {data.cost_model}"
+        f"{data.num_microbatches} micro-batches \u00b7 cost model {data.cost_model} \u00b7 "
+        f"precision {data.precision}"
     )
     limit = ", ".join(fmt_bytes(x) if x else "none" for x in data.memory_limit) or "none"
     footer = (

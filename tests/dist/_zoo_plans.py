@@ -85,7 +85,8 @@ def zoo_model(name: str, *, microbatch: int, num_microbatches: int, steps: int) 
     return ZooModel(name, model, traced, loss_fn, batches)
 
 
-def zoo_plan(zm: ZooModel, *, num_ranks: int, schedule: str, num_microbatches: int) -> Plan:
+def zoo_plan(zm: ZooModel, *, num_ranks: int, schedule: str, num_microbatches: int,
+             precision: str = "fp32") -> Plan:
     """``zm`` on ``num_ranks`` ranks under ``schedule`` (two stages per rank when interleaved)."""
     spr = 2 if schedule.startswith("interleaved") else 1
     num_stages = num_ranks * spr
@@ -94,7 +95,7 @@ def zoo_plan(zm: ZooModel, *, num_ranks: int, schedule: str, num_microbatches: i
                         schedule=schedule, num_microbatches=num_microbatches)
     cuts = equal_count(chain.problem)
     data = plan_from_split(zm.traced, costs, list(cuts[1:-1]), schedule=schedule,
-                           num_microbatches=num_microbatches, stages_per_rank=spr)
+                           num_microbatches=num_microbatches, stages_per_rank=spr, precision=precision)
     return Plan(data, traced=zm.traced, loss_fn=zm.loss_fn)
 
 
