@@ -9,6 +9,10 @@ takes one value per ``input_names`` and returns one per ``output_names`` (plus
 the model's output on the last stage). :class:`TorchStage` adapts the one to the
 other, by name: it binds the model's arguments as the trace did (the first
 stage), or the previous stage's outputs by their boundary names (the others).
+It also keeps every tensor it sends contiguous, its outputs and the gradients
+of its inputs: torch sends and receives a tensor with the layout it had
+(``empty_strided``), and Gloo refuses a buffer that is not contiguous -- the
+input gradients of a ``torch.cat`` are slices of one gradient, for instance.
 
 torch's ``_PipelineScheduleRuntime`` cannot run every plan;
 :func:`torch_export_problems` names what a plan needs that it lacks:
@@ -27,6 +31,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipec.errors import PlanError
@@ -73,11 +78,30 @@ class TorchStage(nn.Module):
                     "PipelineStages from pipec.load_torch_stage for every stage of one export"
                 )
             values = dict(zip(self.incoming, args, strict=True))
-        out = self.stage(*(values[name] for name in self.stage.input_names))
+        out = self.stage(*(_contiguous_grad(values[name]) for name in self.stage.input_names))
         if self.stage.is_last:
             return out[-1]  # the model's output, for torch's loss_fn(output, target)
-        outputs = tuple(out[: len(self.stage.output_names)])
+        outputs = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o
+                        for o in out[: len(self.stage.output_names)])
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous (module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_grad(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return _ContiguousGrad.apply(value)  # type: ignore[no-untyped-call]
+    return value
 
 
 def pipec_stage(stage_module: Callable[[int], nn.Module], index: int) -> StageModule:

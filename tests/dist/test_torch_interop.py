@@ -2,10 +2,12 @@
 ``_PipelineScheduleRuntime`` on the export (``pipec.export_torch``): the lowered
 schedule as torch's CSV and the stage modules as ``PipelineStage`` s.
 
-Two Gloo ranks, four stages in a V (rank 0: stages 0 and 3, rank 1: stages 1 and
-2), the backward split into I and W (zero bubble). Both runs' gradients equal each
-other and the single-process reference; torch runs the CSV as pipec lowered it
-(``compute_comms``) and as torch lowers its compute actions itself (``compute_only``).
+Two Gloo ranks. A chain of four stages in a V (rank 0: stages 0 and 3, rank 1:
+stages 1 and 2), the backward split into I and W (zero bubble); and a model with
+two inputs whose two stages pass each other two tensors (zb-h1). Both runs'
+gradients equal each other and the single-process reference; torch runs the CSV
+as pipec lowered it (``compute_comms``) and as torch lowers its compute actions
+itself (``compute_only``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
+from models import TwoInput
 from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
 from pipec.runtime.runtime import PipelineRuntime
@@ -59,17 +62,28 @@ def _plan() -> tuple[nn.Module, Plan, torch.Tensor, torch.Tensor]:
     return model, Plan(data, traced=traced, loss_fn=F.mse_loss), torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
 
 
-def _pipec_grads(plan_dir: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def _two_input() -> tuple[nn.Module, Plan, tuple[torch.Tensor, ...], torch.Tensor]:
+    torch.manual_seed(0)
+    model = TwoInput()
+    traced = pipec.trace(model, (torch.randn(2, 8), torch.randn(2, 4)))
+    costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4) for n in traced.nodes}
+    data = plan_from_split(traced, costs, ["cat"], schedule="zb-h1", num_microbatches=4)  # 2 tensors cross
+    gen = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(8, 8, generator=gen), torch.randn(8, 4, generator=gen))
+    return model, Plan(data, traced=traced, loss_fn=F.mse_loss), inputs, torch.randn(8, 2, generator=gen)
+
+
+def _pipec_grads(plan_dir: str, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> dict[str, torch.Tensor]:
     pipe = PipelineRuntime(plan_dir, F.mse_loss)
-    pipe.step(x, target=y)
+    pipe.step(*x, target=y)
     return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
 
 
-def _torch_grads(export: str, form: str, rank: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def _torch_grads(export: str, form: str, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> dict[str, torch.Tensor]:
     sched = load_torch_pipeline(export, loss_fn=F.mse_loss, form=form)
     stages = {s.stage_index: s for s in sched._stages}
-    last = max(stages) == 3  # the rank holding the last stage passes the target
-    args = (x,) if 0 in stages else ()
+    last = any(s.is_last for s in stages.values())  # the rank holding the last stage passes the target
+    args = x if 0 in stages else ()
     if last:
         losses: list[torch.Tensor] = []
         sched.step(*args, target=y, losses=losses)
@@ -81,27 +95,37 @@ def _torch_grads(export: str, form: str, rank: int, x: torch.Tensor, y: torch.Te
     return out
 
 
-def _both(rank: int, world_size: int, plan_dir: str, export: str, x: Any, y: Any) -> dict[str, Any]:
-    return {
-        "pipec": _pipec_grads(plan_dir, x, y),
-        "torch": _torch_grads(export, "compute_comms", rank, x, y),
-        "torch-lowered-by-torch": _torch_grads(export, "compute_only", rank, x, y),
-    }
+RUNS = ("pipec", "torch", "torch-lowered-by-torch")
+
+
+def _both(rank: int, world_size: int, cases: dict[str, tuple[str, str, Any, Any]]) -> dict[tuple[str, str], Any]:
+    out = {}
+    for case, (plan_dir, export, x, y) in cases.items():
+        out[case, "pipec"] = _pipec_grads(plan_dir, x, y)
+        out[case, "torch"] = _torch_grads(export, "compute_comms", x, y)
+        out[case, "torch-lowered-by-torch"] = _torch_grads(export, "compute_only", x, y)
+    return out
 
 
 @pytest.mark.timeout(120)
 def test_one_plan_on_pipec_and_on_torch_gives_equal_gradients(tmp_path: Path) -> None:
-    model, plan, x, y = _plan()
-    plan_dir = plan.save(tmp_path / "plan")
-    export = pipec.export_torch(plan_dir, tmp_path / "torch")
-    per_rank = run_ranks(_both, 2, str(plan_dir), str(export), x, y, timeout=100)
-    ref = copy.deepcopy(model)
-    F.mse_loss(ref(x), y).backward()
-    want = {n: p.grad for n, p in ref.named_parameters()}
-    for key in ("pipec", "torch", "torch-lowered-by-torch"):
-        got: dict[str, torch.Tensor] = {}
-        for r in per_rank:
-            got.update(r[key])
-        assert sorted(got) == sorted(want), key
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, k=key, n=name: f"{k}: {n}: {m}")
+    models = {"v-zero-bubble": _plan(), "two-inputs": _two_input()}
+    cases = {}
+    for case, (_, plan, x, y) in models.items():
+        plan_dir = plan.save(tmp_path / case)
+        export = pipec.export_torch(plan_dir, tmp_path / f"{case}-torch")
+        cases[case] = (str(plan_dir), str(export), x if isinstance(x, tuple) else (x,), y)
+    per_rank = run_ranks(_both, 2, cases, timeout=100)
+    for case, (model, _, _, _) in models.items():
+        _, _, x, y = cases[case]
+        ref = copy.deepcopy(model)
+        F.mse_loss(ref(*x), y).backward()
+        want = {n: p.grad for n, p in ref.named_parameters()}
+        for key in RUNS:
+            got: dict[str, torch.Tensor] = {}
+            for r in per_rank:
+                got.update(r[case, key])
+            assert sorted(got) == sorted(want), (case, key)
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], **TOL,
+                                           msg=lambda m, k=f"{case}/{key}", n=name: f"{k}: {n}: {m}")
