@@ -135,3 +135,10 @@ def test_loss_grads_of_the_exported_stages_match_the_model(tmp_path: Path) -> No
     got = {**dict(first.stage.named_parameters()), **dict(last.stage.named_parameters())}
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name].grad, p.grad, msg=name)
+
+
+def test_random_operations_are_said_to_draw_otherwise_on_torch(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 4))
+    plan = _plan(model, (torch.randn(2, 4),), ["_2"], num_microbatches=2)
+    with pytest.warns(UserWarning, match=r"stages \[0\] have random operations.*draws from the global generator"):
+        pipec.export_torch(plan, tmp_path / "torch")

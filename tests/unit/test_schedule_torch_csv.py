@@ -52,6 +52,12 @@ def test_torch_zbv_compute_only_reads_as_a_v_schedule() -> None:
     assert str(sched).splitlines()[0].startswith("0: 0F0 0F1 0F2 3F0 3I0 3W0 3F1")
     sim = pipec.simulate(sched, forward=1.0, input_grad=1.0, weight_grad=1.0)
     assert sim.step_time > 0
+    # drawn as any pipec schedule: the grid pipec show prints, the SVG of the report
+    from pipec.schedule.grid import schedule_grid
+    from pipec.viz.svg import schedule_svg
+
+    assert "rank 1:" in schedule_grid(sched) and "3I0" in schedule_grid(sched)
+    assert "<svg" in schedule_svg(pipec.lower(sched))
 
 
 @pytest.mark.parametrize("num_ranks,num_microbatches", [(2, 4), (4, 8)])
