@@ -270,6 +270,7 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = ResMLP(args.blocks, args.dim, args.hidden)
+    load_before = os.getloadavg()[0]
     ctx = mp.get_context("fork")  # the children inherit the model: same weights everywhere
     queue = ctx.Queue()
     port = _free_port()
@@ -288,6 +289,8 @@ def main() -> int:
           "contender checked against torch-zbv")
     for note in notes:
         print(f"note: {note}")
+    print(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, on "
+          f"{os.cpu_count()} CPUs: above ~0.5 other processes share the ranks' cores and the ratios are noisy")
     print(f"{'contender':28s} {'median step ms':>15s} {'median ratio to torch-zbv':>27s}")
     for name in names:
         med = statistics.median(r[name] for r in rounds)
