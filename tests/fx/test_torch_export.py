@@ -142,3 +142,14 @@ def test_random_operations_are_said_to_draw_otherwise_on_torch(tmp_path: Path) -
     plan = _plan(model, (torch.randn(2, 4),), ["_2"], num_microbatches=2)
     with pytest.warns(UserWarning, match=r"stages \[0\] have random operations.*draws from the global generator"):
         pipec.export_torch(plan, tmp_path / "torch")
+
+
+def test_load_torch_pipeline_needs_a_process_group_and_a_known_form(tmp_path: Path) -> None:
+    _, _, plan = _two_input()
+    out = pipec.export_torch(plan, tmp_path / "torch")
+    with pytest.raises(pipec.ConfigError, match="inside a process group"):
+        pipec.load_torch_pipeline(out, loss_fn=F.mse_loss)
+    with pytest.raises(pipec.ConfigError, match="form: expected 'compute_comms' or 'compute_only'"):
+        pipec.load_torch_pipeline(out, form="lowered")
+    with pytest.raises(pipec.PlanError, match="holds no torch_export.json"):
+        load_torch_stage(tmp_path, 0)
