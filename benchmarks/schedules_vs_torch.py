@@ -12,7 +12,8 @@ Contenders, each on the same weights and micro-batches:
   runs torch's own ZBV order instead, read into a pipec Schedule with
   ``pipec.schedule.from_torch_csv`` (``pipec-torch-zbv-order``): the same
   schedule on pipec's runtime;
-- ``pipec-synth``: pipec's schedule built from the plan's costs, when pipec has it;
+- ``pipec-synth``: pipec's schedule built from the split's own costs
+  (``pipec.schedule.synth``), when this pipec has it;
 - ``torch-runs-pipec-plan`` (``--no-export`` leaves it out): the first pipec plan
   exported with ``pipec.export_torch`` and run by torch's ``_PipelineScheduleRuntime``.
 
@@ -111,6 +112,28 @@ def pipec_schedule(name: str, args: argparse.Namespace, torch_order_csv: Path) -
         note = (f"pipec has no {name!r} schedule here ({str(exc).splitlines()[0][:120]}...); stand-in: torch's "
                 "ZBV order read with pipec.schedule.from_torch_csv, run by pipec's runtime")
         return "pipec-torch-zbv-order", from_torch_csv(torch_order_csv, name="torch-zbv-order"), note
+
+
+def synth_schedule(base: Any) -> Any:
+    """pipec's ``synth`` schedule for the split of plan ``base`` (its zb-v plan): built from
+    the stages' own F, I, W and transfer times, each stage holding at most what zb-v
+    holds, as ``partition(schedule="synth")`` builds it -- here for the same split.
+    Raises ImportError when this pipec has no synth."""
+    import importlib
+
+    from pipec.schedule.in_flight import in_flight_from_schedule
+    from pipec.schedule.simulator import plan_costs, plan_transfers
+
+    synthesize = importlib.import_module("pipec.schedule.synth").synthesize  # absent before issue #17's synth
+
+    data = base.data
+    costs, held = plan_costs(data)
+    return synthesize(
+        data.num_stages, data.num_microbatches, data.stages_per_rank,
+        forward=costs.forward, input_grad=costs.input_grad, weight_grad=costs.weight_grad,
+        comm=costs.comm, transfers=plan_transfers(data), boundaries=data.boundaries,
+        max_in_flight=in_flight_from_schedule(data.schedule), activation_bytes=held,
+    ).schedule
 
 
 # -- the contenders ---------------------------------------------------------------------
@@ -220,11 +243,10 @@ def worker(rank: int, port: int, args: argparse.Namespace, model: ResMLP, workdi
     plan = pipec_plan(model, sched, args)
     runners: list[Runner] = [torch_zbv, PipecRuntime(label, plan)]
     notes = [note] if note else []
-    if args.schedule != "synth":
-        try:
-            runners.append(PipecRuntime("pipec-synth", pipec_plan(model, "synth", args)))
-        except pipec.PipecError as exc:
-            notes.append(f"pipec-synth left out: {str(exc).splitlines()[0][:160]}")
+    try:
+        runners.append(PipecRuntime("pipec-synth", pipec_plan(model, synth_schedule(plan), args)))
+    except (ImportError, TypeError, pipec.PipecError) as exc:  # no synth here, or another signature
+        notes.append(f"pipec-synth left out: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     if not args.no_export:
         export = Path(workdir) / "export"
         if rank == 0:
@@ -254,7 +276,7 @@ def _free_port() -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--schedule", default="zb-v", help="pipec's schedule to compare (default zb-v)")
+    ap.add_argument("--schedule", default="zb-v", help="pipec's fixed schedule to compare (default zb-v)")
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=1024)
