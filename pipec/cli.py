@@ -276,7 +276,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pipec.split.torch_export import EXPORT_FILE, LOWERED_CSV
 
     directory: Path = args.directory
-    out: Path = args.output or directory.with_name(f"{directory.name}-{args.format}")
+    base = directory.resolve()  # `pipec export .` names the export after the directory itself
+    out: Path = args.output or base.with_name(f"{base.name}-{args.format}")
     if out.is_dir() and (out / EXPORT_FILE).is_file() and not args.force:
         raise ConfigError(f"output directory {str(out)!r} already holds an export; pass --force to replace it, "
                           "or choose another directory with -o")
