@@ -14,8 +14,12 @@ Contenders, each on the same weights and micro-batches:
   schedule on pipec's runtime;
 - ``pipec-synth``: pipec's schedule built from the split's own costs
   (``pipec.schedule.synth``), when this pipec has it;
-- ``torch-runs-pipec-plan`` (``--no-export`` leaves it out): the first pipec plan
-  exported with ``pipec.export_torch`` and run by torch's ``_PipelineScheduleRuntime``.
+- ``torch-runs-pipec-plan`` (``--no-export`` leaves out these two): the first pipec
+  plan exported with ``pipec.export_torch`` and run by torch's ``_PipelineScheduleRuntime``
+  as pipec lowered it (``pipeline_order.csv``); ``torch-lowers-pipec-plan``: the same
+  compute order lowered by torch itself (``pipeline_order_compute.csv``). Against
+  ``torch-zbv`` they separate the schedule (compute order), the lowering (where each
+  receive is posted) and the runtime.
 
 Every contender's gradients are checked against ``torch-zbv``'s before timing.
 Steps go in rounds, one step of each contender in an order that rotates every
@@ -189,11 +193,12 @@ class PipecRuntime(Runner):
 
 
 class TorchRunsPipecPlan(Runner):
-    def __init__(self, export: Path, rank: int) -> None:
+    def __init__(self, export: Path, rank: int, form: str) -> None:
         from pipec.runtime.torch_pipeline import load_torch_pipeline
 
-        self.name, self.rank = "torch-runs-pipec-plan", rank
-        self.sched = load_torch_pipeline(export, loss_fn=mse)
+        self.name = "torch-runs-pipec-plan" if form == "compute_comms" else "torch-lowers-pipec-plan"
+        self.rank = rank
+        self.sched = load_torch_pipeline(export, loss_fn=mse, form=form)
         self.named = {n: p for s in self.sched._stages for n, p in s.submod.stage.named_parameters()}
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -252,7 +257,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, model: ResMLP, workdi
         if rank == 0:
             pipec.export_torch(plan, export)
         dist.barrier()
-        runners.append(TorchRunsPipecPlan(export, rank))
+        runners += [TorchRunsPipecPlan(export, rank, form) for form in ("compute_comms", "compute_only")]
     torch.manual_seed(1)
     x, y = torch.randn(args.batch, args.dim), torch.randn(args.batch, args.dim)
     for _ in range(args.warmup):
