@@ -61,6 +61,10 @@ _EXPORTS: dict[str, str] = {
     "Simulation": "pipec.schedule.simulator",
     "Collective": "pipec.schedule.simulator",
     "load": "pipec.facade",
+    "export_torch": "pipec.facade",
+    "load_torch_stage": "pipec.split.torch_export",
+    "from_torch_csv": "pipec.schedule.torch_csv",
+    "load_torch_pipeline": "pipec.runtime.torch_pipeline",
     "merge_state_dicts": "pipec.split",
     "PipelineRuntime": "pipec.runtime.runtime",
     "reference_step": "pipec.runtime.reference",
@@ -85,6 +89,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getat
     from pipec.errors import ScheduleError as ScheduleError
     from pipec.errors import TraceError as TraceError
     from pipec.facade import Plan as Plan
+    from pipec.facade import export_torch as export_torch
     from pipec.facade import load as load
     from pipec.facade import partition as partition
     from pipec.plan import Boundary as Boundary
@@ -97,6 +102,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getat
     from pipec.runtime.reference import ReferenceStep as ReferenceStep
     from pipec.runtime.reference import reference_step as reference_step
     from pipec.runtime.runtime import PipelineRuntime as PipelineRuntime
+    from pipec.runtime.torch_pipeline import load_torch_pipeline as load_torch_pipeline
     from pipec.schedule.generators import make_schedule as make_schedule
     from pipec.schedule.ir import Action as Action
     from pipec.schedule.ir import ActionKind as ActionKind
@@ -105,8 +111,10 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getat
     from pipec.schedule.simulator import Collective as Collective
     from pipec.schedule.simulator import Simulation as Simulation
     from pipec.schedule.simulator import simulate as simulate
+    from pipec.schedule.torch_csv import from_torch_csv as from_torch_csv
     from pipec.schedule.validator import validate as validate
     from pipec.split import merge_state_dicts as merge_state_dicts
+    from pipec.split.torch_export import load_torch_stage as load_torch_stage
     from pipec.tracing import trace as trace
     from pipec.types import CostModel as CostModel
     from pipec.types import NodeCost as NodeCost

@@ -1,4 +1,4 @@
-"""The ``pipec`` command line: partition, show, run, calibrate.
+"""The ``pipec`` command line: partition, show, run, export, calibrate.
 
 User errors print ``pipec: error: ...`` on stderr -- one line, or the lines of
 a message that has several (a validator's grid, one line per bad field) -- say
@@ -156,6 +156,15 @@ def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
     r.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="the c10d rendezvous every node joins (needed with --nnodes > 1)")
 
+    e = sub.add_parser("export", help="write a plan for another runtime (torch.distributed.pipelining)")
+    e.add_argument("directory", type=Path)
+    e.add_argument("--format", choices=("torch",), required=True,
+                   help="torch: the lowered schedule as torch's pipeline-order CSV and the stage modules "
+                   "for PipelineStage")
+    e.add_argument("-o", "--output", type=Path, default=None,
+                   help="the directory to write (default: DIR-torch beside the plan)")
+    e.add_argument("--force", action="store_true", help="replace an existing export")
+
     c = sub.add_parser("calibrate", help="measure this machine and write a hardware cost-model file")
     c.add_argument("-o", "--output", required=True, type=Path, help="e.g. cost_models/mybox.json")
     c.add_argument("--name", default=None, help="name recorded in the file (default: file stem)")
@@ -285,6 +294,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipec.facade import export_torch, load
+    from pipec.split.torch_export import EXPORT_FILE, LOWERED_CSV
+
+    directory: Path = args.directory
+    base = directory.resolve()  # `pipec export .` names the export after the directory itself
+    out: Path = args.output or base.with_name(f"{base.name}-{args.format}")
+    if out.is_dir() and (out / EXPORT_FILE).is_file() and not args.force:
+        raise ConfigError(f"output directory {str(out)!r} already holds an export; pass --force to replace it, "
+                          "or choose another directory with -o")
+    plan = load(directory)  # a missing, damaged or hand-edited plan fails here
+    export_torch(plan, out)
+    print(f"exported {plan.data.model_name} ({plan.num_stages} stages on {plan.num_ranks} ranks, schedule "
+          f"{plan.schedule.name}) for torch.distributed.pipelining to {out}: {LOWERED_CSV} (load with "
+          f"_PipelineScheduleRuntime._load_csv(path, format='compute_comms')), stage modules from "
+          f"pipec.load_torch_stage({str(out)!r}, k), or pipec.load_torch_pipeline({str(out)!r}, loss_fn=...) "
+          "inside a process group")
+    return 0
+
+
 def _write_report_quietly(directory: Path) -> None:
     try:
         from pipec.facade import load
@@ -308,6 +337,7 @@ _COMMANDS = {
     "partition": _cmd_partition,
     "show": _cmd_show,
     "run": _cmd_run,
+    "export": _cmd_export,
     "calibrate": _cmd_calibrate,
 }
 

@@ -29,10 +29,7 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -41,6 +38,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from pipec._files import atomic_directory
 from pipec._imports import import_file
 from pipec.errors import ConfigError, PlanError, ScheduleError
 from pipec.manifest import MANIFEST_FILE, manifest_problems, write_manifest
@@ -88,22 +86,8 @@ def save_plan(
             f"cannot save the plan to {directory}: the directory is not empty and holds no "
             f"{PLAN_FILE}, so it is not a pipec plan; choose a new or empty directory"
         )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    old: Path | None = None
-    try:
+    with atomic_directory(directory) as tmp:
         _write_files(data, tmp, stage_module, source, dict(drawings or {}))
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-            directory.rename(old)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not directory.exists():
-            old.rename(directory)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     log.info("saved plan of %s (%d stages) to %s", data.model_name, data.num_stages, directory)
     return directory
 

@@ -10,6 +10,7 @@ calls one phase function over the plan's data:
 - ``plan.summary()``      the text table          (pipec/summary.py)
 - ``plan.save(dir)``      the plan directory and its drawings (pipec/codegen.py, pipec/viz/)
 - :func:`load`            the plan directory read back and checked (pipec/codegen.py)
+- :func:`export_torch`    the plan as torch.distributed.pipelining runs it (pipec/split/torch_export.py)
 
 A plan made in memory and one loaded from disk are the same class and behave
 the same; a loaded one has no traced graph and takes its stage modules from
@@ -33,6 +34,7 @@ from pipec.plan import Boundary, PlanData, StageInfo
 from pipec.schedule.ir import Schedule
 from pipec.schedule.simulator import Simulation, simulate_plan
 from pipec.split import build_stage_module, check_stage_index
+from pipec.split.torch_export import write_torch_export
 from pipec.summary import plan_summary
 from pipec.types import CostModel, NodeCost, TracedGraph
 from pipec.viz.report import REPORT_NAME, render_report
@@ -246,4 +248,15 @@ def load(directory: str | Path, *, verify: bool = True) -> Plan:
     return Plan(data, directory=Path(directory))
 
 
-__all__ = ["Plan", "load", "partition"]
+def export_torch(plan_or_dir: Plan | str | Path, out_dir: str | Path) -> Path:
+    """Write the plan (a :class:`Plan`, or a plan directory, loaded and checked) for
+    torch.distributed.pipelining to ``out_dir``, atomically, and return it: its
+    lowered schedule as torch's pipeline-order CSV and its stage modules for
+    ``PipelineStage`` (:func:`pipec.load_torch_stage`); see
+    :mod:`pipec.split.torch_export`. Raises :class:`PlanError` naming what torch's
+    runtime lacks for plans it cannot run (skip tensors, tied weights across stages)."""
+    plan = plan_or_dir if isinstance(plan_or_dir, Plan) else load(plan_or_dir)
+    return write_torch_export(plan.data, Path(out_dir), stage_module=plan.stage_module, source=plan.directory)
+
+
+__all__ = ["Plan", "export_torch", "load", "partition"]

@@ -71,7 +71,8 @@ micro-batch (:mod:`pipec.split.randomness`).
 Modules: :mod:`pipec.split.stage` (the stage-module classes), :mod:`pipec.split.graph`
 (splitting a traced graph), :mod:`pipec.split.modes` (train/eval),
 :mod:`pipec.split.randomness` (seeded random nodes), :mod:`pipec.split.state`
-(state dicts).
+(state dicts), :mod:`pipec.split.torch_stage` and :mod:`pipec.split.torch_export`
+(the stages as torch.distributed.pipelining runs them).
 """
 
 from pipec.split.graph import build_stage_module, check_stage_index
