@@ -135,6 +135,16 @@ def torch_export_problems(data: PlanData, stages: Sequence[StageModule]) -> list
             f"weight(s) {[g.fqn for g in tied[:3]]} are shared by several stages "
             f"({[list(g.stages) for g in tied[:3]]}); torch's runtime does not all-reduce their "
             "gradients as pipec's does")
+    if data.data_parallel > 1:
+        problems.append(
+            f"the plan has {data.data_parallel} data-parallel replicas; the export runs one pipeline "
+            "(torch's runtime does not reduce gradients across replicas: wrap its stages in DDP/FSDP "
+            "yourself, or export a plan made with data_parallel=1)")
+    if data.precision != "fp32":
+        problems.append(
+            f"the plan's precision is {data.precision}; the exported stage modules run without pipec's "
+            "autocast, boundary casts and loss scaling (export a plan made with precision='fp32' and "
+            "add torch.autocast yourself)")
     return problems
 
 

@@ -84,6 +84,12 @@ def test_plans_torch_cannot_run_are_refused_naming_the_limitation(tmp_path: Path
     problems = pipec.PlanError
     with pytest.raises(problems, match=r"stage 1 reads \['b'\].*first stage only"):
         pipec.export_torch(two, tmp_path / "two")
+    _, _, plain = _two_input()
+    for update, pattern in (({"data_parallel": 2}, r"2 data-parallel replicas"),
+                            ({"precision": "bf16"}, r"precision is bf16.*without pipec's autocast")):
+        changed = Plan(plain.data.model_copy(update=update), traced=plain.traced)
+        with pytest.raises(pipec.PlanError, match=pattern):
+            pipec.export_torch(changed, tmp_path / "changed")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no temporary left
 
 
