@@ -184,6 +184,7 @@ def partition(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
+    recompute: str = "none",
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -213,6 +214,13 @@ def partition(
     whatever the cost model, a scalar ``loss_fn`` whose mean over the example's
     micro-batches differs from its full-batch loss (padding / ``ignore_index``:
     return ``(loss_sum, count)``), checked in eval mode without gradients.
+
+    ``recompute`` (activation recompute, per stage; :mod:`pipec.costs.recompute`):
+    ``"none"`` (the default: every activation is kept, as without the option),
+    ``"full"`` / ``"selective"`` on every stage, or ``"auto"``: the partitioner
+    chooses each stage's policy together with the split -- the fastest that fits
+    the memory limit, so a plan that fits without recompute gets none. The
+    chosen policies are ``plan.stages[k].recompute``.
     """
     found = partition_model(
         model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
@@ -220,7 +228,7 @@ def partition(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-        target=target,
+        target=target, recompute=recompute,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

@@ -57,6 +57,10 @@ class StageInfo(FrozenModel):
     tied_time: float = 0.0
     input_grad_time: float | None = None
     weight_grad_time: float | None = None
+    # activation recompute policy (pipec.costs.recompute): "none" | "selective" | "full";
+    # forward/backward times include what it adds ("none" in plans saved before it existed)
+    recompute: str = "none"
+    recompute_time: float = 0.0  # seconds per micro-batch of backward_time spent recomputing
 
     @property
     def time(self) -> float:
@@ -164,6 +168,7 @@ class PlanData(FrozenModel):
     memory_limit: tuple[int | None, ...] = ()  # per rank
     device_speeds: tuple[float, ...] = ()  # per rank
     optimizer_state_bytes_per_param: int = 8
+    recompute: str = "none"  # what partition(recompute=...) asked for; the stages hold the choice
     bottleneck: float  # slowest stage time
     lower_bound: float  # max(total / num_stages, largest node): compute only, no communication
     candidates: tuple[Candidate, ...] = ()

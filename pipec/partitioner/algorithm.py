@@ -37,6 +37,7 @@ rank's memory unevenly).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -177,13 +178,20 @@ def infeasible_error(problem: ChainProblem) -> PartitionError:
     shown = ", ".join(format_bytes(m) for m in limits)
     how = ("the minimum over splits of the largest rank memory" if exact
            else "a lower bound: with several stages per rank the exact minimum may be higher")
+    policies = "/".join(problem.recompute)
+    if "full" in problem.recompute:
+        advice = ""
+    else:
+        with_recompute, _ = min_memory_limit(dataclasses.replace(problem, recompute=("none", "selective", "full")))
+        advice = (f", or recompute activations (recompute='auto'; with it the smallest limit is "
+                  f"{format_bytes(with_recompute)})")
     return PartitionError(
         f"no split of the {problem.num_nodes} nodes into {problem.num_stages} stages fits the memory "
         f"limit ({shown} per rank, schedule {problem.schedule!r}, {problem.num_microbatches} "
-        f"micro-batches); the smallest per-rank limit that fits is {format_bytes(need)} ({how}). "
+        f"micro-batches, recompute {policies}); the smallest per-rank limit that fits is {format_bytes(need)} ({how}). "
         "To fix: raise memory_limit to at least that, use more stages (num_stages), more and smaller "
-        "micro-batches, a schedule with fewer micro-batches in flight (1f1b rather than gpipe), "
-        "or recompute activations (not supported yet)"
+        "micro-batches, a schedule with fewer micro-batches in flight (1f1b rather than gpipe)"
+        f"{advice}"
     )
 
 

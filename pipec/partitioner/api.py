@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from pipec.costs.recompute import check_request
 from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.mode_ops import describe_nodes
 from pipec.partitioner import config
@@ -78,6 +79,7 @@ def partition_model(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
+    recompute: str = "none",
 ) -> Partitioned:
     """What :func:`pipec.partition` computes, as the plan data and the traced
     graph it splits (see that function for the arguments)."""
@@ -87,6 +89,7 @@ def partition_model(
             "wrap a plain function in an nn.Module whose forward calls it"
         )
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
+    check_request(recompute)
     check_loss_fn(loss_fn)
     if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
@@ -97,7 +100,7 @@ def partition_model(
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=target,
+            target=target, recompute=recompute,
         )
         args, kwargs = split_inputs(example_inputs, example_kwargs)
         if found.data.mode_blind_random and draws_in_eval(
@@ -140,6 +143,7 @@ def partition_model(
         num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
+        recompute=recompute,
     )
     check_runnable(data)
     if data.mode_blind_random and draws_in_eval(model, mb_args, mb_kwargs):

@@ -31,6 +31,7 @@ import networkx as nx
 import torch
 
 from pipec.costs.node_exec import FREE_OPS
+from pipec.costs.recompute import matmul_flags
 from pipec.errors import PartitionError
 from pipec.partitioner.problem import AllReduceTime, ChainProblem, ChainTensor, CommTime, ParamGroup
 from pipec.types import NodeCost, NodeInfo, TracedGraph
@@ -82,8 +83,11 @@ def build_chain(
     in_flight: Sequence[int] | None = None,
     optimizer_state_bytes_per_param: int = 8,
     placement: Sequence[int] | None = None,
+    recompute: Sequence[str] = ("none",),
+    in_backward: Sequence[int] | None = None,
 ) -> GraphChain:
-    """The chain problem of ``traced`` (see the module docstring)."""
+    """The chain problem of ``traced`` (see the module docstring); ``recompute`` are the
+    policies each stage may take (:mod:`pipec.costs.recompute`)."""
     graph = value_graph(traced)
     infos = {n.name: n for n in traced.nodes}
     names = compute_names(traced)
@@ -137,6 +141,11 @@ def build_chain(
         in_flight=None if in_flight is None else tuple(in_flight),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=None if placement is None else tuple(placement),
+        recompute=tuple(recompute),
+        forward_time=tuple(float(node_costs[n].forward_time) for n in names),
+        matmul=matmul_flags(traced, names),
+        output_bytes=tuple(infos[n].output_bytes for n in names),
+        in_backward=None if in_backward is None else tuple(in_backward),
     )
     return GraphChain(problem, names, tuple(tensor_names), fqns)
 

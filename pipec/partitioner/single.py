@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipec.costs.recompute import check_request, options_of
 from pipec.errors import ConfigError, PartitionError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
@@ -30,7 +31,7 @@ from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
 from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
-from pipec.schedule.in_flight import in_flight_from_schedule
+from pipec.schedule.in_flight import in_backward_from_schedule, in_flight_from_schedule
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
 
@@ -51,13 +52,17 @@ def partition_traced(
     strategy: str = "optimal",
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
+    recompute: str = "none",
 ) -> PlanData:
-    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling)."""
+    """One configuration: the plan data for a traced, costed graph (no tracing, no profiling).
+    ``recompute``: ``"none"``, ``"full"``, ``"selective"`` on every stage, or ``"auto"``
+    (the search picks each stage's policy with the split; :mod:`pipec.partitioner.algorithm`)."""
     check_strategy(strategy)
+    check_request(recompute)
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                       device_speeds=device_speeds,
-                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, recompute=recompute)
     started = time.perf_counter()
     solution = solve(chain.problem, strategy)
     log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
@@ -65,7 +70,7 @@ def partition_traced(
              solution.bottleneck)
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, recompute=recompute)
     return data
 
 
@@ -78,6 +83,7 @@ def chain_for(
     memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None,
     optimizer_state_bytes_per_param: int,
+    recompute: str = "none",
 ) -> GraphChain:
     """The chain problem of one configuration (the schedule fixes stages, ranks, micro-batches)."""
     ranks = config.num_ranks(sched.num_stages, sched.stages_per_rank)
@@ -91,6 +97,7 @@ def chain_for(
         in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=sched.placement,
+        recompute=options_of(recompute), in_backward=in_backward_from_schedule(sched),
     )
 
 
