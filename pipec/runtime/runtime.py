@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -56,6 +57,7 @@ from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
 from pipec.runtime.executor import Executor, StepResult
+from pipec.runtime.memory import MemoryMeter, MemoryStats
 from pipec.runtime.failure import (
     FailureMonitor,
     FailureRecord,
@@ -136,6 +138,7 @@ class PipelineRuntime:
         timeout: float | None = None,
         heartbeat_timeout: float | None = None,
         seed: int | None = None,
+        track_memory: bool = False,
     ) -> None:
         plan = as_plan(plan_or_dir)
         self.seed = resolve_seed(seed)
@@ -177,6 +180,10 @@ class PipelineRuntime:
             )
         self._waiter = Waiter(rank=self.rank, timeout=self.timeout, monitor=self.monitor,
                               inline=self.info.backend == "nccl")
+        # measured memory per step (pipe.memory_stats()): the CUDA allocator, or on a CPU
+        # the runtime's own count when track_memory=True (pipec.runtime.memory)
+        self._memory = MemoryMeter(self.device, track_cpu=track_memory)
+        self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
         try:
             self._connect(plan)
         except BaseException as exc:
@@ -233,6 +240,7 @@ class PipelineRuntime:
             num_microbatches=plan.num_microbatches,
             device=self.device,
             seed=self.seed,
+            recompute={s: plan.data.stages[s].recompute for s in self.stage_indices},
         )
         self._counts = CountNormalizer(
             info=self.info, source=rank_of(plan.num_stages - 1),
@@ -298,9 +306,10 @@ class PipelineRuntime:
                 targets = split_target(target, self.num_microbatches, self.device)
             self._tied.begin_step()
             self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
-            result = self._executor.run(
-                microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
-            )
+            with self._memory.step(self._model_state()):
+                result = self._executor.run(
+                    microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
+                )
             if self._p2p is not None:
                 self._p2p.end_step()
             count = self._counts.end_step(result.counts, self._step)
@@ -440,7 +449,46 @@ class PipelineRuntime:
         (a tied one once), e.g. ``pipe.optimizer(torch.optim.AdamW, lr=1e-3)``. Tied
         copies on other ranks stay equal because every holder gets the same summed
         gradient at :meth:`step` and applies the same update."""
-        return cls(self.parameters(), **kwargs)
+        made = cls(self.parameters(), **kwargs)
+        self._optimizers.add(made)  # its state counts in memory_stats()
+        return made
+
+    def _model_state(self) -> list[torch.Tensor]:
+        """The tensors this rank holds across steps: parameters, buffers, gradients and the
+        state of the optimizers made by :meth:`optimizer`."""
+        held: list[torch.Tensor] = []
+        for module in self.stage_modules.values():
+            for p in module.parameters():
+                held.append(p)
+                if p.grad is not None:
+                    held.append(p.grad)
+            held.extend(module.buffers())
+        for opt in list(self._optimizers):
+            for state in opt.state.values():
+                held.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        return held
+
+    def memory_stats(self) -> MemoryStats:
+        """This rank's memory over its last training step, measured, with the plan's
+        prediction for the rank (the sum of its stages' ``memory_bytes``) and each stage's
+        recompute policy. Measured by the CUDA allocator, or on a CPU by the runtime's own
+        count of tensor storages (``PipelineRuntime(..., track_memory=True)``; see
+        :mod:`pipec.runtime.memory`)."""
+        if not self._memory.enabled:
+            raise ConfigError(
+                "memory_stats: on a CPU the runtime counts memory only when asked; create the "
+                "runtime with PipelineRuntime(..., track_memory=True) and run a step first"
+            )
+        if not self._memory.measured:
+            raise ConfigError("memory_stats: no training step measured yet; call pipe.step(...) first")
+        meter = self._memory
+        stages = [self.plan.data.stages[s] for s in self.stage_indices]
+        peak = meter.model_state + meter.step_peak
+        return MemoryStats(rank=self.rank, source="cuda" if self.device.type == "cuda" else "cpu",
+                           peak_bytes=peak, model_state_bytes=meter.model_state,
+                           step_peak_bytes=meter.step_peak,
+                           predicted_bytes=sum(st.memory_bytes for st in stages),
+                           recompute={st.index: st.recompute for st in stages})
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients by the norm of the WHOLE model's gradient, as
