@@ -138,9 +138,10 @@ class Plan:
             self._stage_modules[index] = module
         return self._stage_modules[index]
 
-    def summary(self) -> str:
-        """The plan's stages as a text table (``pipec show``)."""
-        return plan_summary(self.data)
+    def summary(self, measured: Mapping[int, int] | None = None) -> str:
+        """The plan's stages as a text table (``pipec show``); ``measured``: peak bytes per
+        rank from a run (``pipe.memory_stats().peak_bytes``), shown beside the prediction."""
+        return plan_summary(self.data, measured)
 
     def save(self, directory: str | Path) -> Path:
         """Write the plan directory (plan.json, stage files and weights, schedule,

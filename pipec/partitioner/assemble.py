@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipec.errors import ConfigError, PartitionError
 from pipec.costs.recompute import options_of
+from pipec.errors import ConfigError, PartitionError
 from pipec.mode_ops import batch_norm_layers, mode_blind_random
 from pipec.partitioner import config
 from pipec.partitioner.chain import (
@@ -28,7 +28,6 @@ from pipec.partitioner.chain import (
     stage_recompute_time,
     stage_tied_time,
 )
-from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import (
     GraphChain,
@@ -38,6 +37,7 @@ from pipec.partitioner.graph import (
     is_plain_tensor,
     split_to_cuts,
 )
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem, ChainSolution
 from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
 from pipec.schedule.backends import lower_per_backend

@@ -162,7 +162,7 @@ class Tables:
         """Prefix sums of the part of a stage's memory that only grows with the segment: with
         several recompute policies, per node the least any of them keeps (a lower bound)."""
         rest, held = self.activation_weights(stage)
-        key = ("mono", rest, held)
+        key = ("mono", (rest, held))
         if key not in self._cache:
             if self.policies == ("none",):
                 self._cache[key] = self.prefix_param_memory + self.prefix_saved * int(self.in_flight[stage])

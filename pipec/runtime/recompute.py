@@ -74,7 +74,7 @@ def forward_kept(module: nn.Module, values: list[Any], mode: str) -> tuple[Any, 
                     torch.cuda.get_rng_state(device) if device is not None else None, device, None)
     context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if mode == "selective":
-        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)  # type: ignore[no-untyped-call]
         context = forward_ctx
         replay.recompute_context = recompute_ctx
     with torch.no_grad(), context:

@@ -57,7 +57,6 @@ from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
 from pipec.runtime.executor import Executor, StepResult
-from pipec.runtime.memory import MemoryMeter, MemoryStats
 from pipec.runtime.failure import (
     FailureMonitor,
     FailureRecord,
@@ -66,6 +65,7 @@ from pipec.runtime.failure import (
     record_of,
 )
 from pipec.runtime.loss_scale import CountNormalizer
+from pipec.runtime.memory import MemoryMeter, MemoryStats
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,

@@ -61,7 +61,7 @@ def test_auto_keeps_everything_when_memory_is_ample() -> None:
 
 def test_auto_recomputes_when_no_split_fits_without() -> None:
     limit = min_memory_limit(_problem(None, ("none",)))[0] - 1
-    with pytest.raises(PartitionError, match=rf"smallest per-rank limit that fits is .*recompute='auto'; with it"):
+    with pytest.raises(PartitionError, match=r"smallest per-rank limit that fits is .*recompute='auto'; with it"):
         optimal(_problem(limit, ("none",)))
     assert min_memory_limit(_problem(limit))[0] < limit  # the limit named with recompute is smaller
     p = _problem(limit)
