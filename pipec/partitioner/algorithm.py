@@ -26,6 +26,20 @@ PipeDream's DP (Narayanan et al. 2019 §3.1), Alpa's stage DP (Zheng et al.
 same min-max over contiguous segments; here the stage cost also counts
 direct skip transfers, tied-gradient exchange and memory under the schedule.
 
+**Recompute chosen with the split** (``recompute="auto"``): AdaPipe (Sun et
+al., "AdaPipe: Optimizing Pipeline Parallel Training with Adaptive Recomputation
+and Partitioning", ASPLOS 2024, §4) chooses the partition and each stage's
+recomputation together. Here a stage's cost (:func:`pipec.partitioner.chain.stage_policies`)
+already takes, per candidate segment, the fastest policy among ``none``,
+``selective`` and ``full`` whose memory fits the stage's rank; the DP over
+contiguous splits then minimises the bottleneck over splits *and* policies.
+That is exact when each rank holds one stage: a stage's policy changes only its
+own time and memory, so, given the split, choosing per stage is optimal, and
+every split is priced with its best policies. (The memory-pruning bounds use,
+per node, the least any policy keeps, so no split is pruned wrongly.) AdaPipe
+chooses recomputation per layer inside a stage; pipec chooses among three
+policies per stage, a coarser space searched exactly.
+
 Several stages per rank (interleaved) couple their memory: the DP checks each
 stage against its rank's limit (a relaxation), and when the optimum it finds
 overflows a rank, small problems (<= 20,000 splits) are searched exhaustively
