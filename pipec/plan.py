@@ -61,6 +61,9 @@ class StageInfo(FrozenModel):
     # forward/backward times include what it adds ("none" in plans saved before it existed)
     recompute: str = "none"
     recompute_time: float = 0.0  # seconds per micro-batch of backward_time spent recomputing
+    # activation bytes one micro-batch in flight keeps under ``recompute`` (None: every
+    # node's saved bytes, as in plans saved before it was stored)
+    kept_bytes: int | None = None
 
     @property
     def time(self) -> float:

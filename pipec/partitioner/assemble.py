@@ -101,7 +101,7 @@ def build_plan_data(
             comm_time=max(0.0, solution.stage_times[k] - forward - backward - charged),
             tied_time=reported[k], memory_bytes=solution.stage_memory[k],
             input_grad_time=input_grad, weight_grad_time=weight_grad,
-            recompute=policy, recompute_time=extra,
+            recompute=policy, recompute_time=extra, kept_bytes=kept_bytes(problem, policy, i, j),
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
     boundaries = []
@@ -137,6 +137,12 @@ def build_plan_data(
         mode_blind_random=mode_blind_random(traced.graph_module, {n.name: n.module_path for n in traced.nodes})
         if traced.training else {},
     )
+
+
+def kept_bytes(problem: ChainProblem, policy: str, start: int, end: int) -> int:
+    """Activation bytes positions ``[start, end)`` keep per micro-batch in flight under ``policy``."""
+    tab = tables_of(problem)
+    return int(tab.prefix_kept[policy][end] - tab.prefix_kept[policy][start])
 
 
 def check_recomputable(stage: int, names: Sequence[str], policy: str, node_costs: Mapping[str, NodeCost],

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 import pipec
+from pipec.facade import Plan
+from pipec.plan import PlanData
 from pipec.errors import ConfigError, PartitionError
 from pipec.partitioner.search import min_memory_limit
 from pipec.partitioner.single import chain_for
@@ -75,3 +77,20 @@ def test_selective_on_a_stage_with_nothing_to_recompute() -> None:
     with pytest.raises(PartitionError, match="stage 0 .* has no nodes to recompute"):
         pipec.partition(OnlyLinear(), (torch.randn(8, 8),), num_stages=2, num_microbatches=2,
                         cost_model="h100-sxm", recompute="selective")
+
+
+def test_old_plan_json_loads_without_recompute_and_simulation_counts_kept_bytes() -> None:
+    """plan.json from before the recompute fields loads as "none"; a full-recompute plan
+    holds fewer activation bytes in the simulation than the same split without."""
+    plain, full = _plan(), _plan(recompute="full")
+    raw = plain.data.model_dump(mode="json")
+    raw.pop("recompute")
+    for st in raw["stages"]:
+        for key in ("recompute", "recompute_time", "kept_bytes"):
+            st.pop(key)
+    old = PlanData.model_validate(raw)
+    assert old.recompute == "none" and {st.recompute for st in old.stages} == {"none"}
+    assert all(st.kept_bytes is None for st in old.stages)
+    assert Plan(old).simulate().peak_memory == plain.simulate().peak_memory
+    assert [st.kept_bytes for st in full.stages] == [0, 0]
+    assert max(full.simulate().peak_memory) < max(plain.simulate().peak_memory)
