@@ -41,7 +41,11 @@ from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem, ChainSolution
 from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
 from pipec.schedule.backends import lower_per_backend
-from pipec.schedule.in_flight import in_backward_from_schedule, in_flight_from_schedule
+from pipec.schedule.in_flight import (
+    held_for_weight_grad,
+    in_backward_from_schedule,
+    in_flight_from_schedule,
+)
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
 
@@ -257,6 +261,7 @@ def plan_from_split(
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=sched.placement,
         recompute=options_of(recompute), in_backward=in_backward_from_schedule(sched),
+        held_grads=held_for_weight_grad(sched),
     )
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",

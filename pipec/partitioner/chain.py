@@ -50,7 +50,10 @@ activations above become ``kept_p * (in_flight - b) + saved * b`` -- the
 micro-batches in flight keep what ``p`` keeps (nothing for ``full``, matmul
 outputs for ``selective``), the ``b`` whose backward is running
 (``problem.in_backward``, 1 unless ``W`` runs later than ``I``) hold all of
-theirs -- and the time gains the forward of the nodes ``p`` recomputes.
+theirs -- and the time gains the forward of the nodes ``p`` recomputes. Under
+the zero-bubble split each micro-batch between its ``I`` and ``W``
+(``problem.held_grads``) also keeps the gradient ``I`` captured at each
+matmul-like node (its output's size), whatever the policy.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ def _memory_without_activations(problem: ChainProblem, stage: int, i: I64, j: I6
     """Parameters, optimizer state, boundary buffers and tied groups of the segments."""
     tab = tables_of(problem)
     memory: I64 = tab.prefix_param_memory[j] - tab.prefix_param_memory[i]
+    if tab.held_grads[stage]:
+        memory = memory + (tab.prefix_grad_held[j] - tab.prefix_grad_held[i]) * tab.held_grads[stage]
     if len(tab.tensor_bytes):
         boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
         memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]

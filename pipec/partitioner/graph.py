@@ -85,6 +85,7 @@ def build_chain(
     placement: Sequence[int] | None = None,
     recompute: Sequence[str] = ("none",),
     in_backward: Sequence[int] | None = None,
+    held_grads: Sequence[int] | None = None,
 ) -> GraphChain:
     """The chain problem of ``traced`` (see the module docstring); ``recompute`` are the
     policies each stage may take (:mod:`pipec.costs.recompute`)."""
@@ -146,6 +147,7 @@ def build_chain(
         matmul=matmul_flags(traced, names),
         output_bytes=tuple(infos[n].output_bytes for n in names),
         in_backward=None if in_backward is None else tuple(in_backward),
+        held_grads=None if held_grads is None else tuple(held_grads),
     )
     return GraphChain(problem, names, tuple(tensor_names), fqns)
 

@@ -91,6 +91,10 @@ class Tables:
                 "full": np.zeros(n, dtype=np.int64)}
         extra = {"none": np.zeros(n), "selective": np.where(matmul, 0.0, forward), "full": forward}
         self.kept: dict[str, I64] = {q: kept[q] for q in self.policies}
+        # zero-bubble split: the gradients I captures at matmul-like nodes wait for W
+        self.prefix_grad_held: I64 = np.concatenate(([0], np.cumsum(kept["selective"]))).astype(np.int64)
+        self.held_grads: I64 = np.asarray(
+            p.held_grads if p.held_grads is not None else (0,) * p.num_stages, dtype=np.int64)
         self.prefix_kept: dict[str, I64] = {
             q: np.concatenate(([0], np.cumsum(kept[q]))).astype(np.int64) for q in self.policies}
         self.prefix_recompute: dict[str, F64] = {
@@ -162,13 +166,16 @@ class Tables:
         """Prefix sums of the part of a stage's memory that only grows with the segment: with
         several recompute policies, per node the least any of them keeps (a lower bound)."""
         rest, held = self.activation_weights(stage)
-        key = ("mono", (rest, held))
+        grads = int(self.held_grads[stage])
+        key = ("mono", (rest, held, grads))
         if key not in self._cache:
             if self.policies == ("none",):
                 self._cache[key] = self.prefix_param_memory + self.prefix_saved * int(self.in_flight[stage])
             else:
                 least = np.min([self.kept[q] * rest + self.saved * held for q in self.policies], axis=0)
                 self._cache[key] = self.prefix_param_memory + np.concatenate(([0], np.cumsum(least))).astype(np.int64)
+            if grads:
+                self._cache[key] = self._cache[key] + self.prefix_grad_held * grads
         return self._cache[key]
 
     # -- communication ----------------------------------------------------------------

@@ -103,6 +103,9 @@ class ChainProblem:
     - ``in_backward``: per stage, the micro-batches whose backward has started but
       not finished at once at most (1; more when ``W`` runs later than ``I``): a
       recomputing stage holds their activations in full (``None`` = 1).
+    - ``held_grads``: per stage, the micro-batches between their ``I`` and ``W`` at
+      once (0 without the split): each keeps the gradient ``I`` captured at every
+      matmul-like node for ``W``, ``output_bytes`` of it (``None`` = 0).
     """
 
     compute_time: tuple[float, ...]
@@ -126,6 +129,7 @@ class ChainProblem:
     matmul: tuple[bool, ...] | None = None
     output_bytes: tuple[int, ...] | None = None
     in_backward: tuple[int, ...] | None = None
+    held_grads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -236,6 +240,8 @@ def _validate(p: ChainProblem) -> None:
     for what, values in (("forward_time", p.forward_time), ("matmul", p.matmul), ("output_bytes", p.output_bytes)):
         if values is not None and len(values) != n:
             raise _fail(what, f"{n} values (one per node)", len(values))
+    if p.held_grads is not None and (len(p.held_grads) != p.num_stages or min(p.held_grads) < 0):
+        raise _fail("held_grads", f"{p.num_stages} counts >= 0", p.held_grads)
     if p.in_backward is not None and (len(p.in_backward) != p.num_stages or min(p.in_backward) < 1):
         raise _fail("in_backward", f"{p.num_stages} counts >= 1", p.in_backward)
     for t in p.tensors:

@@ -31,7 +31,11 @@ from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
 from pipec.schedule.generators import SCHEDULE_NAMES, make_schedule
-from pipec.schedule.in_flight import in_backward_from_schedule, in_flight_from_schedule
+from pipec.schedule.in_flight import (
+    held_for_weight_grad,
+    in_backward_from_schedule,
+    in_flight_from_schedule,
+)
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph
 
@@ -98,6 +102,7 @@ def chain_for(
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=sched.placement,
         recompute=options_of(recompute), in_backward=in_backward_from_schedule(sched),
+        held_grads=held_for_weight_grad(sched),
     )
 
 

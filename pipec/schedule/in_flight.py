@@ -57,8 +57,15 @@ def in_backward_from_schedule(schedule: Schedule) -> tuple[int, ...]:
     not ended (``B``, or ``W`` when split) at once: 1 for a whole ``B``; under ZB-H1
     a stage that keeps ``W`` back holds several. A recomputing stage holds all their
     activations (:mod:`pipec.costs.recompute`)."""
+    return tuple(max(1, held) for held in held_for_weight_grad(schedule))
+
+
+def held_for_weight_grad(schedule: Schedule) -> tuple[int, ...]:
+    """Per stage, the most micro-batches whose ``I`` has run and whose ``W`` has not, at
+    once (0 on stages whose backward is whole): each holds the gradients ``I`` captured
+    for ``W`` (:mod:`pipec.runtime.backward`), about one per matmul-like node."""
     count = [0] * schedule.num_stages
-    peak = [1] * schedule.num_stages
+    peak = [0] * schedule.num_stages
     for row in schedule.actions:
         for a in row:
             if a.kind is ActionKind.I:
@@ -85,4 +92,4 @@ def in_flight_formula(schedule: str, num_stages: int, num_ranks: int, num_microb
     return (m,) * s  # gpipe, and the safe bound for anything unknown
 
 
-__all__ = ["in_backward_from_schedule", "in_flight_formula", "in_flight_from_schedule"]
+__all__ = ["held_for_weight_grad", "in_backward_from_schedule", "in_flight_formula", "in_flight_from_schedule"]

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import pipec
-from pipec.facade import Plan
-from pipec.plan import PlanData
 from pipec.errors import ConfigError, PartitionError
+from pipec.facade import Plan
 from pipec.partitioner.search import min_memory_limit
 from pipec.partitioner.single import chain_for
+from pipec.plan import PlanData
 
 
 class Stack(nn.Module):

@@ -3,6 +3,8 @@ the memory prediction per policy, and bad input (synthetic chain problems, no ti
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pipec.costs.recompute import check_request, options_of
@@ -94,3 +96,12 @@ def test_unknown_recompute_mode_is_a_config_error() -> None:
     assert options_of("auto") == ("none", "selective", "full")
     with pytest.raises(PartitionError, match="recompute"):
         _problem(None, recompute=("partial",))
+
+
+def test_zero_bubble_split_counts_the_gradients_kept_for_w() -> None:
+    """Between I and W each micro-batch keeps, per matmul-like node, the gradient I captured."""
+    base = _problem(None, ("none",))
+    held = dataclasses.replace(base, held_grads=(2, 0))
+    matmul_out = 2 * OUT  # nodes 0 and 2 of [0, 4) are matmul-like
+    assert stage_memory(held, 0, 0, 4) == stage_memory(base, 0, 0, 4) + 2 * matmul_out
+    assert stage_memory(held, 1, 4, 8) == stage_memory(base, 1, 4, 8)
