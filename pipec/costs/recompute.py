@@ -26,12 +26,14 @@ micro-batches in flight keep.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
 from torch import fx
 
 from pipec.errors import ConfigError
-from pipec.types import NodeCost, NodeInfo, TracedGraph
+from pipec.types import NodeInfo, TracedGraph
 
 MODES = ("none", "selective", "full")  # per stage; also the order "fastest first"
 AUTO = "auto"
@@ -91,27 +93,25 @@ def matmul_flags(traced: TracedGraph, names: Sequence[str]) -> tuple[bool, ...]:
     return tuple(is_matmul(infos[n], traced.graph_module) for n in names)
 
 
-def kept_bytes(policy: str, saved_bytes: int, output_bytes: int, matmul: bool) -> int:
-    """Bytes a node keeps per micro-batch in flight under ``policy``: its saved
-    activations (``none``), its output when matmul-like (``selective``), nothing (``full``)."""
+def node_costs(policy: str, saved_bytes: npt.NDArray[np.int64], output_bytes: npt.NDArray[np.int64],
+               forward_time: npt.NDArray[np.float64], matmul: npt.NDArray[np.bool_],
+               ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Per node under ``policy``: the bytes it keeps per micro-batch in flight, and the
+    seconds recomputing it adds per micro-batch (the one definition the partitioner's
+    tables, :mod:`pipec.partitioner.liveness`, are built from).
+
+    ``none`` keeps the saved activations and adds nothing; ``selective`` keeps the
+    output of a matmul-like node and recomputes the forward of the others; ``full``
+    keeps nothing and recomputes every forward. The bytes a policy saves are
+    ``saved_bytes - kept``."""
     if policy == "none":
-        return int(saved_bytes)
+        return saved_bytes.astype(np.int64), np.zeros(len(saved_bytes))
     if policy == "selective":
-        return int(output_bytes) if matmul else 0
-    return 0
-
-
-def recompute_time(policy: str, cost: NodeCost, matmul: bool) -> float:
-    """Seconds the node adds per micro-batch under ``policy`` (its forward, run again)."""
-    if policy == "none" or (policy == "selective" and matmul):
-        return 0.0
-    return float(cost.forward_time)
-
-
-def stage_recompute_time(policy: str, names: Sequence[str], costs: Mapping[str, NodeCost],
-                         matmul: Mapping[str, bool]) -> float:
-    """Seconds a stage of nodes ``names`` adds per micro-batch under ``policy`` (device speed 1)."""
-    return sum(recompute_time(policy, costs[n], matmul.get(n, False)) for n in names if n in costs)
+        return (np.where(matmul, output_bytes, 0).astype(np.int64),
+                np.where(matmul, 0.0, forward_time).astype(np.float64))
+    if policy == "full":
+        return np.zeros(len(saved_bytes), dtype=np.int64), forward_time.astype(np.float64)
+    raise ConfigError(f"recompute policy: expected one of {', '.join(MODES)}, found {policy!r}")
 
 
 __all__ = [
@@ -120,9 +120,7 @@ __all__ = [
     "REQUESTS",
     "check_request",
     "is_matmul",
-    "kept_bytes",
     "matmul_flags",
+    "node_costs",
     "options_of",
-    "recompute_time",
-    "stage_recompute_time",
 ]

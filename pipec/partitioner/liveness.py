@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipec.costs.recompute import MODES, node_costs
 from pipec.errors import CostModelError
 from pipec.partitioner.problem import ChainProblem, exchange_time
 from pipec.schedule.in_flight import in_flight_formula
@@ -87,9 +88,9 @@ class Tables:
         matmul = np.zeros(n, dtype=bool) if p.matmul is None else np.asarray(p.matmul, dtype=bool)
         output = np.zeros(n, dtype=np.int64) if p.output_bytes is None else np.asarray(p.output_bytes, dtype=np.int64)
         self.saved: I64 = saved
-        kept = {"none": saved, "selective": np.where(matmul, output, 0).astype(np.int64),
-                "full": np.zeros(n, dtype=np.int64)}
-        extra = {"none": np.zeros(n), "selective": np.where(matmul, 0.0, forward), "full": forward}
+        per_policy = {q: node_costs(q, saved, output, forward, matmul) for q in MODES}
+        kept = {q: k for q, (k, _) in per_policy.items()}
+        extra = {q: e for q, (_, e) in per_policy.items()}
         self.kept: dict[str, I64] = {q: kept[q] for q in self.policies}
         # zero-bubble split: the gradients I captures at matmul-like nodes wait for W
         self.prefix_grad_held: I64 = np.concatenate(([0], np.cumsum(kept["selective"]))).astype(np.int64)
