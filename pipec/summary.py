@@ -119,7 +119,7 @@ def _memory_line(d: PlanData, measured: Mapping[int, int] | None) -> str:
     """Predicted memory per rank (its stages' sum), beside the measured peak when given."""
     predicted = [0] * d.num_ranks
     for st in d.stages:
-        predicted[st.rank] += st.memory_bytes
+        predicted[d.schedule.rank_of(st.index)] += st.memory_bytes  # placement: the schedule's
     parts = []
     for rank, bytes_ in enumerate(predicted):
         part = f"rank {rank} {format_bytes(bytes_)}"

@@ -23,6 +23,11 @@ from pipec.schedule.ir import Action
 #: The name of the span a runtime step's tied-gradient all-reduces take, after its actions.
 ALLREDUCE = "ALLREDUCE"
 
+#: The name of the counter event (``"ph": "C"``) with a rank's measured peak memory over
+#: its last training step (``args``: ``peak_bytes``, ``predicted_bytes``), written when
+#: the runtime measured it (:meth:`pipec.PipelineRuntime.memory_stats`).
+MEMORY = "peak memory"
+
 
 def _as_action(action: Action | str) -> Action | None:
     if isinstance(action, Action):

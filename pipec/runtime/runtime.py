@@ -623,7 +623,11 @@ class PipelineRuntime:
     def save_timeline(self, path: str | os.PathLike[str]) -> Path:
         """Write this rank's recent steps as Chrome trace JSON (see :mod:`pipec.runtime.timeline`)."""
         self._resolve_allreduce()
-        return write_chrome_trace(Path(path), self._timelines.steps())
+        memory = None
+        if self._memory.enabled and self._memory.measured:
+            stats = self.memory_stats()
+            memory = (self.rank, stats.peak_bytes, stats.predicted_bytes)
+        return write_chrome_trace(Path(path), self._timelines.steps(), memory)
 
     def __repr__(self) -> str:
         return (

@@ -105,3 +105,36 @@ def test_saved_plan_keeps_the_policy(tmp_path: Any) -> None:
     loaded = pipec.load(Plan(data, traced=traced, loss_fn=loss_fn).save(tmp_path / "plan"))
     assert [st.recompute for st in loaded.stages] == ["selective", "selective"]
     assert loaded.data.recompute == "selective"
+
+
+def test_measured_memory_reaches_the_timeline_summary_and_report(tmp_path: Any) -> None:
+    """One rank (every stage local): memory_stats() is measured, saved with the timeline,
+    read back by the report beside the prediction, and shown in the summary."""
+    from _one_rank import one_rank
+
+    from pipec.viz.report import render_report
+    from pipec.viz.report_measured import load_measured
+
+    model, x, y, loss_fn = _case("mlp")
+    traced = pipec.trace(model, (x[:2],))
+    data = plan_from_split(traced, _costs(traced), [len(compute_names(traced)) // 2], num_microbatches=4,
+                           recompute="full")
+    plan = one_rank(Plan(data, traced=traced, loss_fn=loss_fn))
+    pipe = PipelineRuntime(plan, loss_fn, track_memory=True)
+    with pytest.raises(pipec.PipecError, match="no training step measured yet"):
+        pipe.memory_stats()
+    pipe.step(x, target=y)
+    stats = pipe.memory_stats()
+    assert stats.recompute == {0: "full", 1: "full"} and stats.source == "cpu"
+    assert stats.peak_bytes == stats.model_state_bytes + stats.step_peak_bytes
+    pipe.save_timeline(tmp_path / "timeline_rank0.json")
+    measured = load_measured(tmp_path)
+    assert measured is not None and measured.memory == {0: stats.peak_bytes}
+    html = render_report(plan.data, measured=measured)
+    assert "Memory per rank" in html and "0: full" in html
+    summary = plan.summary(measured={0: stats.peak_bytes})
+    assert "measured" in summary and "full" in summary
+    untracked = PipelineRuntime(plan, loss_fn)
+    untracked.step(x, target=y)
+    with pytest.raises(pipec.PipecError, match="track_memory=True"):
+        untracked.memory_stats()
