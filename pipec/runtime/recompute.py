@@ -15,9 +15,9 @@ The replay reproduces the forward bit for bit: the same inputs; pipec's own
 seeded random nodes draw from ``(seed, step, micro-batch, node)`` (the executor
 opens the same :func:`~pipec.split.randomness.random_scope` around both), and
 the global CPU/CUDA generator states are put back to those of the first run for
-anything else random, then restored; buffers a forward updates in place
-(BatchNorm's running statistics) are put back after the replay, so they are
-updated once per micro-batch, as without recompute.
+anything else random, then restored; the replay runs on copies of the buffers
+(BatchNorm's running statistics), so they are updated once per micro-batch, as
+without recompute.
 """
 
 from __future__ import annotations
@@ -93,16 +93,25 @@ def _rng_as(replay: Replay) -> Iterator[None]:
 
 
 def replay_forward(module: nn.Module, replay: Replay) -> Any:
-    """``module(*values)`` again, with autograd, as the first run drew and computed it."""
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    """``module(*values)`` again, with autograd, as the first run drew and computed it.
+
+    The replay runs on copies of the buffers, which are put back afterwards: a forward
+    that updates them in place (BatchNorm's running statistics) updates them once, as
+    without recompute; copying the old values back in place instead would change the
+    version of tensors the replayed graph saved (BatchNorm's backward reads them)."""
+    swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None:
+                swapped.append((sub, name, buf))
+                sub._buffers[name] = buf.detach().clone()
     context = replay.recompute_context if replay.recompute_context is not None else contextlib.nullcontext()
     try:
         with _rng_as(replay), torch.enable_grad(), context:
             return module(*replay.values)
     finally:
-        with torch.no_grad():
-            for b, before in buffers:
-                b.copy_(before)
+        for sub, name, buf in swapped:
+            sub._buffers[name] = buf
 
 
 __all__ = ["SAVED_OPS", "Replay", "forward_kept", "policy", "replay_forward"]
