@@ -140,9 +140,10 @@ class Plan:
             self._stage_modules[index] = module
         return self._stage_modules[index]
 
-    def summary(self) -> str:
-        """The plan's stages as a text table (``pipec show``)."""
-        return plan_summary(self.data)
+    def summary(self, measured: Mapping[int, int] | None = None) -> str:
+        """The plan's stages as a text table (``pipec show``); ``measured``: peak bytes per
+        rank from a run (``pipe.memory_stats().peak_bytes``), shown beside the prediction."""
+        return plan_summary(self.data, measured)
 
     def save(self, directory: str | Path) -> Path:
         """Write the plan directory (plan.json, stage files and weights, schedule,
@@ -188,6 +189,7 @@ def partition(
     target: Any = None,
     data_parallel: int = 1,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -227,6 +229,13 @@ def partition(
     (:class:`pipec.LossScaling`, :meth:`pipec.PipelineRuntime.optimizer`). An unknown
     name is a :class:`pipec.PrecisionError`, as is a precision the runtime's device
     cannot compute in (checked when the runtime starts).
+
+    ``recompute`` (activation recompute, per stage; :mod:`pipec.costs.recompute`):
+    ``"none"`` (the default: every activation is kept, as without the option),
+    ``"full"`` / ``"selective"`` on every stage, or ``"auto"``: the partitioner
+    chooses each stage's policy together with the split -- the fastest that fits
+    the memory limit, so a plan that fits without recompute gets none. The
+    chosen policies are ``plan.stages[k].recompute``.
     """
     found = partition_model(
         model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
@@ -234,7 +243,7 @@ def partition(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-        target=target, data_parallel=data_parallel, precision=precision,
+        target=target, data_parallel=data_parallel, precision=precision, recompute=recompute,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

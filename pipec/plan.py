@@ -67,6 +67,13 @@ class StageInfo(FrozenModel):
     tied_time: float = 0.0
     input_grad_time: float | None = None
     weight_grad_time: float | None = None
+    # activation recompute policy (pipec.costs.recompute): "none" | "selective" | "full";
+    # forward/backward times include what it adds ("none" in plans saved before it existed)
+    recompute: str = "none"
+    recompute_time: float = 0.0  # seconds per micro-batch of backward_time spent recomputing
+    # activation bytes one micro-batch in flight keeps under ``recompute`` (None: every
+    # node's saved bytes, as in plans saved before it was stored)
+    kept_bytes: int | None = None
 
     @property
     def time(self) -> float:
@@ -177,6 +184,7 @@ class PlanData(FrozenModel):
     # "fp32" | "bf16" | "fp16" (pipec.types.PRECISIONS): the stages' autocast dtype; float
     # boundaries cross in it. Plans saved before it was stored are fp32.
     precision: str = "fp32"
+    recompute: str = "none"  # what partition(recompute=...) asked for; the stages hold the choice
     bottleneck: float  # slowest stage time
     lower_bound: float  # max(total / num_stages, largest node): compute only, no communication
     candidates: tuple[Candidate, ...] = ()

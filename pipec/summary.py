@@ -14,6 +14,7 @@ lists every candidate configuration it simulated, and says why the winner won.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 
 from rich import box
 from rich.console import Console
@@ -66,12 +67,15 @@ def _precision_line(precision: str) -> str:
             + ("; dynamic loss scaling at run time" if precision == "fp16" else ""))
 
 
-def plan_summary(d: PlanData) -> str:
-    """The plan's stages as a text table, with its bottleneck and lower bound."""
+def plan_summary(d: PlanData, measured: Mapping[int, int] | None = None) -> str:
+    """The plan's stages as a text table, with its bottleneck and lower bound, and each
+    stage's activation-recompute policy. ``measured``: peak bytes per rank from a run
+    (``pipe.memory_stats().peak_bytes`` of each rank), shown beside the prediction."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for header, justify in (("stage", "right"), ("rank", "right"), ("nodes", "right"),
                             ("modules", "left"), ("params", "right"), ("fwd ms", "right"),
-                            ("bwd ms", "right"), ("comm ms", "right"), ("memory", "right")):
+                            ("bwd ms", "right"), ("comm ms", "right"), ("recompute", "left"),
+                            ("memory", "right")):
         table.add_column(header, justify=justify, no_wrap=header != "modules",  # type: ignore[arg-type]
                          overflow="fold" if header == "modules" else "ellipsis")
     slowest = max(d.stages, key=lambda s: s.time) if d.stages else None
@@ -80,7 +84,7 @@ def plan_summary(d: PlanData) -> str:
         table.add_row(f"{st.index}{mark}", str(st.rank), str(len(st.nodes)),
                       _modules(st.first_module, st.last_module), _count(st.num_params),
                       _ms(st.forward_time), _ms(st.backward_time), _ms(st.comm_time + st.tied_time),
-                      format_bytes(st.memory_bytes))
+                      st.recompute, format_bytes(st.memory_bytes))
     out = io.StringIO()
     console = Console(file=out, width=_WIDTH, color_system=None, force_terminal=False,
                       no_color=True, highlight=False, emoji=False)
@@ -109,6 +113,7 @@ def plan_summary(d: PlanData) -> str:
     if d.mode_blind_random:
         lines.append(f"random in eval() too ({describe_nodes(d.mode_blind_random)}): traced in train() with no "
                      "train/eval argument; for inference partition the model in eval mode")
+    lines.append(_memory_line(d, measured))
     limits = {m for m in d.memory_limit if m is not None}
     if limits:
         lines.append("memory limit per rank: " + ", ".join(format_bytes(m) for m in sorted(limits)))
@@ -119,6 +124,22 @@ def plan_summary(d: PlanData) -> str:
         console.print(candidates_table(d.candidates))
         console.print(winner_line(d), soft_wrap=True)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()) + "\n"
+
+
+def _memory_line(d: PlanData, measured: Mapping[int, int] | None) -> str:
+    """Predicted memory per rank (its stages' sum), beside the measured peak when given."""
+    predicted = [0] * d.num_ranks
+    for st in d.stages:
+        predicted[d.schedule.rank_of(st.index)] += st.memory_bytes  # placement: the schedule's
+    parts = []
+    for rank, bytes_ in enumerate(predicted):
+        part = f"rank {rank} {format_bytes(bytes_)}"
+        if measured is not None and rank in measured:
+            got = measured[rank]
+            part += f" / measured {format_bytes(got)} ({got / bytes_:.2f}x)" if bytes_ else f" / measured {format_bytes(got)}"
+        parts.append(part)
+    head = "memory per rank, predicted" + (" / measured" if measured else "")
+    return f"{head} (recompute {d.recompute}): " + ", ".join(parts)
 
 
 def _label(c: Candidate) -> str:

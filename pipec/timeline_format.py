@@ -26,6 +26,11 @@ ALLREDUCE = "ALLREDUCE"
 #: from its start (right after the stage's last backward) to when the rank saw it complete.
 DP_ALLREDUCE = "DP_ALLREDUCE"
 
+#: The name of the counter event (``"ph": "C"``) with a rank's measured peak memory over
+#: its last training step (``args``: ``peak_bytes``, ``predicted_bytes``), written when
+#: the runtime measured it (:meth:`pipec.PipelineRuntime.memory_stats`).
+MEMORY = "peak memory"
+
 
 def _as_action(action: Action | str) -> Action | None:
     if isinstance(action, Action):

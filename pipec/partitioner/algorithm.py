@@ -26,6 +26,20 @@ PipeDream's DP (Narayanan et al. 2019 §3.1), Alpa's stage DP (Zheng et al.
 same min-max over contiguous segments; here the stage cost also counts
 direct skip transfers, tied-gradient exchange and memory under the schedule.
 
+**Recompute chosen with the split** (``recompute="auto"``): AdaPipe (Sun et
+al., "AdaPipe: Optimizing Pipeline Parallel Training with Adaptive Recomputation
+and Partitioning", ASPLOS 2024, §4) chooses the partition and each stage's
+recomputation together. Here a stage's cost (:func:`pipec.partitioner.chain.stage_policies`)
+already takes, per candidate segment, the fastest policy among ``none``,
+``selective`` and ``full`` whose memory fits the stage's rank; the DP over
+contiguous splits then minimises the bottleneck over splits *and* policies.
+That is exact when each rank holds one stage: a stage's policy changes only its
+own time and memory, so, given the split, choosing per stage is optimal, and
+every split is priced with its best policies. (The memory-pruning bounds use,
+per node, the least any policy keeps, so no split is pruned wrongly.) AdaPipe
+chooses recomputation per layer inside a stage; pipec chooses among three
+policies per stage, a coarser space searched exactly.
+
 Several stages per rank (interleaved) couple their memory: the DP checks each
 stage against its rank's limit (a relaxation), and when the optimum it finds
 overflows a rank, small problems (<= 20,000 splits) are searched exhaustively
@@ -37,6 +51,7 @@ rank's memory unevenly).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -177,13 +192,20 @@ def infeasible_error(problem: ChainProblem) -> PartitionError:
     shown = ", ".join(format_bytes(m) for m in limits)
     how = ("the minimum over splits of the largest rank memory" if exact
            else "a lower bound: with several stages per rank the exact minimum may be higher")
+    policies = "/".join(problem.recompute)
+    if "full" in problem.recompute:
+        advice = ""
+    else:
+        with_recompute, _ = min_memory_limit(dataclasses.replace(problem, recompute=("none", "selective", "full")))
+        advice = (f", or recompute activations (recompute='auto'; with it the smallest limit is "
+                  f"{format_bytes(with_recompute)})")
     return PartitionError(
         f"no split of the {problem.num_nodes} nodes into {problem.num_stages} stages fits the memory "
         f"limit ({shown} per rank, schedule {problem.schedule!r}, {problem.num_microbatches} "
-        f"micro-batches); the smallest per-rank limit that fits is {format_bytes(need)} ({how}). "
+        f"micro-batches, recompute {policies}); the smallest per-rank limit that fits is {format_bytes(need)} ({how}). "
         "To fix: raise memory_limit to at least that, use more stages (num_stages), more and smaller "
-        "micro-batches, a schedule with fewer micro-batches in flight (1f1b rather than gpipe), "
-        "or recompute activations (not supported yet)"
+        "micro-batches, a schedule with fewer micro-batches in flight (1f1b rather than gpipe)"
+        f"{advice}"
     )
 
 

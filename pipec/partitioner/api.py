@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from pipec.costs.recompute import check_request
 from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.mode_ops import describe_nodes
 from pipec.partitioner import config
@@ -86,6 +87,7 @@ def partition_model(
     target: Any = None,
     data_parallel: int = 1,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> Partitioned:
     """What :func:`pipec.partition` computes, as the plan data and the traced
     graph it splits (see that function for the arguments)."""
@@ -96,6 +98,7 @@ def partition_model(
             "wrap a plain function in an nn.Module whose forward calls it"
         )
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
+    check_request(recompute)
     check_loss_fn(loss_fn)
     data_parallel = check_data_parallel(data_parallel)
     if data_parallel > 1:  # one pipeline on replica 0's share of the global batch, stamped with D
@@ -109,7 +112,7 @@ def partition_model(
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=r_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=r_target, precision=precision,
+            target=r_target, precision=precision, recompute=recompute,
         )
         return with_data_parallel(found, data_parallel, batch)
     if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):
@@ -121,7 +124,7 @@ def partition_model(
             memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
             example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=target, precision=precision,
+            target=target, precision=precision, recompute=recompute,
         )
         args, kwargs = split_inputs(example_inputs, example_kwargs)
         if found.data.mode_blind_random and draws_in_eval(
@@ -165,6 +168,7 @@ def partition_model(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
         precision=precision,
+        recompute=recompute,
     )
     check_runnable(data)
     if data.mode_blind_random and draws_in_eval(model, mb_args, mb_kwargs):

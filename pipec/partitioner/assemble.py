@@ -16,10 +16,18 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipec.errors import ConfigError
+from pipec.costs.recompute import options_of
+from pipec.errors import ConfigError, PartitionError
 from pipec.mode_ops import batch_norm_layers, mode_blind_random
 from pipec.partitioner import config
-from pipec.partitioner.chain import check_cuts, evaluate, stage_params, stage_tied_time
+from pipec.partitioner.chain import (
+    check_cuts,
+    evaluate,
+    stage_params,
+    stage_policy,
+    stage_recompute_time,
+    stage_tied_time,
+)
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import (
     GraphChain,
@@ -29,10 +37,15 @@ from pipec.partitioner.graph import (
     is_plain_tensor,
     split_to_cuts,
 )
+from pipec.partitioner.liveness import tables_of
 from pipec.partitioner.problem import ChainProblem, ChainSolution
 from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, holder_ranks
 from pipec.schedule.backends import lower_per_backend
-from pipec.schedule.in_flight import in_flight_from_schedule
+from pipec.schedule.in_flight import (
+    held_for_weight_grad,
+    in_backward_from_schedule,
+    in_flight_from_schedule,
+)
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph, boundary_meta, check_precision
 
@@ -48,8 +61,11 @@ def build_plan_data(
     cost_model_name: str,
     batch_size: int | None = None,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> PlanData:
-    """The plan data of ``solution`` (see the module docstring)."""
+    """The plan data of ``solution`` (see the module docstring). Each stage's recompute
+    policy is the one the stage cost chose (:func:`pipec.partitioner.chain.stage_policy`);
+    its seconds go into the stage's backward (``B``, or ``I`` under the split)."""
     problem = chain.problem
     cuts = np.asarray(solution.cuts, dtype=np.int64)
     infos = {n.name: n for n in traced.nodes}
@@ -75,7 +91,12 @@ def build_plan_data(
         forward = sum(node_costs[n].forward_time for n in names) / speed
         input_grad = sum(node_costs[n].input_grad_time for n in names) / speed
         weight_grad = sum(node_costs[n].weight_grad_time for n in names) / speed
-        backward = sum(node_costs[n].backward_time for n in names) / speed
+        policy = stage_policy(problem, k, i, j)
+        if recompute not in ("none", "auto"):
+            check_recomputable(k, names, policy, node_costs, problem, i, j)
+        extra = stage_recompute_time(problem, k, i, j)
+        input_grad += extra
+        backward = sum(node_costs[n].backward_time for n in names) / speed + extra
         numel, param_bytes = stage_params(problem, i, j)
         # the search's own tied charge comes off; the real groups' share goes on
         charged = stage_tied_time(problem, k, i, j)
@@ -85,6 +106,7 @@ def build_plan_data(
             comm_time=max(0.0, solution.stage_times[k] - forward - backward - charged),
             tied_time=reported[k], memory_bytes=solution.stage_memory[k],
             input_grad_time=input_grad, weight_grad_time=weight_grad,
+            recompute=policy, recompute_time=extra, kept_bytes=kept_bytes(problem, policy, i, j),
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
     boundaries = []
@@ -113,12 +135,35 @@ def build_plan_data(
         memory_limit=tuple(problem.limit_of(r) for r in range(problem.ranks)),
         device_speeds=tuple(problem.speed_of(r) for r in range(problem.ranks)),
         optimizer_state_bytes_per_param=problem.optimizer_state_bytes_per_param, precision=precision,
+        recompute=recompute,
         bottleneck=solution.bottleneck, lower_bound=lower_bound(chain, node_costs),
         node_modules={n.name: n.module_path for n in traced.nodes if n.name in set(chain.names)},
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
         mode_blind_random=mode_blind_random(traced.graph_module, {n.name: n.module_path for n in traced.nodes})
         if traced.training else {},
     )
+
+
+def kept_bytes(problem: ChainProblem, policy: str, start: int, end: int) -> int:
+    """Activation bytes positions ``[start, end)`` keep per micro-batch in flight under ``policy``."""
+    tab = tables_of(problem)
+    return int(tab.prefix_kept[policy][end] - tab.prefix_kept[policy][start])
+
+
+def check_recomputable(stage: int, names: Sequence[str], policy: str, node_costs: Mapping[str, NodeCost],
+                       problem: ChainProblem, start: int, end: int) -> None:
+    """PartitionError when ``policy`` (asked for every stage) has nothing to recompute on
+    ``stage``: it would neither free a byte nor cost a second."""
+    tab = tables_of(problem)
+    freed = int(tab.prefix_saved[end] - tab.prefix_saved[start]) - int(
+        tab.prefix_kept[policy][end] - tab.prefix_kept[policy][start])
+    if policy != "none" and freed <= 0 and stage_recompute_time(problem, stage, start, end) <= 0:
+        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+        raise PartitionError(
+            f"recompute={policy!r}: stage {stage} ({shown}) has no nodes to recompute -- its nodes "
+            f"keep no activations that {policy} recompute would drop (matmul-like nodes are kept "
+            "under 'selective'); use recompute='auto', which leaves such stages at 'none'"
+        )
 
 
 def transfer_times(problem: ChainProblem, num_bytes: int, producer: int, consumers: Sequence[int]) -> tuple[float, ...]:
@@ -193,6 +238,7 @@ def plan_from_split(
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> PlanData:
     """The plan data of a split given by hand (wrap it as ``pipec.Plan(data, traced=traced)``).
     ``precision``: as in :func:`pipec.partition` (the boundaries' dtype and bytes).
@@ -217,11 +263,13 @@ def plan_from_split(
         schedule=sched.name, num_microbatches=num_microbatches, in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=sched.placement, precision=check_precision(precision),
+        recompute=options_of(recompute), in_backward=in_backward_from_schedule(sched),
+        held_grads=held_for_weight_grad(sched),
     )
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size, precision=precision)
+                           batch_size=batch_size, precision=precision, recompute=recompute)
     return data
 
 

@@ -165,6 +165,7 @@ def partition_auto(
     strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
     optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> Partitioned:
     """:func:`pipec.partition` with some of its choices ``"auto"`` (see the module docstring)."""
     from pipec.costs.timer import progress_bar
@@ -198,7 +199,7 @@ def partition_auto(
                 trials.append(run_trial(
                     costed[cfg.num_microbatches], cfg, num_ranks=space.num_ranks, memory_limit=memory_limit,
                     device_speeds=device_speeds, strategy=strategy, batch=batch,
-                    optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision))
+                    optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision, recompute=recompute))
             except (PartitionError, ScheduleError) as exc:
                 reason = " ".join(str(exc).split())
                 log.info("auto-plan: %s cannot be split: %s", cfg.label, reason)
@@ -220,7 +221,7 @@ def partition_auto(
 def run_trial(
     costed: Costed, cfg: Config, *, num_ranks: int, memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None, strategy: str, batch: int | None,
-    optimizer_state_bytes_per_param: int, precision: str = "fp32",
+    optimizer_state_bytes_per_param: int, precision: str = "fp32", recompute: str = "none",
 ) -> Trial:
     """Split and simulate one configuration (PartitionError when it cannot be split at all)."""
     limits = config.memory_limits(memory_limit, num_ranks, costed.cost_model)
@@ -228,7 +229,7 @@ def run_trial(
         num_stages=num_ranks * cfg.stages_per_rank, num_microbatches=cfg.num_microbatches,
         schedule=cfg.schedule, stages_per_rank=cfg.stages_per_rank, cost_model=costed.cost_model,
         device_speeds=device_speeds, strategy=strategy, batch_size=batch,
-        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision,
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision, recompute=recompute,
     )
     need = None
     try:
@@ -241,7 +242,7 @@ def run_trial(
         chain = chain_for(costed.traced, costed.node_costs, plan.schedule, cost_model=costed.cost_model,
                               memory_limit=limits, device_speeds=device_speeds,
                               optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-                              precision=precision)
+                              precision=precision, recompute=recompute)
         need = min_memory_limit(chain.problem)[0]
     if "nccl" not in plan.lowered:  # its schedule failed validation for NCCL (check_runnable); auto plans for NCCL
         raise ScheduleError(f"{cfg.label}: the schedule has no valid NCCL lowering for this split")

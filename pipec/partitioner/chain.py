@@ -42,6 +42,18 @@ real all-reduce at the end of the step
 where a tied group counts on every stage that uses it and ``in_flight[k]``
 is the number of micro-batches stage ``k`` holds at its peak
 (:mod:`pipec.schedule.in_flight`). A rank's memory is the sum over its stages.
+
+**Activation recompute** (:mod:`pipec.costs.recompute`): with several policies
+allowed (``problem.recompute``), each stage takes the fastest one whose memory
+fits its rank's limit (:func:`stage_policies`). Under policy ``p`` the saved
+activations above become ``kept_p * (in_flight - b) + saved * b`` -- the
+micro-batches in flight keep what ``p`` keeps (nothing for ``full``, matmul
+outputs for ``selective``), the ``b`` whose backward is running
+(``problem.in_backward``, 1 unless ``W`` runs later than ``I``) hold all of
+theirs -- and the time gains the forward of the nodes ``p`` recomputes. Under
+the zero-bubble split each micro-batch between its ``I`` and ``W``
+(``problem.held_grads``) also keeps the gradient ``I`` captured at each
+matmul-like node (its output's size), whatever the policy.
 """
 
 from __future__ import annotations
@@ -60,15 +72,79 @@ I64 = npt.NDArray[np.int64]
 
 
 def stage_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F64:
-    """Time of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised)."""
-    tab = tables_of(problem)
+    """Time of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised),
+    under the recompute policy :func:`stage_policies` picks."""
     i = np.asarray(starts, dtype=np.int64)
     j = np.asarray(ends, dtype=np.int64)
+    time = _base_times(problem, stage, i, j)
+    tab = tables_of(problem)
+    if tab.policies == ("none",):
+        return time
+    choice = stage_policies(problem, stage, i, j)
+    extra = np.choose(choice, [tab.prefix_recompute[q][j] - tab.prefix_recompute[q][i] for q in tab.policies])
+    out: F64 = time + extra / tab.speed[stage]
+    return out
+
+
+def _base_times(problem: ChainProblem, stage: int, i: I64, j: I64) -> F64:
+    """Compute, transfers and tied all-reduce share, before any recompute."""
+    tab = tables_of(problem)
     time: F64 = (tab.prefix_time[j] - tab.prefix_time[i]) / tab.speed[stage]
     if len(tab.tensor_bytes) and problem.comm_time is not None:
         time = time + tab.received(tab.comm_cumulative("recv", tab.recv_pair[stage]), i, j)
         time = time + tab.sent(tab.comm_cumulative("send", tab.send_pair[stage]), i, j)
     return time + stage_tied_times(problem, stage, i, j)
+
+
+def stage_policies(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> I64:
+    """Index into ``problem.recompute`` of the policy stage ``stage`` takes over each
+    ``[starts[n], ends[n])``: the fastest whose memory fits the stage's rank limit (ties:
+    the earlier, so no needless recompute), else the one that needs the least memory.
+
+    The choice depends on the segment alone, so a split's best policies are chosen
+    stage by stage (AdaPipe's per-stage recompute choice, Sun et al. 2024 §4): exact
+    when each rank holds one stage. Stages sharing a rank are each checked against the
+    whole rank's limit (the same relaxation as the split; see
+    :mod:`pipec.partitioner.algorithm`)."""
+    tab = tables_of(problem)
+    i = np.asarray(starts, dtype=np.int64)
+    j = np.asarray(ends, dtype=np.int64)
+    if len(tab.policies) == 1:
+        return np.zeros(len(i), dtype=np.int64)
+    memory = _policy_memories(problem, stage, i, j)
+    time = np.stack([tab.prefix_recompute[q][j] - tab.prefix_recompute[q][i] for q in tab.policies])
+    limit = problem.limit_of(problem.rank_of(stage))
+    fits_limit = memory <= (np.inf if limit is None else limit)
+    ranked = np.where(fits_limit, time, np.inf)
+    fastest = np.argmin(ranked, axis=0)
+    smallest = np.argmin(memory, axis=0)
+    out: I64 = np.where(fits_limit.any(axis=0), fastest, smallest).astype(np.int64)
+    return out
+
+
+def _policy_memories(problem: ChainProblem, stage: int, i: I64, j: I64) -> I64:
+    """Memory of the segments under each policy of ``problem.recompute`` (rows)."""
+    tab = tables_of(problem)
+    base = _memory_without_activations(problem, stage, i, j)
+    rest, held = tab.activation_weights(stage)
+    saved = tab.prefix_saved[j] - tab.prefix_saved[i]
+    out: I64 = np.stack([base + (tab.prefix_kept[q][j] - tab.prefix_kept[q][i]) * rest + saved * held
+                         for q in tab.policies])
+    return out
+
+
+def _memory_without_activations(problem: ChainProblem, stage: int, i: I64, j: I64) -> I64:
+    """Parameters, optimizer state, boundary buffers and tied groups of the segments."""
+    tab = tables_of(problem)
+    memory: I64 = tab.prefix_param_memory[j] - tab.prefix_param_memory[i]
+    if tab.held_grads[stage]:
+        memory = memory + (tab.prefix_grad_held[j] - tab.prefix_grad_held[i]) * tab.held_grads[stage]
+    if len(tab.tensor_bytes):
+        boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
+        memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+    for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
+        memory = memory + np.where(inside, tab.tied_memory[g], 0)
+    return memory
 
 
 def stage_tied_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> F64:
@@ -86,18 +162,36 @@ def stage_tied_times(problem: ChainProblem, stage: int, starts: I64, ends: I64) 
 
 
 def stage_memories(problem: ChainProblem, stage: int, starts: I64, ends: I64) -> I64:
-    """Memory of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised)."""
+    """Memory of stage ``stage`` over ``[starts[n], ends[n])`` for every ``n`` (vectorised),
+    under the recompute policy :func:`stage_policies` picks."""
     tab = tables_of(problem)
     i = np.asarray(starts, dtype=np.int64)
     j = np.asarray(ends, dtype=np.int64)
-    mono = tab.prefix_memory(stage)
-    memory: I64 = mono[j] - mono[i]
-    if len(tab.tensor_bytes):
-        boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
-        memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
-    for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
-        memory = memory + np.where(inside, tab.tied_memory[g], 0)
-    return memory
+    if tab.policies == ("none",):
+        mono = tab.prefix_memory(stage)
+        memory: I64 = mono[j] - mono[i]
+        if len(tab.tensor_bytes):
+            boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
+            memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+        for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
+            memory = memory + np.where(inside, tab.tied_memory[g], 0)
+        return memory
+    chosen: I64 = np.choose(stage_policies(problem, stage, i, j), _policy_memories(problem, stage, i, j))
+    return chosen
+
+
+def stage_policy(problem: ChainProblem, stage: int, start: int, end: int) -> str:
+    """The recompute policy stage ``stage`` holding positions ``[start, end)`` takes."""
+    _check_segment(problem, stage, start, end)
+    one = np.array([start], dtype=np.int64), np.array([end], dtype=np.int64)
+    return problem.recompute[int(stage_policies(problem, stage, *one)[0])]
+
+
+def stage_recompute_time(problem: ChainProblem, stage: int, start: int, end: int) -> float:
+    """Seconds per micro-batch recomputing adds to stage ``stage`` over ``[start, end)``."""
+    tab = tables_of(problem)
+    policy = stage_policy(problem, stage, start, end)
+    return float(tab.prefix_recompute[policy][end] - tab.prefix_recompute[policy][start]) / float(tab.speed[stage])
 
 
 def stage_time(problem: ChainProblem, stage: int, start: int, end: int) -> float:
@@ -197,6 +291,9 @@ __all__ = [
     "stage_memories",
     "stage_memory",
     "stage_params",
+    "stage_policies",
+    "stage_policy",
+    "stage_recompute_time",
     "stage_tied_time",
     "stage_tied_times",
     "stage_time",

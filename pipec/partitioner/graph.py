@@ -31,6 +31,7 @@ import networkx as nx
 import torch
 
 from pipec.costs.node_exec import FREE_OPS
+from pipec.costs.recompute import matmul_flags
 from pipec.errors import PartitionError
 from pipec.partitioner.problem import AllReduceTime, ChainProblem, ChainTensor, CommTime, ParamGroup
 from pipec.types import NodeCost, NodeInfo, TracedGraph, boundary_meta
@@ -83,8 +84,12 @@ def build_chain(
     optimizer_state_bytes_per_param: int = 8,
     placement: Sequence[int] | None = None,
     precision: str = "fp32",
+    recompute: Sequence[str] = ("none",),
+    in_backward: Sequence[int] | None = None,
+    held_grads: Sequence[int] | None = None,
 ) -> GraphChain:
-    """The chain problem of ``traced`` (see the module docstring). Under ``precision``
+    """The chain problem of ``traced`` (see the module docstring); ``recompute`` are the
+    policies each stage may take (:mod:`pipec.costs.recompute`). Under ``precision``
     "bf16"/"fp16" a float tensor crossing a cut costs its compute-dtype bytes
     (:func:`pipec.types.boundary_meta`): the runtime sends it in that dtype."""
     graph = value_graph(traced)
@@ -140,6 +145,12 @@ def build_chain(
         in_flight=None if in_flight is None else tuple(in_flight),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=None if placement is None else tuple(placement),
+        recompute=tuple(recompute),
+        forward_time=tuple(float(node_costs[n].forward_time) for n in names),
+        matmul=matmul_flags(traced, names),
+        output_bytes=tuple(infos[n].output_bytes for n in names),
+        in_backward=None if in_backward is None else tuple(in_backward),
+        held_grads=None if held_grads is None else tuple(held_grads),
     )
     return GraphChain(problem, names, tuple(tensor_names), fqns)
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pipec.costs.recompute import MODES, node_costs
 from pipec.errors import CostModelError
 from pipec.partitioner.problem import ChainProblem, exchange_time
 from pipec.schedule.in_flight import in_flight_formula
@@ -68,10 +69,45 @@ class Tables:
         flight = p.in_flight if p.in_flight is not None else in_flight_formula(
             p.schedule, s, p.ranks, p.num_microbatches)
         self.in_flight: I64 = np.asarray(flight, dtype=np.int64)
+        self.in_backward: I64 = np.minimum(
+            np.asarray(p.in_backward if p.in_backward is not None else (1,) * s, dtype=np.int64),
+            np.maximum(self.in_flight, 1))
+        self._build_recompute(p, saved)
         self._build_tensors(p)
         self._build_params(p)
         self._build_pairs(p)
         self._cache: dict[tuple[str, object], npt.NDArray[Any]] = {}
+
+    # -- recompute --------------------------------------------------------------------
+    def _build_recompute(self, p: ChainProblem, saved: I64) -> None:
+        """Per policy: bytes each node keeps per micro-batch in flight, and the prefix sums
+        of those and of the seconds recomputing adds (:mod:`pipec.costs.recompute`)."""
+        n = self.n
+        self.policies: tuple[str, ...] = p.recompute
+        forward = np.zeros(n) if p.forward_time is None else np.asarray(p.forward_time, dtype=np.float64)
+        matmul = np.zeros(n, dtype=bool) if p.matmul is None else np.asarray(p.matmul, dtype=bool)
+        output = np.zeros(n, dtype=np.int64) if p.output_bytes is None else np.asarray(p.output_bytes, dtype=np.int64)
+        self.saved: I64 = saved
+        per_policy = {q: node_costs(q, saved, output, forward, matmul) for q in MODES}
+        kept = {q: k for q, (k, _) in per_policy.items()}
+        extra = {q: e for q, (_, e) in per_policy.items()}
+        self.kept: dict[str, I64] = {q: kept[q] for q in self.policies}
+        # zero-bubble split: the gradients I captures at matmul-like nodes wait for W
+        self.prefix_grad_held: I64 = np.concatenate(([0], np.cumsum(kept["selective"]))).astype(np.int64)
+        self.held_grads: I64 = np.asarray(
+            p.held_grads if p.held_grads is not None else (0,) * p.num_stages, dtype=np.int64)
+        self.prefix_kept: dict[str, I64] = {
+            q: np.concatenate(([0], np.cumsum(kept[q]))).astype(np.int64) for q in self.policies}
+        self.prefix_recompute: dict[str, F64] = {
+            q: np.concatenate(([0.0], np.cumsum(extra[q]))) for q in self.policies}
+
+    def activation_weights(self, stage: int) -> tuple[int, int]:
+        """``(f - b, b)``: a policy's activation bytes on ``stage`` are
+        ``kept * (f - b) + saved * b`` -- ``f`` micro-batches in flight keep their
+        kept bytes, the ``b`` whose backward runs hold all of theirs (for ``none``,
+        ``saved * f``)."""
+        f, b = int(self.in_flight[stage]), int(self.in_backward[stage])
+        return f - b, b
 
     # -- tensors ----------------------------------------------------------------------
     def _build_tensors(self, p: ChainProblem) -> None:
@@ -128,10 +164,19 @@ class Tables:
         self.prefix_param_bytes: I64 = np.concatenate(([0], np.cumsum(bytes_at))).astype(np.int64)
 
     def prefix_memory(self, stage: int) -> I64:
-        """Prefix sums of the part of a stage's memory that only grows with the segment."""
-        key = ("mono", int(self.in_flight[stage]))
+        """Prefix sums of the part of a stage's memory that only grows with the segment: with
+        several recompute policies, per node the least any of them keeps (a lower bound)."""
+        rest, held = self.activation_weights(stage)
+        grads = int(self.held_grads[stage])
+        key = ("mono", (rest, held, grads))
         if key not in self._cache:
-            self._cache[key] = self.prefix_param_memory + self.prefix_saved * int(self.in_flight[stage])
+            if self.policies == ("none",):
+                self._cache[key] = self.prefix_param_memory + self.prefix_saved * int(self.in_flight[stage])
+            else:
+                least = np.min([self.kept[q] * rest + self.saved * held for q in self.policies], axis=0)
+                self._cache[key] = self.prefix_param_memory + np.concatenate(([0], np.cumsum(least))).astype(np.int64)
+            if grads:
+                self._cache[key] = self._cache[key] + self.prefix_grad_held * grads
         return self._cache[key]
 
     # -- communication ----------------------------------------------------------------

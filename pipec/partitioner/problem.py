@@ -94,6 +94,18 @@ class ChainProblem:
     - ``optimizer_state_bytes_per_param``: 8 = Adam's two fp32 moments.
     - ``placement``: the rank of each stage, as the schedule places it
       (:attr:`pipec.schedule.ir.Schedule.placement`); ``None`` = round-robin.
+    - ``recompute``: the activation-recompute policies each stage may take
+      (:mod:`pipec.costs.recompute`), fastest first; the stage cost takes the
+      fastest one that fits its rank's memory (:mod:`pipec.partitioner.chain`).
+    - ``forward_time[i]``: node ``i``'s forward seconds, what recomputing it costs
+      (``None`` = 0); ``matmul[i]``: whether it is matmul-like (``selective`` keeps
+      its output, ``output_bytes[i]``, and does not recompute it).
+    - ``in_backward``: per stage, the micro-batches whose backward has started but
+      not finished at once at most (1; more when ``W`` runs later than ``I``): a
+      recomputing stage holds their activations in full (``None`` = 1).
+    - ``held_grads``: per stage, the micro-batches between their ``I`` and ``W`` at
+      once (0 without the split): each keeps the gradient ``I`` captured at every
+      matmul-like node for ``W``, ``output_bytes`` of it (``None`` = 0).
     """
 
     compute_time: tuple[float, ...]
@@ -112,6 +124,12 @@ class ChainProblem:
     in_flight: tuple[int, ...] | None = None
     optimizer_state_bytes_per_param: int = 8
     placement: tuple[int, ...] | None = None
+    recompute: tuple[str, ...] = ("none",)
+    forward_time: tuple[float, ...] | None = None
+    matmul: tuple[bool, ...] | None = None
+    output_bytes: tuple[int, ...] | None = None
+    in_backward: tuple[int, ...] | None = None
+    held_grads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -217,6 +235,15 @@ def _validate(p: ChainProblem) -> None:
     if p.num_microbatches < 1 or p.optimizer_state_bytes_per_param < 0:
         raise _fail("num_microbatches", ">= 1 (and optimizer_state_bytes_per_param >= 0)",
                     (p.num_microbatches, p.optimizer_state_bytes_per_param))
+    if not p.recompute or any(x not in ("none", "selective", "full") for x in p.recompute):
+        raise _fail("recompute", "policies among 'none', 'selective', 'full'", p.recompute)
+    for what, values in (("forward_time", p.forward_time), ("matmul", p.matmul), ("output_bytes", p.output_bytes)):
+        if values is not None and len(values) != n:
+            raise _fail(what, f"{n} values (one per node)", len(values))
+    if p.held_grads is not None and (len(p.held_grads) != p.num_stages or min(p.held_grads) < 0):
+        raise _fail("held_grads", f"{p.num_stages} counts >= 0", p.held_grads)
+    if p.in_backward is not None and (len(p.in_backward) != p.num_stages or min(p.in_backward) < 1):
+        raise _fail("in_backward", f"{p.num_stages} counts >= 1", p.in_backward)
     for t in p.tensors:
         if not (0 <= t.producer < n and t.consumers and t.num_bytes >= 0
                 and all(t.producer < c < n for c in t.consumers)

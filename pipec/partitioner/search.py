@@ -36,6 +36,7 @@ Values and back-pointers are those of the full DP, bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -296,6 +297,8 @@ def min_memory_limit(problem: ChainProblem) -> tuple[int, bool]:
     per-stage minimum is returned as a lower bound (``exact`` False).
     Phase: partition, used for the advice of an infeasible-memory error.
     """
+    if len(problem.recompute) > 1:  # each stage then takes the policy that needs the least memory
+        problem = dataclasses.replace(problem, memory_limit=(1,) * problem.ranks)
     tab = tables_of(problem)
     s = problem.num_stages
     prefixes = [tab.prefix_memory(k).astype("float64") for k in range(s)]

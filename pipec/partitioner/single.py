@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipec.costs.recompute import check_request, options_of
 from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
@@ -34,7 +35,11 @@ from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
 from pipec.schedule.gen_common import SYNTH
 from pipec.schedule.generators import FIXED_NAMES, SCHEDULE_NAMES, make_schedule
-from pipec.schedule.in_flight import in_flight_from_schedule
+from pipec.schedule.in_flight import (
+    held_for_weight_grad,
+    in_backward_from_schedule,
+    in_flight_from_schedule,
+)
 from pipec.schedule.ir import Schedule
 from pipec.types import CostModel, NodeCost, TracedGraph, check_precision
 
@@ -56,11 +61,15 @@ def partition_traced(
     optimizer_state_bytes_per_param: int = 8,
     batch_size: int | None = None,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> PlanData:
     """One configuration: the plan data for a traced, costed graph (no tracing, no profiling).
     ``precision`` sets the boundaries' dtype and bytes and the plan's autocast dtype; the
-    node costs must already be those of that precision (:func:`resolve_cost_model`)."""
+    node costs must already be those of that precision (:func:`resolve_cost_model`).
+    ``recompute``: ``"none"``, ``"full"``, ``"selective"`` on every stage, or ``"auto"``
+    (the search picks each stage's policy with the split; :mod:`pipec.partitioner.algorithm`)."""
     check_strategy(strategy)
+    check_request(recompute)
     precision = check_precision(precision)
     synth = schedule == SYNTH
     if synth:
@@ -68,7 +77,8 @@ def partition_traced(
     sched = make_schedule_checked(schedule, num_stages, num_microbatches, stages_per_rank)
     chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                       device_speeds=device_speeds,
-                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision)
+                      optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision,
+                      recompute=recompute)
     started = time.perf_counter()
     solution = solve(chain.problem, strategy)
     log.info("%s split of %d nodes into %d stages in %.2fs: bottleneck %.3g s",
@@ -76,12 +86,12 @@ def partition_traced(
              solution.bottleneck)
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size, precision=precision)
+                           batch_size=batch_size, precision=precision, recompute=recompute)
     if synth:
         data = synthesized(data, traced, node_costs, solution.cuts, strategy=strategy,
                            cost_model=cost_model, memory_limit=memory_limit, device_speeds=device_speeds,
                            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-                           batch_size=batch_size, precision=precision)
+                           batch_size=batch_size, precision=precision, recompute=recompute)
     return data
 
 
@@ -96,6 +106,7 @@ def synthesized(
     cuts: Sequence[int], *, strategy: str, cost_model: CostModel | None, memory_limit: MemoryLimit,
     device_speeds: Sequence[float] | None, optimizer_state_bytes_per_param: int, batch_size: int | None,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> PlanData:
     """``data`` (split for :func:`synth_base`'s schedule) with the schedule built from its
     stages' own F, I, W and boundary transfer times (:func:`pipec.schedule.synth.synthesize`).
@@ -113,7 +124,7 @@ def synthesized(
         found_chain = chain_for(traced, node_costs, sched, cost_model=cost_model, memory_limit=memory_limit,
                                 device_speeds=device_speeds,
                                 optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
-                                precision=precision)
+                                precision=precision, recompute=recompute)
         return found_chain, evaluate(found_chain.problem, cuts, strategy)
 
     levels = {data.schedule.name: in_flight_from_schedule(data.schedule)}
@@ -151,7 +162,7 @@ def synthesized(
     final_chain, solution = solved(found.schedule)
     return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size, precision=precision)
+                           batch_size=batch_size, precision=precision, recompute=recompute)
 
 
 def chain_for(
@@ -164,6 +175,7 @@ def chain_for(
     device_speeds: Sequence[float] | None,
     optimizer_state_bytes_per_param: int,
     precision: str = "fp32",
+    recompute: str = "none",
 ) -> GraphChain:
     """The chain problem of one configuration (the schedule fixes stages, ranks, micro-batches)."""
     ranks = config.num_ranks(sched.num_stages, sched.stages_per_rank)
@@ -177,6 +189,8 @@ def chain_for(
         in_flight=in_flight_from_schedule(sched),
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param,
         placement=sched.placement, precision=precision,
+        recompute=options_of(recompute), in_backward=in_backward_from_schedule(sched),
+        held_grads=held_for_weight_grad(sched),
     )
 
 

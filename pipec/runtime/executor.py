@@ -48,6 +48,8 @@ from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backw
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.data_parallel import last_backward
 from pipec.runtime.failure import PeerFailure
+from pipec.runtime.memory import MemoryMeter
+from pipec.runtime.recompute import Replay, forward_kept, replay_forward
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.shapes import baked_shape_message
 from pipec.runtime.timeline import Clock, TimelineEvent
@@ -66,6 +68,7 @@ class _Slot:
     out_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     grads_seen: set[tuple[str, int]] = field(default_factory=set)  # (boundary, consumer stage)
     pending_w: PendingWeightGrad | None = None
+    replay: Replay | None = None  # a recomputing stage's forward, to run again at its backward
 
 
 @dataclass
@@ -119,6 +122,8 @@ class Executor:
         microbatch_offset: int = 0,
         after_backward: Callable[[int], None] | None = None,
         precision: str = "fp32",
+        recompute: Mapping[int, str] | None = None,
+        memory: MemoryMeter | None = None,
     ) -> None:
         self.rank = rank
         self.device = device
@@ -132,6 +137,9 @@ class Executor:
         # the data-parallel all-reduce of its gradients starts there
         self.after_backward = after_backward
         self._done_at = {i: s for s, i in last_backward(actions).items()}
+        # per local stage: its activation-recompute policy (pipec.runtime.recompute)
+        self.recompute = {s: (recompute or {}).get(s, "none") for s in stages}
+        self.memory = memory
         self.stages = dict(stages)
         self.routes = dict(routes)
         self.actions = tuple(actions)
@@ -273,10 +281,14 @@ class Executor:
                     f"input {r.name!r} from stage {r.producer} has not arrived; the schedule needs "
                     f"{r.producer}F{a.microbatch} (and {a.stage}RECV_F{a.microbatch} across ranks) first",
                 )
+        mode = self.recompute[a.stage] if self._train else "none"
         try:
             with random_scope(self.seed, self._step, self.microbatch_offset + a.microbatch), \
-                    autocast(self.device, self.precision):
-                result = self.stages[a.stage](*values)  # same random draws on any layout
+                    autocast(self.device, self.precision):  # same random draws on any layout
+                if mode == "none":
+                    result = self.stages[a.stage](*values)
+                else:
+                    result, slot.replay = forward_kept(self.stages[a.stage], values, mode)
         except Exception as e:
             if self.shape_note is None:
                 raise
@@ -310,16 +322,7 @@ class Executor:
             return
         if self._loss_fn is None:
             raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
-        if self.precision != "fp32":
-            output = upcast_floats(output)  # the loss in float32, outside autocast (as _forward ends it)
-        if self._targets is None:
-            value = self._loss_fn(output)
-        else:
-            value = self._loss_fn(output, self._targets[a.microbatch])
-        try:
-            loss, count = loss_parts(value)
-        except ConfigError as e:
-            raise self._fail(a, str(e)) from None
+        loss, count = self._loss(a, output)
         result = self._result
         if (count is None) != (not result.counts) and (result.losses or result.counts):
             kinds = ("a scalar", "a (loss_sum, count) tuple")
@@ -327,13 +330,50 @@ class Executor:
             raise self._fail(a, f"loss_fn returned {now} here but {before} for the step's earlier micro-batches; "
                                 "return the same kind for every micro-batch")
         result.losses[a.microbatch] = loss.detach()
-        if count is None:
-            slot.scaled_loss = loss / self.num_microbatches
-        else:  # divided by the batch's count after the step (pipec.runtime.loss_scale)
+        if count is not None:
             result.counts[a.microbatch] = count
-            slot.scaled_loss = loss
-        if self.loss_scale != 1.0:  # fp16: unscaled after the step (pipec.runtime.amp)
-            slot.scaled_loss = slot.scaled_loss * self.loss_scale
+        slot.scaled_loss = self._scaled(loss, count)
+
+    def _scaled(self, loss: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+        """The loss the backward starts from: a mean loss over the micro-batches (a count
+        loss is divided by the batch's count after the step, pipec.runtime.loss_scale),
+        times the fp16 loss scale (unscaled after the step, pipec.runtime.amp)."""
+        scaled = loss / self.num_microbatches if count is None else loss
+        if self.loss_scale != 1.0:
+            scaled = scaled * self.loss_scale
+        return scaled
+
+    def _loss(self, a: Action, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._loss_fn is None:
+            raise self._fail(a, "no loss function: pass loss_fn to PipelineRuntime or pipec.partition")
+        if self.precision != "fp32":
+            output = upcast_floats(output)  # the loss in float32, outside autocast (as _forward ends it)
+        if self._targets is None:
+            value = self._loss_fn(output)
+        else:
+            value = self._loss_fn(output, self._targets[a.microbatch])
+        try:
+            return loss_parts(value)
+        except ConfigError as e:
+            raise self._fail(a, str(e)) from None
+
+    def _replay(self, a: Action, slot: _Slot) -> None:
+        """A recomputing stage's forward again, with autograd: its outputs (and loss) then
+        carry the graph the backward runs through (:mod:`pipec.runtime.recompute`)."""
+        replay, slot.replay = slot.replay, None
+        if replay is None:
+            return
+        with random_scope(self.seed, self._step, self.microbatch_offset + a.microbatch), \
+                autocast(self.device, self.precision):  # as the first run: same draws, same dtypes
+            result = replay_forward(self.stages[a.stage], replay)
+        if not isinstance(result, tuple):
+            result = (result,)
+        routes = self.routes[a.stage]
+        slot.outputs = {o.name: cast_boundary(t, o.boundary.meta.torch_dtype, self.precision)
+                        for o, t in zip(routes.outputs, result)}
+        if routes.is_last:
+            loss, count = self._loss(a, result[-1])
+            slot.scaled_loss = self._scaled(loss, count)
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()
@@ -380,12 +420,14 @@ class Executor:
 
     def _backward(self, a: Action) -> None:
         slot = self._started_slot(a)
+        self._replay(a, slot)
         full_backward(*self._backward_pairs(a, slot))
         self._hand_back(a, {name: leaf.grad for name, leaf in self._grad_leaves(a.stage, slot)})
         del self._slots[(a.stage, a.microbatch)]  # frees this micro-batch's activations
 
     def _input_grad(self, a: Action) -> None:
         slot = self._started_slot(a)
+        self._replay(a, slot)
         tensors, grads = self._backward_pairs(a, slot)
         leaves = self._grad_leaves(a.stage, slot)
         computed, slot.pending_w = input_backward(tensors, grads, [t for _, t in leaves], self._params[a.stage])

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar, overload
@@ -80,6 +81,7 @@ from pipec.runtime.failure import (
     record_of,
 )
 from pipec.runtime.loss_scale import CountNormalizer
+from pipec.runtime.memory import MemoryMeter, MemoryStats
 from pipec.runtime.mesh import Mesh, build_mesh, position
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
@@ -173,6 +175,7 @@ class PipelineRuntime:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         zero: int = 0,
         loss_scaling: LossScaling | None = None,
+        track_memory: bool = False,
     ) -> None:
         plan = as_plan(plan_or_dir)
         if zero not in (0, 1) or isinstance(zero, bool):
@@ -233,6 +236,10 @@ class PipelineRuntime:
             )
         self._waiter = Waiter(rank=self.rank, timeout=self.timeout, monitor=self.monitor,
                               inline=self.info.backend == "nccl")
+        # measured memory per step (pipe.memory_stats()): the CUDA allocator, or on a CPU
+        # the runtime's own count when track_memory=True (pipec.runtime.memory)
+        self._memory = MemoryMeter(self.device, track_cpu=track_memory)
+        self._optimizers: weakref.WeakSet[Any] = weakref.WeakSet()
         try:
             self._connect(plan)
         except BaseException as exc:
@@ -303,6 +310,7 @@ class PipelineRuntime:
             seed=self.seed,
             microbatch_offset=self.dp_rank * plan.num_microbatches,
             precision=self.precision,
+            recompute={s: plan.data.stages[s].recompute for s in self.stage_indices},
         )
         self._dp: DataParallelReducer | None = None
         if replicated:
@@ -405,9 +413,10 @@ class PipelineRuntime:
                 self._dp.begin_step()
             self.scaler.begin_step()  # after the count normaliser's: the rest of the earlier gradients
             self._executor.loss_scale = self.scaler.scale
-            result = self._executor.run(
-                microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
-            )
+            with self._memory.step(self._model_state()):
+                result = self._executor.run(
+                    microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
+                )
             if self._p2p is not None:
                 self._p2p.end_step()
             self._finish_data_parallel(result)  # summed over the replicas: before the division
@@ -618,6 +627,7 @@ class PipelineRuntime:
             optimizer = cls(self.parameters(), **kwargs)
         if self.scaler.enabled:
             wrap_optimizer_step(optimizer, self.scaler)
+        self._optimizers.add(optimizer)  # its state counts in memory_stats()
         return optimizer
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -643,6 +653,43 @@ class PipelineRuntime:
     def found_inf(self) -> bool:
         """Whether a gradient overflowed (inf/NaN) on any rank since the last optimizer step."""
         return self.scaler.found_inf
+
+    def _model_state(self) -> list[torch.Tensor]:
+        """The tensors this rank holds across steps: parameters, buffers, gradients and the
+        state of the optimizers made by :meth:`optimizer`."""
+        held: list[torch.Tensor] = []
+        for module in self.stage_modules.values():
+            for p in module.parameters():
+                held.append(p)
+                if p.grad is not None:
+                    held.append(p.grad)
+            held.extend(module.buffers())
+        for opt in list(self._optimizers):
+            for state in opt.state.values():
+                held.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        return held
+
+    def memory_stats(self) -> MemoryStats:
+        """This rank's memory over its last training step, measured, with the plan's
+        prediction for the rank (the sum of its stages' ``memory_bytes``) and each stage's
+        recompute policy. Measured by the CUDA allocator, or on a CPU by the runtime's own
+        count of tensor storages (``PipelineRuntime(..., track_memory=True)``; see
+        :mod:`pipec.runtime.memory`)."""
+        if not self._memory.enabled:
+            raise ConfigError(
+                "memory_stats: on a CPU the runtime counts memory only when asked; create the "
+                "runtime with PipelineRuntime(..., track_memory=True) and run a step first"
+            )
+        if not self._memory.measured:
+            raise ConfigError("memory_stats: no training step measured yet; call pipe.step(...) first")
+        meter = self._memory
+        stages = [self.plan.data.stages[s] for s in self.stage_indices]
+        peak = meter.model_state + meter.step_peak
+        return MemoryStats(rank=self.rank, source="cuda" if self.device.type == "cuda" else "cpu",
+                           peak_bytes=peak, model_state_bytes=meter.model_state,
+                           step_peak_bytes=meter.step_peak,
+                           predicted_bytes=sum(st.memory_bytes for st in stages),
+                           recompute={st.index: st.recompute for st in stages})
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients by the norm of the WHOLE model's gradient, as
@@ -783,7 +830,11 @@ class PipelineRuntime:
     def save_timeline(self, path: str | os.PathLike[str]) -> Path:
         """Write this rank's recent steps as Chrome trace JSON (see :mod:`pipec.runtime.timeline`)."""
         self._resolve_allreduce()
-        return write_chrome_trace(Path(path), self._timelines.steps())
+        memory = None
+        if self._memory.enabled and self._memory.measured:
+            stats = self.memory_stats()
+            memory = (self.rank, stats.peak_bytes, stats.predicted_bytes)
+        return write_chrome_trace(Path(path), self._timelines.steps(), memory)
 
     def __repr__(self) -> str:
         return (

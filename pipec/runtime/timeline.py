@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipec.timeline_format import chrome_trace
+from pipec.timeline_format import MEMORY, chrome_trace
 
 TimelineEvent = tuple[float, float, int, str]  # (start, end, rank, action), seconds from step start
 
@@ -135,8 +135,17 @@ def chrome_trace_document(steps: list[StepTimeline]) -> dict[str, Any]:
     return doc
 
 
-def write_chrome_trace(path: str | Path, steps: list[StepTimeline]) -> Path:
+def write_chrome_trace(path: str | Path, steps: list[StepTimeline],
+                       memory: tuple[int, int, int] | None = None) -> Path:
+    """Write ``steps``; ``memory``: ``(rank, peak_bytes, predicted_bytes)`` of the last
+    training step, as a counter event named :data:`pipec.timeline_format.MEMORY`."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(chrome_trace_document(steps)), encoding="utf-8")
+    doc = chrome_trace_document(steps)
+    if memory is not None:
+        rank, peak, predicted = memory
+        end = max((e["ts"] + e["dur"] for e in doc["traceEvents"] if e.get("ph") == "X"), default=0.0)
+        doc["traceEvents"].append({"name": MEMORY, "ph": "C", "ts": end, "pid": 0, "tid": rank,
+                                   "args": {"peak_bytes": peak, "predicted_bytes": predicted}})
+    out.write_text(json.dumps(doc), encoding="utf-8")
     return out

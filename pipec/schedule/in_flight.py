@@ -56,6 +56,30 @@ def in_flight_from_schedule(schedule: Schedule) -> tuple[int, ...]:
     return tuple(peak)
 
 
+def in_backward_from_schedule(schedule: Schedule) -> tuple[int, ...]:
+    """Per stage, the most micro-batches whose backward has started (``B`` or ``I``) and
+    not ended (``B``, or ``W`` when split) at once: 1 for a whole ``B``; under ZB-H1
+    a stage that keeps ``W`` back holds several. A recomputing stage holds all their
+    activations (:mod:`pipec.costs.recompute`)."""
+    return tuple(max(1, held) for held in held_for_weight_grad(schedule))
+
+
+def held_for_weight_grad(schedule: Schedule) -> tuple[int, ...]:
+    """Per stage, the most micro-batches whose ``I`` has run and whose ``W`` has not, at
+    once (0 on stages whose backward is whole): each holds the gradients ``I`` captured
+    for ``W`` (:mod:`pipec.runtime.backward`), about one per matmul-like node."""
+    count = [0] * schedule.num_stages
+    peak = [0] * schedule.num_stages
+    for row in schedule.actions:
+        for a in row:
+            if a.kind is ActionKind.I:
+                count[a.stage] += 1
+                peak[a.stage] = max(peak[a.stage], count[a.stage])
+            elif a.kind is ActionKind.W:
+                count[a.stage] -= 1
+    return tuple(peak)
+
+
 def in_flight_formula(schedule: str, num_stages: int, num_ranks: int, num_microbatches: int) -> tuple[int, ...]:
     """``in_flight[k]`` for a schedule by name (see the module docstring)."""
     s, r, m = num_stages, num_ranks, num_microbatches
@@ -72,4 +96,4 @@ def in_flight_formula(schedule: str, num_stages: int, num_ranks: int, num_microb
     return (m,) * s  # gpipe, and the safe bound for anything unknown
 
 
-__all__ = ["in_flight_formula", "in_flight_from_schedule"]
+__all__ = ["held_for_weight_grad", "in_backward_from_schedule", "in_flight_formula", "in_flight_from_schedule"]

@@ -340,8 +340,9 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
     saved before boundaries carried transfer times (:func:`plan_transfers`):
     ``stage.comm_time`` counts each of the stage's cross-rank messages in both
     directions, so one message on the edge ``s -> c``, or its gradient back,
-    costs ``comm_time / (2 x edges)`` of stage ``s``. Activation bytes are the
-    sum of the nodes' ``saved_bytes``.
+    costs ``comm_time / (2 x edges)`` of stage ``s``. Activation bytes are what
+    the stage's recompute policy keeps per micro-batch in flight (``kept_bytes``),
+    or the sum of the nodes' ``saved_bytes`` in plans saved before it was stored.
     """
     graph = graph_of(data.schedule, data.boundaries)
     node_costs = data.node_costs
@@ -362,6 +363,7 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
             input_grad.append(st.backward_time * share)
             weight_grad.append(st.backward_time * (1.0 - share))
         comm.append(st.comm_time / (2 * edges) if edges else 0.0)
-        held.append(float(sum(c.saved_bytes for c in nodes)))
+        # a recomputing stage keeps less per micro-batch in flight (pipec.costs.recompute)
+        held.append(float(sum(c.saved_bytes for c in nodes) if st.kept_bytes is None else st.kept_bytes))
     costs = Costs(tuple(forward), tuple(input_grad), tuple(weight_grad), tuple(comm))
     return costs, tuple(held)

@@ -11,12 +11,12 @@ time (medians over micro-batches and steps) and per action kind the durations.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pipec.plan import PlanData
 from pipec.schedule.ir import Action, ActionKind, Schedule
-from pipec.viz.report_fmt import esc, fmt_ms, fmt_time, ratio_class
+from pipec.viz.report_fmt import esc, fmt_bytes, fmt_ms, fmt_time, ratio_class
 from pipec.viz.report_measured import Measured
 from pipec.viz.report_parts import card, swatch
 from pipec.viz.svg import GANTT_MARGINS
@@ -225,6 +225,8 @@ def measured_section(
         "<figcaption>Both charts share one time scale: the shorter step is the narrower chart.</figcaption>"
     )
     out.append("<h3>Per stage</h3>" + stage_comparison(data, measured))
+    if measured.memory:
+        out.append("<h3>Memory per rank</h3>" + memory_comparison(data, measured.memory))
     out.append(
         '<p class="note">Medians over micro-batches and steps; ratio = measured / predicted '
         "(green within 15%, amber within 50%).</p>"
@@ -232,3 +234,25 @@ def measured_section(
     out.append("<h3>Per action</h3>" + action_comparison(measured, predicted))
     out.append(f'<p class="note">From {esc(", ".join(measured.files))}.</p>')
     return "".join(out)
+
+
+def memory_comparison(data: PlanData, memory: Mapping[int, int]) -> str:
+    """Predicted memory per rank (its stages' sum; each stage's recompute policy) beside the
+    peak the runtime measured over its last training step (``pipe.memory_stats()``)."""
+    rows = []
+    for rank in range(data.num_ranks):
+        stages = [st for st in data.stages if data.schedule.rank_of(st.index) == rank]
+        predicted = sum(st.memory_bytes for st in stages)
+        got = memory.get(rank)
+        ratio = f"{got / predicted:.2f}\u00d7" if got is not None and predicted else "n/a"
+        policies = ", ".join(f"{st.index}: {st.recompute}" for st in stages)
+        rows.append(
+            f'<tr><td class="n">{rank}</td><td>{esc(policies)}</td>'
+            f'<td class="n" data-v="{predicted}">{esc(fmt_bytes(predicted))}</td>'
+            f'<td class="n" data-v="{got if got is not None else -1}">{esc(fmt_bytes(got) if got is not None else "n/a")}</td>'
+            f'<td class="n">{ratio}</td></tr>'
+        )
+    head = ("<thead><tr><th class=n>rank</th><th>stage: recompute</th><th class=n>predicted</th>"
+            "<th class=n>measured peak</th><th class=n>measured / predicted</th></tr></thead>")
+    return f'<table class="sortable">{head}<tbody>{"".join(rows)}</tbody></table>'
+

@@ -18,17 +18,18 @@ k-th occurrence of an action on a rank is taken to belong to step k.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipec.errors import ScheduleError
 from pipec.schedule.ir import Action
-from pipec.timeline_format import ALLREDUCE
+from pipec.timeline_format import ALLREDUCE, MEMORY
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Measured:
     files: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     collectives: tuple[MeasuredSpan, ...] = ()  # ALLREDUCE spans, counted in step_times
+    memory: dict[int, int] = field(default_factory=dict)  # rank -> measured peak bytes (last step)
 
     @property
     def num_steps(self) -> int:
@@ -178,6 +180,7 @@ def load_measured(directory: str | Path) -> Measured | None:
     """
     directory = Path(directory)
     per_rank: dict[int, list[tuple[int, Action | str, float, float]]] = {}
+    memory: dict[int, int] = {}
     files: list[str] = []
     warnings: list[str] = []
     paths = sorted(directory.glob(TIMELINE_GLOB)) if directory.is_dir() else []
@@ -188,6 +191,9 @@ def load_measured(directory: str | Path) -> Measured | None:
         rank = int(match.group(1))
         try:
             per_rank[rank] = _assign_steps(_read_events(path, rank))
+            peak = _read_memory(path)
+            if peak is not None:
+                memory[rank] = peak
         except _Malformed as exc:
             message = f"{path.name}: {exc}; left out of the measured timeline"
             logger.warning("measured timeline %s", message)
@@ -198,7 +204,22 @@ def load_measured(directory: str | Path) -> Measured | None:
         if warnings:
             logger.warning("no readable measured timeline in %s", directory)
         return None
-    return _group_steps(per_rank, tuple(files), tuple(warnings))
+    return dataclasses.replace(_group_steps(per_rank, tuple(files), tuple(warnings)), memory=memory)
+
+
+def _read_memory(path: Path) -> int | None:
+    """The measured peak bytes of the file's :data:`~pipec.timeline_format.MEMORY` counter
+    (the last one), or None (the run did not measure memory)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    events = doc.get("traceEvents") if isinstance(doc, dict) else doc
+    found = None
+    for event in events if isinstance(events, list) else []:
+        if isinstance(event, dict) and event.get("ph") == "C" and event.get("name") == MEMORY:
+            args = event.get("args")
+            peak = args.get("peak_bytes") if isinstance(args, dict) else None
+            if isinstance(peak, int) and not isinstance(peak, bool) and peak >= 0:
+                found = peak
+    return found
 
 
 def _group_steps(

@@ -144,13 +144,14 @@ def stage_table(data: PlanData) -> str:
             f'<td class="n" data-v="{st.backward_time}">{fmt_ms(st.backward_time)}</td>'
             f'<td class="n" data-v="{st.comm_time + st.tied_time}">{fmt_ms(st.comm_time + st.tied_time)}</td>'
             f'<td data-v="{st.time}">{_time_bar(st, scale)}</td>'
+            f'<td data-v="{esc(st.recompute)}" title="activation recompute policy">{esc(st.recompute)}</td>'
             f'<td class="n" data-v="{st.memory_bytes}" title="{st.memory_bytes:,} bytes">'
             f"{esc(fmt_bytes(st.memory_bytes))}</td></tr>"
         )
     head = (
         "<thead><tr><th>stage</th><th class=n>rank</th><th class=n>nodes</th><th>modules (first \u2026 last)</th>"
         "<th class=n>params</th><th class=n>fwd ms</th><th class=n>bwd ms</th><th class=n>comm ms</th>"
-        "<th>time</th><th class=n>memory</th></tr></thead>"
+        "<th>time</th><th>recompute</th><th class=n>memory</th></tr></thead>"
     )
     legend = (
         '<div class="legend"><span>time bar, in the stage\'s colour:</span>'
