@@ -123,6 +123,9 @@ def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
                    "counts ranks and the interleaved schedules try 2 and 4 stages per rank")
     p.add_argument("--data-parallel", type=_whole(1), default=1, metavar="D",
                    help="replicas of the pipeline (data parallel); the factory's batch is the global one")
+    p.add_argument("--recompute", choices=("none", "full", "selective", "auto"), default="none",
+                   help="activation recompute per stage: none (default), full, selective, or auto (the "
+                   "partitioner chooses each stage's policy with the split, within the memory limit)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="compute dtype of the stages: fp32 (default), bf16 or fp16 (autocast, fp32 master "
                    "weights; fp16 with loss scaling)")
@@ -212,6 +215,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         stages_per_rank=args.stages_per_rank,
         data_parallel=args.data_parallel,
         precision=args.precision,
+        recompute=args.recompute,
         loss_fn=made.loss_fn,
         cost_model=args.cost_model,
         memory_limit=args.memory_limit,

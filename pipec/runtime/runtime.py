@@ -654,20 +654,20 @@ class PipelineRuntime:
         """Whether a gradient overflowed (inf/NaN) on any rank since the last optimizer step."""
         return self.scaler.found_inf
 
-    def _model_state(self) -> list[torch.Tensor]:
+    def _model_state(self) -> Iterator[torch.Tensor]:
         """The tensors this rank holds across steps: parameters, buffers, gradients and the
-        state of the optimizers made by :meth:`optimizer`."""
-        held: list[torch.Tensor] = []
+        state of the optimizers made by :meth:`optimizer`. Lazy: read only when memory is
+        measured."""
         for module in self.stage_modules.values():
             for p in module.parameters():
-                held.append(p)
+                yield p
                 if p.grad is not None:
-                    held.append(p.grad)
-            held.extend(module.buffers())
+                    yield p.grad
+            yield from module.buffers()
         for opt in list(self._optimizers):
             for state in opt.state.values():
-                held.extend(v for v in state.values() if isinstance(v, torch.Tensor))
-        return held
+                if isinstance(state, Mapping):  # ZeroRedundancyOptimizer may hold None for others' shards
+                    yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
     def memory_stats(self) -> MemoryStats:
         """This rank's memory over its last training step, measured, with the plan's

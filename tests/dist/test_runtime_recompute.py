@@ -198,3 +198,44 @@ def test_global_random_state_and_buffers_replay_as_without_recompute(schedule: s
         assert torch.equal(loss, loss0) and torch.equal(after, after0), mode
         assert buffers.keys() == buffers0.keys() and all(torch.equal(buffers[n], buffers0[n]) for n in buffers0)
         assert all(torch.equal(grads[n], grads0[n]) for n in grads0) and grads.keys() == grads0.keys(), mode
+
+
+def _replica_worker(rank: int, world: int, plans: list[Plan], x: torch.Tensor, y: torch.Tensor,
+                    loss_fn: Any) -> Any:
+    from pipec.microbatch import replica_share
+
+    out = []
+    for plan in plans:
+        pipe = PipelineRuntime(plan, loss_fn, seed=7)
+        size, d = pipe.data_parallel_size, pipe.data_parallel_rank
+        loss = pipe.step(replica_share(x, size, d), target=replica_share(y, size, d))
+        out.append((loss, {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None},
+                    {n: p.dtype for n, p in pipe.named_parameters()}))
+        pipe.close()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_recompute_with_bf16_and_replicas_equals_no_recompute() -> None:
+    """The replay runs as the first forward did: under the stage's autocast (bf16), with the
+    global micro-batch's seed (replica 1 draws micro-batches M..2M-1), boundaries cast to
+    bf16 and the loss scaled the same way: DP2 x PP2, zb-h1, bit for bit."""
+    model, x, y, loss_fn = _case("mlp")
+    traced = pipec.trace(model, (x[:2],))
+    cuts = [len(compute_names(traced)) // 2]
+    plans = []
+    for mode in MODES:
+        data = plan_from_split(traced, _costs(traced), cuts, schedule="zb-h1", num_microbatches=2,
+                               precision="bf16", recompute=mode, batch_size=8)
+        assert data.boundaries and all(b.dtype == "bfloat16" for b in data.boundaries)
+        plans.append(Plan(data.model_copy(update={"data_parallel": 2}), traced=traced, loss_fn=loss_fn))
+    results = run_ranks(_replica_worker, 4, plans, x, y, loss_fn, timeout=100)
+    for rank, runs in enumerate(results):
+        (loss0, grads0, dtypes0), *others = runs
+        assert grads0 and set(dtypes0.values()) == {torch.float32}  # fp32 master weights
+        for mode, (loss, grads, _) in zip(MODES[1:], others):
+            assert (loss is None) == (loss0 is None)
+            if loss is not None:
+                assert torch.equal(loss, loss0), f"{mode}: loss"
+            for n in grads0:
+                assert torch.equal(grads[n], grads0[n]), f"{mode} rank {rank}: {n}"
