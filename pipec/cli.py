@@ -274,10 +274,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.nproc is None:
         args.nproc = per_node
     if args.nproc != per_node:
-        layout = f"{plan.data.data_parallel} replicas x {plan.num_ranks} ranks = {world} processes"
+        layout = (f"{world} ranks" if plan.data.data_parallel == 1
+                  else f"{plan.data.data_parallel} replicas x {plan.num_ranks} ranks = {world} processes")
+        on_nodes = f" on each of {args.nnodes} nodes" if args.nnodes > 1 else ""
         raise ConfigError(
-            f"the plan in {args.directory} runs on {layout}, but --nproc is {args.nproc} on {args.nnodes} "
-            f"node(s); pass --nproc {per_node}, or re-plan with `pipec partition` for {args.nproc * args.nnodes}"
+            f"the plan in {args.directory} runs on {layout}, but --nproc is {args.nproc}{on_nodes}; "
+            f"pass --nproc {per_node}, or re-plan with `pipec partition` for {args.nproc * args.nnodes}"
         )
     from pipec.runtime.launch import Nodes
 

@@ -141,25 +141,34 @@ def synthesized(
     maximal = {name: caps for name, caps in levels.items()
                if not any(other != caps and all(a <= b for a, b in zip(caps, other)) for other in levels.values())}
     costs, held = plan_costs(data)
-    best: tuple[str, Synthesis] | None = None
+    built: list[tuple[str, Synthesis]] = []
     for name, caps in maximal.items():
-        found = synthesize(
+        built.append((name, synthesize(
             data.num_stages, data.num_microbatches, data.stages_per_rank,
             forward=costs.forward, input_grad=costs.input_grad, weight_grad=costs.weight_grad,
             comm=costs.comm, transfers=plan_transfers(data), boundaries=data.boundaries,
             max_in_flight=caps, activation_bytes=held,
-        )
-        if best is None or found.simulation.step_time < best[1].simulation.step_time:
-            best = (name, found)
-    if best is None:  # cannot happen: the base schedule's level is always there
+        )))
+    if not built:  # cannot happen: the base schedule's level is always there
         raise PartitionError("schedule='synth': no memory level to build the schedule under; report this")
-    level, found = best
+    # The caps bound micro-batches in flight; what else a rank holds depends on the order
+    # (gradients kept between a micro-batch's I and its W), so the fastest schedule whose
+    # plan fits every rank's limit is kept -- never one over the limit.
+    for level, found in sorted(built, key=lambda item: item[1].simulation.step_time):
+        final_chain, solution = solved(found.schedule)
+        if fits(final_chain.problem, solution):
+            break
+        log.info("schedule='synth': the order built within %s's memory holds more than a rank's limit "
+                 "(gradients kept for W); trying the next", level)
+    else:
+        log.warning("schedule='synth': no synthesised order fits every rank's memory limit on this split; "
+                    "the plan runs %s, the fixed schedule its split was made for", data.schedule.name)
+        return data
     log.info("schedule='synth': built within %s's memory (%s), %.4g s simulated", level,
              ", ".join(maximal), found.simulation.step_time)
     if not found.heuristic_won:
         log.warning("schedule='synth': no greedy order or local search beat the fixed schedule %r on this "
                     "split; the plan runs its order (named synth)", found.source)
-    final_chain, solution = solved(found.schedule)
     return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
                            batch_size=batch_size, precision=precision, recompute=recompute)

@@ -80,7 +80,7 @@ def test_auto_plan_from_the_command_line(tmp_path: Path) -> None:
     for schedule in ("gpipe", "1f1b", "zb-h1"):
         for m in (1, 2, 4, 8):
             assert re.search(rf"^{schedule} +{m} +1 ", table, re.MULTILINE), (schedule, m)
-    assert re.search(r"^chosen: \S+ m=\d: fastest of 12 candidates that fit", table, re.MULTILINE)
+    assert re.search(r"^chosen: \S+ m=\d: fastest of \d+ candidates that fit", table, re.MULTILINE)
     shown = ok(pipec_cli(tmp_path, "show", "auto"))
     assert "auto-plan candidates" in shown  # read back from plan.json
 
