@@ -58,6 +58,7 @@ from pipec.microbatch import (
     split_target,
     step_shapes,
 )
+from pipec.runtime.agree import any_rank
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
 from pipec.runtime.comm import P2P, ProcessGroupInfo, ReceiveCounts, init_process_group
@@ -72,6 +73,7 @@ from pipec.runtime.failure import (
 )
 from pipec.runtime.loss_scale import CountNormalizer
 from pipec.runtime.mesh import Mesh, build_mesh, position
+from pipec.runtime.parent_death import die_with_parent
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -159,6 +161,8 @@ class PipelineRuntime:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         zero: int = 0,
     ) -> None:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it
+            die_with_parent()
         plan = as_plan(plan_or_dir)
         if zero not in (0, 1) or isinstance(zero, bool):
             raise ConfigError(f"zero: expected 0 (off) or 1 (ZeRO-1: optimizer state sharded over the "
@@ -533,6 +537,19 @@ class PipelineRuntime:
         """Inference mode: no dropout, batch norm uses (and keeps) its running statistics."""
         return self.train(False)
 
+    def any_rank(self, flag: bool, what: str = "an agreement between the ranks") -> bool:
+        """Whether ``flag`` holds on any rank -- the same answer on every rank (collective:
+        one all-reduce of one number). For decisions every rank must take alike, e.g. to
+        save a checkpoint because some minutes passed on rank 0's clock."""
+        self._check_usable()
+        try:
+            return any_rank(flag, info=self.info, waiter=self._waiter, what=f"{what} (step {self._step})")
+        except BaseException as exc:
+            failure = self._on_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc.__cause__
+
     # -- parameters and state ----------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """This rank's parameters under their original FQNs, each once."""
@@ -649,7 +666,7 @@ class PipelineRuntime:
             tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
             store=self.monitor.store if self.monitor is not None else None, waiter=self._waiter,
             save_index=self._saves - 1, file_rank=self.pp_rank, num_ranks=self.plan.num_ranks,
-            writes=self.dp_rank == 0,
+            writes=self.dp_rank == 0, seed=self.seed,
         )
 
     def save_checkpoint(
@@ -659,16 +676,18 @@ class PipelineRuntime:
         optimizer: torch.optim.Optimizer | None = None,
         step: int | None = None,
         keep: int | None = None,
+        scheduler: Any = None,
     ) -> Path:
         """Write a checkpoint of every rank into ``directory`` (collective: every rank calls
         it) and return its ``step_<k>`` directory. ``step`` defaults to the steps run so
-        far; ``keep`` deletes all but the newest ``keep`` checkpoints there."""
+        far; ``keep`` deletes all but the newest ``keep`` checkpoints there; ``scheduler``
+        (an LR scheduler) is saved with the optimizer."""
         self._check_usable()
         try:
             if optimizer is not None:
                 consolidate(optimizer)  # ZeRO-1: the replicas' shards onto replica 0, which writes
             return save_checkpoint(self._view(saving=True), directory, optimizer=optimizer,
-                                   step=self._step if step is None else step, keep=keep)
+                                   step=self._step if step is None else step, keep=keep, scheduler=scheduler)
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -676,17 +695,25 @@ class PipelineRuntime:
             raise failure from exc.__cause__
 
     def load_checkpoint(
-        self, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None
+        self, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
     ) -> int:
-        """Load this rank's parameters (and ``optimizer``'s and the RNG state) from the newest
-        checkpoint in ``directory``; returns its step. See :mod:`pipec.runtime.checkpoint`."""
+        """Load this rank's parameters (and ``optimizer``'s, ``scheduler``'s and the RNG state)
+        from the newest checkpoint in ``directory``; returns its step. The checkpoint may come
+        from another layout (stages, ranks, replicas): optimizer state is resharded by
+        parameter FQN. The runtime takes the checkpoint's ``seed``, so random ops (dropout)
+        continue as in the run that saved it. See :mod:`pipec.runtime.checkpoint`."""
         try:
-            step = load_checkpoint(self._view(saving=False), directory, optimizer=optimizer)
+            manifest = load_checkpoint(self._view(saving=False), directory, optimizer=optimizer,
+                                       scheduler=scheduler)
         except BaseException as exc:
             self._on_failure(exc)  # peers must not wait for a rank that cannot start
             raise
-        self._step = step
-        return step
+        if manifest.seed is not None and manifest.seed != self.seed:
+            log.info("rank %d: seed %d from the checkpoint replaces %d", self.rank, manifest.seed, self.seed)
+            self.seed = self._executor.seed = manifest.seed
+        self._step = manifest.step
+        return manifest.step
 
     # -- timelines ----------------------------------------------------------
     def receive_counts(self) -> ReceiveCounts:
