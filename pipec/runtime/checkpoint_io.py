@@ -167,7 +167,8 @@ def read_tensors(
     file = _checked(path, entry, name)
     try:
         with safe_open(str(file), framework="pt") as f:
-            keys = [k for k in f.keys() if keep is None or keep(k)] if names is None else list(names)
+            stored: list[str] = list(f.keys())
+            keys = [k for k in stored if keep is None or keep(k)] if names is None else list(names)
             return {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, KeyError) as exc:
         raise CheckpointError(f"{file} cannot be read ({exc}); load an older checkpoint") from None

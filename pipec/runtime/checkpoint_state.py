@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,7 @@ def optimizer_from_files(
 def optimizer_from_parts(
     optimizer: torch.optim.Optimizer,
     names: Mapping[int, str],
-    parts: list[tuple[Mapping[str, torch.Tensor], Json]],
+    parts: Sequence[tuple[Mapping[str, torch.Tensor], Json]],
 ) -> None:
     """Load the optimizer state of THIS rank's parameters out of the parts that
     :func:`optimizer_to_files` wrote on another layout (another number of stages,

@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Boundary
@@ -116,7 +117,7 @@ def _join_failure(exc: BaseException, timeout: float | None) -> RuntimeFailure:
     )
 
 
-def _attempt_store(timeout: float | None) -> dist.Store | None:
+def _attempt_store(timeout: float | None) -> Store | None:
     """After torchrun restarted the ranks (``--max-restarts``): the agent's store, under a
     prefix of this attempt. torchrun's static rendezvous keeps ONE store for every
     attempt and torch does not prefix its keys, so the restarted ranks would read the
@@ -125,11 +126,11 @@ def _attempt_store(timeout: float | None) -> dist.Store | None:
     attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
     if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(
+    store = TCPStore(
         os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), _env_int("WORLD_SIZE", 1), is_master=False,
         timeout=datetime.timedelta(seconds=timeout if timeout is not None else 1800),
     )
-    return dist.PrefixStore(f"pipec/attempt_{attempt}/", store)
+    return PrefixStore(f"pipec/attempt_{attempt}/", store)
 
 
 def init_process_group(
