@@ -39,6 +39,7 @@ from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backw
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.data_parallel import last_backward
 from pipec.runtime.failure import PeerFailure
+from pipec.runtime.nonfinite import NonfiniteWatch
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.shapes import baked_shape_message
 from pipec.runtime.timeline import Clock, TimelineEvent
@@ -118,6 +119,8 @@ class Executor:
         # called with a stage once its last backward action of a training step is done:
         # the data-parallel all-reduce of its gradients starts there
         self.after_backward = after_backward
+        # set by the runtime unless nonfinite="off": flags of each forward / backward (no sync)
+        self.watch: NonfiniteWatch | None = None
         self._done_at = {i: s for s, i in last_backward(actions).items()}
         self.stages = dict(stages)
         self.routes = dict(routes)
@@ -284,6 +287,9 @@ class Executor:
                     self._slot(c, a.microbatch).inputs[o.name] = self._leaf(value, o.carries_grad)
         if routes.is_last:
             self._finish_last(a, slot, result[-1])
+        if self.watch is not None and self._train:
+            loss = self._result.losses.get(a.microbatch) if routes.is_last else None
+            self.watch.forward(a.stage, a.microbatch, values, [*result, loss])
         if not self._train:
             slot.inputs.clear()
             if self.p2p is None or not self.p2p.has_forward_sends(a.stage):
@@ -383,6 +389,8 @@ class Executor:
 
     def _hand_back(self, a: Action, input_grads: Mapping[str, torch.Tensor | None]) -> None:
         """Give input gradients to local producers now; keep remote ones for SEND_B."""
+        if self.watch is not None:
+            self.watch.backward(a.stage, a.microbatch, list(input_grads.values()))
         remote: dict[str, torch.Tensor | None] = {}
         for r in self.routes[a.stage].boundary_inputs():
             if not r.carries_grad or r.producer is None:

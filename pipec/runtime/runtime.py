@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
@@ -49,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipec.errors import ConfigError, RuntimeFailure
+from pipec.errors import ConfigError, NonfiniteError, RuntimeFailure
 from pipec.facade import Plan
 from pipec.microbatch import (
     merge_outputs,
@@ -73,6 +74,14 @@ from pipec.runtime.failure import (
 )
 from pipec.runtime.loss_scale import CountNormalizer
 from pipec.runtime.mesh import Mesh, build_mesh, position
+from pipec.runtime.nonfinite import (
+    FORWARD,
+    NonfiniteWatch,
+    agree_first,
+    check_policy,
+    locate_node,
+    share_text,
+)
 from pipec.runtime.parent_death import die_with_parent
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
@@ -146,6 +155,14 @@ class PipelineRuntime:
     :mod:`pipec.runtime.zero`). With replicas, ``seed`` draws micro-batch ``m`` of
     replica ``d`` as global micro-batch ``d * M + m``: dropout equals one process
     running the global batch.
+
+    ``nonfinite`` (default ``"raise"``): each step checks its loss and gradients on
+    every rank (one all-reduce of one number, plus a finiteness reduction per boundary
+    tensor and one over the gradients; :mod:`pipec.runtime.nonfinite`). A non-finite
+    value raises :class:`~pipec.errors.NonfiniteError` on every rank, naming the
+    first stage, micro-batch and node where it appeared; ``"skip"`` instead drops
+    every rank's gradients (the optimizer's ``step()`` changes nothing), counts the
+    step in :attr:`skipped_steps` and logs it; ``"off"`` checks nothing.
     """
 
     def __init__(
@@ -160,6 +177,7 @@ class PipelineRuntime:
         seed: int | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         zero: int = 0,
+        nonfinite: str = "raise",
     ) -> None:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it
             die_with_parent()
@@ -172,6 +190,8 @@ class PipelineRuntime:
             raise ConfigError(f"bucket_bytes: expected a size in bytes >= 1, found {bucket_bytes!r}; "
                               f"pass e.g. {DEFAULT_BUCKET_BYTES} (25 MiB, as DDP)")
         self._bucket_bytes = bucket_bytes
+        self.nonfinite = check_policy(nonfinite)
+        self.skipped_steps = 0  # steps whose update was skipped for a non-finite value (nonfinite="skip")
         self.seed = resolve_seed(seed)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
@@ -224,6 +244,8 @@ class PipelineRuntime:
             self._on_failure(exc, setup=True)
             self.close()
             raise
+        self._watch = NonfiniteWatch() if self.nonfinite != "off" else None
+        self._executor.watch = self._watch
         self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
         self._timelines = TimelineLog()
         self._allreduce_pending = False
@@ -371,6 +393,8 @@ class PipelineRuntime:
             self._counts.begin_step()  # after the tied reducer's: tied gradients are set aside there
             if self._dp is not None:
                 self._dp.begin_step()
+            if self._watch is not None:
+                self._watch.begin_step()
             result = self._executor.run(
                 microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
             )
@@ -385,7 +409,10 @@ class PipelineRuntime:
                     if p.grad is not None:
                         p.grad.mul_(scale)
             self._end_step_timed(scale)
+            where = self._find_nonfinite() if self._watch is not None else None
             self._counts.restore()
+            if where is not None:
+                self._on_nonfinite(where)
             loss = self._step_loss(result, count) if self.is_last else None
         except BaseException as exc:
             failure = self._on_failure(exc)
@@ -394,6 +421,52 @@ class PipelineRuntime:
             raise failure from exc.__cause__
         self._record(result)
         return loss
+
+    def _find_nonfinite(self) -> str | None:
+        """None when every rank's loss and gradients of this step are finite (one all-reduce);
+        else where the first non-finite value appeared, the same text on every rank
+        (:mod:`pipec.runtime.nonfinite`)."""
+        watch = self._watch
+        if watch is None:
+            return None
+        try:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            flag = watch.local_flag(grads, self.device)
+            if not any_rank(flag, info=self.info, waiter=self._waiter,
+                            what=f"the non-finite check of step {self._step}"):
+                return None
+            stage_grads = {s: [p.grad for p in m.parameters() if p.grad is not None]
+                           for s, m in self.stage_modules.items()}
+            score, place = watch.local_first(stage_grads, self.plan.num_stages, self.num_microbatches)
+            _, owner = agree_first(score, info=self.info, waiter=self._waiter, step=self._step)
+            text = ""
+            if self.rank == owner and place is not None:
+                if place.kind == FORWARD and place.microbatch is not None:
+                    node = locate_node(self.stage_modules[place.stage], watch.inputs[(place.stage, place.microbatch)],
+                                       seed=self.seed, step=self._step,
+                                       microbatch=self._executor.microbatch_offset + place.microbatch)
+                    place = replace(place, node=node or "(none when re-run: a random op, or the loss)")
+                replica = f", replica {self.dp_rank}" if self.data_parallel_size > 1 else ""
+                text = f"{place.describe()} (rank {self.rank}{replica})"
+            return share_text(text, owner=owner, info=self.info, waiter=self._waiter, step=self._step)
+        finally:
+            watch.begin_step()  # drop the step's input references
+
+    def _on_nonfinite(self, where: str) -> None:
+        """The policy, the same on every rank: raise, or drop every gradient (no update)."""
+        if self.nonfinite == "raise":
+            raise NonfiniteError(
+                f"step {self._step} has a non-finite loss or gradient; it first appeared in {where}. Check that "
+                "micro-batch's data and the learning rate, or pass PipelineRuntime(nonfinite='skip') to skip "
+                "such steps on every rank",
+                rank=self.rank, step=self._step,
+            )
+        for p in self.parameters():
+            p.grad = None  # the optimizer's step() then updates nothing, on every rank alike
+        self.skipped_steps += 1
+        if self.rank == 0:
+            log.warning("step %d skipped (no optimizer update on any rank; %d so far): a non-finite loss or "
+                        "gradient first appeared in %s", self._step, self.skipped_steps, where)
 
     def _finish_data_parallel(self, result: StepResult) -> None:
         """Wait for the replicas' gradient all-reduces (started as each stage's backward
