@@ -4,7 +4,7 @@ An MLP trains with Adam and a StepLR scheduler for 6 steps (a batch drawn from
 the step index, so every run sees the same data); layout A saves a checkpoint
 (parameters, optimizer, scheduler) after 3 steps and carries on. Layout B loads
 it -- another number of stages, and another number of replicas -- and trains
-the last 3 steps. Every parameter's Adam state in B right after loading equals
+the last 3 steps (built with another seed: it takes the checkpoint's). Every parameter's Adam state in B right after loading equals
 A's at the checkpoint exactly (found by FQN in whichever rank saved it), the
 learning rate is A's, and B ends where A ended (up to the float rounding of
 another reduction order). Cases: PP2 -> PP3, and DP2 x PP2 -> DP1 x PP4.
@@ -53,14 +53,15 @@ def _adam_state(pipe: Any, optimizer: torch.optim.Optimizer) -> dict[str, dict[s
 def _train(rank: int, world_size: int, plan: Plan, directory: str, mode: str) -> dict[str, Any]:
     from pipec.runtime.runtime import PipelineRuntime
 
-    pipe = PipelineRuntime(plan, F.mse_loss, seed=0)
+    pipe = PipelineRuntime(plan, F.mse_loss, seed=0 if mode == "save" else 99)
     optimizer = torch.optim.Adam(pipe.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     state: dict[str, Any] = {}
     first = 0
     if mode == "resume":
         first = pipe.load_checkpoint(directory, optimizer=optimizer, scheduler=scheduler)
-        state = {"adam": _adam_state(pipe, optimizer), "lr": [g["lr"] for g in optimizer.param_groups]}
+        state = {"adam": _adam_state(pipe, optimizer), "lr": [g["lr"] for g in optimizer.param_groups],
+                 "seed": pipe.seed}
     for step in range(first, STEPS):
         if mode == "save" and step == SAVED:
             pipe.save_checkpoint(directory, optimizer=optimizer, scheduler=scheduler, step=SAVED)
@@ -91,6 +92,7 @@ def test_adam_and_scheduler_state_load_into_another_layout(
     straight = run_ranks(_train, a.data.world_size, a, directory, "save")
     resumed = run_ranks(_train, b.data.world_size, b, directory, "resume")
     assert [r["first"] for r in resumed] == [SAVED] * len(resumed)
+    assert {r["seed"] for r in resumed} == {0}  # the checkpoint's seed, not the 99 the runtime was built with
 
     before, after = _merged(straight, "adam"), _merged(resumed, "adam")
     assert set(after) == set(before) and len(before) == 10  # 5 Linear layers: weight and bias

@@ -152,3 +152,13 @@ def test_when_the_restarts_run_out_the_run_fails_naming_the_rank(
     assert "restart 1 of at most 1" in text, text
     assert text.strip().splitlines()[-1].startswith("pipec run: "), text
     assert "rank 0" in text.strip().splitlines()[-1], text
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_minutes_saves_when_the_time_has_come_on_every_rank(tmp_path: Path) -> None:
+    directory = restart_plan(tmp_path, "plan")
+    # 60 microseconds: due after every step; every rank follows rank 0's clock (any_rank)
+    code, text = _run(directory, "--checkpoint-every", "0", "--checkpoint-minutes", "1e-6")
+    assert code == 0, text
+    for step in range(1, 7):
+        assert f"checkpoint of step {step} written" in text, text
