@@ -34,7 +34,8 @@ tied-parameter subgroups exist, stops its peers, named) and for the c10d
 store: no store operation lasts longer than ``min(timeout, heartbeat_timeout)``,
 and a store whose host is gone (rank 0, when not launched by torchrun) is a
 ``PeerFailure`` naming that rank. A failed pipeline runs no more steps:
-restart every rank and resume from a checkpoint.
+restart every rank and resume from a checkpoint (``pipec run DIR
+--max-restarts N`` does it for you; a checkpoint loads into any layout).
 """
 
 from __future__ import annotations
