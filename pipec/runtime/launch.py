@@ -65,6 +65,7 @@ class Nodes:
 _PREFIX_RE = re.compile(r"^\[default(\d+)\]:(.*)$")
 _ROOT_RANK_RE = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _SIGNAL_RE = re.compile(r"Signal \d+ \(\w+\)")
+ATTEMPT_LINE_PREFIX = "PIPEC_ATTEMPT "  # run.py's local rank 0, on each restart: which attempt this is
 _WORKER_FAILED_RE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")  # torchrun's agent
 _TAIL_LINES = 40
 _SIGNALS = {int(s) for s in signal.Signals}
@@ -172,11 +173,16 @@ class _Output:
         self.root_rank: int | None = None
         self.signal_text: str | None = None
         self._in_root_cause = self._in_launcher_traceback = False
+        self.attempt = 0  # torchrun's restart count, as the restarted ranks say (PIPEC_ATTEMPT)
+        self._announced: set[int] = set()  # attempts whose failure was announced
 
     def feed(self, line: str) -> None:
         m = _PREFIX_RE.match(line)
         if m is not None:
             rank, text = int(m.group(1)), m.group(2)
+            if text.startswith(ATTEMPT_LINE_PREFIX):  # machine-readable: kept, not shown
+                self.attempt = max(self.attempt, int(text[len(ATTEMPT_LINE_PREFIX):].strip() or 0))
+                return
             record = parse_failure_line(text)
             if record is not None:  # machine-readable: kept, not shown
                 # with restarts the latest: what ends the run if the restarts run out
@@ -188,7 +194,9 @@ class _Output:
             return
         # torchrun's own output: keep its messages, drop its launcher traceback
         failed = _WORKER_FAILED_RE.search(line)
-        if failed is not None and self.restarts:  # the agent saw a rank end badly: it restarts them all
+        # the agent saw a rank end badly (a line per rank it found failed): it restarts them all
+        if failed is not None and self.restarts and self.attempt not in self._announced:
+            self._announced.add(self.attempt)
             self.failures += 1
             if self.failures <= self.restarts:
                 code = int(failed.group(1))

@@ -175,6 +175,9 @@ def main() -> None:
         from pipec.runtime.parent_death import die_with_parent
 
         die_with_parent()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("LOCAL_RANK") == "0":  # for `pipec run`: one restart, one message
+        print(f"PIPEC_ATTEMPT {restart}", flush=True)
     args = parse_args()
     state: dict[str, Any] = {"pipe": None, "step": None}
     try:

@@ -114,8 +114,9 @@ def test_a_rank_killed_mid_run_restarts_and_ends_bit_identical(
     code, text = _run(broken, restarts=2)
     assert code == 0, text
     assert (tmp_path / "killed").exists(), text
-    assert "local rank 0 ended with signal 9 (SIGKILL); torchrun restarts every rank from the newest " \
-        "checkpoint (restart 1 of at most 2)" in text, text
+    # the agent may see rank 0's SIGKILL or rank 1 leave (it lost its peer) first
+    assert "torchrun restarts every rank from the newest checkpoint (restart 1 of at most 2)" in text, text
+    assert text.count("torchrun restarts every rank") == 1, text
     assert "resumed from the checkpoint of step 2" in text and "(restart 1)" in text, text
     assert "step 5: loss" in text, text
     _equal_checkpoints(straight, broken)
