@@ -176,8 +176,9 @@ def hybrid_main(args: argparse.Namespace) -> int:
         print(f"soak --hybrid: {args.steps} steps of DP2 x PP2 on 4 Gloo ranks ({args.blocks} blocks of "
               f"{args.dim}x{args.hidden}, batch {args.batch}), checkpoint every {args.checkpoint_every}, "
               f"a rank SIGKILLed every {args.kill_every} steps, --max-restarts {args.max_restarts}", flush=True)
-        code, t_straight, _ = _run(straight, args, 0, echo=False)
+        code, t_straight, first = _run(straight, args, 0, echo=False)
         if code != 0:
+            print("\n".join(line for _, line in first.lines[-30:]))
             print(f"FAIL: the uninterrupted run exited {code}")
             return 1
         markers = root / "markers"
