@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "ScheduleError": "pipec.errors",
     "PlanError": "pipec.errors",
     "RuntimeFailure": "pipec.errors",
+    "NonfiniteError": "pipec.errors",
     "CheckpointError": "pipec.errors",
     # types
     "TensorMeta": "pipec.types",
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # the real signatures for type checkers; at run time, __getat
     from pipec.errors import CheckpointError as CheckpointError
     from pipec.errors import ConfigError as ConfigError
     from pipec.errors import CostModelError as CostModelError
+    from pipec.errors import NonfiniteError as NonfiniteError
     from pipec.errors import PartitionError as PartitionError
     from pipec.errors import PipecError as PipecError
     from pipec.errors import PlanError as PlanError

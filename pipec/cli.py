@@ -154,6 +154,10 @@ def _build() -> tuple[_Parser, dict[str, argparse.ArgumentParser]]:
     r.add_argument("--resume", action="store_true", help="resume from DIR/checkpoint")
     r.add_argument("--checkpoint-every", type=_whole(0), default=0, metavar="K",
                    help="save a checkpoint every K steps (0: never)")
+    r.add_argument("--checkpoint-minutes", type=float, default=0.0, metavar="M",
+                   help="also save one when M minutes passed since the last (0: never)")
+    r.add_argument("--max-restarts", type=_whole(0), default=0, metavar="N",
+                   help="after a rank fails, restart every rank from the newest checkpoint, up to N times")
     r.add_argument("--master-addr", default="127.0.0.1",
                    help="rendezvous address (default 127.0.0.1: local only)")
     r.add_argument("--nnodes", type=_whole(1), default=1,
@@ -290,6 +294,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra.append("--resume")
     if args.checkpoint_every:
         extra += ["--checkpoint-every", str(args.checkpoint_every)]
+    if args.checkpoint_minutes < 0:
+        raise ConfigError(f"--checkpoint-minutes: expected minutes >= 0, found {args.checkpoint_minutes}")
+    if args.checkpoint_minutes:
+        extra += ["--checkpoint-minutes", repr(args.checkpoint_minutes)]
     code: int = run_plan(
         args.directory,
         nproc=args.nproc,
@@ -298,6 +306,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         extra_args=tuple(extra),
         master_addr=args.master_addr,
         nodes=nodes,
+        max_restarts=args.max_restarts,
     )
     if code == 0:
         _write_report_quietly(args.directory)

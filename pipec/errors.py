@@ -67,11 +67,17 @@ class RuntimeFailure(PipecError, RuntimeError):
         self.step = step
 
 
+class NonfiniteError(RuntimeFailure):
+    """A training step produced a non-finite loss or gradient (``PipelineRuntime(nonfinite="raise")``);
+    the message names the first stage, micro-batch and node where it appeared."""
+
+
 class CheckpointError(PipecError, RuntimeError):
     """A checkpoint could not be written or read."""
 
 
 __all__ = [
+    "NonfiniteError",
     "CheckpointError",
     "ConfigError",
     "CostModelError",

@@ -27,11 +27,17 @@ above, into any number of stages.
 Parameters are stored under their original FQNs, so a checkpoint loads into a
 plan of the same model with any number of stages or ranks, and
 :func:`merge_checkpoint` gives the full state dict of the original model.
-Optimizer and RNG state are per rank: they are restored only into the same
-layout (same ranks, each holding the same tensors), and loading an optimizer
-into another layout is a :class:`CheckpointError`. The manifest records the
-plan's precision and the fp16 loss scale (restored on load); loading a
-checkpoint of another precision warns (parameters are float32 in every precision).
+Optimizer state is keyed by parameter FQN: in the same layout each rank reads
+its own file; in another (another number of stages, ranks or replicas) each
+rank picks its parameters' state out of whichever ranks saved them, so Adam's
+moments follow their parameters into any plan of the same model. The
+LR-scheduler's state (``scheduler=``) is the same on every rank and loads
+anywhere. The runtime's ``seed`` is in the manifest, so a resumed run draws
+the same random numbers (dropout) as an uninterrupted one. RNG state of the
+global generators is per rank, restored only into the same layout.
+The manifest also records the plan's precision and the fp16 loss scale
+(restored on load); loading a checkpoint of another precision warns
+(parameters are float32 in every precision).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from pipec.runtime.checkpoint_io import (
     OPTIMIZER_JSON,
     RNG_FILE,
     RNG_JSON,
+    SCHEDULER_JSON,
     CheckpointManifest,
     LossScaleState,
     RankFiles,
@@ -76,9 +83,12 @@ from pipec.runtime.checkpoint_io import (
 from pipec.runtime.checkpoint_state import (
     fsync_path,
     optimizer_from_files,
+    optimizer_from_parts,
     optimizer_to_files,
     rng_from_files,
     rng_to_files,
+    scheduler_from_json,
+    scheduler_to_json,
 )
 
 if TYPE_CHECKING:
@@ -106,6 +116,7 @@ class RankView:
     file_rank: int = -1  # -1: ``rank``
     num_ranks: int = 0  # 0: ``world_size``
     writes: bool = True
+    seed: int | None = None  # the runtime's seed, recorded in the manifest
 
     @property
     def own_rank(self) -> int:
@@ -140,7 +151,8 @@ def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer | None) -> RankFiles:
+def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer | None,
+                scheduler: Any = None) -> RankFiles:
     model = _cpu_tensors(view.tensors)
     rng_tensors, rng_meta = rng_to_files()
     tmp = step_dir / f".rank{view.own_rank}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -153,6 +165,8 @@ def _write_rank(step_dir: Path, view: RankView, optimizer: torch.optim.Optimizer
             opt_tensors, opt_meta = optimizer_to_files(optimizer, view.param_names)
             save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
             (tmp / OPTIMIZER_JSON).write_text(json.dumps(opt_meta), encoding="utf-8")
+        if scheduler is not None:
+            (tmp / SCHEDULER_JSON).write_text(json.dumps(scheduler_to_json(scheduler)), encoding="utf-8")
         files = {}
         for f in sorted(tmp.iterdir()):
             fsync_path(f)
@@ -206,6 +220,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     step: int,
     keep: int | None = None,
+    scheduler: Any = None,
 ) -> Path:
     """Write this rank's part of checkpoint ``step`` under ``directory`` (every rank calls
     it); returns the checkpoint's directory once it is complete on every rank."""
@@ -230,10 +245,10 @@ def save_checkpoint(
         name = store.get(prefix + "name").decode()
     step_dir = root / name
     if store is None:
-        entries = [_write_rank(step_dir, view, optimizer)]
+        entries = [_write_rank(step_dir, view, optimizer, scheduler)]
     else:
         if view.writes:  # one replica writes each pipeline rank's files
-            files = _write_rank(step_dir, view, optimizer)
+            files = _write_rank(step_dir, view, optimizer, scheduler)
             store.set(prefix + f"rank/{view.own_rank}", files.model_dump_json())
             store.add(prefix + "written", 1)
         if view.rank != 0:
@@ -247,7 +262,7 @@ def save_checkpoint(
         step=step, num_ranks=view.pipeline_ranks, num_stages=view.plan.num_stages,
         plan_fingerprint=plan_fingerprint(view.plan), model_name=view.plan.data.model_name,
         saved_at=time.time(), ranks=tuple(entries), precision=view.plan.data.precision,
-        loss_scale=_scaler_state(view.scaler),
+        loss_scale=_scaler_state(view.scaler), seed=view.seed,
     )
     try:
         write_atomically(step_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
@@ -295,22 +310,18 @@ def _restore_scaler(view: RankView, manifest: CheckpointManifest, path: Path) ->
 
 
 def load_checkpoint(
-    view: RankView, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None
-) -> int:
-    """Load this rank's tensors (and optimizer and RNG state) from the checkpoint in
-    ``directory`` (its ``latest``, or a ``step_<k>`` directory); returns its step."""
+    view: RankView, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None,
+    scheduler: Any = None,
+) -> CheckpointManifest:
+    """Load this rank's tensors (and optimizer, LR-scheduler and RNG state) from the
+    checkpoint in ``directory`` (its ``latest``, or a ``step_<k>`` directory); returns
+    its manifest (``step``, ``seed``)."""
     path = resolve_checkpoint(Path(directory))
     manifest = read_manifest(path)
     own = next((e for e in manifest.ranks if e.rank == view.own_rank), None)
     same_layout = (
         manifest.num_ranks == view.pipeline_ranks and own is not None and set(own.tensors) == set(view.tensors)
     )
-    if optimizer is not None and not same_layout:
-        raise CheckpointError(
-            f"the checkpoint in {path} was saved by {manifest.num_ranks} ranks and its rank {view.rank} "
-            "holds other tensors than this rank: optimizer state loads only into the same plan layout; "
-            "load it with the plan it was saved with, or without optimizer= to start the optimizer afresh"
-        )
     if manifest.plan_fingerprint != plan_fingerprint(view.plan):
         log.info("checkpoint %s comes from another plan; matching its tensors by FQN", path)
     where: dict[str, RankFiles] = {}
@@ -338,22 +349,56 @@ def load_checkpoint(
                 f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint {path} but "
                 f"{tuple(target.shape)} here: it was saved from another model; load a checkpoint of this model"
             )
-    with torch.no_grad():
+    if optimizer is not None:
+        _load_optimizer(view, path, manifest, optimizer, own if same_layout else None)
+    if scheduler is not None:
+        source = own if own is not None and SCHEDULER_JSON in own.files else manifest.ranks[0]
+        if SCHEDULER_JSON not in source.files:
+            raise CheckpointError(
+                f"the checkpoint in {path} holds no LR-scheduler state (it was saved without scheduler=); "
+                "load it without scheduler="
+            )
+        scheduler_from_json(scheduler, read_json(path, source, SCHEDULER_JSON))
+    with torch.no_grad():  # last: a checkpoint that cannot load leaves the parameters as they were
         for name, value in values.items():
             view.tensors[name].copy_(value)
-    if own is not None and optimizer is not None:
-        if OPTIMIZER_FILE not in own.files:
-            raise CheckpointError(
-                f"the checkpoint in {path} holds no optimizer state (it was saved without optimizer=); "
-                "load it without optimizer="
-            )
-        opt_meta: Any = read_json(path, own, OPTIMIZER_JSON)
-        optimizer_from_files(optimizer, view.param_names, read_tensors(path, own, OPTIMIZER_FILE), opt_meta)
     if own is not None and same_layout:
         rng_from_files(read_tensors(path, own, RNG_FILE), read_json(path, own, RNG_JSON))
     _restore_scaler(view, manifest, path)
     log.info("rank %d loaded checkpoint %s (step %d)", view.rank, path, manifest.step)
-    return manifest.step
+    return manifest
+
+
+def _load_optimizer(
+    view: RankView, path: Path, manifest: CheckpointManifest, optimizer: torch.optim.Optimizer,
+    own: RankFiles | None,
+) -> None:
+    """The optimizer state of this rank's parameters: from its own file in the same
+    layout, else resharded -- each parameter's state found by FQN in the rank that
+    saved it (:func:`~pipec.runtime.checkpoint_state.optimizer_from_parts`)."""
+    lacking = [e.rank for e in manifest.ranks if OPTIMIZER_FILE not in e.files]
+    if lacking:
+        raise CheckpointError(
+            f"the checkpoint in {path} holds no optimizer state for rank(s) {lacking} (it was saved "
+            "without optimizer=); load it without optimizer="
+        )
+    if own is not None:
+        opt_meta: Any = read_json(path, own, OPTIMIZER_JSON)
+        optimizer_from_files(optimizer, view.param_names, read_tensors(path, own, OPTIMIZER_FILE), opt_meta)
+        return
+    mine = set(view.param_names.values())
+    parts: list[tuple[dict[str, torch.Tensor], Any]] = []
+    for entry in manifest.ranks:
+        meta: Any = read_json(path, entry, OPTIMIZER_JSON)
+        held = mine & set(meta.get("state", {})) if isinstance(meta, dict) else set()
+
+        def keep(key: str, held: set[str] = held) -> bool:
+            kind, _, rest = key.partition("/")
+            return kind == "group" or (kind == "state" and rest.rpartition("/")[0] in held)
+
+        parts.append((read_tensors(path, entry, OPTIMIZER_FILE, keep=keep), meta))
+    log.info("rank %d: optimizer state resharded from %d rank(s) of %s", view.rank, len(parts), path)
+    optimizer_from_parts(optimizer, view.param_names, parts)
 
 
 def merge_checkpoint(directory: str | os.PathLike[str], plan: Plan) -> dict[str, torch.Tensor]:

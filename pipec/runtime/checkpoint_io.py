@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 RNG_JSON = "rng.json"
+SCHEDULER_JSON = "scheduler.json"
 
 
 class RankFiles(FrozenModel):
@@ -66,6 +67,9 @@ class CheckpointManifest(FrozenModel):
     # None when the run did not scale): older checkpoints are fp32 without a scaler
     precision: str = "fp32"
     loss_scale: LossScaleState | None = None
+    # the runtime's seed: random ops of step k draw from (seed, k, ...), so a resumed run
+    # needs it to repeat them (None: a checkpoint written before it was recorded)
+    seed: int | None = None
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -166,13 +170,16 @@ def _checked(path: Path, entry: RankFiles, name: str) -> Path:
 
 
 def read_tensors(
-    path: Path, entry: RankFiles, name: str, names: Sequence[str] | None = None
+    path: Path, entry: RankFiles, name: str, names: Sequence[str] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Tensors ``names`` (default: all) of rank ``entry.rank``'s file ``name``, checksum verified."""
+    """Tensors ``names`` (default: all, or those whose name ``keep`` accepts) of rank
+    ``entry.rank``'s file ``name``, checksum verified."""
     file = _checked(path, entry, name)
     try:
         with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys()) if names is None else list(names)
+            stored: list[str] = list(f.keys())
+            keys = [k for k in stored if keep is None or keep(k)] if names is None else list(names)
             return {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, KeyError) as exc:
         raise CheckpointError(f"{file} cannot be read ({exc}); load an older checkpoint") from None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,66 @@ def optimizer_from_files(
         else:
             raise CheckpointError(f"optimizer.safetensors holds an unknown entry {key!r}; the checkpoint is corrupt")
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def optimizer_from_parts(
+    optimizer: torch.optim.Optimizer,
+    names: Mapping[int, str],
+    parts: Sequence[tuple[Mapping[str, torch.Tensor], Json]],
+) -> None:
+    """Load the optimizer state of THIS rank's parameters out of the parts that
+    :func:`optimizer_to_files` wrote on another layout (another number of stages,
+    ranks or replicas): each parameter's state is found by its FQN in whichever part
+    holds it, and group ``g``'s hyperparameters (lr, betas, ...) come from the first
+    part whose group ``g`` holds one of this rank's parameters of that group (else the
+    first part's group ``g``). The optimizer must have as many param groups as each part."""
+    fqns = _fqns_by_index(optimizer, names)
+    metas: list[tuple[list[dict[str, Json]], dict[str, dict[str, Json]]]] = []
+    for p, (_, meta) in enumerate(parts):
+        try:
+            metas.append((list(meta["param_groups"]), dict(meta["state"])))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"optimizer.json lacks {exc}; the checkpoint is corrupt, save a new one") from None
+        if len(metas[-1][0]) != len(fqns):
+            raise CheckpointError(
+                f"the optimizer has {len(fqns)} param group(s), the checkpoint's part {p} has "
+                f"{len(metas[-1][0])}; build the optimizer with the same groups as when saving"
+            )
+    index = {fqn: i for i, fqn in enumerate(f for group in fqns for f in group)}
+    state: dict[int, dict[str, Any]] = {}
+    for (tensors, _), (_, saved_state) in zip(parts, metas):
+        for fqn in set(index) & set(saved_state):
+            if index[fqn] in state:
+                continue
+            entry: dict[str, Any] = {k: _decode(v) for k, v in saved_state[fqn].items()}
+            prefix = f"state/{fqn}/"
+            entry.update({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
+            state[index[fqn]] = entry
+    groups: list[dict[str, Any]] = []
+    for g, group_fqns in enumerate(fqns):
+        source = next((p for p, (saved, _) in enumerate(metas) if set(saved[g].get("params", ())) & set(group_fqns)), 0)
+        restored = {k: _decode(v) for k, v in metas[source][0][g].items() if k != "params"}
+        prefix = f"group/{g}/"
+        restored.update({k[len(prefix):]: t for k, t in parts[source][0].items() if k.startswith(prefix)})
+        restored["params"] = [index[f] for f in group_fqns]
+        groups.append(restored)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- LR schedulers ----------------------------------------------------------------------
+
+
+def scheduler_to_json(scheduler: Any) -> Json:
+    """An LR scheduler's ``state_dict()`` as JSON (its numbers; a lambda is not saved,
+    as torch leaves it out of the state dict too)."""
+    state = scheduler.state_dict()
+    return {k: _encode(v, f"LR scheduler state {k!r}") for k, v in state.items() if not callable(v)}
+
+
+def scheduler_from_json(scheduler: Any, meta: Json) -> None:
+    if not isinstance(meta, dict):
+        raise CheckpointError("scheduler.json is not an object; the checkpoint is corrupt, save a new one")
+    scheduler.load_state_dict({k: _decode(v) for k, v in meta.items()})
 
 
 # -- random number generators -----------------------------------------------------------

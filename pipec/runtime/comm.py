@@ -58,6 +58,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Boundary
@@ -116,6 +117,22 @@ def _join_failure(exc: BaseException, timeout: float | None) -> RuntimeFailure:
     )
 
 
+def _attempt_store(timeout: float | None) -> Store | None:
+    """After torchrun restarted the ranks (``--max-restarts``): the agent's store, under a
+    prefix of this attempt. torchrun's static rendezvous keeps ONE store for every
+    attempt and torch does not prefix its keys, so the restarted ranks would read the
+    addresses the dead attempt's ranks published and Gloo would connect to them
+    ("Connection refused"). None on the first attempt, or when the agent hosts no store."""
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = TCPStore(
+        os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), _env_int("WORLD_SIZE", 1), is_master=False,
+        timeout=datetime.timedelta(seconds=timeout if timeout is not None else 1800),
+    )
+    return PrefixStore(f"pipec/attempt_{attempt}/", store)
+
+
 def init_process_group(
     num_ranks: int,
     *,
@@ -146,7 +163,13 @@ def init_process_group(
         if chosen == "nccl":
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         try:
-            if timeout is None:
+            store = _attempt_store(timeout)
+            if store is not None:
+                dist.init_process_group(
+                    chosen, store=store, rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1),
+                    timeout=datetime.timedelta(seconds=timeout if timeout is not None else 1800),
+                )
+            elif timeout is None:
                 dist.init_process_group(chosen)
             else:
                 dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout))

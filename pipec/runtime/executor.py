@@ -49,6 +49,7 @@ from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.data_parallel import last_backward
 from pipec.runtime.failure import PeerFailure
 from pipec.runtime.memory import MemoryMeter
+from pipec.runtime.nonfinite import NonfiniteWatch
 from pipec.runtime.recompute import Replay, forward_kept, replay_forward
 from pipec.runtime.routing import StageRoutes
 from pipec.runtime.shapes import baked_shape_message
@@ -136,6 +137,8 @@ class Executor:
         # called with a stage once its last backward action of a training step is done:
         # the data-parallel all-reduce of its gradients starts there
         self.after_backward = after_backward
+        # set by the runtime unless nonfinite="off": flags of each forward / backward (no sync)
+        self.watch: NonfiniteWatch | None = None
         self._done_at = {i: s for s, i in last_backward(actions).items()}
         # per local stage: its activation-recompute policy (pipec.runtime.recompute)
         self.recompute = {s: (recompute or {}).get(s, "none") for s in stages}
@@ -311,6 +314,9 @@ class Executor:
                     self._slot(c, a.microbatch).inputs[o.name] = self._leaf(value, o.carries_grad)
         if routes.is_last:
             self._finish_last(a, slot, result[-1])
+        if self.watch is not None and self._train:
+            loss = self._result.losses.get(a.microbatch) if routes.is_last else None
+            self.watch.forward(a.stage, a.microbatch, values, [*result, loss])
         if not self._train:
             slot.inputs.clear()
             if self.p2p is None or not self.p2p.has_forward_sends(a.stage):
@@ -444,6 +450,8 @@ class Executor:
 
     def _hand_back(self, a: Action, input_grads: Mapping[str, torch.Tensor | None]) -> None:
         """Give input gradients to local producers now; keep remote ones for SEND_B."""
+        if self.watch is not None:
+            self.watch.backward(a.stage, a.microbatch, list(input_grads.values()))
         remote: dict[str, torch.Tensor | None] = {}
         for r in self.routes[a.stage].boundary_inputs():
             if not r.carries_grad or r.producer is None:

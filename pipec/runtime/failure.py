@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -146,7 +147,11 @@ class FailureMonitor:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         limit = heartbeat_timeout if store_timeout is None else store_timeout
-        self.store = BoundedStore(PrefixStore(f"pipec/{next(_instances)}/", store), rank=rank, timeout=limit)
+        # torchrun's store outlives a restart of the ranks (--max-restarts): keys of the attempt
+        # before (its failure record, its heartbeats) must not be read as this one's
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.store = BoundedStore(PrefixStore(f"pipec/{attempt}/{next(_instances)}/", store), rank=rank,
+                                  timeout=limit)
         self._keys = [f"heartbeat/{r}" for r in range(world_size)]
         # every key exists before anyone reads them all, and this rank's first heartbeat is
         # in before the constructor returns (peers then know it started); on the existing

@@ -65,7 +65,10 @@ class Nodes:
 _PREFIX_RE = re.compile(r"^\[default(\d+)\]:(.*)$")
 _ROOT_RANK_RE = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _SIGNAL_RE = re.compile(r"Signal \d+ \(\w+\)")
+ATTEMPT_LINE_PREFIX = "PIPEC_ATTEMPT "  # run.py's local rank 0, on each restart: which attempt this is
+_WORKER_FAILED_RE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")  # torchrun's agent
 _TAIL_LINES = 40
+_SIGNALS = {int(s) for s in signal.Signals}
 _REFRESH_S = 0.5  # how often the process tree is re-read
 
 
@@ -103,6 +106,7 @@ def torchrun_command(
     master_port: int,
     extra_args: Sequence[str] = (),
     nodes: Nodes | None = None,
+    max_restarts: int = 0,
 ) -> list[str]:
     """The command line :func:`run_plan` executes: ``nproc`` processes on this node;
     with ``nodes``, torchrun's own multi-node rendezvous (c10d at ``nodes.endpoint``)."""
@@ -117,6 +121,7 @@ def torchrun_command(
         "--nproc-per-node",
         str(nproc),
         *where,
+        *(["--max-restarts", str(max_restarts)] if max_restarts else []),
         "--tee",
         "3",
         str(directory / "run.py"),
@@ -159,27 +164,47 @@ class _Output:
     """What the launcher makes of torchrun's output: streamed lines, per-rank tails,
     the first failure record, torchrun's root cause."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, restarts: int = 0) -> None:
         self.out = out
+        self.restarts = restarts  # torchrun restarts the ranks this often: a failure is not the end
+        self.failures = 0
         self.tails: dict[int, deque[str]] = {}
         self.record: FailureRecord | None = None
         self.root_rank: int | None = None
         self.signal_text: str | None = None
         self._in_root_cause = self._in_launcher_traceback = False
+        self.attempt = 0  # torchrun's restart count, as the restarted ranks say (PIPEC_ATTEMPT)
+        self._announced: set[int] = set()  # attempts whose failure was announced
 
     def feed(self, line: str) -> None:
         m = _PREFIX_RE.match(line)
         if m is not None:
             rank, text = int(m.group(1)), m.group(2)
+            if text.startswith(ATTEMPT_LINE_PREFIX):  # machine-readable: kept, not shown
+                self.attempt = max(self.attempt, int(text[len(ATTEMPT_LINE_PREFIX):].strip() or 0))
+                return
             record = parse_failure_line(text)
             if record is not None:  # machine-readable: kept, not shown
-                self.record = self.record or record
+                # with restarts the latest: what ends the run if the restarts run out
+                self.record = record if self.restarts else self.record or record
                 return
             self.tails.setdefault(rank, deque(maxlen=_TAIL_LINES)).append(text)
             self.out.write(f"[rank{rank}] {text}\n")
             self.out.flush()
             return
         # torchrun's own output: keep its messages, drop its launcher traceback
+        failed = _WORKER_FAILED_RE.search(line)
+        # the agent saw a rank end badly (a line per rank it found failed): it restarts them all
+        if failed is not None and self.restarts and self.attempt not in self._announced:
+            self._announced.add(self.attempt)
+            self.failures += 1
+            if self.failures <= self.restarts:
+                code = int(failed.group(1))
+                how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 and -code in _SIGNALS else \
+                    f"exit code {code}"
+                self.out.write(f"pipec run: local rank {failed.group(2)} ended with {how}; torchrun restarts "
+                               f"every rank from the newest checkpoint (restart {self.failures} of at most "
+                               f"{self.restarts})\n")
         if line.startswith("Traceback (most recent call last)"):
             self._in_launcher_traceback = True
         if "Root Cause" in line:
@@ -208,10 +233,17 @@ def run_plan(
     settle: float = 3.0,
     grace: float = 10.0,
     nodes: Nodes | None = None,
+    max_restarts: int = 0,
 ) -> int:
     """Run ``DIR/run.py`` on ``nproc`` local ranks; returns the exit code (0 on success).
     With ``nodes`` this is one node of several (run the same on each, with its
     ``node_rank``): ``nproc`` per node, ``nproc x nnodes`` = the plan's world.
+
+    With ``max_restarts`` N > 0, a failed rank does not end the run: torchrun
+    stops every rank and starts them again, up to N times, and the generated
+    ``run.py`` resumes from the newest complete checkpoint (see its
+    ``--checkpoint-every`` / ``--checkpoint-minutes``); the launcher then leaves
+    the stopping to torchrun and logs each failure as a restart.
 
     Raises :class:`PlanError` when ``directory`` holds no ``run.py`` and
     :class:`ConfigError` when ``nproc`` differs from the plan's ranks.
@@ -219,9 +251,11 @@ def run_plan(
     out = stream if stream is not None else sys.stdout
     path = Path(directory)
     _check_arguments(path, nproc, backend, steps, nodes.nnodes if nodes is not None else 1)
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ConfigError(f"max_restarts: expected a number of restarts >= 0, found {max_restarts!r}")
     cmd = torchrun_command(  # port 0: torchrun_local binds one the kernel chooses
         path, nproc=nproc, steps=steps, master_addr=master_addr, master_port=0, extra_args=extra_args,
-        nodes=nodes,
+        nodes=nodes, max_restarts=max_restarts,
     )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -232,7 +266,7 @@ def run_plan(
     if loopback is not None and _is_loopback(master_addr):
         env.setdefault("GLOO_SOCKET_IFNAME", loopback)
     log.info("launching: %s", shlex.join(cmd))
-    output = _Output(out)
+    output = _Output(out, restarts=max_restarts)
     proc = _spawn(cmd, env)
     log.info("torchrun started: pid %d", proc.pid)
     tree = ProcessTree(proc.pid)
@@ -240,7 +274,7 @@ def run_plan(
         code = _supervise(proc, tree, output, settle=settle, grace=grace)
     finally:
         _stop(proc, tree, grace=2.0)  # nothing survives, whatever happened
-    failed = code != 0 or output.record is not None
+    failed = code != 0 or (output.record is not None and not max_restarts)
     if failed:
         out.write(_failure_summary(code, output))
         out.flush()
@@ -273,8 +307,8 @@ def _supervise(
         if now >= next_refresh:
             tree.refresh()
             next_refresh = now + _REFRESH_S
-        if failed_at is None and output.record is not None:
-            failed_at = now
+        if failed_at is None and output.record is not None and not output.restarts:
+            failed_at = now  # with restarts torchrun stops and restarts the ranks itself
         if failed_at is not None and terminated_at is None and now > failed_at + settle:
             log.info("stopping the ranks: a rank failed %.0f s ago", now - failed_at)
             tree.signal(signal.SIGTERM)

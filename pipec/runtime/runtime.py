@@ -41,7 +41,8 @@ tied-parameter subgroups exist, stops its peers, named) and for the c10d
 store: no store operation lasts longer than ``min(timeout, heartbeat_timeout)``,
 and a store whose host is gone (rank 0, when not launched by torchrun) is a
 ``PeerFailure`` naming that rank. A failed pipeline runs no more steps:
-restart every rank and resume from a checkpoint.
+restart every rank and resume from a checkpoint (``pipec run DIR
+--max-restarts N`` does it for you; a checkpoint loads into any layout).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar, overload
 
@@ -58,7 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipec.costs.precision import check_device_precision
-from pipec.errors import ConfigError, RuntimeFailure
+from pipec.errors import ConfigError, NonfiniteError, RuntimeFailure
 from pipec.facade import Plan
 from pipec.microbatch import (
     merge_outputs,
@@ -67,6 +69,7 @@ from pipec.microbatch import (
     split_target,
     step_shapes,
 )
+from pipec.runtime.agree import any_rank
 from pipec.runtime.amp import LossScaler, LossScaling, is_wrapped, wrap_optimizer_step
 from pipec.runtime.checkpoint import RankView, load_checkpoint, save_checkpoint
 from pipec.runtime.clipping import check_norm_type, global_grad_norm, scale_grads
@@ -83,6 +86,15 @@ from pipec.runtime.failure import (
 from pipec.runtime.loss_scale import CountNormalizer
 from pipec.runtime.memory import MemoryMeter, MemoryStats
 from pipec.runtime.mesh import Mesh, build_mesh, position
+from pipec.runtime.nonfinite import (
+    FORWARD,
+    NonfiniteWatch,
+    agree_first,
+    check_policy,
+    locate_node,
+    share_text,
+)
+from pipec.runtime.parent_death import die_with_parent
 from pipec.runtime.routing import StageRoutes, build_routes
 from pipec.runtime.setup import (
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -160,6 +172,16 @@ class PipelineRuntime:
     loss scale: initial scale, growth and backoff factors, growth interval (torch
     GradScaler's defaults). A plan precision this device cannot compute in is a
     :class:`~pipec.errors.PrecisionError` here.
+
+    ``nonfinite`` (default ``"raise"``): each step checks its loss and gradients on
+    every rank (one all-reduce of one number, plus a finiteness reduction per boundary
+    tensor and one over the gradients; :mod:`pipec.runtime.nonfinite`). A non-finite
+    value raises :class:`~pipec.errors.NonfiniteError` on every rank, naming the
+    first stage, micro-batch and node where it appeared; ``"skip"`` instead drops
+    every rank's gradients (the optimizer's ``step()`` changes nothing), counts the
+    step in :attr:`skipped_steps` and logs it; ``"off"`` checks nothing. Under float16 loss scaling
+    the scaler owns non-finite gradients (an overflow skips the step on every rank and
+    lowers the scale, as ``torch.amp.GradScaler`` does), so this check is off there.
     """
 
     def __init__(
@@ -176,7 +198,10 @@ class PipelineRuntime:
         zero: int = 0,
         loss_scaling: LossScaling | None = None,
         track_memory: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it
+            die_with_parent()
         plan = as_plan(plan_or_dir)
         if zero not in (0, 1) or isinstance(zero, bool):
             raise ConfigError(f"zero: expected 0 (off) or 1 (ZeRO-1: optimizer state sharded over the "
@@ -190,6 +215,8 @@ class PipelineRuntime:
         self.loss_scaling = loss_scaling if loss_scaling is not None else LossScaling()
         if not isinstance(self.loss_scaling, LossScaling):
             raise ConfigError(f"loss_scaling: expected a pipec.LossScaling, found {type(loss_scaling).__name__}")
+        self.nonfinite = check_policy(nonfinite)
+        self.skipped_steps = 0  # steps whose update was skipped for a non-finite value (nonfinite="skip")
         self.seed = resolve_seed(seed)
         self.plan = plan
         self.loss_fn = loss_fn if loss_fn is not None else plan.loss_fn
@@ -247,6 +274,9 @@ class PipelineRuntime:
             self._on_failure(exc, setup=True)
             self.close()
             raise
+        # under loss scaling an inf/NaN gradient is an overflow the scaler handles (skip, lower the scale)
+        self._watch = NonfiniteWatch() if self.nonfinite != "off" and not self.scaler.enabled else None
+        self._executor.watch = self._watch
         self._needed_inputs = {n for r in self._routes.values() for n in r.graph_inputs()}
         self._timelines = TimelineLog()
         self._allreduce_pending = False
@@ -413,6 +443,8 @@ class PipelineRuntime:
                 self._dp.begin_step()
             self.scaler.begin_step()  # after the count normaliser's: the rest of the earlier gradients
             self._executor.loss_scale = self.scaler.scale
+            if self._watch is not None:
+                self._watch.begin_step()
             with self._memory.step(self._model_state()):
                 result = self._executor.run(
                     microbatches, targets=targets, loss_fn=self.loss_fn, train=True, step=self._step
@@ -429,8 +461,11 @@ class PipelineRuntime:
                         p.grad.mul_(scale)
             self.scaler.unscale(self._step)  # collective when scaling: every rank learns of an overflow
             self._end_step_timed(scale)
+            where = self._find_nonfinite() if self._watch is not None else None
             self._counts.restore()
             self.scaler.restore()
+            if where is not None:
+                self._on_nonfinite(where)
             loss = self._step_loss(result, count) if self.is_last else None
         except BaseException as exc:
             failure = self._on_failure(exc)
@@ -439,6 +474,52 @@ class PipelineRuntime:
             raise failure from exc.__cause__
         self._record(result)
         return loss
+
+    def _find_nonfinite(self) -> str | None:
+        """None when every rank's loss and gradients of this step are finite (one all-reduce);
+        else where the first non-finite value appeared, the same text on every rank
+        (:mod:`pipec.runtime.nonfinite`)."""
+        watch = self._watch
+        if watch is None:
+            return None
+        try:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            flag = watch.local_flag(grads, self.device)
+            if not any_rank(flag, info=self.info, waiter=self._waiter,
+                            what=f"the non-finite check of step {self._step}"):
+                return None
+            stage_grads = {s: [p.grad for p in m.parameters() if p.grad is not None]
+                           for s, m in self.stage_modules.items()}
+            score, place = watch.local_first(stage_grads, self.plan.num_stages, self.num_microbatches)
+            _, owner = agree_first(score, info=self.info, waiter=self._waiter, step=self._step)
+            text = ""
+            if self.rank == owner and place is not None:
+                if place.kind == FORWARD and place.microbatch is not None:
+                    node = locate_node(self.stage_modules[place.stage], watch.inputs[(place.stage, place.microbatch)],
+                                       seed=self.seed, step=self._step,
+                                       microbatch=self._executor.microbatch_offset + place.microbatch)
+                    place = replace(place, node=node or "(none when re-run: a random op, or the loss)")
+                replica = f", replica {self.dp_rank}" if self.data_parallel_size > 1 else ""
+                text = f"{place.describe()} (rank {self.rank}{replica})"
+            return share_text(text, owner=owner, info=self.info, waiter=self._waiter, step=self._step)
+        finally:
+            watch.begin_step()  # drop the step's input references
+
+    def _on_nonfinite(self, where: str) -> None:
+        """The policy, the same on every rank: raise, or drop every gradient (no update)."""
+        if self.nonfinite == "raise":
+            raise NonfiniteError(
+                f"step {self._step} has a non-finite loss or gradient; it first appeared in {where}. Check that "
+                "micro-batch's data and the learning rate, or pass PipelineRuntime(nonfinite='skip') to skip "
+                "such steps on every rank",
+                rank=self.rank, step=self._step,
+            )
+        for p in self.parameters():
+            p.grad = None  # the optimizer's step() then updates nothing, on every rank alike
+        self.skipped_steps += 1
+        if self.rank == 0:
+            log.warning("step %d skipped (no optimizer update on any rank; %d so far): a non-finite loss or "
+                        "gradient first appeared in %s", self._step, self.skipped_steps, where)
 
     def _finish_data_parallel(self, result: StepResult) -> None:
         """Wait for the replicas' gradient all-reduces (started as each stage's backward
@@ -581,6 +662,19 @@ class PipelineRuntime:
     def eval(self) -> PipelineRuntime:
         """Inference mode: no dropout, batch norm uses (and keeps) its running statistics."""
         return self.train(False)
+
+    def any_rank(self, flag: bool, what: str = "an agreement between the ranks") -> bool:
+        """Whether ``flag`` holds on any rank -- the same answer on every rank (collective:
+        one all-reduce of one number). For decisions every rank must take alike, e.g. to
+        save a checkpoint because some minutes passed on rank 0's clock."""
+        self._check_usable()
+        try:
+            return any_rank(flag, info=self.info, waiter=self._waiter, what=f"{what} (step {self._step})")
+        except BaseException as exc:
+            failure = self._on_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc.__cause__
 
     # -- parameters and state ----------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -771,7 +865,7 @@ class PipelineRuntime:
             tensors=self.state_dict(), param_names={id(p): n for n, p in self.named_parameters()},
             store=self.monitor.store if self.monitor is not None else None, waiter=self._waiter,
             save_index=self._saves - 1, file_rank=self.pp_rank, num_ranks=self.plan.num_ranks,
-            writes=self.dp_rank == 0, scaler=self.scaler,
+            writes=self.dp_rank == 0, scaler=self.scaler, seed=self.seed,
         )
 
     def save_checkpoint(
@@ -781,16 +875,18 @@ class PipelineRuntime:
         optimizer: torch.optim.Optimizer | None = None,
         step: int | None = None,
         keep: int | None = None,
+        scheduler: Any = None,
     ) -> Path:
         """Write a checkpoint of every rank into ``directory`` (collective: every rank calls
         it) and return its ``step_<k>`` directory. ``step`` defaults to the steps run so
-        far; ``keep`` deletes all but the newest ``keep`` checkpoints there."""
+        far; ``keep`` deletes all but the newest ``keep`` checkpoints there; ``scheduler``
+        (an LR scheduler) is saved with the optimizer."""
         self._check_usable()
         try:
             if optimizer is not None:
                 consolidate(optimizer)  # ZeRO-1: the replicas' shards onto replica 0, which writes
             return save_checkpoint(self._view(saving=True), directory, optimizer=optimizer,
-                                   step=self._step if step is None else step, keep=keep)
+                                   step=self._step if step is None else step, keep=keep, scheduler=scheduler)
         except BaseException as exc:
             failure = self._on_failure(exc)
             if failure is exc:
@@ -798,17 +894,25 @@ class PipelineRuntime:
             raise failure from exc.__cause__
 
     def load_checkpoint(
-        self, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None
+        self, directory: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
     ) -> int:
-        """Load this rank's parameters (and ``optimizer``'s and the RNG state) from the newest
-        checkpoint in ``directory``; returns its step. See :mod:`pipec.runtime.checkpoint`."""
+        """Load this rank's parameters (and ``optimizer``'s, ``scheduler``'s and the RNG state)
+        from the newest checkpoint in ``directory``; returns its step. The checkpoint may come
+        from another layout (stages, ranks, replicas): optimizer state is resharded by
+        parameter FQN. The runtime takes the checkpoint's ``seed``, so random ops (dropout)
+        continue as in the run that saved it. See :mod:`pipec.runtime.checkpoint`."""
         try:
-            step = load_checkpoint(self._view(saving=False), directory, optimizer=optimizer)
+            manifest = load_checkpoint(self._view(saving=False), directory, optimizer=optimizer,
+                                       scheduler=scheduler)
         except BaseException as exc:
             self._on_failure(exc)  # peers must not wait for a rank that cannot start
             raise
-        self._step = step
-        return step
+        if manifest.seed is not None and manifest.seed != self.seed:
+            log.info("rank %d: seed %d from the checkpoint replaces %d", self.rank, manifest.seed, self.seed)
+            self.seed = self._executor.seed = manifest.seed
+        self._step = manifest.step
+        return manifest.step
 
     # -- timelines ----------------------------------------------------------
     def receive_counts(self) -> ReceiveCounts:

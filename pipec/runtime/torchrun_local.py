@@ -6,7 +6,8 @@ store ignores ``--master-addr`` for the socket it listens on, so anyone who
 can reach the machine could talk to it. ``pipec run`` starts torchrun through
 this module instead, which binds that socket itself, to ``--master-addr``
 (127.0.0.1 by default), and hands it to the store (``master_listen_fd``),
-then runs torchrun unchanged. ``--master-port 0`` takes a port the kernel
+then runs torchrun unchanged. It dies with its parent (``pipec run``):
+:func:`pipec.runtime.parent_death.die_with_parent`. ``--master-port 0`` takes a port the kernel
 chooses, bound at once (a port found free and bound later may be taken in
 between). If the torch version lays torchrun out
 differently, it warns and runs torchrun as is.
@@ -79,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             sock.close()
             log.warning("this torch has no static rendezvous to patch; the store listens on every interface")
     from torch.distributed.run import main as torchrun_main
+
+    from pipec.runtime.parent_death import die_with_parent
+
+    die_with_parent()  # torchrun (and, through the ranks' own arming, every rank) ends with `pipec run`
 
     sys.argv = [sys.argv[0], *args]
     torchrun_main(args)

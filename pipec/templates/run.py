@@ -1,9 +1,9 @@
 """Train the pipeline plan in this directory: one process per rank.
 
-    torchrun --nproc-per-node N run.py [--steps K] [--lr LR] [--backend gloo|nccl]
-                 [--checkpoint-every K] [--resume]
-    pipec run DIR --nproc N [--steps K] [--checkpoint-every K] [--resume]
-                                                 (the same, launched for you)
+    torchrun --nproc-per-node N [--max-restarts R] run.py [--steps K] [--lr LR]
+                 [--backend gloo|nccl] [--checkpoint-every K] [--checkpoint-minutes M] [--resume]
+    pipec run DIR --nproc N [--steps K] [--checkpoint-every K] [--checkpoint-minutes M]
+                  [--resume] [--max-restarts R]          (the same, launched for you)
     torchrun --nnodes 2 --node-rank R --nproc-per-node N/2 --rdzv-backend c10d \
              --rdzv-endpoint HOST:PORT run.py [...]   (on each of 2 nodes, R = 0, 1)
 
@@ -23,9 +23,16 @@ Each rank writes its measured timeline to timeline_rank<r>.json here.
 
 --steps is the total: with --resume, training continues from the newest
 checkpoint in --checkpoint-dir (default checkpoint/ here) up to --steps;
---checkpoint-every K saves one every K steps (the newest --keep kept). When
-a rank fails, it tells the others (they stop within seconds) and prints the
-pipeline's first failure as a PIPEC_FAILURE line, which `pipec run` reports.
+--checkpoint-every K saves one every K steps and --checkpoint-minutes M one
+when M minutes passed since the last (rank 0's clock, agreed by every rank),
+the newest --keep kept. When a rank fails, it tells the others (they stop
+within seconds) and prints the pipeline's first failure as a PIPEC_FAILURE
+line, which `pipec run` reports. With torchrun's --max-restarts R, torchrun
+then starts every rank again (up to R times) and this file resumes from the
+newest complete checkpoint by itself (TORCHELASTIC_RESTART_COUNT > 0); each
+step is a function of its index (the same batch, dropout drawn from the seed
+saved in the checkpoint and the step), so the run ends with the parameters an
+uninterrupted run has. Every rank dies with its launcher (prctl PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timelines", type=Path, default=HERE, help="where timeline_rank<r>.json go")
     parser.add_argument("--checkpoint-dir", type=Path, default=HERE / "checkpoint")
     parser.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="0: never")
+    parser.add_argument("--checkpoint-minutes", type=float, default=0.0, metavar="M", help="0: never")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept (the newest)")
     parser.add_argument("--resume", action="store_true", help="start from the newest checkpoint")
     return parser.parse_args()
@@ -128,10 +136,15 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
     # pipe.optimizer: under fp16 its step() skips an overflowed step on every rank (loss scaling)
     optimizer = pipe.optimizer(torch.optim.SGD, lr=args.lr)
     first = 0
-    if args.resume:
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)  # torchrun --max-restarts
+    if args.resume or (restart > 0 and (args.checkpoint_dir / "latest").is_file()):
         first = pipe.load_checkpoint(args.checkpoint_dir, optimizer=optimizer)
         if pipe.rank == 0:
-            print(f"resumed from the checkpoint of step {first} in {args.checkpoint_dir}", flush=True)
+            again = f" (restart {restart})" if restart else ""
+            print(f"resumed from the checkpoint of step {first} in {args.checkpoint_dir}{again}", flush=True)
+    elif restart > 0 and pipe.rank == 0:
+        print(f"restart {restart}: no checkpoint in {args.checkpoint_dir} yet, starting from step 0", flush=True)
+    saved_at = time.monotonic()
     for step in range(first, args.steps):
         state["step"] = step
         start = time.perf_counter()
@@ -141,7 +154,12 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - start
         if loss is not None:
             print(f"step {step}: loss {loss.item():.5f}  step time {elapsed * 1e3:.1f} ms", flush=True)
-        if args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0:
+        due = args.checkpoint_every > 0 and (step + 1) % args.checkpoint_every == 0
+        if args.checkpoint_minutes > 0 and not due:  # rank 0's clock decides, for every rank
+            late = pipe.rank == 0 and time.monotonic() - saved_at >= args.checkpoint_minutes * 60
+            due = pipe.any_rank(late, "whether a checkpoint is due")
+        if due:
+            saved_at = time.monotonic()
             path = pipe.save_checkpoint(args.checkpoint_dir, optimizer=optimizer, step=step + 1, keep=args.keep)
             if pipe.rank == 0:
                 print(f"checkpoint of step {step + 1} written to {path}", flush=True)
@@ -154,6 +172,13 @@ def train(args: argparse.Namespace, state: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # never outlive torchrun (and so `pipec run`)
+        from pipec.runtime.parent_death import die_with_parent
+
+        die_with_parent()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("LOCAL_RANK") == "0":  # for `pipec run`: one restart, one message
+        print(f"PIPEC_ATTEMPT {restart}", flush=True)
     args = parse_args()
     state: dict[str, Any] = {"pipe": None, "step": None}
     try:

@@ -11,7 +11,8 @@ from torch's, Python's and numpy's generators (so RNG state matters too):
 
 Every parameter of C equals A's exactly (``torch.equal``). C's checkpoint
 merges into the original model's state dict (``strict=True``), and loads into
-a 3-stage plan of the same model on 3 ranks, which holds the same values.
+a 3-stage plan of the same model on 3 ranks, which holds the same values and
+Adam state for every parameter (an optimizer of other param groups is refused).
 """
 
 from __future__ import annotations
@@ -82,12 +83,16 @@ def _load_elsewhere(rank: int, world_size: int, directory: str) -> dict[str, Any
 
     pipe = PipelineRuntime(_plan([0, 1, 3, 4]))
     step = pipe.load_checkpoint(directory)
+    optimizer = torch.optim.Adam(pipe.parameters())
+    pipe.load_checkpoint(directory, optimizer=optimizer)  # resharded by FQN (test_reshard checks the values)
+    state = sorted(n for n, p in pipe.named_parameters() if "exp_avg" in optimizer.state.get(p, {}))
     refused = ""
     try:
-        pipe.load_checkpoint(directory, optimizer=torch.optim.Adam(pipe.parameters()))
+        pipe.load_checkpoint(directory, optimizer=torch.optim.Adam([{"params": [p]} for p in pipe.parameters()]))
     except CheckpointError as e:
         refused = str(e)
-    return {"step": step, "refused": refused, "params": {n: p.detach().clone() for n, p in pipe.named_parameters()}}
+    return {"step": step, "refused": refused, "state": state,
+            "params": {n: p.detach().clone() for n, p in pipe.named_parameters()}}
 
 
 @pytest.mark.timeout(120)
@@ -115,7 +120,8 @@ def test_resume_is_bit_identical_and_loads_into_another_layout(tmp_path: Path) -
 
     three = run_ranks(_load_elsewhere, 3, directory)
     assert [r["step"] for r in three] == [STEPS] * 3
-    assert all("same plan layout" in r["refused"] for r in three)
+    assert {n for r in three for n in r["state"]} == set(expected)  # Adam state for every parameter (tied: on each holder)
+    assert all("param group" in r["refused"] for r in three if len(r["state"]) > 1), [r["refused"] for r in three]
     loaded = {n: v for r in three for n, v in r["params"].items()}
     assert set(loaded) == set(expected)
     for name, value in expected.items():
