@@ -41,7 +41,7 @@ second backward from the stage outputs restricted to the parameters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +83,7 @@ _LEAF, _PARAM = 1, 2  # reach flags: the node reaches a boundary input / a param
 
 
 def _reach(
-    roots: Sequence[Node], leaves: set[Node], params: set[Node]
+    roots: Sequence[Node], leaves: Container[Node], params: Container[Node]
 ) -> tuple[dict[Node, int], dict[Node, list[Node | None]]]:
     """For every node reachable from ``roots``: which of ``leaves`` (``_LEAF``) and ``params``
     (``_PARAM``) it reaches, and its children (``next_functions`` read once per node:
@@ -113,7 +113,7 @@ def _reach(
 
 
 def _reached_params(
-    starts: Sequence[Node], kids: dict[Node, list[Node | None]], param_of: dict[Node, torch.Tensor]
+    starts: Sequence[Node], kids: dict[Node, list[Node | None]], param_of: Mapping[Node, torch.Tensor]
 ) -> list[torch.Tensor]:
     """The parameters reachable from ``starts`` (nodes off the input side), in a fixed order."""
     seen: set[Node] = set()
@@ -131,10 +131,23 @@ def _reached_params(
     return found
 
 
+def param_nodes(params: Sequence[torch.Tensor]) -> dict[Node, torch.Tensor]:
+    """Each parameter's gradient accumulator node, to look up once per stage and pass to
+    :func:`input_backward`: holding the node keeps it the one autograd uses for the
+    parameter (it is created lazily and otherwise freed with the graph), and finding it
+    costs a view per parameter."""
+    return {get_gradient_edge(p).node: p for p in params}
+
+
 def input_backward(
-    tensors: list[torch.Tensor], grads: Grads, leaves: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+    tensors: list[torch.Tensor],
+    grads: Grads,
+    leaves: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    nodes: Mapping[Node, torch.Tensor] | None = None,
 ) -> tuple[Grads, PendingWeightGrad]:
-    """I: the gradients of ``leaves`` (boundary inputs); keeps the graph for :func:`weight_backward`."""
+    """I: the gradients of ``leaves`` (boundary inputs); keeps the graph for :func:`weight_backward`.
+    ``nodes``: :func:`param_nodes` of ``params``, if the caller keeps them."""
     pending = PendingWeightGrad(tensors, grads)
     if not tensors or not leaves:
         return [None] * len(leaves), pending  # W will run the whole backward
@@ -143,8 +156,8 @@ def input_backward(
         computed = torch.autograd.grad(tensors, list(leaves), grads, retain_graph=True, allow_unused=True)
         return list(computed), pending
     root_nodes = [r for r in roots if r is not None]
-    param_of = {get_gradient_edge(p).node: p for p in params}
-    flags, kids = _reach(root_nodes, {get_gradient_edge(x).node for x in leaves}, set(param_of))
+    param_of = nodes if nodes is not None else param_nodes(params)
+    flags, kids = _reach(root_nodes, {get_gradient_edge(x).node for x in leaves}, param_of)
     frontier: list[_Frontier] = []
     for node, f in flags.items():
         if not f & _LEAF:
