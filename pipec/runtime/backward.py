@@ -59,6 +59,9 @@ class _Frontier:
     node: Node
     keep: tuple[bool, ...]
     params: list[torch.Tensor]
+    # whether a path from the node through the input side reaches those parameters too:
+    # then W must drop the node's outputs towards the input side (``_cut``)
+    cut: bool = True
 
 
 @dataclass
@@ -84,12 +87,14 @@ _LEAF, _PARAM = 1, 2  # reach flags: the node reaches a boundary input / a param
 
 def _reach(
     roots: Sequence[Node], leaves: Container[Node], params: Container[Node]
-) -> tuple[dict[Node, int], dict[Node, list[Node | None]]]:
+) -> tuple[dict[Node, int], dict[Node, list[Node | None]], dict[Node, int]]:
     """For every node reachable from ``roots``: which of ``leaves`` (``_LEAF``) and ``params``
-    (``_PARAM``) it reaches, and its children (``next_functions`` read once per node:
-    each read builds Python tuples, and I runs this on every micro-batch)."""
+    (``_PARAM``) it reaches, its children (``next_functions`` read once per node:
+    each read builds Python tuples, and I runs this on every micro-batch), and how many
+    edges lead to it."""
     flags: dict[Node, int] = {}
     kids: dict[Node, list[Node | None]] = {}
+    parents: dict[Node, int] = {}
     stack = list(roots)
     while stack:
         node = stack[-1]
@@ -107,15 +112,22 @@ def _reach(
         for c in ks:
             if c is not None:
                 f |= flags[c]
+                parents[c] = parents.get(c, 0) + 1
         flags[node] = f
         stack.pop()
-    return flags, kids
+    return flags, kids, parents
 
 
 def _reached_params(
-    starts: Sequence[Node], kids: dict[Node, list[Node | None]], param_of: Mapping[Node, torch.Tensor]
-) -> list[torch.Tensor]:
-    """The parameters reachable from ``starts`` (nodes off the input side), in a fixed order."""
+    starts: Sequence[Node],
+    kids: dict[Node, list[Node | None]],
+    parents: Mapping[Node, int],
+    param_of: Mapping[Node, torch.Tensor],
+) -> tuple[list[torch.Tensor], bool]:
+    """The parameters reachable from ``starts`` (a frontier node's children off the input
+    side, each once per edge), in a fixed order; and whether any node below ``starts`` has
+    a parent outside them, the frontier node and their descendants -- the only way a path
+    from the frontier node through the input side can reach them (True: maybe)."""
     seen: set[Node] = set()
     found: list[torch.Tensor] = []
     stack = list(starts)
@@ -128,7 +140,8 @@ def _reached_params(
         if p is not None:
             found.append(p)
         stack.extend(c for c in kids.get(node, ()) if c is not None and c not in seen)
-    return found
+    inner = len(starts) + sum(1 for n in seen for c in kids.get(n, ()) if c is not None and c in seen)
+    return found, sum(parents.get(n, 0) for n in seen) != inner
 
 
 def param_nodes(params: Sequence[torch.Tensor]) -> dict[Node, torch.Tensor]:
@@ -157,7 +170,7 @@ def input_backward(
         return list(computed), pending
     root_nodes = [r for r in roots if r is not None]
     param_of = nodes if nodes is not None else param_nodes(params)
-    flags, kids = _reach(root_nodes, {get_gradient_edge(x).node for x in leaves}, param_of)
+    flags, kids, parents = _reach(root_nodes, {get_gradient_edge(x).node for x in leaves}, param_of)
     frontier: list[_Frontier] = []
     for node, f in flags.items():
         if not f & _LEAF:
@@ -166,7 +179,7 @@ def input_backward(
         keep = tuple(c is not None and flags[c] == _PARAM for c in ks)
         if any(keep):
             starts = [c for c, k in zip(ks, keep) if k and c is not None]
-            frontier.append(_Frontier(node, keep, _reached_params(starts, kids, param_of)))
+            frontier.append(_Frontier(node, keep, *_reached_params(starts, kids, parents, param_of)))
     pending.frontier = frontier
     pending.side_roots = [(t, g) for t, g, r in zip(tensors, grads, root_nodes) if not flags[r] & _LEAF]
     pending.reuse = True
@@ -203,12 +216,15 @@ def weight_backward(pending: PendingWeightGrad, params: Sequence[torch.Tensor]) 
         outs = [GradientEdge(f.node, i) for i, g in enumerate(arrived) if g is not None]
         if not outs or not f.params:
             continue
-        handle = f.node.register_hook(_cut(f.keep))
+        # without a path through the input side to its parameters autograd does not compute
+        # the node's outputs towards the input side, and there is nothing to cut
+        handle = f.node.register_hook(_cut(f.keep)) if f.cut else None
         try:
             torch.autograd.backward(outs, grad_tensors=[g for g in arrived if g is not None], inputs=f.params,
                                     retain_graph=True)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
     # the stage outputs off the input side: their whole backward (it reaches no boundary input)
     if pending.side_roots:
         torch.autograd.backward([t for t, _ in pending.side_roots],
