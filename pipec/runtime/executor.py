@@ -44,7 +44,13 @@ from torch import nn
 from pipec.costs.precision import autocast, cast_boundary, upcast_floats
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.loss import loss_parts
-from pipec.runtime.backward import PendingWeightGrad, full_backward, input_backward, weight_backward
+from pipec.runtime.backward import (
+    PendingWeightGrad,
+    full_backward,
+    input_backward,
+    param_nodes,
+    weight_backward,
+)
 from pipec.runtime.comm import BACKWARD, FORWARD, P2P
 from pipec.runtime.data_parallel import last_backward
 from pipec.runtime.failure import PeerFailure
@@ -168,6 +174,22 @@ class Executor:
         }
         self._early_receives = {train: _early_receives(self.actions if train else self.forward_actions)
                                 for train in (True, False)}
+        # what every action reads of the plan, looked up once: the hot loop runs per action
+        # (the timeline's labels, dtypes, which consumers and producers are local)
+        self._labels = {True: tuple(str(a) for a in self.actions),
+                        False: tuple(str(a) for a in self.forward_actions)}
+        self._out_dtypes = {s: tuple(o.boundary.meta.torch_dtype for o in r.outputs) for s, r in self.routes.items()}
+        self._local_consumers = {
+            s: tuple(tuple(c for c in o.consumers if rank_of(c) == rank) for o in r.outputs)
+            for s, r in self.routes.items()
+        }
+        self._boundary_inputs = {s: r.boundary_inputs() for s, r in self.routes.items()}
+        self._local_producer = {
+            s: {i.name: i.producer is not None and rank_of(i.producer) == rank for i in r.inputs}
+            for s, r in self.routes.items()
+        }
+        self._carries = {s: {i.name: i.carries_grad for i in r.inputs} for s, r in self.routes.items()}
+        self._param_nodes = {s: param_nodes(ps) for s, ps in self._params.items()}
         # per-step state
         self._slots: dict[tuple[int, int], _Slot] = {}
         self._send_grads: dict[tuple[int, int], dict[str, torch.Tensor | None]] = {}
@@ -199,6 +221,7 @@ class Executor:
         self._step = step
         actions = self.actions if train else self.forward_actions
         receives, post_at = self._early_receives[train]
+        labels = self._labels[train]
         if self.p2p is not None:
             self.p2p.begin_actions(train)
         self.clock.begin()
@@ -210,7 +233,7 @@ class Executor:
                         self.p2p.post_receives(receives)
                     started = self.clock.start()
                     self._handlers[current.kind](current)
-                    self.clock.stop(started, str(current))
+                    self.clock.stop(started, labels[i])
                     if train and self.after_backward is not None and i in self._done_at:
                         self.after_backward(self._done_at[i])
                 current = None
@@ -305,13 +328,12 @@ class Executor:
         if len(result) != expected:
             raise self._fail(a, f"stage {a.stage} returned {len(result)} values, expected {expected}")
         slot.forwarded = True
-        slot.outputs = {o.name: cast_boundary(t, o.boundary.meta.torch_dtype, self.precision)
-                        for o, t in zip(routes.outputs, result)}
-        for o in routes.outputs:
+        slot.outputs = {o.name: cast_boundary(t, dtype, self.precision)
+                        for o, t, dtype in zip(routes.outputs, result, self._out_dtypes[a.stage])}
+        for o, local in zip(routes.outputs, self._local_consumers[a.stage]):
             value = slot.outputs[o.name]
-            for c in o.consumers:
-                if self.rank_of(c) == self.rank:
-                    self._slot(c, a.microbatch).inputs[o.name] = self._leaf(value, o.carries_grad)
+            for c in local:
+                self._slot(c, a.microbatch).inputs[o.name] = self._leaf(value, o.carries_grad)
         if routes.is_last:
             self._finish_last(a, slot, result[-1])
         if self.watch is not None and self._train:
@@ -420,7 +442,7 @@ class Executor:
     def _grad_leaves(self, stage: int, slot: _Slot) -> list[tuple[str, torch.Tensor]]:
         return [
             (r.name, slot.inputs[r.name])
-            for r in self.routes[stage].boundary_inputs()
+            for r in self._boundary_inputs[stage]
             if r.carries_grad and r.name in slot.inputs and slot.inputs[r.name].requires_grad
         ]
 
@@ -436,7 +458,8 @@ class Executor:
         self._replay(a, slot)
         tensors, grads = self._backward_pairs(a, slot)
         leaves = self._grad_leaves(a.stage, slot)
-        computed, slot.pending_w = input_backward(tensors, grads, [t for _, t in leaves], self._params[a.stage])
+        computed, slot.pending_w = input_backward(tensors, grads, [t for _, t in leaves], self._params[a.stage],
+                                                  self._param_nodes[a.stage])
         slot.inputs.clear()
         slot.outputs.clear()
         self._hand_back(a, {name: g for (name, _), g in zip(leaves, computed)})
@@ -453,11 +476,12 @@ class Executor:
         if self.watch is not None:
             self.watch.backward(a.stage, a.microbatch, list(input_grads.values()))
         remote: dict[str, torch.Tensor | None] = {}
-        for r in self.routes[a.stage].boundary_inputs():
+        local = self._local_producer[a.stage]
+        for r in self._boundary_inputs[a.stage]:
             if not r.carries_grad or r.producer is None:
                 continue
             g = input_grads.get(r.name)
-            if self.rank_of(r.producer) == self.rank:
+            if local[r.name]:
                 self._add_grad(self._slot(r.producer, a.microbatch), r.name, a.stage, g)
             else:
                 remote[r.name] = g
@@ -488,7 +512,7 @@ class Executor:
     def _recv_forward(self, a: Action) -> None:
         received = self._need_p2p(a).recv_forward(a.stage, a.microbatch)
         slot = self._slot(a.stage, a.microbatch)
-        carries = {r.name: r.carries_grad for r in self.routes[a.stage].inputs}
+        carries = self._carries[a.stage]
         for name, buf in received.items():
             slot.inputs[name] = self._leaf(buf, carries[name])
 

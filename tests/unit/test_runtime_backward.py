@@ -210,6 +210,26 @@ def test_w_does_not_rerun_the_input_side_of_a_chain() -> None:
     assert all(p.grad is not None for p in params)
 
 
+def test_w_cuts_the_input_side_only_where_a_path_through_it_reaches_the_parameters() -> None:
+    """W drops a frontier node's outputs towards the input side (a post-hook per node and
+    backward) only where a path through the input side leads to the node's parameters:
+    never in a chain of Linears; at the residual read of ``h`` in ``tanh(h * gate) + h``,
+    whose input-side branch reaches ``h``'s Linear again."""
+    params = _params(3)[:3]
+    leaf = torch.randn(ROWS, D, dtype=torch.float64, requires_grad=True)
+    h = leaf
+    for p in params:
+        h = torch.tanh(F.linear(h, p))
+    _, pending = input_backward([h], [torch.ones_like(h)], [leaf], params)
+    assert len(pending.frontier) == 3 and not any(f.cut for f in pending.frontier)
+
+    p = _params(2)
+    gate = torch.randn(ROWS, D, dtype=torch.float64, requires_grad=True)
+    out = _gated_residual([gate], [torch.randn(ROWS, D, dtype=torch.float64)], p)[0]
+    _, pending = input_backward([out], [torch.ones_like(out)], [gate], p)
+    assert any(f.cut for f in pending.frontier) and not all(f.cut for f in pending.frontier)
+
+
 # -- random stage graphs -------------------------------------------------------
 OPS = ("linear", "mm_param", "scale", "mul", "add", "tanh", "param_bias", "addmm_nested")
 
