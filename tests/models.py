@@ -101,6 +101,20 @@ class TiedLM(nn.Module):
         return self.head(self.norm(h))
 
 
+class Chain(nn.Module):
+    """Four linear layers with tanh in between: 6 -> 3 features, the V-placement tests' model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+        self.d = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
 class TwoInput(nn.Module):
     """Two inputs that meet half-way through."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import Chain
 from _one_rank import one_rank
 from _workers import run_ranks
 from torch import nn
@@ -49,18 +50,6 @@ V_SPLIT_TEXT = """
 
 def v_schedule(text: str = V_TEXT) -> Schedule:
     return Schedule.from_text(text, name="v-hand", stages_per_rank=2, placement=v_placement(4, 2))
-
-
-class Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(6, 8)
-        self.b = nn.Linear(8, 8)
-        self.c = nn.Linear(8, 8)
-        self.d = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import Chain
 from _one_rank import one_rank
 from _workers import run_ranks
 from torch import nn
@@ -26,18 +27,6 @@ from pipec.types import NodeCost, TracedGraph
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 MICROBATCH = 2
 M = 4  # dualpipe-v needs m >= num_stages = 4
-
-
-class Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(6, 8)
-        self.b = nn.Linear(8, 8)
-        self.c = nn.Linear(8, 8)
-        self.d = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
 
 
 @pytest.fixture(scope="module")

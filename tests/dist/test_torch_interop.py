@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
-from models import TwoInput
+from models import Chain, TwoInput
 from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
 from pipec.runtime.runtime import PipelineRuntime
@@ -38,18 +38,6 @@ V_ZERO_BUBBLE = """
 0: 0F0 0F1 3F0 3I0 3F1 3I1 0F2 3W0 3W1 0I0 3F2 0W0 3I2 0I1 3W2 0W1 0F3 3F3 3I3 0I2 3W3 0W2 0I3 0W3
 1: 1F0 2F0 1F1 2F1 2I0 1I0 2I1 2W0 1F2 1I1 2F2 2W1 1W0 2I2 1I2 1W1 1F3 2W2 1W2 2F3 2I3 1I3 2W3 1W3
 """
-
-
-class Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(6, 8)
-        self.b = nn.Linear(8, 8)
-        self.c = nn.Linear(8, 8)
-        self.d = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
 
 
 def _plan() -> tuple[nn.Module, Plan, torch.Tensor, torch.Tensor]:
