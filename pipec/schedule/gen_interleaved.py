@@ -30,6 +30,17 @@ def microbatch_groups(num_microbatches: int, num_ranks: int) -> list[range]:
     return groups
 
 
+def chunk_orders(num_microbatches: int, num_ranks: int,
+                 num_chunks: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The (chunk, micro-batch) orders every rank of an interleaved schedule runs its
+    forwards and its backwards in: group by group (:func:`microbatch_groups`), chunks
+    ascending for the forward and descending for the backward."""
+    groups = microbatch_groups(num_microbatches, num_ranks)
+    forward_order = [(c, i) for group in groups for c in range(num_chunks) for i in group]
+    backward_order = [(c, i) for group in groups for c in reversed(range(num_chunks)) for i in group]
+    return forward_order, backward_order
+
+
 def interleaved_1f1b(num_stages: int, num_microbatches: int, stages_per_rank: int) -> Schedule:
     """Interleaved 1F1B (Megatron-LM, Narayanan et al. 2021, section 2.2.2).
 
@@ -51,9 +62,7 @@ def interleaved_1f1b(num_stages: int, num_microbatches: int, stages_per_rank: in
     num_ranks = check_sizes("interleaved-1f1b", num_stages, num_microbatches, stages_per_rank)
     p, v = num_ranks, stages_per_rank
     groups = microbatch_groups(num_microbatches, p)
-    # (chunk, microbatch) in the order every rank runs them
-    forward_order = [(c, i) for group in groups for c in range(v) for i in group]
-    backward_order = [(c, i) for group in groups for c in reversed(range(v)) for i in group]
+    forward_order, backward_order = chunk_orders(num_microbatches, p, v)
     total = len(forward_order)
     rows: list[list[Action]] = []
     for k in range(p):

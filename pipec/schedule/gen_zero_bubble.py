@@ -9,7 +9,7 @@ Qi et al. 2023, "Zero Bubble Pipeline Parallelism" (ICLR 2024), section 3.1
 from __future__ import annotations
 
 from pipec.schedule.gen_common import check_sizes, make
-from pipec.schedule.gen_interleaved import microbatch_groups
+from pipec.schedule.gen_interleaved import chunk_orders, microbatch_groups
 from pipec.schedule.ir import Action, F, I, Schedule, W
 
 
@@ -131,8 +131,7 @@ def interleaved_zb(num_stages: int, num_microbatches: int, stages_per_rank: int)
     num_ranks = check_sizes("interleaved-zb", num_stages, num_microbatches, stages_per_rank)
     p, v = num_ranks, stages_per_rank
     groups = microbatch_groups(num_microbatches, p)
-    forward_order = [(c, i) for group in groups for c in range(v) for i in group]
-    backward_order = [(c, i) for group in groups for c in reversed(range(v)) for i in group]
+    forward_order, backward_order = chunk_orders(num_microbatches, p, v)
     total = len(forward_order)
     rows: list[list[Action]] = []
     for k in range(p):
