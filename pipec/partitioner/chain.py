@@ -37,11 +37,16 @@ real all-reduce at the end of the step
 
     params of the stage * 2 + numel * optimizer_state_bytes_per_param
     + buffers * 1
-    + (saved activations + received and sent tensor bytes) * in_flight[k]
+    + (saved activations + sent tensor bytes) * in_flight[k]
+    + (received tensor bytes + gradient bytes of sent floating tensors) * num_microbatches
 
 where a tied group counts on every stage that uses it and ``in_flight[k]``
 is the number of micro-batches stage ``k`` holds at its peak
-(:mod:`pipec.schedule.in_flight`). A rank's memory is the sum over its stages.
+(:mod:`pipec.schedule.in_flight`). Received tensors and the gradients of sent
+ones count once per micro-batch, not per micro-batch in flight: the runtime
+receives each (stage, tensor, micro-batch) into its own buffer, allocated once
+and kept across steps (:class:`pipec.runtime.comm.P2P`; the same on Gloo and
+NCCL), so a rank holds all of them. A rank's memory is the sum over its stages.
 
 **Activation recompute** (:mod:`pipec.costs.recompute`): with several policies
 allowed (``problem.recompute``), each stage takes the fastest one whose memory
@@ -139,9 +144,7 @@ def _memory_without_activations(problem: ChainProblem, stage: int, i: I64, j: I6
     memory: I64 = tab.prefix_param_memory[j] - tab.prefix_param_memory[i]
     if tab.held_grads[stage]:
         memory = memory + (tab.prefix_grad_held[j] - tab.prefix_grad_held[i]) * tab.held_grads[stage]
-    if len(tab.tensor_bytes):
-        boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
-        memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+    memory = memory + tab.boundary_memory(stage, i, j)
     for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
         memory = memory + np.where(inside, tab.tied_memory[g], 0)
     return memory
@@ -169,10 +172,7 @@ def stage_memories(problem: ChainProblem, stage: int, starts: I64, ends: I64) ->
     j = np.asarray(ends, dtype=np.int64)
     if tab.policies == ("none",):
         mono = tab.prefix_memory(stage)
-        memory: I64 = mono[j] - mono[i]
-        if len(tab.tensor_bytes):
-            boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
-            memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+        memory: I64 = mono[j] - mono[i] + tab.boundary_memory(stage, i, j)
         for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
             memory = memory + np.where(inside, tab.tied_memory[g], 0)
         return memory
