@@ -118,9 +118,9 @@ def build_plan_data(
             boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
                                        shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes,
                                        transfer_times=transfer_times(problem, meta.num_bytes, source, readers)))
-    extra = gloo_extra_bytes(boundaries, problem.rank_of, problem.num_stages, problem.num_microbatches,
+    held = gloo_extra_bytes(boundaries, problem.rank_of, problem.num_stages, problem.num_microbatches,
                              in_flight_from_schedule(schedule))
-    stages = [st.model_copy(update={"gloo_memory_bytes": st.memory_bytes + extra[st.index]}) for st in stages]
+    stages = [st.model_copy(update={"gloo_memory_bytes": st.memory_bytes + held[st.index]}) for st in stages]
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
         for n in traced.nodes if n.op == "placeholder"

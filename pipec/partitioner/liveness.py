@@ -237,11 +237,15 @@ class Tables:
         flight (``in_flight``; its send is dropped once complete)."""
         if not len(self.tensor_bytes):
             return np.zeros(len(i), dtype=np.int64)
-        m = self.num_microbatches
+        m, f = self.num_microbatches, int(self.in_flight[stage])
+        # between stages on one rank there are no buffers: tensors are held while in flight
+        # (a skip's real peer may sit elsewhere: the neighbours' ranks decide, as for time)
+        remote_in = self.pairs[self.recv_pair[stage]][0] != self.pairs[self.recv_pair[stage]][1]
+        remote_out = self.pairs[self.send_pair[stage]][0] != self.pairs[self.send_pair[stage]][1]
         received = self.received(self.bytes_cumulative("recv"), i, j)
         sent = self.sent(self.bytes_cumulative("send"), i, j)
         grads = self.sent(self.grad_bytes_cumulative(), i, j)
-        out: I64 = (received * m + sent * int(self.in_flight[stage]) + grads * m).astype(np.int64)
+        out: I64 = (received * (m if remote_in else f) + sent * f + grads * (m if remote_out else 0)).astype(np.int64)
         return out
 
     def grad_bytes_cumulative(self) -> I64:
