@@ -58,7 +58,11 @@ outputs for ``selective``), the ``b`` whose backward is running
 theirs -- and the time gains the forward of the nodes ``p`` recomputes. Under
 the zero-bubble split each micro-batch between its ``I`` and ``W``
 (``problem.held_grads``) also keeps the gradient ``I`` captured at each
-matmul-like node (its output's size), whatever the policy.
+matmul-like node (its output's size), whatever the policy, and ``W`` computes
+the stage's weight gradients all at once before they accumulate into ``.grad``
+(:func:`pipec.runtime.backward.weight_backward`): one more copy of the stage's
+trainable parameter bytes. The first stage has no boundary input, so its ``I``
+captures nothing and its ``W`` is a plain backward: neither term applies there.
 """
 
 from __future__ import annotations
@@ -144,6 +148,7 @@ def _memory_without_activations(problem: ChainProblem, stage: int, i: I64, j: I6
     memory: I64 = tab.prefix_param_memory[j] - tab.prefix_param_memory[i]
     if tab.held_grads[stage]:
         memory = memory + (tab.prefix_grad_held[j] - tab.prefix_grad_held[i]) * tab.held_grads[stage]
+        memory = memory + (tab.prefix_param_bytes[j] - tab.prefix_param_bytes[i])  # W's weight gradients at once
     memory = memory + tab.boundary_memory(stage, i, j)
     for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
         memory = memory + np.where(inside, tab.tied_memory[g], 0)

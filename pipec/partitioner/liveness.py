@@ -182,7 +182,7 @@ class Tables:
                 least = np.min([self.kept[q] * rest + self.saved * held for q in self.policies], axis=0)
                 self._cache[key] = self.prefix_param_memory + np.concatenate(([0], np.cumsum(least))).astype(np.int64)
             if grads:
-                self._cache[key] = self._cache[key] + self.prefix_grad_held * grads
+                self._cache[key] = self._cache[key] + self.prefix_grad_held * grads + self.prefix_param_bytes
         return self._cache[key]
 
     # -- communication ----------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The memory terms the plan predicts beyond activations and parameters, as the runtime
+holds them: receive buffers per micro-batch, Gloo's sends held to the step's end, and the
+prediction per backend (pure, no processes)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import pipec
+from pipec.partitioner.assemble import gloo_extra_bytes, plan_from_split
+from pipec.plan import Boundary, StageInfo
+from pipec.schedule.in_flight import in_flight_from_schedule
+from pipec.types import NodeCost
+
+
+def _boundary(producer: int, consumers: tuple[int, ...], num_bytes: int, dtype: str = "float32") -> Boundary:
+    return Boundary(name=f"t{producer}", producer_stage=producer, consumer_stages=consumers, shape=(num_bytes // 4,),
+                    dtype=dtype, num_bytes=num_bytes)
+
+
+def _stage(memory: int, gloo: int | None) -> StageInfo:
+    return StageInfo(index=0, rank=0, nodes=("a",), num_params=0, param_bytes=0, forward_time=0.0,
+                     backward_time=0.0, comm_time=0.0, memory_bytes=memory, gloo_memory_bytes=gloo)
+
+
+def test_gloo_holds_every_sent_tensor_and_every_gradient_sent_back() -> None:
+    # stages 0, 1, 2 on ranks 0, 1, 1; 4 micro-batches, 2 / 1 / 1 in flight
+    rank_of = {0: 0, 1: 1, 2: 1}.__getitem__
+    extra = gloo_extra_bytes([_boundary(0, (1,), 40), _boundary(1, (2,), 400)], rank_of, 3, 4, (2, 1, 1))
+    # stage 0 sends 40 bytes per micro-batch: 4 held, 2 of them already counted in flight;
+    # stage 1 sends the gradient of what it received back, 4 of them; the same-rank edge 1 -> 2 holds nothing
+    assert extra == [40 * 2, 40 * 4, 0]
+
+
+def test_an_integer_tensor_has_no_gradient_to_send_back() -> None:
+    extra = gloo_extra_bytes([_boundary(0, (1,), 32, dtype="int64")], lambda s: s, 2, 4, (2, 1))
+    assert extra == [32 * 2, 0]
+
+
+def test_memory_on_picks_the_backend() -> None:
+    st = _stage(100, 130)
+    assert st.memory_on("nccl") == st.memory_on("cpu:gloo,cuda:nccl") == 100
+    assert st.memory_on("gloo") == st.memory_on(None) == 130
+    assert _stage(100, None).memory_on("gloo") == 100  # a plan saved before it was stored
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(32, 32) for _ in range(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.layers(x))
+
+
+def _plan(num_microbatches: int) -> pipec.Plan:
+    torch.manual_seed(0)
+    model = _MLP()
+    traced = pipec.trace(model, (torch.randn(4, 32),))  # one micro-batch's shapes
+    costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4, saved_bytes=64,
+                              output_bytes=64) for n in traced.nodes}
+    data = plan_from_split(traced, costs, [2], num_microbatches=num_microbatches, schedule="1f1b")
+    return pipec.Plan(data, traced=traced)
+
+
+def test_plan_stores_the_gloo_figure_and_counts_receive_buffers_per_microbatch() -> None:
+    plan = _plan(4)
+    data = plan.data
+    flight = in_flight_from_schedule(data.schedule)
+    extra = gloo_extra_bytes(data.boundaries, data.schedule.rank_of, 2, 4, flight)
+    assert [st.gloo_memory_bytes for st in plan.stages] == [st.memory_bytes + e for st, e in zip(plan.stages, extra)]
+    (b,) = data.boundaries
+    assert extra == [b.num_bytes * (4 - flight[0]), b.num_bytes * 4]
+    # one more micro-batch: the last stage (1 in flight) gains one input buffer, the first one
+    # gradient buffer (2 in flight either way)
+    more = _plan(5)
+    assert [m.memory_bytes - p.memory_bytes for m, p in zip(more.stages, plan.stages)] == [b.num_bytes] * 2
