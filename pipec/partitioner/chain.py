@@ -63,6 +63,9 @@ the stage's weight gradients all at once before they accumulate into ``.grad``
 (:func:`pipec.runtime.backward.weight_backward`): one more copy of the stage's
 trainable parameter bytes. The first stage has no boundary input, so its ``I``
 captures nothing and its ``W`` is a plain backward: neither term applies there.
+The stage that ends the model also holds, while its loss's backward starts, the
+gradient of the model output and one temporary of its size (twice the last
+node's ``output_bytes``; log-softmax's and nll's gradients under cross-entropy).
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ def _memory_without_activations(problem: ChainProblem, stage: int, i: I64, j: I6
     if tab.held_grads[stage]:
         memory = memory + (tab.prefix_grad_held[j] - tab.prefix_grad_held[i]) * tab.held_grads[stage]
         memory = memory + (tab.prefix_param_bytes[j] - tab.prefix_param_bytes[i])  # W's weight gradients at once
-    memory = memory + tab.boundary_memory(stage, i, j)
+    memory = memory + tab.boundary_memory(stage, i, j) + tab.loss_memory(j)
     for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
         memory = memory + np.where(inside, tab.tied_memory[g], 0)
     return memory
@@ -177,7 +180,7 @@ def stage_memories(problem: ChainProblem, stage: int, starts: I64, ends: I64) ->
     j = np.asarray(ends, dtype=np.int64)
     if tab.policies == ("none",):
         mono = tab.prefix_memory(stage)
-        memory: I64 = mono[j] - mono[i] + tab.boundary_memory(stage, i, j)
+        memory: I64 = mono[j] - mono[i] + tab.boundary_memory(stage, i, j) + tab.loss_memory(j)
         for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
             memory = memory + np.where(inside, tab.tied_memory[g], 0)
         return memory

@@ -88,6 +88,9 @@ class Tables:
         matmul = np.zeros(n, dtype=bool) if p.matmul is None else np.asarray(p.matmul, dtype=bool)
         output = np.zeros(n, dtype=np.int64) if p.output_bytes is None else np.asarray(p.output_bytes, dtype=np.int64)
         self.saved: I64 = saved
+        # the loss's backward starts with the gradient of the model output and its own
+        # temporary of that size (cross-entropy: log-softmax's and nll's gradients)
+        self.loss_grad_bytes = 2 * int(output[-1]) if n else 0
         per_policy = {q: node_costs(q, saved, output, forward, matmul) for q in MODES}
         kept = {q: k for q, (k, _) in per_policy.items()}
         extra = {q: e for q, (_, e) in per_policy.items()}
@@ -246,6 +249,13 @@ class Tables:
         sent = self.sent(self.bytes_cumulative("send"), i, j)
         grads = self.sent(self.grad_bytes_cumulative(), i, j)
         out: I64 = (received * (m if remote_in else f) + sent * f + grads * (m if remote_out else 0)).astype(np.int64)
+        return out
+
+    def loss_memory(self, j: I64) -> I64:
+        """Bytes the loss's backward holds at once on the stage that ends the model
+        (``j == N``): twice the model output's (its gradient, and one temporary of its
+        size), on top of the micro-batch's activations."""
+        out: I64 = np.where(j == self.n, self.loss_grad_bytes, 0).astype(np.int64)
         return out
 
     def grad_bytes_cumulative(self) -> I64:

@@ -9,6 +9,8 @@ from torch import nn
 
 import pipec
 from pipec.partitioner.assemble import gloo_extra_bytes, plan_from_split
+from pipec.partitioner.chain import stage_memory
+from pipec.partitioner.problem import ChainProblem, ChainTensor, ParamGroup
 from pipec.plan import Boundary, StageInfo
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.types import NodeCost
@@ -76,3 +78,27 @@ def test_plan_stores_the_gloo_figure_and_counts_receive_buffers_per_microbatch()
     # gradient buffer (2 in flight either way)
     more = _plan(5)
     assert [m.memory_bytes - p.memory_bytes for m, p in zip(more.stages, plan.stages)] == [b.num_bytes] * 2
+
+
+def _chain(**kw: object) -> ChainProblem:
+    base: dict[str, object] = dict(
+        compute_time=(1.0,) * 4, num_stages=2, saved_bytes=(0,) * 4, tensors=(ChainTensor(1, (2,), 10),),
+        schedule="1f1b", num_microbatches=4, in_flight=(2, 1), output_bytes=(0, 0, 0, 30),
+        params=(ParamGroup(100, 25, (0,)), ParamGroup(200, 50, (3,))), optimizer_state_bytes_per_param=0,
+    )
+    base.update(kw)
+    return ChainProblem(**base)  # type: ignore[arg-type]
+
+
+def test_the_last_stage_holds_the_loss_gradient_twice() -> None:
+    p = _chain()
+    # stage 1: params + grads 400, its input 10 in a buffer per micro-batch (4), loss gradient 2 x 30
+    assert stage_memory(p, 1, 2, 4) == 2 * 200 + 10 * 4 + 2 * 30
+    # stage 0: params + grads 200, its output while in flight (2), its gradient per micro-batch (4)
+    assert stage_memory(p, 0, 0, 2) == 2 * 100 + 10 * 2 + 10 * 4
+
+
+def test_a_split_backward_stage_computes_its_weight_gradients_at_once() -> None:
+    plain, split = _chain(), _chain(held_grads=(2, 2), matmul=(False,) * 4)
+    assert stage_memory(split, 1, 2, 4) == stage_memory(plain, 1, 2, 4) + 200  # one more copy of its weights
+    assert stage_memory(split, 0, 0, 2) == stage_memory(plain, 0, 0, 2)  # the first stage's W is a plain backward
