@@ -102,3 +102,31 @@ def test_a_split_backward_stage_computes_its_weight_gradients_at_once() -> None:
     plain, split = _chain(), _chain(held_grads=(2, 2), matmul=(False,) * 4)
     assert stage_memory(split, 1, 2, 4) == stage_memory(plain, 1, 2, 4) + 200  # one more copy of its weights
     assert stage_memory(split, 0, 0, 2) == stage_memory(plain, 0, 0, 2)  # the first stage's W is a plain backward
+
+
+def test_the_simulator_holds_a_recomputing_backward_s_replayed_activations() -> None:
+    one = dict(forward=1.0, input_grad=1.0, weight_grad=1.0, activation_bytes=(10, 20))
+    plain = pipec.simulate(pipec.make_schedule("1f1b", 2, 1), **one)  # type: ignore[arg-type]
+    replayed = pipec.simulate(pipec.make_schedule("1f1b", 2, 1), replay_bytes=(100, 300), **one)  # type: ignore[arg-type]
+    assert plain.peak_memory == (10, 20)
+    assert replayed.peak_memory == (110, 320)
+    # split backward: from the start of I to the end of W; ZB-H1's rank 1 holds two micro-batches then
+    zb = pipec.simulate(pipec.make_schedule("zb-h1", 2, 4), replay_bytes=(0, 300), **one)  # type: ignore[arg-type]
+    # rank 1 runs F0 I0 F1 I1 W0 ...: during I1, micro-batches 0 and 1 both hold their replay
+    assert zb.peak_memory[1] == 2 * (20 + 300)
+
+
+def test_plan_replay_bytes_is_what_recompute_drops() -> None:
+    from pipec.schedule.simulator import plan_replay_bytes
+
+    plan = _plan(4)
+    assert plan_replay_bytes(plan.data) == (0.0, 0.0)  # no recompute
+    torch.manual_seed(0)
+    model = _MLP()
+    traced = pipec.trace(model, (torch.randn(4, 32),))
+    costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4, saved_bytes=64,
+                              output_bytes=64) for n in traced.nodes}
+    data = plan_from_split(traced, costs, [2], num_microbatches=4, schedule="1f1b", recompute="full")
+    want = tuple(float(sum(costs[n].saved_bytes for n in st.nodes)) for st in data.stages)
+    assert plan_replay_bytes(data) == want
+    assert pipec.Plan(data, traced=traced).simulate().peak_memory[0] > 0
