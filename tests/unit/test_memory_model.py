@@ -130,3 +130,17 @@ def test_plan_replay_bytes_is_what_recompute_drops() -> None:
     want = tuple(float(sum(costs[n].saved_bytes for n in st.nodes)) for st in data.stages)
     assert plan_replay_bytes(data) == want
     assert pipec.Plan(data, traced=traced).simulate().peak_memory[0] > 0
+
+
+def test_summary_and_report_show_both_predictions_where_gloo_differs() -> None:
+    from pipec.viz.report_compare import memory_comparison
+
+    data = _plan(4).data
+    nccl = [sum(st.memory_on("nccl") for st in data.stages if st.rank == r) for r in range(2)]
+    gloo = [sum(st.memory_on("gloo") for st in data.stages if st.rank == r) for r in range(2)]
+    assert gloo[0] > nccl[0] and gloo[1] > nccl[1]
+    summary = pipec.Plan(data).summary(measured={0: gloo[0], 1: gloo[1]})
+    assert "(NCCL; Gloo holds its sends to the step's end)" in summary
+    assert "Gloo 1.00x" in summary
+    html = memory_comparison(data, {0: gloo[0], 1: gloo[1]})
+    assert "predicted (Gloo)" in html and "predicted (NCCL)" in html and "1.00\u00d7" in html
