@@ -119,7 +119,7 @@ def build_plan_data(
                                        shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes,
                                        transfer_times=transfer_times(problem, meta.num_bytes, source, readers)))
     held = gloo_extra_bytes(boundaries, problem.rank_of, problem.num_stages, problem.num_microbatches,
-                             in_flight_from_schedule(schedule))
+                            [int(f) for f in tables_of(problem).in_flight])  # as memory_bytes counts them
     stages = [st.model_copy(update={"gloo_memory_bytes": st.memory_bytes + held[st.index]}) for st in stages]
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
