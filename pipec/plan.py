@@ -74,6 +74,18 @@ class StageInfo(FrozenModel):
     # activation bytes one micro-batch in flight keeps under ``recompute`` (None: every
     # node's saved bytes, as in plans saved before it was stored)
     kept_bytes: int | None = None
+    # peak bytes when the pipeline runs on Gloo, whose sends complete only once waited
+    # for: the runtime holds every tensor it sends until the step ends
+    # (pipec.partitioner.assemble.gloo_extra_bytes); ``memory_bytes`` is NCCL's. None: as
+    # memory_bytes (plans saved before it was stored, one-rank plans)
+    gloo_memory_bytes: int | None = None
+
+    def memory_on(self, backend: str | None) -> int:
+        """Predicted peak bytes of this stage under ``backend`` (a ``torch.distributed``
+        backend name; anything without "nccl" in it runs Gloo's way, as the runtime does)."""
+        if (backend is not None and "nccl" in backend.lower()) or self.gloo_memory_bytes is None:
+            return self.memory_bytes
+        return self.gloo_memory_bytes
 
     @property
     def time(self) -> float:

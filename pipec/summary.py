@@ -127,18 +127,28 @@ def plan_summary(d: PlanData, measured: Mapping[int, int] | None = None) -> str:
 
 
 def _memory_line(d: PlanData, measured: Mapping[int, int] | None) -> str:
-    """Predicted memory per rank (its stages' sum), beside the measured peak when given."""
+    """Predicted memory per rank (its stages' sum) on NCCL, and on Gloo where it differs
+    (:meth:`pipec.plan.StageInfo.memory_on`), beside the measured peak when given."""
     predicted = [0] * d.num_ranks
+    gloo = [0] * d.num_ranks
     for st in d.stages:
-        predicted[d.schedule.rank_of(st.index)] += st.memory_bytes  # placement: the schedule's
+        rank = d.schedule.rank_of(st.index)  # placement: the schedule's
+        predicted[rank] += st.memory_on("nccl")
+        gloo[rank] += st.memory_on("gloo")
+    differs = gloo != predicted
     parts = []
     for rank, bytes_ in enumerate(predicted):
         part = f"rank {rank} {format_bytes(bytes_)}"
+        if differs:
+            part += f" (Gloo {format_bytes(gloo[rank])})"
         if measured is not None and rank in measured:
             got = measured[rank]
-            part += f" / measured {format_bytes(got)} ({got / bytes_:.2f}x)" if bytes_ else f" / measured {format_bytes(got)}"
+            part += f" / measured {format_bytes(got)}"
+            if bytes_:
+                part += f" ({got / bytes_:.2f}x" + (f", Gloo {got / gloo[rank]:.2f}x)" if differs else ")")
         parts.append(part)
-    head = "memory per rank, predicted" + (" / measured" if measured else "")
+    head = "memory per rank, predicted" + (" (NCCL; Gloo holds its sends to the step's end)" if differs else "")
+    head += " / measured" if measured else ""
     return f"{head} (recompute {d.recompute}): " + ", ".join(parts)
 
 

@@ -109,7 +109,7 @@ def build_plan_data(
             recompute=policy, recompute_time=extra, kept_bytes=kept_bytes(problem, policy, i, j),
             first_module=infos[names[0]].module_path, last_module=infos[names[-1]].module_path,
         ))
-    boundaries = []
+    boundaries: list[Boundary] = []
     for name, tensor in zip(chain.tensor_names, problem.tensors):
         source = stage_of(tensor.producer)
         readers = sorted({stage_of(c) for c in tensor.consumers} - {source})
@@ -118,6 +118,9 @@ def build_plan_data(
             boundaries.append(Boundary(name=name, producer_stage=source, consumer_stages=tuple(readers),
                                        shape=meta.shape, dtype=meta.dtype, num_bytes=meta.num_bytes,
                                        transfer_times=transfer_times(problem, meta.num_bytes, source, readers)))
+    held = gloo_extra_bytes(boundaries, problem.rank_of, problem.num_stages, problem.num_microbatches,
+                            [int(f) for f in tables_of(problem).in_flight])  # as memory_bytes counts them
+    stages = [st.model_copy(update={"gloo_memory_bytes": st.memory_bytes + held[st.index]}) for st in stages]
     inputs = tuple(
         InputSpec(name=n.name, meta=n.outputs[0] if is_plain_tensor(n, fx_nodes) and n.outputs else None)
         for n in traced.nodes if n.op == "placeholder"
@@ -142,6 +145,29 @@ def build_plan_data(
         mode_blind_random=mode_blind_random(traced.graph_module, {n.name: n.module_path for n in traced.nodes})
         if traced.training else {},
     )
+
+
+def gloo_extra_bytes(boundaries: Sequence[Boundary], rank_of: Callable[[int], int], num_stages: int,
+                     num_microbatches: int, in_flight: Sequence[int]) -> list[int]:
+    """Per stage, the bytes a run on Gloo holds beyond the plan's (NCCL) prediction.
+
+    A Gloo send completes only once waited for (``Work.is_completed()`` stays False
+    until then), so the runtime keeps every tensor it sends until the step ends
+    (:meth:`pipec.runtime.comm.P2P.wait_sends`): each forward output sent to another
+    rank for all ``m`` micro-batches, not only those in flight, and each gradient sent
+    back for a received floating tensor, ``m`` of them. On NCCL a completed send is
+    dropped at the next transfer."""
+    m = num_microbatches
+    out = [0] * num_stages
+    for b in boundaries:
+        remote = [c for c in b.consumer_stages if rank_of(c) != rank_of(b.producer_stage)]
+        if not remote:
+            continue
+        out[b.producer_stage] += b.num_bytes * max(0, m - in_flight[b.producer_stage])
+        if b.is_floating:
+            for c in remote:
+                out[c] += b.num_bytes * m
+    return out
 
 
 def kept_bytes(problem: ChainProblem, policy: str, start: int, end: int) -> int:
@@ -273,4 +299,4 @@ def plan_from_split(
     return data
 
 
-__all__ = ["build_plan_data", "lower_bound", "plan_from_split", "tied_shares"]
+__all__ = ["build_plan_data", "gloo_extra_bytes", "lower_bound", "plan_from_split", "tied_shares"]

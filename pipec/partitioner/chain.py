@@ -37,11 +37,16 @@ real all-reduce at the end of the step
 
     params of the stage * 2 + numel * optimizer_state_bytes_per_param
     + buffers * 1
-    + (saved activations + received and sent tensor bytes) * in_flight[k]
+    + (saved activations + sent tensor bytes) * in_flight[k]
+    + (received tensor bytes + gradient bytes of sent floating tensors) * num_microbatches
 
 where a tied group counts on every stage that uses it and ``in_flight[k]``
 is the number of micro-batches stage ``k`` holds at its peak
-(:mod:`pipec.schedule.in_flight`). A rank's memory is the sum over its stages.
+(:mod:`pipec.schedule.in_flight`). Received tensors and the gradients of sent
+ones count once per micro-batch, not per micro-batch in flight: the runtime
+receives each (stage, tensor, micro-batch) into its own buffer, allocated once
+and kept across steps (:class:`pipec.runtime.comm.P2P`; the same on Gloo and
+NCCL), so a rank holds all of them. A rank's memory is the sum over its stages.
 
 **Activation recompute** (:mod:`pipec.costs.recompute`): with several policies
 allowed (``problem.recompute``), each stage takes the fastest one whose memory
@@ -53,7 +58,14 @@ outputs for ``selective``), the ``b`` whose backward is running
 theirs -- and the time gains the forward of the nodes ``p`` recomputes. Under
 the zero-bubble split each micro-batch between its ``I`` and ``W``
 (``problem.held_grads``) also keeps the gradient ``I`` captured at each
-matmul-like node (its output's size), whatever the policy.
+matmul-like node (its output's size), whatever the policy, and ``W`` computes
+the stage's weight gradients all at once before they accumulate into ``.grad``
+(:func:`pipec.runtime.backward.weight_backward`): one more copy of the stage's
+trainable parameter bytes. The first stage has no boundary input, so its ``I``
+captures nothing and its ``W`` is a plain backward: neither term applies there.
+The stage that ends the model also holds, while its loss's backward starts, the
+gradient of the model output and one temporary of its size (twice the last
+node's ``output_bytes``; log-softmax's and nll's gradients under cross-entropy).
 """
 
 from __future__ import annotations
@@ -139,9 +151,8 @@ def _memory_without_activations(problem: ChainProblem, stage: int, i: I64, j: I6
     memory: I64 = tab.prefix_param_memory[j] - tab.prefix_param_memory[i]
     if tab.held_grads[stage]:
         memory = memory + (tab.prefix_grad_held[j] - tab.prefix_grad_held[i]) * tab.held_grads[stage]
-    if len(tab.tensor_bytes):
-        boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
-        memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+        memory = memory + (tab.prefix_param_bytes[j] - tab.prefix_param_bytes[i])  # W's weight gradients at once
+    memory = memory + tab.boundary_memory(stage, i, j) + tab.loss_memory(j)
     for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
         memory = memory + np.where(inside, tab.tied_memory[g], 0)
     return memory
@@ -169,10 +180,7 @@ def stage_memories(problem: ChainProblem, stage: int, starts: I64, ends: I64) ->
     j = np.asarray(ends, dtype=np.int64)
     if tab.policies == ("none",):
         mono = tab.prefix_memory(stage)
-        memory: I64 = mono[j] - mono[i]
-        if len(tab.tensor_bytes):
-            boundary = tab.received(tab.bytes_cumulative("recv"), i, j) + tab.sent(tab.bytes_cumulative("send"), i, j)
-            memory = memory + boundary.astype(np.int64) * tab.in_flight[stage]
+        memory: I64 = mono[j] - mono[i] + tab.boundary_memory(stage, i, j) + tab.loss_memory(j)
         for g, (inside, _) in enumerate(tab.tied_masks(i, j)):
             memory = memory + np.where(inside, tab.tied_memory[g], 0)
         return memory

@@ -88,14 +88,20 @@ class Tables:
         matmul = np.zeros(n, dtype=bool) if p.matmul is None else np.asarray(p.matmul, dtype=bool)
         output = np.zeros(n, dtype=np.int64) if p.output_bytes is None else np.asarray(p.output_bytes, dtype=np.int64)
         self.saved: I64 = saved
+        # the loss's backward starts with the gradient of the model output and its own
+        # temporary of that size (cross-entropy: log-softmax's and nll's gradients)
+        self.loss_grad_bytes = 2 * int(output[-1]) if n else 0
         per_policy = {q: node_costs(q, saved, output, forward, matmul) for q in MODES}
         kept = {q: k for q, (k, _) in per_policy.items()}
         extra = {q: e for q, (_, e) in per_policy.items()}
         self.kept: dict[str, I64] = {q: kept[q] for q in self.policies}
         # zero-bubble split: the gradients I captures at matmul-like nodes wait for W
         self.prefix_grad_held: I64 = np.concatenate(([0], np.cumsum(kept["selective"]))).astype(np.int64)
-        self.held_grads: I64 = np.asarray(
+        self.held_grads: I64 = np.array(
             p.held_grads if p.held_grads is not None else (0,) * p.num_stages, dtype=np.int64)
+        # the first stage has no boundary input: its I computes nothing and captures no
+        # gradient, W runs its whole backward (pipec.runtime.backward)
+        self.held_grads[0] = 0
         self.prefix_kept: dict[str, I64] = {
             q: np.concatenate(([0], np.cumsum(kept[q]))).astype(np.int64) for q in self.policies}
         self.prefix_recompute: dict[str, F64] = {
@@ -118,6 +124,9 @@ class Tables:
         self.tensor_bytes: I64 = np.fromiter((t.num_bytes for t in p.tensors), dtype=np.int64, count=num)
         self.tensor_mult: F64 = np.fromiter((2.0 if t.is_floating else 1.0 for t in p.tensors),
                                             dtype=np.float64, count=num)
+        # a gradient comes back for each floating tensor sent
+        self.grad_bytes: I64 = np.where(self.tensor_mult > 1.0, self.tensor_bytes, 0).astype(np.int64)
+        self.num_microbatches = p.num_microbatches
         counts = np.fromiter((len(t.consumers) for t in p.tensors), dtype=np.int64, count=num)
         consumers = np.fromiter((c for t in p.tensors for c in t.consumers), dtype=np.int64,
                                 count=int(counts.sum()))
@@ -176,7 +185,7 @@ class Tables:
                 least = np.min([self.kept[q] * rest + self.saved * held for q in self.policies], axis=0)
                 self._cache[key] = self.prefix_param_memory + np.concatenate(([0], np.cumsum(least))).astype(np.int64)
             if grads:
-                self._cache[key] = self._cache[key] + self.prefix_grad_held * grads
+                self._cache[key] = self._cache[key] + self.prefix_grad_held * grads + self.prefix_param_bytes
         return self._cache[key]
 
     # -- communication ----------------------------------------------------------------
@@ -220,6 +229,39 @@ class Tables:
         key = (table, "bytes")
         if key not in self._cache:
             self._cache[key] = (self.recv if table == "recv" else self.send).cumulative(self.tensor_bytes)
+        return self._cache[key]
+
+    def boundary_memory(self, stage: int, i: I64, j: I64) -> I64:
+        """Bytes stage ``stage`` over ``[i, j)`` holds for its boundary tensors, as the
+        runtime holds them (:class:`pipec.runtime.comm.P2P`): one receive buffer per
+        micro-batch for each tensor received (the buffer is the stage's input activation,
+        reused every step) and for the gradient of each floating tensor sent -- ``m`` of
+        each, on every backend -- and each sent tensor while its micro-batch is in
+        flight (``in_flight``; its send is dropped once complete)."""
+        if not len(self.tensor_bytes):
+            return np.zeros(len(i), dtype=np.int64)
+        m, f = self.num_microbatches, int(self.in_flight[stage])
+        # between stages on one rank there are no buffers: tensors are held while in flight
+        # (a skip's real peer may sit elsewhere: the neighbours' ranks decide, as for time)
+        remote_in = self.pairs[self.recv_pair[stage]][0] != self.pairs[self.recv_pair[stage]][1]
+        remote_out = self.pairs[self.send_pair[stage]][0] != self.pairs[self.send_pair[stage]][1]
+        received = self.received(self.bytes_cumulative("recv"), i, j)
+        sent = self.sent(self.bytes_cumulative("send"), i, j)
+        grads = self.sent(self.grad_bytes_cumulative(), i, j)
+        out: I64 = (received * (m if remote_in else f) + sent * f + grads * (m if remote_out else 0)).astype(np.int64)
+        return out
+
+    def loss_memory(self, j: I64) -> I64:
+        """Bytes the loss's backward holds at once on the stage that ends the model
+        (``j == N``): twice the model output's (its gradient, and one temporary of its
+        size), on top of the micro-batch's activations."""
+        out: I64 = np.where(j == self.n, self.loss_grad_bytes, 0).astype(np.int64)
+        return out
+
+    def grad_bytes_cumulative(self) -> I64:
+        key = ("send", "grad_bytes")
+        if key not in self._cache:
+            self._cache[key] = self.send.cumulative(self.grad_bytes)
         return self._cache[key]
 
     def tied_exchange(self, pair: int) -> F64:

@@ -531,6 +531,7 @@ class P2P:
             works = self._receive(FORWARD, stage, microbatch)
         out = {m.name: buf for m, buf in self._messages(FORWARD, stage, microbatch)}
         self.waiter.wait(works, f"receiving the inputs of stage {stage} for micro-batch {microbatch}")
+        self._prune_sends()
         return out
 
     # -- backward --------------------------------------------------------
@@ -552,6 +553,7 @@ class P2P:
         works = self._receive(BACKWARD, stage, microbatch)
         out = {(m.name, m.peer_stage): buf for m, buf in self._messages(BACKWARD, stage, microbatch)}
         self.waiter.wait(works, f"receiving the output gradients of stage {stage} for micro-batch {microbatch}")
+        self._prune_sends()
         return out
 
     # -- bookkeeping -----------------------------------------------------
@@ -573,8 +575,23 @@ class P2P:
         if work is None:
             raise RuntimeError(f"isend to rank {dst} returned no request; is this rank in the process group?")
         self._pending.append((work, dst, t))
-        if len(self._pending) > 64:
+        self._prune_sends()
+
+    def _prune_sends(self) -> None:
+        """Drop the sends that completed: their tensors (a forward output whose micro-batch
+        finished, a gradient sent back) are freed now rather than at the end of the step,
+        which the plan's memory model counts on (:mod:`pipec.partitioner.chain`). On Gloo
+        ``is_completed()`` stays False until the send is waited for, so only a long list
+        is checked there (:func:`pipec.partitioner.assemble.gloo_extra_bytes`)."""
+        if self._use_tags and len(self._pending) <= 64:
+            return  # Gloo: a send completes only once waited for (the plan counts them held)
+        if self._pending and any(w.is_completed() for w, _, _ in self._pending):
             self._pending = [(w, d, x) for w, d, x in self._pending if not w.is_completed()]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The receive buffers preallocated from the plan (one per stage, message, micro-batch
+        and direction), held across steps: memory the rank holds like its parameters."""
+        return [*self._fbuf.values(), *self._bbuf.values()]
 
     def wait_sends(self) -> None:
         """Block until every send issued so far has completed."""

@@ -6,8 +6,10 @@ CPU the runtime counts for itself (``PipelineRuntime(..., track_memory=True)``):
 a ``TorchDispatchMode`` sees every tensor an ATen op returns during the step --
 forward, recompute, backward, the loss -- and adds the bytes of each new
 storage, which a ``weakref.finalize`` on the storage takes off when it is
-freed. Storages of the parameters, buffers and gradients alive before the step
-are not counted there; they are the model state, added whole. The peak of that
+freed. Storages of the parameters, buffers, gradients, optimizer state and
+point-to-point receive buffers alive before the step are not counted there; they
+are the model state, added whole (a receive buffer would otherwise count only
+once an op happened to return it, and a gradient buffer never). The peak of that
 running sum (activations, boundary buffers, gradients made in the step,
 temporaries) plus the model state is what a CPU allocator would have peaked at
 for tensors, comparable with the plan's prediction
@@ -31,8 +33,8 @@ from torch.utils._pytree import tree_flatten
 class MemoryStats:
     """One rank's memory over its last training step, measured, beside the plan's prediction.
 
-    ``peak_bytes`` = ``model_state_bytes`` (parameters, buffers, gradients and optimizer
-    state held before the step) + ``step_peak_bytes`` (the peak of what the step
+    ``peak_bytes`` = ``model_state_bytes`` (parameters, buffers, gradients, optimizer
+    state and receive buffers held before the step) + ``step_peak_bytes`` (the peak of what the step
     allocated: activations, boundary buffers, new gradients, temporaries). On CUDA
     ``peak_bytes`` is ``max_memory_allocated`` itself. ``recompute``: the policy of each
     of the rank's stages."""

@@ -749,8 +749,9 @@ class PipelineRuntime:
         return self.scaler.found_inf
 
     def _model_state(self) -> Iterator[torch.Tensor]:
-        """The tensors this rank holds across steps: parameters, buffers, gradients and the
-        state of the optimizers made by :meth:`optimizer`. Lazy: read only when memory is
+        """The tensors this rank holds across steps: parameters, buffers, gradients, the
+        state of the optimizers made by :meth:`optimizer` and the point-to-point receive
+        buffers (:meth:`pipec.runtime.comm.P2P.buffers`). Lazy: read only when memory is
         measured."""
         for module in self.stage_modules.values():
             for p in module.parameters():
@@ -762,6 +763,8 @@ class PipelineRuntime:
             for state in opt.state.values():
                 if isinstance(state, Mapping):  # ZeroRedundancyOptimizer may hold None for others' shards
                     yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+        if self._p2p is not None:  # receive buffers, allocated once from the plan and reused
+            yield from self._p2p.buffers()
 
     def memory_stats(self) -> MemoryStats:
         """This rank's memory over its last training step, measured, with the plan's
@@ -782,7 +785,7 @@ class PipelineRuntime:
         return MemoryStats(rank=self.rank, source="cuda" if self.device.type == "cuda" else "cpu",
                            peak_bytes=peak, model_state_bytes=meter.model_state,
                            step_peak_bytes=meter.step_peak,
-                           predicted_bytes=sum(st.memory_bytes for st in stages),
+                           predicted_bytes=sum(st.memory_on(self.info.backend) for st in stages),
                            recompute={st.index: st.recompute for st in stages})
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:

@@ -21,7 +21,9 @@ finished. This is an exact event simulation, not an estimate: there is no
 contention other than each rank running one action at a time.
 
 Memory: ``activation_bytes[s]`` is held per micro-batch of stage ``s`` from the
-start of its ``F`` to the end of its ``B`` (or of its ``W`` when split). A
+start of its ``F`` to the end of its ``B`` (or of its ``W`` when split); a
+recomputing stage also holds ``replay_bytes[s]`` (the activations its replay
+rebuilds) from the start of its ``B`` (or ``I``) to the end of its ``B`` (or ``W``). A
 micro-batch is *in flight* on a rank over the same interval.
 
 After the schedule, ``collectives`` run in the order given (the runtime's
@@ -135,9 +137,12 @@ def simulate(
     boundaries: Sequence[BoundarySpec] | None = None,
     collectives: Sequence[Collective] = (),
     transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
+    replay_bytes: float | Sequence[float] | None = None,
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
-    or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
+    or one value per stage). ``replay_bytes[s]``: what a recomputing stage's backward
+    holds beyond ``activation_bytes`` (the replayed activations), from the start of its
+    ``B`` (or ``I``) to the end of its ``B`` (or ``W``). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
     ``collectives`` run after the schedule (see the module docstring).
     ``transfers[(p, c)] = (forward, backward)``: seconds of a message on the stage
     edge ``p -> c`` and of its gradient back (edges not listed: 0); given, it
@@ -162,7 +167,8 @@ def simulate(
     run = execute(schedule, graph, costs)
     if not run.finished:
         raise_deadlock(schedule, graph, run)
-    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after)
+    replay = per_stage("replay_bytes", 0.0 if replay_bytes is None else replay_bytes, n)
+    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after, tuple(round(b) for b in replay))
 
 
 def _check_transfers(
@@ -229,6 +235,7 @@ def _run_collectives(
 def _summarise(
     schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...],
     collectives: tuple[Collective, ...] = (),
+    replay: tuple[int, ...] | None = None,
 ) -> Simulation:
     timeline: list[TimelineEvent] = []
     busy, peaks, memory, peak_memory = [], [], [], []
@@ -245,6 +252,11 @@ def _summarise(
                 changes.append((start, 1, held[a.stage], 1))
             elif a.kind is _K.B or a.kind is _K.W:
                 changes.append((end, 0, -held[a.stage], -1))  # frees sort before allocations
+            extra = replay[a.stage] if replay else 0
+            if extra and (a.kind is _K.B or a.kind is _K.I):  # the replay rebuilds the activations
+                changes.append((start, 1, extra, 0))
+            if extra and (a.kind is _K.B or a.kind is _K.W):
+                changes.append((end, 0, -extra, 0))
         busy.append(total)
         changes.sort()
         count = peak_count = num_bytes = peak_bytes = 0
@@ -296,7 +308,22 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
         boundaries=data.boundaries,
         collectives=plan_collectives(data),
         transfers=plan_transfers(data),
+        replay_bytes=plan_replay_bytes(data),
     )
+
+
+def plan_replay_bytes(data: PlanData) -> tuple[float, ...]:
+    """Per stage, what its backward holds beyond what it keeps in flight: for a
+    recomputing stage the replayed activations, ``sum(saved_bytes) - kept_bytes``
+    (:mod:`pipec.costs.recompute`); 0 without recompute."""
+    by_index = {st.index: st for st in data.stages}
+    out = []
+    for s in range(data.num_stages):
+        st = by_index[s]
+        saved = sum(data.node_costs[n].saved_bytes for n in st.nodes if n in data.node_costs)
+        out.append(float(max(0, saved - st.kept_bytes)) if st.recompute != "none" and st.kept_bytes is not None
+                   else 0.0)
+    return tuple(out)
 
 
 def plan_transfers(data: PlanData) -> dict[tuple[int, int], tuple[float, float]] | None:

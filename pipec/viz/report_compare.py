@@ -238,21 +238,25 @@ def measured_section(
 
 def memory_comparison(data: PlanData, memory: Mapping[int, int]) -> str:
     """Predicted memory per rank (its stages' sum; each stage's recompute policy) beside the
-    peak the runtime measured over its last training step (``pipe.memory_stats()``)."""
+    peak the runtime measured over its last training step (``pipe.memory_stats()``): on
+    NCCL, and on Gloo where it differs (:meth:`pipec.plan.StageInfo.memory_on`)."""
+    ranks = [[st for st in data.stages if data.schedule.rank_of(st.index) == rank] for rank in range(data.num_ranks)]
+    differs = any(st.memory_on("gloo") != st.memory_on("nccl") for st in data.stages)
     rows = []
-    for rank in range(data.num_ranks):
-        stages = [st for st in data.stages if data.schedule.rank_of(st.index) == rank]
-        predicted = sum(st.memory_bytes for st in stages)
+    for rank, stages in enumerate(ranks):
         got = memory.get(rank)
-        ratio = f"{got / predicted:.2f}\u00d7" if got is not None and predicted else "n/a"
         policies = ", ".join(f"{st.index}: {st.recompute}" for st in stages)
-        rows.append(
-            f'<tr><td class="n">{rank}</td><td>{esc(policies)}</td>'
-            f'<td class="n" data-v="{predicted}">{esc(fmt_bytes(predicted))}</td>'
-            f'<td class="n" data-v="{got if got is not None else -1}">{esc(fmt_bytes(got) if got is not None else "n/a")}</td>'
-            f'<td class="n">{ratio}</td></tr>'
-        )
-    head = ("<thead><tr><th class=n>rank</th><th>stage: recompute</th><th class=n>predicted</th>"
-            "<th class=n>measured peak</th><th class=n>measured / predicted</th></tr></thead>")
+        cells = f'<td class="n">{rank}</td><td>{esc(policies)}</td>'
+        for backend in ("nccl", "gloo") if differs else ("nccl",):
+            predicted = sum(st.memory_on(backend) for st in stages)
+            ratio = f"{got / predicted:.2f}\u00d7" if got is not None and predicted else "n/a"
+            cells += (f'<td class="n" data-v="{predicted}">{esc(fmt_bytes(predicted))}</td>'
+                      f'<td class="n">{ratio}</td>')
+        cells += (f'<td class="n" data-v="{got if got is not None else -1}">'
+                  f'{esc(fmt_bytes(got) if got is not None else "n/a")}</td>')
+        rows.append(f"<tr>{cells}</tr>")
+    heads = "".join(f"<th class=n>predicted{on}</th><th class=n>measured / predicted{on}</th>"
+                    for on in ((" (NCCL)", " (Gloo)") if differs else ("",)))
+    head = (f"<thead><tr><th class=n>rank</th><th>stage: recompute</th>{heads}"
+            "<th class=n>measured peak</th></tr></thead>")
     return f'<table class="sortable">{head}<tbody>{"".join(rows)}</tbody></table>'
-

@@ -98,9 +98,15 @@ def test_stage_memory_is_params_optimizer_and_activations_in_flight() -> None:
     plan = traced_plan(traced, costs, num_stages=4, num_microbatches=8, cost_model=ByteCost())
     for st in plan.stages:
         held = sum(costs[n].saved_bytes for n in st.nodes)
-        held += sum(b.num_bytes for b in plan.boundaries if st.index in b.consumer_stages or b.producer_stage == st.index)
+        sent = [b for b in plan.boundaries if b.producer_stage == st.index]
+        held += sum(b.num_bytes for b in sent)
+        # one receive buffer per micro-batch: inputs, and gradients of floating outputs
+        buffers = sum(b.num_bytes for b in plan.boundaries if st.index in b.consumer_stages)
+        buffers += sum(b.num_bytes for b in sent if b.is_floating)
         in_flight = min(plan.num_stages - st.index, 8)  # 1f1b
-        assert st.memory_bytes == 2 * st.param_bytes + 8 * st.num_params + held * in_flight
+        # the last stage's loss backward: the model output's gradient and one temporary of its size
+        loss = 2 * costs[st.nodes[-1]].output_bytes if st.index == plan.num_stages - 1 else 0
+        assert st.memory_bytes == 2 * st.param_bytes + 8 * st.num_params + held * in_flight + buffers * 8 + loss
 
 
 def test_tied_embedding_is_a_tied_group_on_both_holders() -> None:

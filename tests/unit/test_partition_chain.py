@@ -46,11 +46,19 @@ def naive_memory(p: ChainProblem, k: int, i: int, j: int, in_flight: int) -> int
         if any(i <= u < j for u in g.users):
             memory += g.num_bytes if g.is_buffer else 2 * g.num_bytes + g.numel * p.optimizer_state_bytes_per_param
     held = sum((p.saved_bytes or [0] * p.num_nodes)[i:j])
+    m = p.num_microbatches
+    # a receive buffer per micro-batch for inputs from another rank and for the gradients
+    # of floating outputs sent to one (pipec.runtime.comm.P2P); on one rank, while in flight
+    remote_in = k > 0 and p.rank_of(k - 1) != p.rank_of(k)
+    remote_out = k < p.num_stages - 1 and p.rank_of(k + 1) != p.rank_of(k)
+    buffers = 0
     for t in p.tensors:
         received = t.producer < i and any(i <= c < j for c in t.consumers)
         sent = i <= t.producer < j and any(c >= j for c in t.consumers)
-        held += t.num_bytes * (received + sent)
-    return memory + held * in_flight
+        held += t.num_bytes * sent
+        buffers += t.num_bytes * received * (m if remote_in else in_flight)
+        buffers += t.num_bytes * (sent and t.is_floating and remote_out) * m
+    return memory + held * in_flight + buffers
 
 
 @st.composite

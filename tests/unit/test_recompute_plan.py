@@ -33,9 +33,9 @@ def _problem(limit: int | None, recompute: tuple[str, ...] = ("none", "selective
 
 
 def test_memory_per_policy_counts_kept_bytes_in_flight_and_one_microbatch_in_full() -> None:
-    """Stage 0 of [0, 4) holds 2 micro-batches; it sends one 10-byte tensor (2 with its
-    gradient buffer counted once per micro-batch in flight)."""
-    boundary = 10 * 2
+    """Stage 0 of [0, 4) holds 2 micro-batches; it sends one 10-byte tensor, held while its
+    micro-batch is in flight (2), and receives its gradient into one buffer per micro-batch (4)."""
+    boundary = 10 * 2 + 10 * 4
     for policy, kept in (("none", 4 * SAVED), ("selective", 2 * OUT), ("full", 0)):
         p = _problem(None, recompute=(policy,))
         want = boundary + kept * (2 - 1) + 4 * SAVED * 1
@@ -51,7 +51,7 @@ def test_in_backward_counts_microbatches_between_i_and_w() -> None:
     zb = in_backward_from_schedule(make_schedule("zb-h1", 4, 8))
     assert max(zb) > 1 and min(zb) >= 1
     p = _problem(None, ("full",), in_backward=(2, 1))
-    assert stage_memory(p, 0, 0, 4) == 20 + 4 * SAVED * 2  # two micro-batches' activations in full
+    assert stage_memory(p, 0, 0, 4) == 60 + 4 * SAVED * 2  # two micro-batches' activations in full
 
 
 def test_auto_keeps_everything_when_memory_is_ample() -> None:
@@ -101,7 +101,8 @@ def test_unknown_recompute_mode_is_a_config_error() -> None:
 def test_zero_bubble_split_counts_the_gradients_kept_for_w() -> None:
     """Between I and W each micro-batch keeps, per matmul-like node, the gradient I captured."""
     base = _problem(None, ("none",))
-    held = dataclasses.replace(base, held_grads=(2, 0))
-    matmul_out = 2 * OUT  # nodes 0 and 2 of [0, 4) are matmul-like
-    assert stage_memory(held, 0, 0, 4) == stage_memory(base, 0, 0, 4) + 2 * matmul_out
-    assert stage_memory(held, 1, 4, 8) == stage_memory(base, 1, 4, 8)
+    held = dataclasses.replace(base, held_grads=(2, 2))
+    matmul_out = 2 * OUT  # nodes 4 and 6 of [4, 8) are matmul-like
+    assert stage_memory(held, 1, 4, 8) == stage_memory(base, 1, 4, 8) + 2 * matmul_out
+    # the first stage has no boundary input: its I captures nothing, W runs its whole backward
+    assert stage_memory(held, 0, 0, 4) == stage_memory(base, 0, 0, 4)
