@@ -170,7 +170,7 @@ def partition(
     model: nn.Module,
     example_inputs: Any,
     *,
-    num_stages: int,
+    num_stages: int | None = None,
     num_microbatches: int | str | None = None,
     schedule: str | Schedule = "1f1b",
     stages_per_rank: int | str = 1,
@@ -184,6 +184,9 @@ def partition(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
+    data_parallel: int | str = 1,
+    num_devices: int | None = None,
+    devices_per_node: int | None = None,
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -213,6 +216,14 @@ def partition(
     whatever the cost model, a scalar ``loss_fn`` whose mean over the example's
     micro-batches differs from its full-batch loss (padding / ``ignore_index``:
     return ``(loss_sum, count)``), checked in eval mode without gradients.
+
+    ``data_parallel=D`` plans D replicas of the pipeline (``example_inputs`` is
+    then the GLOBAL batch, D x ``num_microbatches`` micro-batches), priced on
+    nodes of ``devices_per_node`` devices (default: the hardware file's) and
+    placed by the faster mesh order. ``data_parallel="auto"`` with
+    ``num_devices=N`` searches D x P = N, stages per rank, micro-batches and the
+    schedule for the fastest simulated step that fits memory
+    (:mod:`pipec.partitioner.hybrid`); ``num_stages`` may then be left out.
     """
     found = partition_model(
         model, example_inputs, num_stages=num_stages, num_microbatches=num_microbatches,
@@ -220,7 +231,7 @@ def partition(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-        target=target,
+        target=target, data_parallel=data_parallel, num_devices=num_devices, devices_per_node=devices_per_node,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

@@ -41,7 +41,10 @@ class StageInfo(FrozenModel):
     the end of the step, :attr:`TiedGroup.allreduce_time`). ``input_grad_time``
     and ``weight_grad_time`` split ``backward_time`` into its I and W parts (None
     in plans saved before they were stored: the simulator splits it in
-    proportion to the nodes' costs)."""
+    proportion to the nodes' costs). ``dp_allreduce_time`` is, with
+    ``data_parallel > 1``, the seconds of this stage's gradient all-reduce across
+    the replicas, once per step, from its last backward on (0 with one replica;
+    :mod:`pipec.partitioner.hybrid`)."""
 
     index: int
     rank: int
@@ -57,6 +60,7 @@ class StageInfo(FrozenModel):
     tied_time: float = 0.0
     input_grad_time: float | None = None
     weight_grad_time: float | None = None
+    dp_allreduce_time: float = 0.0
 
     @property
     def time(self) -> float:
@@ -125,7 +129,10 @@ class InputSpec(FrozenModel):
 
 class Candidate(FrozenModel):
     """One configuration the auto-planner tried (which one it chose is
-    :attr:`PlanData.chosen`, not a field here)."""
+    :attr:`PlanData.chosen`, not a field here). With ``data_parallel="auto"`` it
+    is one (D, P, v, M, schedule, mesh order): ``num_ranks`` is P (0 where not
+    recorded: the plan's own) and ``dp_allreduce_time`` the slowest stage's
+    gradient all-reduce across the D replicas."""
 
     schedule: str
     num_microbatches: int
@@ -135,6 +142,10 @@ class Candidate(FrozenModel):
     peak_memory: tuple[int, ...]
     fits: bool
     note: str = ""
+    data_parallel: int = 1
+    num_ranks: int = 0
+    mesh_order: tuple[str, str] = ("dp", "pp")
+    dp_allreduce_time: float = 0.0
 
 
 class PlanData(FrozenModel):
@@ -145,6 +156,12 @@ class PlanData(FrozenModel):
     trace_method: str
     num_stages: int
     num_ranks: int
+    # D replicas of the pipeline: the world is data_parallel * num_ranks ranks, placed
+    # by mesh_order (pipec.mesh: ("dp", "pp") = a pipeline's ranks adjacent,
+    # ("pp", "dp") = a stage's replicas adjacent) on nodes of devices_per_node ranks
+    data_parallel: int = 1
+    mesh_order: tuple[str, str] = ("dp", "pp")
+    devices_per_node: int | None = None
     stages_per_rank: int
     num_microbatches: int
     batch_size: int | None = None  # full batch along dim 0, when known

@@ -43,6 +43,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pipec._version",
             "pipec._preserve",
             "pipec.loss",
+            "pipec.mesh",
         ),
     ),
     (

@@ -64,7 +64,7 @@ def partition_model(
     model: nn.Module,
     example_inputs: Any,
     *,
-    num_stages: int,
+    num_stages: int | None = None,
     num_microbatches: int | str | None = None,
     schedule: str | Schedule = "1f1b",
     stages_per_rank: int | str = 1,
@@ -78,6 +78,9 @@ def partition_model(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
+    data_parallel: int | str = 1,
+    num_devices: int | None = None,
+    devices_per_node: int | None = None,
 ) -> Partitioned:
     """What :func:`pipec.partition` computes, as the plan data and the traced
     graph it splits (see that function for the arguments)."""
@@ -86,6 +89,23 @@ def partition_model(
             f"model: expected a torch.nn.Module, found {type(model).__name__}; "
             "wrap a plain function in an nn.Module whose forward calls it"
         )
+    if data_parallel != 1 or num_devices is not None or devices_per_node is not None:
+        from pipec.partitioner.hybrid import partition_hybrid
+
+        check_loss_fn(loss_fn)
+        found = partition_hybrid(
+            model, example_inputs, data_parallel=data_parallel, num_devices=num_devices,
+            devices_per_node=devices_per_node, num_stages=num_stages, num_microbatches=num_microbatches,
+            schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
+            memory_limit=memory_limit, strategy=strategy, example_kwargs=example_kwargs, method=method,
+            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
+            target=target)
+        warn_batch_norm(found.data)
+        warn_mode_blind_random(found.data)
+        return found
+    if num_stages is None:
+        raise ConfigError("num_stages: expected the number of pipeline stages (an int), found None; pass "
+                          "num_stages=N, or data_parallel='auto' with num_devices=N to search it")
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
     check_loss_fn(loss_fn)
     if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):

@@ -1,0 +1,381 @@
+"""Phase partition, hybrid: D replicas of a P-rank pipeline, priced and placed on nodes.
+
+Input: the arguments of :func:`pipec.partition` with ``data_parallel=D`` (an
+int) or ``data_parallel="auto"`` and ``num_devices=N``. ``example_inputs`` is
+the GLOBAL batch: each replica gets ``global / D`` samples, cut into ``M``
+micro-batches. Output: :class:`~pipec.partitioner.single.Partitioned` whose
+plan data records ``data_parallel``, ``mesh_order`` and ``devices_per_node``,
+and per stage ``dp_allreduce_time`` (its gradient all-reduce across the
+replicas, which ``plan.simulate()`` overlaps with the pipeline's drain).
+
+The phases, in order::
+
+    check arguments        D divides N, G divisible by D x M, ... (PipecError)
+    link model             the cost model, nodes of devices_per_node ranks
+    (auto) search          pipec.partitioner.hybrid_search over (D, P, v, M, schedule, mesh order):
+                           the model traced at the smallest and largest micro-batch
+                           sizes only; every other size interpolated
+    plan one               trace at the chosen micro-batch size, split with the
+                           mesh's links (pipec.costs.mesh_links), price the all-reduces
+    place                  mesh_order: ("dp", "pp") keeps a pipeline's neighbours
+                           together, ("pp", "dp") a stage's replicas; the faster one
+                           by simulation (both are tried)
+
+The runtime side (DeviceMesh, the bucketed all-reduce, launching) is not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipec.costs.mesh_links import MeshCostModel, with_devices_per_node
+from pipec.errors import ConfigError, PartitionError
+from pipec.mesh import MESH_ORDERS, MeshOrder
+from pipec.partitioner import config
+from pipec.partitioner.config import MemoryLimit
+from pipec.partitioner.hybrid_costs import CostCurve
+from pipec.partitioner.hybrid_search import (
+    MICROBATCHES_PER_RANK,
+    Evaluated,
+    HybridConfig,
+    SearchInputs,
+    SearchResult,
+    search,
+    search_space,
+)
+from pipec.partitioner.inputs import AUTO, batch_size, first_microbatch, first_target, split_inputs
+from pipec.partitioner.single import Partitioned, partition_traced, resolve_cost_model
+from pipec.plan import Candidate, PlanData
+from pipec.schedule.simulator import simulate_plan
+from pipec.types import CostModel, TracedGraph
+from pipec.units import format_bytes, format_seconds
+
+log = logging.getLogger(__name__)
+
+MAX_CANDIDATES = 200  # rows kept in plan.candidates (the best first); the rest are counted
+
+
+def check_data_parallel(data_parallel: object, num_devices: object, devices_per_node: object) -> None:
+    """The hybrid arguments at the API boundary (ConfigError says what to pass)."""
+    if data_parallel == AUTO:
+        if num_devices is None:
+            raise ConfigError(
+                "data_parallel='auto' needs num_devices=N, the devices to plan for (e.g. num_devices=64); "
+                "pass it, or a fixed data_parallel=D"
+            )
+        config.count("num_devices", num_devices)
+    else:
+        config.count("data_parallel", data_parallel,
+                     advice=" (the number of pipeline replicas, or 'auto' with num_devices=N)")
+        if num_devices is not None:
+            raise ConfigError(
+                f"num_devices={num_devices!r} is only read with data_parallel='auto' (found data_parallel="
+                f"{data_parallel!r}); pass data_parallel='auto' to search D x P = num_devices, or leave "
+                "num_devices out"
+            )
+    if devices_per_node is not None:
+        config.count("devices_per_node", devices_per_node)
+
+
+def price_data_parallel(data: PlanData, mesh: MeshCostModel) -> PlanData:
+    """``data`` as one pipeline of ``mesh``: D, mesh order, node size, and each stage's
+    gradient all-reduce across its replicas (``StageInfo.dp_allreduce_time``)."""
+    stages = tuple(st.model_copy(update={"dp_allreduce_time": mesh.dp_allreduce_time(st.param_bytes, st.rank)})
+                   for st in data.stages)
+    return data.model_copy(update={
+        "stages": stages, "data_parallel": mesh.data_parallel, "mesh_order": mesh.mesh_order,
+        "devices_per_node": mesh.devices_per_node,
+    })
+
+
+def _base_model(cost_model: str | Path | CostModel, traced: TracedGraph, devices_per_node: int | None,
+                loss_fn: Callable[..., Any] | None, target: Any) -> tuple[CostModel, int]:
+    model, nodes = with_devices_per_node(resolve_cost_model(cost_model, traced, loss_fn=loss_fn, target=target),
+                                         devices_per_node)
+    if nodes is None:
+        raise ConfigError(
+            f"devices_per_node: the cost model {model.name!r} does not say how many devices a node has; "
+            "pass devices_per_node=K (e.g. 8)"
+        )
+    return model, nodes
+
+
+def plan_with_mesh(
+    traced: TracedGraph, costs: Mapping[str, Any], base: CostModel, *, data_parallel: int, num_stages: int,
+    num_microbatches: int, schedule: str, stages_per_rank: int, devices_per_node: int, memory_limit: MemoryLimit,
+    strategy: str, optimizer_state_bytes_per_param: int, batch: int | None,
+    mesh_orders: Iterable[MeshOrder] = MESH_ORDERS,
+) -> PlanData:
+    """One configuration on a D x P mesh: split under each mesh order's links, price the
+    all-reduces, and keep the order whose simulated step is shorter (the first on a tie;
+    with D = 1 or P = 1 the orders are the same mesh)."""
+    ranks = config.num_ranks(num_stages, stages_per_rank)
+    orders = list(mesh_orders) if data_parallel > 1 and ranks > 1 else [next(iter(mesh_orders))]
+    best: tuple[float, PlanData] | None = None
+    for order in orders:
+        mesh = MeshCostModel(base, data_parallel=data_parallel, num_ranks=ranks, mesh_order=order,
+                             devices_per_node=devices_per_node)
+        data = partition_traced(
+            traced, costs, num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+            stages_per_rank=stages_per_rank, cost_model=mesh, memory_limit=memory_limit, strategy=strategy,
+            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch)
+        data = price_data_parallel(data, mesh)
+        step = simulate_plan(data).step_time
+        log.info("D=%d P=%d mesh %s: simulated step %s", data_parallel, ranks, "x".join(order), format_seconds(step))
+        if best is None or step < best[0] * (1 - 1e-9):
+            best = (step, data)
+    if best is None:
+        raise ConfigError(f"mesh_orders: expected at least one of {list(MESH_ORDERS)}, found none")
+    return best[1]
+
+
+def partition_data_parallel(
+    model: nn.Module, example_inputs: Any, *, data_parallel: int, num_stages: int, num_microbatches: int,
+    schedule: str, stages_per_rank: int, loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel,
+    memory_limit: MemoryLimit, strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
+    optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
+    devices_per_node: int | None = None,
+) -> Partitioned:
+    """A fixed ``data_parallel=D`` plan: the global batch split over D x M, placed by the
+    faster mesh order (see :func:`plan_with_mesh`)."""
+    from pipec.tracing import trace
+
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    batch = batch_size(args, kwargs)
+    parts = _check_batch(batch, data_parallel, num_microbatches)
+    mb_args, mb_kwargs = first_microbatch(args, kwargs, parts)
+    traced = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=tuple(leaf_modules))
+    base, nodes = _base_model(cost_model, traced, devices_per_node, loss_fn, first_target(target, parts))
+    data = plan_with_mesh(
+        traced, base.node_costs(traced), base, data_parallel=data_parallel, num_stages=num_stages,
+        num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
+        devices_per_node=nodes, memory_limit=memory_limit, strategy=strategy,
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch=batch)
+    return Partitioned(data, traced)
+
+
+def partition_hybrid(
+    model: nn.Module, example_inputs: Any, *, data_parallel: int | str, num_devices: int | None,
+    devices_per_node: int | None, num_stages: int | None, num_microbatches: int | str | None, schedule: object,
+    stages_per_rank: int | str, loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel,
+    memory_limit: MemoryLimit, strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
+    optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
+) -> Partitioned:
+    """:func:`pipec.partition` with ``data_parallel`` or ``devices_per_node`` given: the
+    search (``"auto"``, or an int D with some choice ``"auto"``: P fixed by
+    ``num_stages``) or one D x P plan."""
+    check_data_parallel(data_parallel, num_devices, devices_per_node)
+    if not isinstance(schedule, str):
+        raise ConfigError(f"schedule: with data_parallel, expected a schedule name or 'auto', found "
+                          f"{type(schedule).__name__}; pass the name of one of pipec's schedules")
+    common: dict[str, Any] = dict(
+        loss_fn=loss_fn, cost_model=cost_model, memory_limit=memory_limit, strategy=strategy,
+        example_kwargs=example_kwargs, method=method, target=target, leaf_modules=leaf_modules,
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+    if data_parallel == AUTO or AUTO in (schedule, num_microbatches, stages_per_rank):
+        if data_parallel != AUTO:
+            if num_stages is None:
+                raise ConfigError("num_stages: expected an int with a fixed data_parallel, found None; pass "
+                                  "num_stages, or data_parallel='auto' with num_devices=N")
+            ranks = num_stages if stages_per_rank == AUTO else config.num_ranks(num_stages, int(stages_per_rank))
+            num_devices = int(data_parallel) * ranks
+        return partition_hybrid_auto(
+            model, example_inputs, num_devices=int(num_devices or 0), devices_per_node=devices_per_node,
+            num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
+            stages_per_rank=stages_per_rank, **common)
+    if num_stages is None:
+        raise ConfigError("num_stages: expected the number of pipeline stages (an int), found None; pass "
+                          "num_stages=N, or data_parallel='auto' with num_devices=N to search it")
+    from pipec.partitioner.inputs import default_microbatches
+
+    v = config.count("stages_per_rank", stages_per_rank)
+    ranks = config.num_ranks(config.count("num_stages", num_stages), v)
+    d = int(data_parallel)
+    if num_microbatches is None:
+        args, kwargs = split_inputs(example_inputs, example_kwargs)
+        batch = batch_size(args, kwargs)
+        num_microbatches = default_microbatches(None if batch is None or batch % d else batch // d, ranks)
+    return partition_data_parallel(
+        model, example_inputs, data_parallel=d, num_stages=num_stages,
+        num_microbatches=config.count("num_microbatches", num_microbatches), schedule=schedule,
+        stages_per_rank=v, devices_per_node=devices_per_node, **common)
+
+
+def _check_batch(batch: int | None, data_parallel: int, num_microbatches: int) -> int:
+    """How many micro-batches the global batch holds (D x M), or ConfigError."""
+    parts = data_parallel * num_microbatches
+    if batch is None:
+        raise ConfigError(
+            f"data_parallel={data_parallel}: the example has no tensor with a batch dimension to split over the "
+            "replicas; pass the global batch as example_inputs"
+        )
+    if batch % parts:
+        raise ConfigError(
+            f"the global batch ({batch} samples along dim 0) must split into data_parallel x num_microbatches = "
+            f"{data_parallel} x {num_microbatches} = {parts} equal micro-batches; use a batch that is a multiple "
+            f"of {parts}, or a data_parallel / num_microbatches whose product divides {batch}"
+        )
+    return parts
+
+
+def partition_hybrid_auto(
+    model: nn.Module, example_inputs: Any, *, num_devices: int, devices_per_node: int | None,
+    num_stages: int | None, num_microbatches: int | str | None, schedule: str, stages_per_rank: int | str,
+    loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel, memory_limit: MemoryLimit,
+    strategy: str, example_kwargs: Mapping[str, Any] | None, method: str, optimizer_state_bytes_per_param: int,
+    leaf_modules: Iterable[type[nn.Module] | str], target: Any = None, exhaustive: bool = False,
+) -> Partitioned:
+    """``data_parallel="auto"``: the fastest simulated (D, P, v, M, schedule, mesh order)
+    with D x P = ``num_devices`` that fits memory, at the example's global batch.
+    ``num_stages`` (optional) fixes the pipeline's ranks P (its stages with
+    ``stages_per_rank``); ``schedule``, ``num_microbatches`` and
+    ``stages_per_rank`` search when ``"auto"`` (``num_microbatches=None``: too)."""
+    from pipec.schedule.generators import SCHEDULE_NAMES
+    from pipec.tracing import trace
+
+    started = time.perf_counter()
+    args, kwargs = split_inputs(example_inputs, example_kwargs)
+    batch = batch_size(args, kwargs)
+    if batch is None:
+        raise ConfigError("data_parallel='auto': the example has no tensor with a batch dimension; pass the "
+                          "global batch as example_inputs")
+    if schedule != AUTO and schedule not in SCHEDULE_NAMES:
+        raise ConfigError(f"schedule: expected 'auto' or one of {', '.join(SCHEDULE_NAMES)}, found {schedule!r}")
+    v = None if stages_per_rank == AUTO else config.count("stages_per_rank", stages_per_rank)
+    m = None if num_microbatches in (AUTO, None) else config.count("num_microbatches", num_microbatches)
+    ranks = None
+    if num_stages is not None:
+        ranks = config.num_ranks(config.count("num_stages", num_stages), v or 1)
+    configs = search_space(
+        num_devices=num_devices, global_batch=batch, schedules=SCHEDULE_NAMES if schedule == AUTO else (schedule,),
+        stages_per_rank=v, num_microbatches=m, num_ranks=ranks, max_stages=num_devices * max(4, v or 1),
+    )
+    if not configs:
+        fits_d = [d for d in range(1, num_devices + 1) if num_devices % d == 0 and batch % d == 0]
+        raise ConfigError(
+            f"data_parallel='auto' on num_devices={num_devices} with a global batch of {batch}: no configuration "
+            f"to try (D must divide both; D in {fits_d} does"
+            + (f", and P = {ranks} must divide num_devices" if ranks is not None else "")
+            + (f", and num_microbatches={m} must divide the replica's batch" if m is not None else "")
+            + "); change num_devices, the batch, or the fixed choices"
+        )
+    sizes = sorted({batch // (c.data_parallel * c.num_microbatches) for c in configs})
+    traced_at: dict[int, TracedGraph] = {}
+    costs_at: dict[int, Mapping[str, Any]] = {}
+    base: CostModel | None = None
+    nodes = 0
+
+    def cost(size: int) -> None:
+        nonlocal base, nodes
+        if size in traced_at:
+            return
+        mb_args, mb_kwargs = first_microbatch(args, kwargs, batch // size)
+        traced_at[size] = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=tuple(leaf_modules))
+        model_at, nodes = _base_model(cost_model, traced_at[size], devices_per_node, loss_fn,
+                                      first_target(target, batch // size))
+        base = model_at if base is None else base  # links do not depend on the micro-batch size
+        costs_at[size] = model_at.node_costs(traced_at[size])
+        log.info("hybrid auto-plan: traced and costed micro-batch size %d", size)
+
+    ends = (sizes[0], sizes[-1])
+    for size in ends:
+        cost(size)
+    if base is None:
+        raise ConfigError("hybrid auto-plan: no micro-batch size to cost")
+    limit = config.memory_limits(memory_limit, 1, base)[0]
+    config.count("optimizer_state_bytes_per_param", optimizer_state_bytes_per_param, low=0)
+    curve = CostCurve(tuple(dict.fromkeys(ends)), tuple(costs_at[s] for s in dict.fromkeys(ends)))
+    inputs = SearchInputs(traced_at[ends[0]], curve, base, nodes, limit, optimizer_state_bytes_per_param)
+    from pipec.costs.timer import progress_bar
+
+    with progress_bar(f"hybrid auto-plan: {len(configs)} configurations", total=len(configs),
+                      enabled=None) as advance:
+        result = search(inputs, configs, global_batch=batch, exhaustive=exhaustive, progress=advance)
+    log.info("hybrid auto-plan: %d configurations, %d simulated, %d pruned by their bound, %d do not fit, in %.2fs",
+             result.num_configs, result.num_simulated, result.num_pruned, result.num_unfit, result.seconds)
+    if result.best is None:
+        raise _none_fits(result, num_devices, limit)
+    for winner in [e for e in result.ranked if e.fits and e.simulated][:3]:
+        c = winner.config
+        cost(winner.microbatch_size)
+        try:
+            data = plan_with_mesh(
+                traced_at[winner.microbatch_size], costs_at[winner.microbatch_size], base,
+                data_parallel=c.data_parallel, num_stages=c.num_stages, num_microbatches=c.num_microbatches,
+                schedule=c.schedule, stages_per_rank=c.stages_per_rank, devices_per_node=nodes,
+                memory_limit=memory_limit, strategy=strategy,
+                optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch=batch,
+                mesh_orders=(c.mesh_order,))
+        except PartitionError as exc:
+            log.info("hybrid auto-plan: %s does not fit once traced at its own size: %s", c.label, exc)
+            continue
+        step = simulate_plan(data).step_time
+        table = candidates(result, winner, step)
+        data = data.model_copy(update={"candidates": table, "chosen": 0})
+        log.info("hybrid auto-plan: chose %s (%s per step) in %.2fs", c.label, format_seconds(step),
+                 time.perf_counter() - started)
+        return Partitioned(data, traced_at[winner.microbatch_size])
+    raise PartitionError(
+        f"hybrid auto-plan: the best configurations the search found ({result.ranked[0].config.label}, ...) do "
+        "not fit memory once traced at their own micro-batch size; raise memory_limit or use more devices"
+    )
+
+
+def candidates(result: SearchResult, winner: Evaluated, step_time: float) -> tuple[Candidate, ...]:
+    """The search's configurations as :class:`Candidate` rows, the winner first (with the
+    plan's own simulated step), each with a note; at most :data:`MAX_CANDIDATES`."""
+    rows = [winner] + [e for e in result.ranked if e is not winner]
+    out = []
+    for e in rows[:MAX_CANDIDATES]:
+        c = e.config
+        if e is winner:
+            note = (f"chosen (search said {format_seconds(e.step_time)}); of {result.num_configs}: "
+                    f"{result.num_simulated} simulated, {result.num_pruned} bounded out, {result.num_unfit} unfit")
+        elif not e.fits:
+            note = f"needs {format_bytes(max(e.rank_memory))}/rank > limit"
+        elif not e.simulated:
+            note = "not simulated: bound >= best"
+        else:
+            slower = (e.step_time / winner.step_time - 1.0) * 100 if winner.step_time > 0 else 0.0
+            note = f"{slower:.1f}% slower" if slower >= 0.05 else "as fast, more memory"
+        out.append(Candidate(
+            schedule=c.schedule, num_microbatches=c.num_microbatches, stages_per_rank=c.stages_per_rank,
+            step_time=step_time if e is winner else e.step_time, bubble_fraction=e.bubble_fraction,
+            peak_memory=e.rank_memory, fits=e.fits, note=note, data_parallel=c.data_parallel,
+            num_ranks=c.num_ranks, mesh_order=c.mesh_order, dp_allreduce_time=e.dp_allreduce_time,
+        ))
+    return tuple(out)
+
+
+def _none_fits(result: SearchResult, num_devices: int, limit: int | None) -> PartitionError:
+    unfit = [e for e in result.ranked if not e.fits]
+    if not unfit:
+        return PartitionError(f"hybrid auto-plan: none of the {result.num_configs} configurations on "
+                              f"{num_devices} devices could be split or simulated; see the log for why")
+    closest = min(unfit, key=lambda e: (max(e.rank_memory), e.step_time))
+    return PartitionError(
+        f"hybrid auto-plan: none of the {result.num_configs} configurations on {num_devices} devices fits the "
+        f"memory limit ({format_bytes(limit or 0)} per device); the closest is {closest.config.label}, which "
+        f"needs {format_bytes(max(closest.rank_memory))}. To fix: more devices (deeper pipelines), a larger "
+        "memory_limit, or fewer optimizer bytes per parameter"
+    )
+
+
+__all__ = [
+    "MAX_CANDIDATES",
+    "MICROBATCHES_PER_RANK",
+    "HybridConfig",
+    "candidates",
+    "check_data_parallel",
+    "partition_data_parallel",
+    "partition_hybrid",
+    "partition_hybrid_auto",
+    "plan_with_mesh",
+    "price_data_parallel",
+]
