@@ -157,7 +157,7 @@ class PlanData(FrozenModel):
     num_stages: int
     num_ranks: int
     # D replicas of the pipeline: the world is data_parallel * num_ranks ranks, placed
-    # by mesh_order (pipec.mesh: ("dp", "pp") = a pipeline's ranks adjacent,
+    # by mesh_order (pipec.schedule.mesh: ("dp", "pp") = a pipeline's ranks adjacent,
     # ("pp", "dp") = a stage's replicas adjacent) on nodes of devices_per_node ranks
     data_parallel: int = 1
     mesh_order: tuple[str, str] = ("dp", "pp")

@@ -43,7 +43,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "pipec._version",
             "pipec._preserve",
             "pipec.loss",
-            "pipec.mesh",
         ),
     ),
     (

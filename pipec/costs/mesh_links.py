@@ -4,7 +4,7 @@ Phase: cost model (planner side; plain arithmetic over a cost model's links).
 
 Input: a cost model (its ``comm_time`` and ``allreduce_time`` over *global*
 ranks, intra- or inter-node by ``rank // devices_per_node``) and the mesh
-(``data_parallel`` D, ``num_ranks`` P, ``mesh_order``; :mod:`pipec.mesh`).
+(``data_parallel`` D, ``num_ranks`` P, ``mesh_order``; :mod:`pipec.schedule.mesh`).
 Output: :class:`MeshCostModel`, a cost model over *pipeline* ranks ``0 .. P-1``
 that the partitioner uses unchanged, plus :meth:`MeshCostModel.dp_allreduce_time`.
 
@@ -15,7 +15,7 @@ that the partitioner uses unchanged, plus :meth:`MeshCostModel.dp_allreduce_time
   boundary, and with ``("pp", "dp")`` wherever ``D`` ranks apart leaves the node.
 - A tied group's all-reduce inside a replica: the same, slowest replica.
 - A stage's data-parallel gradient all-reduce: a ring over its replica group
-  (:func:`pipec.mesh.replica_group`) with the cost model's ``allreduce_time``,
+  (:func:`pipec.schedule.mesh.replica_group`) with the cost model's ``allreduce_time``,
   i.e. ``2 (D - 1) * (latency + bytes / D / bus_bandwidth)`` on the ring's
   slowest link (:func:`pipec.costs.ring.ring_allreduce_time`; Patarasuk and
   Yuan, JPDC 2009): inter-node as soon as the group spans two nodes.
@@ -32,7 +32,7 @@ from functools import lru_cache
 
 from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import ConfigError
-from pipec.mesh import DP_PP, MESH_ORDERS, MeshOrder, global_rank, replica_group
+from pipec.schedule.mesh import DP_PP, MESH_ORDERS, MeshOrder, global_rank, replica_group
 from pipec.types import CostModel, NodeCost, TracedGraph
 
 

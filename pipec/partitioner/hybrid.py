@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,6 @@ from torch import nn
 
 from pipec.costs.mesh_links import MeshCostModel, with_devices_per_node
 from pipec.errors import ConfigError, PartitionError
-from pipec.mesh import MESH_ORDERS, MeshOrder
 from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.hybrid_costs import CostCurve
@@ -52,6 +52,7 @@ from pipec.partitioner.hybrid_search import (
 from pipec.partitioner.inputs import AUTO, batch_size, first_microbatch, first_target, split_inputs
 from pipec.partitioner.single import Partitioned, partition_traced, resolve_cost_model
 from pipec.plan import Candidate, PlanData
+from pipec.schedule.mesh import MESH_ORDERS, MeshOrder
 from pipec.schedule.simulator import simulate_plan
 from pipec.types import CostModel, TracedGraph
 from pipec.units import format_bytes, format_seconds
@@ -224,22 +225,30 @@ def _check_batch(batch: int | None, data_parallel: int, num_microbatches: int) -
     return parts
 
 
-def partition_hybrid_auto(
+@dataclass
+class Prepared:
+    """A hybrid search ready to run: its configurations, the model traced and costed
+    at the micro-batch sizes needed so far (more are traced on demand by :meth:`cost`)."""
+
+    configs: list[HybridConfig]
+    inputs: SearchInputs
+    batch: int
+    memory_limit: MemoryLimit
+    cost: Callable[[int], tuple[TracedGraph, Mapping[str, Any]]]
+
+
+def prepare_search(
     model: nn.Module, example_inputs: Any, *, num_devices: int, devices_per_node: int | None,
     num_stages: int | None, num_microbatches: int | str | None, schedule: str, stages_per_rank: int | str,
     loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel, memory_limit: MemoryLimit,
-    strategy: str, example_kwargs: Mapping[str, Any] | None, method: str, optimizer_state_bytes_per_param: int,
-    leaf_modules: Iterable[type[nn.Module] | str], target: Any = None, exhaustive: bool = False,
-) -> Partitioned:
-    """``data_parallel="auto"``: the fastest simulated (D, P, v, M, schedule, mesh order)
-    with D x P = ``num_devices`` that fits memory, at the example's global batch.
-    ``num_stages`` (optional) fixes the pipeline's ranks P (its stages with
-    ``stages_per_rank``); ``schedule``, ``num_microbatches`` and
-    ``stages_per_rank`` search when ``"auto"`` (``num_microbatches=None``: too)."""
+    example_kwargs: Mapping[str, Any] | None, method: str, optimizer_state_bytes_per_param: int,
+    leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
+) -> Prepared:
+    """The search space and the model traced and costed at its smallest and largest
+    micro-batch sizes (see :func:`partition_hybrid_auto` for the arguments)."""
     from pipec.schedule.generators import SCHEDULE_NAMES
     from pipec.tracing import trace
 
-    started = time.perf_counter()
     args, kwargs = split_inputs(example_inputs, example_kwargs)
     batch = batch_size(args, kwargs)
     if batch is None:
@@ -249,6 +258,7 @@ def partition_hybrid_auto(
         raise ConfigError(f"schedule: expected 'auto' or one of {', '.join(SCHEDULE_NAMES)}, found {schedule!r}")
     v = None if stages_per_rank == AUTO else config.count("stages_per_rank", stages_per_rank)
     m = None if num_microbatches in (AUTO, None) else config.count("num_microbatches", num_microbatches)
+    config.count("optimizer_state_bytes_per_param", optimizer_state_bytes_per_param, low=0)
     ranks = None
     if num_stages is not None:
         ranks = config.num_ranks(config.count("num_stages", num_stages), v or 1)
@@ -268,59 +278,82 @@ def partition_hybrid_auto(
     sizes = sorted({batch // (c.data_parallel * c.num_microbatches) for c in configs})
     traced_at: dict[int, TracedGraph] = {}
     costs_at: dict[int, Mapping[str, Any]] = {}
-    base: CostModel | None = None
-    nodes = 0
+    models: list[tuple[CostModel, int]] = []
 
-    def cost(size: int) -> None:
-        nonlocal base, nodes
-        if size in traced_at:
-            return
-        mb_args, mb_kwargs = first_microbatch(args, kwargs, batch // size)
-        traced_at[size] = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=tuple(leaf_modules))
-        model_at, nodes = _base_model(cost_model, traced_at[size], devices_per_node, loss_fn,
-                                      first_target(target, batch // size))
-        base = model_at if base is None else base  # links do not depend on the micro-batch size
-        costs_at[size] = model_at.node_costs(traced_at[size])
-        log.info("hybrid auto-plan: traced and costed micro-batch size %d", size)
+    def cost(size: int) -> tuple[TracedGraph, Mapping[str, Any]]:
+        if size not in traced_at:
+            mb_args, mb_kwargs = first_microbatch(args, kwargs, batch // size)
+            traced_at[size] = trace(model, mb_args, mb_kwargs, method=method, leaf_modules=tuple(leaf_modules))
+            model_at = _base_model(cost_model, traced_at[size], devices_per_node, loss_fn,
+                                   first_target(target, batch // size))
+            models.append(model_at)  # the first one's links serve all: they do not depend on the size
+            costs_at[size] = model_at[0].node_costs(traced_at[size])
+            log.info("hybrid auto-plan: traced and costed micro-batch size %d", size)
+        return traced_at[size], costs_at[size]
 
-    ends = (sizes[0], sizes[-1])
-    for size in ends:
-        cost(size)
-    if base is None:
-        raise ConfigError("hybrid auto-plan: no micro-batch size to cost")
+    ends = tuple(dict.fromkeys((sizes[0], sizes[-1])))
+    curve = CostCurve(ends, tuple(cost(size)[1] for size in ends))
+    base, nodes = models[0]
     limit = config.memory_limits(memory_limit, 1, base)[0]
-    config.count("optimizer_state_bytes_per_param", optimizer_state_bytes_per_param, low=0)
-    curve = CostCurve(tuple(dict.fromkeys(ends)), tuple(costs_at[s] for s in dict.fromkeys(ends)))
     inputs = SearchInputs(traced_at[ends[0]], curve, base, nodes, limit, optimizer_state_bytes_per_param)
+    return Prepared(configs, inputs, batch, memory_limit, cost)
+
+
+def partition_hybrid_auto(
+    model: nn.Module, example_inputs: Any, *, num_devices: int, devices_per_node: int | None,
+    num_stages: int | None, num_microbatches: int | str | None, schedule: str, stages_per_rank: int | str,
+    loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel, memory_limit: MemoryLimit,
+    strategy: str, example_kwargs: Mapping[str, Any] | None, method: str, optimizer_state_bytes_per_param: int,
+    leaf_modules: Iterable[type[nn.Module] | str], target: Any = None, exhaustive: bool = False,
+) -> Partitioned:
+    """``data_parallel="auto"``: the fastest simulated (D, P, v, M, schedule, mesh order)
+    with D x P = ``num_devices`` that fits memory, at the example's global batch.
+    ``num_stages`` (optional) fixes the pipeline's ranks P (its stages with
+    ``stages_per_rank``); ``schedule``, ``num_microbatches`` and
+    ``stages_per_rank`` search when ``"auto"`` (``num_microbatches=None``: too)."""
     from pipec.costs.timer import progress_bar
 
+    started = time.perf_counter()
+    prepared = prepare_search(
+        model, example_inputs, num_devices=num_devices, devices_per_node=devices_per_node, num_stages=num_stages,
+        num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn,
+        cost_model=cost_model, memory_limit=memory_limit, example_kwargs=example_kwargs, method=method,
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules, target=target)
+    configs = prepared.configs
     with progress_bar(f"hybrid auto-plan: {len(configs)} configurations", total=len(configs),
                       enabled=None) as advance:
-        result = search(inputs, configs, global_batch=batch, exhaustive=exhaustive, progress=advance)
+        result = search(prepared.inputs, configs, global_batch=prepared.batch, exhaustive=exhaustive,
+                        progress=advance)
     log.info("hybrid auto-plan: %d configurations, %d simulated, %d pruned by their bound, %d do not fit, in %.2fs",
              result.num_configs, result.num_simulated, result.num_pruned, result.num_unfit, result.seconds)
+    partitioned = finish(prepared, result, strategy=strategy)
+    log.info("hybrid auto-plan: done in %.2fs", time.perf_counter() - started)
+    return partitioned
+
+
+def finish(prepared: Prepared, result: SearchResult, *, strategy: str = "optimal") -> Partitioned:
+    """The plan of the search's best configuration, traced at its own micro-batch size
+    (the next best when that one does not fit once traced there), with the candidates table."""
+    inputs = prepared.inputs
     if result.best is None:
-        raise _none_fits(result, num_devices, limit)
+        raise _none_fits(result, inputs.devices_per_node, inputs.memory_limit)
     for winner in [e for e in result.ranked if e.fits and e.simulated][:3]:
         c = winner.config
-        cost(winner.microbatch_size)
+        traced, costs = prepared.cost(winner.microbatch_size)
         try:
             data = plan_with_mesh(
-                traced_at[winner.microbatch_size], costs_at[winner.microbatch_size], base,
-                data_parallel=c.data_parallel, num_stages=c.num_stages, num_microbatches=c.num_microbatches,
-                schedule=c.schedule, stages_per_rank=c.stages_per_rank, devices_per_node=nodes,
-                memory_limit=memory_limit, strategy=strategy,
-                optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch=batch,
+                traced, costs, inputs.cost_model, data_parallel=c.data_parallel, num_stages=c.num_stages,
+                num_microbatches=c.num_microbatches, schedule=c.schedule, stages_per_rank=c.stages_per_rank,
+                devices_per_node=inputs.devices_per_node, memory_limit=prepared.memory_limit, strategy=strategy,
+                optimizer_state_bytes_per_param=inputs.optimizer_state_bytes_per_param, batch=prepared.batch,
                 mesh_orders=(c.mesh_order,))
         except PartitionError as exc:
             log.info("hybrid auto-plan: %s does not fit once traced at its own size: %s", c.label, exc)
             continue
         step = simulate_plan(data).step_time
-        table = candidates(result, winner, step)
-        data = data.model_copy(update={"candidates": table, "chosen": 0})
-        log.info("hybrid auto-plan: chose %s (%s per step) in %.2fs", c.label, format_seconds(step),
-                 time.perf_counter() - started)
-        return Partitioned(data, traced_at[winner.microbatch_size])
+        data = data.model_copy(update={"candidates": candidates(result, winner, step), "chosen": 0})
+        log.info("hybrid auto-plan: chose %s (%s per step)", c.label, format_seconds(step))
+        return Partitioned(data, traced)
     raise PartitionError(
         f"hybrid auto-plan: the best configurations the search found ({result.ranked[0].config.label}, ...) do "
         "not fit memory once traced at their own micro-batch size; raise memory_limit or use more devices"
@@ -353,14 +386,15 @@ def candidates(result: SearchResult, winner: Evaluated, step_time: float) -> tup
     return tuple(out)
 
 
-def _none_fits(result: SearchResult, num_devices: int, limit: int | None) -> PartitionError:
+def _none_fits(result: SearchResult, devices_per_node: int, limit: int | None) -> PartitionError:
+    del devices_per_node
     unfit = [e for e in result.ranked if not e.fits]
     if not unfit:
-        return PartitionError(f"hybrid auto-plan: none of the {result.num_configs} configurations on "
-                              f"{num_devices} devices could be split or simulated; see the log for why")
+        return PartitionError(f"hybrid auto-plan: none of the {result.num_configs} configurations "
+                              f"could be split or simulated; see the log for why")
     closest = min(unfit, key=lambda e: (max(e.rank_memory), e.step_time))
     return PartitionError(
-        f"hybrid auto-plan: none of the {result.num_configs} configurations on {num_devices} devices fits the "
+        f"hybrid auto-plan: none of the {result.num_configs} configurations fits the "
         f"memory limit ({format_bytes(limit or 0)} per device); the closest is {closest.config.label}, which "
         f"needs {format_bytes(max(closest.rank_memory))}. To fix: more devices (deeper pipelines), a larger "
         "memory_limit, or fewer optimizer bytes per parameter"
@@ -371,7 +405,10 @@ __all__ = [
     "MAX_CANDIDATES",
     "MICROBATCHES_PER_RANK",
     "HybridConfig",
+    "Prepared",
     "candidates",
+    "finish",
+    "prepare_search",
     "check_data_parallel",
     "partition_data_parallel",
     "partition_hybrid",

@@ -42,7 +42,6 @@ from typing import NamedTuple
 
 from pipec.costs.mesh_links import MeshCostModel
 from pipec.errors import PartitionError, ScheduleError
-from pipec.mesh import DP_PP, MESH_ORDERS, MeshOrder
 from pipec.partitioner.algorithm import solve
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.partitioner.hybrid_costs import CostCurve, SplitRecord, split_record
@@ -50,6 +49,7 @@ from pipec.schedule.gen_common import INTERLEAVED
 from pipec.schedule.generators import make_schedule
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
+from pipec.schedule.mesh import DP_PP, MESH_ORDERS, MeshOrder
 from pipec.schedule.simulator import Collective, simulate
 from pipec.types import CostModel, TracedGraph
 

@@ -1,6 +1,6 @@
 """The 2-D device mesh of a hybrid plan: D replicas of a P-rank pipeline.
 
-Layer: basic values (plain Python, no torch). The one rule that maps a
+Layer: schedule library (plain Python, no torch): placement of ranks, as ``rank_of`` places stages. The one rule that maps a
 (replica, pipeline rank) pair to a global rank, and a global rank to its node;
 the cost model (:mod:`pipec.costs.mesh_links`), the planner
 (:mod:`pipec.partitioner.hybrid`) and the report read it here.
