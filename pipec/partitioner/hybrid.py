@@ -72,14 +72,21 @@ def check_data_parallel(data_parallel: object, num_devices: object, devices_per_
             )
         config.count("num_devices", num_devices)
     else:
-        config.count("data_parallel", data_parallel,
-                     advice=" (the number of pipeline replicas, or 'auto' with num_devices=N)")
+        d = config.count("data_parallel", data_parallel,
+                         advice=" (the number of pipeline replicas, or 'auto' with num_devices=N)")
         if num_devices is not None:
-            raise ConfigError(
-                f"num_devices={num_devices!r} is only read with data_parallel='auto' (found data_parallel="
-                f"{data_parallel!r}); pass data_parallel='auto' to search D x P = num_devices, or leave "
-                "num_devices out"
-            )
+            n = config.count("num_devices", num_devices)
+            if d == 1:
+                raise ConfigError(
+                    f"num_devices={num_devices} without data_parallel: num_devices is read with "
+                    "data_parallel='auto' (search D x P = num_devices) or data_parallel=D (P = num_devices / D); "
+                    "pass one of these, or num_stages alone for one pipeline"
+                )
+            if n % d:
+                raise ConfigError(
+                    f"data_parallel={d} does not divide num_devices={n}: every replica needs the same number "
+                    f"of devices; use a D in {[k for k in range(1, n + 1) if n % k == 0]}, or data_parallel='auto'"
+                )
     if devices_per_node is not None:
         config.count("devices_per_node", devices_per_node)
 
@@ -179,6 +186,16 @@ def partition_hybrid(
         loss_fn=loss_fn, cost_model=cost_model, memory_limit=memory_limit, strategy=strategy,
         example_kwargs=example_kwargs, method=method, target=target, leaf_modules=leaf_modules,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param)
+    if data_parallel != AUTO and num_devices is not None:  # P = N / D ranks
+        ranks = num_devices // int(data_parallel)
+        if num_stages is None:
+            num_stages = ranks if stages_per_rank == AUTO else ranks * config.count("stages_per_rank", stages_per_rank)
+        elif num_stages != (ranks if stages_per_rank == AUTO else ranks * int(stages_per_rank)):
+            raise ConfigError(
+                f"num_stages={num_stages} with data_parallel={data_parallel} on num_devices={num_devices}: the "
+                f"pipeline has {ranks} ranks (num_devices / data_parallel), so num_stages must be {ranks} x "
+                "stages_per_rank; leave num_stages out, or change num_devices"
+            )
     if data_parallel == AUTO or AUTO in (schedule, num_microbatches, stages_per_rank):
         if data_parallel != AUTO:
             if num_stages is None:

@@ -106,9 +106,10 @@ class SplitRecord:
     def num_stages(self) -> int:
         return len(self.cuts) - 1
 
-    def stage_times(self, curve: CostCurve, size: int, speeds: Sequence[float]) -> tuple[F64, F64, F64]:
-        """Per stage: F, I, W seconds at micro-batch size ``size``."""
-        f, i, w = curve.times(self.names, size)
+    def stage_times(self, node_times: tuple[F64, F64, F64], speeds: Sequence[float]) -> tuple[F64, F64, F64]:
+        """Per stage: F, I, W seconds, from ``node_times`` (:meth:`CostCurve.times` of
+        :attr:`names` at the micro-batch size wanted)."""
+        f, i, w = node_times
         starts, ends = np.array(self.cuts[:-1]), np.array(self.cuts[1:])
         rate = np.array([speeds[r] for r in self.placement])
 

@@ -20,19 +20,29 @@ group on the mesh's links (:class:`pipec.costs.mesh_links.MeshCostModel`).
 Then the schedule is simulated (:func:`pipec.schedule.simulator.simulate`,
 the all-reduces overlapping the drain).
 
-**Pruning, exact**: a step is at least ``max over ranks r`` of ``F(stages
-before r's first) + M * work(r) + the shortest all-reduce of r's stages``
-(micro-batch 0 must reach rank r before it can start; r then runs all its
-work; one of its stages finishes last and all-reduces after). Configurations
-are simulated in order of that bound, and the search stops when the bound
-reaches the best step found: nothing skipped could have won. ``exhaustive=True``
-simulates every configuration, each with its own split (under its own comm
-and memory), which is what the benchmark compares the fast search against.
+**Pruning, exact**: before any split, a step is at least ``M`` times the
+larger of the balanced share of the work ``W / P`` and the largest node (some
+rank runs it for every micro-batch); with the split, at least ``max over
+ranks r`` of ``F(stages before r's first) + M * work(r) + the shortest
+all-reduce of r's stages`` (micro-batch 0 must reach rank r before it can
+start; r then runs all its work; one of its stages finishes last and
+all-reduces after). The search takes configurations best bound first,
+splitting or simulating the one on top, and stops when the smallest bound
+reaches the best step simulated: nothing left could have won.
+
+**Reuse, approximate** (the fast search): one split per (stages, ranks,
+placement) on compute time alone, reused across D, M and mesh order; where it
+does not fit memory, a split made under the limit for another M or D that
+fits, else a new one under the limit. ``exhaustive=True`` splits every
+configuration on its own (its own links, memory limit and micro-batch size):
+the reference the benchmark compares the fast search against
+(``prune=False`` also simulates every one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import time
@@ -42,13 +52,13 @@ from typing import NamedTuple
 
 from pipec.costs.mesh_links import MeshCostModel
 from pipec.errors import PartitionError, ScheduleError
-from pipec.partitioner.algorithm import solve
+from pipec.partitioner.algorithm import check_cut_count, optimal
 from pipec.partitioner.graph import GraphChain, build_chain
-from pipec.partitioner.hybrid_costs import CostCurve, SplitRecord, split_record
+from pipec.partitioner.hybrid_costs import F64, CostCurve, SplitRecord, split_record
 from pipec.schedule.gen_common import INTERLEAVED
 from pipec.schedule.generators import make_schedule
 from pipec.schedule.in_flight import in_flight_from_schedule
-from pipec.schedule.ir import Schedule
+from pipec.schedule.ir import Schedule, round_robin_placement
 from pipec.schedule.mesh import DP_PP, MESH_ORDERS, MeshOrder
 from pipec.schedule.simulator import Collective, simulate
 from pipec.types import CostModel, TracedGraph
@@ -155,6 +165,28 @@ def search_space(
     return out
 
 
+# in-flight counts in closed form (pipec.schedule.in_flight's docstring; its tests hold
+# them to the generated schedules), so the search generates a schedule only to simulate it
+_CLOSED_FORMS: dict[str, Callable[[int, int, int, int], int]] = {
+    "gpipe": lambda k, s, r, m: m,
+    "1f1b": lambda k, s, r, m: min(s - k, m),
+    "zb-h1": lambda k, s, r, m: min(r, m),
+}
+
+
+def in_flight_and_placement(c: HybridConfig, schedule: Callable[[], Schedule]) -> tuple[tuple[int, ...],
+                                                                                       tuple[int, ...]]:
+    """``in_flight`` per stage and the placement of configuration ``c``: closed forms for
+    one stage per rank, else read off the generated schedule."""
+    form = _CLOSED_FORMS.get(c.schedule)
+    if form is not None and c.stages_per_rank == 1:
+        s = c.num_stages
+        return (tuple(form(k, s, c.num_ranks, c.num_microbatches) for k in range(s)),
+                round_robin_placement(s, c.num_ranks))
+    sched = schedule()
+    return in_flight_from_schedule(sched), tuple(sched.placement)
+
+
 class _Searcher:
     def __init__(self, inputs: SearchInputs, global_batch: int, exhaustive: bool) -> None:
         self.inputs = inputs
@@ -163,6 +195,9 @@ class _Searcher:
         self._chains: dict[tuple[int, int, tuple[int, ...]], GraphChain] = {}
         self._splits: dict[tuple[object, ...], SplitRecord | None] = {}
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
+        self._shapes: dict[tuple[str, int, int, int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._work: dict[int, tuple[float, float]] = {}
+        self._times: dict[int, tuple[F64, F64, F64]] = {}
         self._meshes: dict[tuple[int, int, MeshOrder], MeshCostModel] = {}
 
     # -- cached pieces -------------------------------------------------------
@@ -171,6 +206,15 @@ class _Searcher:
         if key not in self._schedules:
             self._schedules[key] = make_schedule(c.schedule, c.num_stages, c.num_microbatches, c.stages_per_rank)
         return self._schedules[key]
+
+    def placement(self, c: HybridConfig) -> tuple[int, ...]:
+        return self.shape(c)[1]
+
+    def shape(self, c: HybridConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        key = (c.schedule, c.num_stages, c.num_microbatches, c.stages_per_rank)
+        if key not in self._shapes:
+            self._shapes[key] = in_flight_and_placement(c, lambda: self.schedule(c))
+        return self._shapes[key]
 
     def mesh(self, c: HybridConfig) -> MeshCostModel:
         key = (c.data_parallel, c.num_ranks, c.mesh_order)
@@ -191,9 +235,8 @@ class _Searcher:
 
     def problem(self, chain: GraphChain, size: int, **changes: object) -> object:
         """The chain problem at micro-batch size ``size`` (times and bytes scaled)."""
-        curve = self.inputs.curve
-        f, i, w = curve.times(chain.names, size)
-        ratio = size / curve.reference
+        f, i, w = self.node_times(size)
+        ratio = size / self.inputs.curve.reference
         p = chain.problem
         return dataclasses.replace(
             p, compute_time=tuple(float(x) for x in f + i + w),
@@ -205,8 +248,7 @@ class _Searcher:
         """The split of ``c``: reused across D, M and mesh order (``in_flight`` None:
         compute time only), or under the memory limit (``in_flight`` given); None
         when nothing fits."""
-        sched = self.schedule(c)
-        placement = tuple(sched.placement)
+        placement = self.placement(c)
         limits = None if in_flight is None else (self.inputs.memory_limit,) * c.num_ranks
         exact = self.exhaustive
         key: tuple[object, ...] = (c.num_stages, c.num_ranks, placement, in_flight,
@@ -222,8 +264,9 @@ class _Searcher:
             mesh = self.mesh(c)
             changes.update(comm_time=mesh.comm_time, allreduce_time=mesh.allreduce_time)
         problem = self.problem(chain, at, **changes)
+        check_cut_count(problem)  # type: ignore[arg-type]
         try:
-            cuts = solve(problem, "optimal").cuts  # type: ignore[arg-type]
+            cuts = optimal(problem, explain=False).cuts  # type: ignore[arg-type]
         except PartitionError:
             self._splits[key] = None
             return None
@@ -232,17 +275,83 @@ class _Searcher:
         self._splits[key] = record
         return record
 
+    def node_times(self, size: int) -> tuple[F64, F64, F64]:
+        """F, I, W per chain position at ``size`` (every chain has the traced graph's positions)."""
+        if size not in self._times:
+            self._times[size] = self.inputs.curve.times(self.chain(1, 1, (0,)).names, size)
+        return self._times[size]
+
+    def size(self, c: HybridConfig) -> int:
+        return self.global_batch // (c.data_parallel * c.num_microbatches)
+
+    def quick_bound(self, c: HybridConfig) -> float:
+        """A bound on the step that needs no split: ``M`` times the larger of the
+        perfectly balanced share of the work and the largest node."""
+        size = self.size(c)
+        if size not in self._work:
+            f, i, w = self.node_times(size)
+            total = f + i + w
+            self._work[size] = (float(total.sum()), float(total.max(initial=0.0)))
+        work, largest = self._work[size]
+        return c.num_microbatches * max(work / c.num_ranks, largest)
+
     # -- one configuration -----------------------------------------------------
+    def resplit_bound(self, c: HybridConfig) -> float | None:
+        """None when the reused split serves ``c`` (it fits, or nothing could); else a
+        bound on ``c``'s step under the split it needs (re-splitting is the costly
+        part, so it waits its turn in the search's heap): ``M`` times the reused split's
+        slowest stage, which no split beats (the reused split minimises it)."""
+        if self.exhaustive:
+            return None
+        size, limit = self.size(c), self.inputs.memory_limit
+        record = self.split(c, size, in_flight=None)
+        if record is None or limit is None:
+            return None
+        in_flight = self.shape(c)[0]
+        if max(record.memory(size, in_flight, c.num_ranks)) <= limit or self._hopeless(record, c, size):
+            return None
+        f, i, w = record.stage_times(self.node_times(size), [1.0] * c.num_ranks)
+        return c.num_microbatches * float((f + i + w).max())
+
+    def _fitting_split(self, c: HybridConfig, size: int, in_flight: tuple[int, ...]) -> SplitRecord | None:
+        """Fast search only: of the splits already made under the memory limit for the
+        same stages and placement (another M, D or size), the one that fits ``c`` with
+        the smallest slowest stage -- a re-split costs far more than this look."""
+        if self.exhaustive or self.inputs.memory_limit is None:
+            return None
+        placement = self.placement(c)
+        best: tuple[float, SplitRecord] | None = None
+        for key, record in self._splits.items():
+            if record is None or key[:3] != (c.num_stages, c.num_ranks, placement) or key[3] is None:
+                continue
+            if max(record.memory(size, in_flight, c.num_ranks)) > self.inputs.memory_limit:
+                continue
+            f, i, w = record.stage_times(self.node_times(size), [1.0] * c.num_ranks)
+            slowest = float((f + i + w).max())
+            if best is None or slowest < best[0]:
+                best = (slowest, record)
+        return None if best is None else best[1]
+
+    def _hopeless(self, record: SplitRecord, c: HybridConfig, size: int) -> bool:
+        """Whether no split can fit: the weights plus the fewest activations any stage
+        holds, spread evenly over the ranks, overflow them."""
+        limit = self.inputs.memory_limit
+        if limit is None:
+            return False
+        fewest = min(self.shape(c)[0])
+        total = sum(record.static_memory) + sum(record.activation_memory) * size / record.reference * fewest
+        return total > limit * c.num_ranks
+
     def evaluate(self, c: HybridConfig) -> tuple[Evaluated, Callable[[], Evaluated]] | None:
         """The configuration's memory and lower bound now, and a function that simulates it."""
-        size = self.global_batch // (c.data_parallel * c.num_microbatches)
-        sched = self.schedule(c)
-        in_flight = in_flight_from_schedule(sched)
+        size = self.size(c)
+        in_flight = self.shape(c)[0]
         limit = self.inputs.memory_limit
         record = None if self.exhaustive else self.split(c, size, in_flight=None)
         memory = record.memory(size, in_flight, c.num_ranks) if record is not None else ()
-        if record is None or (limit is not None and max(memory) > limit):
-            resplit = self.split(c, size, in_flight=in_flight)
+        hopeless = record is not None and self._hopeless(record, c, size)
+        if not hopeless and (record is None or (limit is not None and max(memory) > limit)):
+            resplit = self._fitting_split(c, size, in_flight) or self.split(c, size, in_flight=in_flight)
             if resplit is None and record is None:  # nothing fits: say what the compute-balanced split needs
                 self.exhaustive, exhaustive = False, self.exhaustive
                 try:
@@ -256,7 +365,7 @@ class _Searcher:
             return None
         fits = limit is None or max(memory) <= limit
         mesh = self.mesh(c)
-        f, i, w = record.stage_times(self.inputs.curve, size, [1.0] * c.num_ranks)
+        f, i, w = record.stage_times(self.node_times(size), [1.0] * c.num_ranks)
         allreduce = [mesh.dp_allreduce_time(g, r) for g, r in zip(record.grad_bytes, record.placement)]
         bound = _lower_bound(record.placement, c.num_ranks, c.num_microbatches, f.tolist(), (i + w).tolist(),
                              allreduce)
@@ -276,7 +385,7 @@ class _Searcher:
                 ranks = tuple(sorted({record.placement[k] for k in stages}))
                 if len(ranks) > 1:
                     tied.append(Collective("tied", ranks, mesh.allreduce_time(num_bytes, ranks)))
-            sim = simulate(sched, forward=tuple(f), input_grad=tuple(i), weight_grad=tuple(w),
+            sim = simulate(self.schedule(c), forward=tuple(f), input_grad=tuple(i), weight_grad=tuple(w),
                            transfers=transfers, collectives=tied,
                            grad_allreduce=allreduce if c.data_parallel > 1 else None)
             return dataclasses.replace(now, step_time=sim.step_time, bubble_fraction=sim.bubble_fraction,
@@ -303,42 +412,60 @@ def _lower_bound(placement: Sequence[int], num_ranks: int, num_microbatches: int
 
 def search(
     inputs: SearchInputs, configs: Sequence[HybridConfig], *, global_batch: int, exhaustive: bool = False,
-    progress: Callable[[], None] | None = None,
+    prune: bool = True, progress: Callable[[], None] | None = None,
 ) -> SearchResult:
-    """Evaluate ``configs`` (see the module docstring) and rank them."""
+    """Evaluate ``configs`` (see the module docstring) and rank them.
+
+    Best first: every configuration starts in a heap under its quick bound
+    (:meth:`_Searcher.quick_bound`, no split needed); the smallest entry is split
+    and goes back under its bound with the split, or -- already split -- is
+    simulated. The search stops when the smallest bound reaches the best step
+    simulated (ties: the cheaper simulation first). ``exhaustive``: every
+    configuration split on its own (its own links, memory and size: no reuse);
+    ``prune=False``: every one simulated too."""
     started = time.perf_counter()
     searcher = _Searcher(inputs, global_batch, exhaustive)
-    pending: list[tuple[Evaluated, Callable[[], Evaluated]]] = []
+    # (bound, cost of simulating, order, config, evaluation, stage: 0 new, 1 needs a re-split, 2 evaluated)
+    heap: list[tuple[float, int, int, HybridConfig, tuple[Evaluated, Callable[[], Evaluated]] | None, int]] = []
+    for n, c in enumerate(configs):
+        heapq.heappush(heap, (searcher.quick_bound(c), c.num_stages * c.num_microbatches, n, c, None, 0))
     done: list[Evaluated] = []
-    for c in configs:
-        try:
-            got = searcher.evaluate(c)
-        except (PartitionError, ScheduleError) as exc:
-            log.info("hybrid search: %s left out: %s", c.label, " ".join(str(exc).split()))
-            got = None
-        if got is not None:
-            pending.append(got)
-        if progress is not None:
-            progress()
-    unfit = [e for e, _ in pending if not e.fits]
-    fitting = sorted(((e, run) for e, run in pending if e.fits), key=lambda x: (x[0].lower_bound, x[0].config))
+    unfit: list[Evaluated] = []
     best = math.inf
-    pruned = 0
-    for e, run in fitting:
-        if not exhaustive and e.lower_bound >= best * (1 + 1e-9):
-            done.append(e)
-            pruned += 1
+    while heap and (not prune or heap[0][0] < best * (1 - 1e-9)):
+        bound, cost, n, c, got, stage = heapq.heappop(heap)
+        if got is None:
+            try:
+                later = searcher.resplit_bound(c) if stage == 0 else None
+                if later is not None:
+                    heapq.heappush(heap, (max(bound, later), cost, n, c, None, 1))
+                    continue
+                got = searcher.evaluate(c)
+            except (PartitionError, ScheduleError) as exc:
+                log.info("hybrid search: %s left out: %s", c.label, " ".join(str(exc).split()))
+                got = None
+            if progress is not None:
+                progress()
+            if got is None:
+                continue
+            if not got[0].fits:
+                unfit.append(got[0])
+            else:
+                heapq.heappush(heap, (max(bound, got[0].lower_bound), cost, n, c, got, 2))
             continue
         try:
-            simulated = run()
+            simulated = got[1]()
         except ScheduleError as exc:
-            log.info("hybrid search: %s cannot be simulated: %s", e.config.label, " ".join(str(exc).split()))
+            log.info("hybrid search: %s cannot be simulated: %s", c.label, " ".join(str(exc).split()))
             continue
         done.append(simulated)
         best = min(best, simulated.step_time)
-    ranked = sorted(done + unfit, key=lambda e: (not e.fits, not e.simulated, float(f"{e.step_time:.9g}"),
-                                                 max(e.rank_memory, default=0), e.config))
-    return SearchResult(tuple(ranked), len(configs), len(done) - pruned, pruned, len(unfit),
+    bounded = [entry[4][0] if entry[4] is not None else
+               Evaluated(entry[3], searcher.size(entry[3]), entry[0], entry[0], 0.0, (), True, False, 0.0)
+               for entry in heap]
+    ranked = sorted(done + bounded + unfit, key=lambda e: (not e.fits, not e.simulated, float(f"{e.step_time:.9g}"),
+                                                           max(e.rank_memory, default=0), e.config))
+    return SearchResult(tuple(ranked), len(configs), len(done), len(bounded), len(unfit),
                         time.perf_counter() - started)
 
 
