@@ -36,7 +36,9 @@ does not fit memory, a split made under the limit for another M or D that
 fits, else a new one under the limit. ``exhaustive=True`` splits every
 configuration on its own (its own links, memory limit and micro-batch size):
 the reference the benchmark compares the fast search against
-(``prune=False`` also simulates every one).
+(``prune=False`` also simulates every one). The fast search ends by splitting
+exactly so the configurations within :data:`REFINE_WITHIN` of its best, and
+ranks them by that split, the one their plan will have.
 """
 
 from __future__ import annotations
@@ -410,6 +412,34 @@ def _lower_bound(placement: Sequence[int], num_ranks: int, num_microbatches: int
     return max(before[first[r]] + num_microbatches * work[r] + last_reduce[r] for r in range(num_ranks))
 
 
+REFINE_WITHIN = 0.25  # the fast search re-splits exactly the configurations this close to its best
+
+
+def _refine(fast: _Searcher, done: list[Evaluated], best: float) -> list[Evaluated]:
+    """The fast search's best configurations (within :data:`REFINE_WITHIN` of the best),
+    each split again on its own -- under its own links, memory limit and micro-batch
+    size -- and simulated, as the plan will be split (:func:`pipec.partitioner.hybrid.finish`):
+    a reused split ignores the links (and is made at another size), which matters
+    where transfers are a large part of the step, and either split may simulate
+    the faster, the partitioner's cost counting transfers as stage time."""
+    exact = _Searcher(fast.inputs, fast.global_batch, exhaustive=True)
+    exact._chains, exact._schedules, exact._meshes, exact._shapes = (
+        fast._chains, fast._schedules, fast._meshes, fast._shapes)
+    exact._times = fast._times
+    out = []
+    for e in done:
+        if e.step_time <= best * (1 + REFINE_WITHIN):
+            try:
+                got = exact.evaluate(e.config)
+                again = got[1]() if got is not None and got[0].fits else None
+            except (PartitionError, ScheduleError):
+                again = None
+            if again is not None:  # the plan is split this way: rank it by this split's step
+                e = again
+        out.append(e)
+    return out
+
+
 def search(
     inputs: SearchInputs, configs: Sequence[HybridConfig], *, global_batch: int, exhaustive: bool = False,
     prune: bool = True, progress: Callable[[], None] | None = None,
@@ -460,6 +490,8 @@ def search(
             continue
         done.append(simulated)
         best = min(best, simulated.step_time)
+    if not exhaustive and done:
+        done = _refine(searcher, done, best)
     bounded = [entry[4][0] if entry[4] is not None else
                Evaluated(entry[3], searcher.size(entry[3]), entry[0], entry[0], 0.0, (), True, False, 0.0)
                for entry in heap]
