@@ -19,9 +19,7 @@ them: ``node_rank * nproc_per_node + local_rank``).
 
 from __future__ import annotations
 
-from typing import Literal
-
-MeshOrder = tuple[Literal["dp", "pp"], Literal["dp", "pp"]]
+MeshOrder = tuple[str, str]  # ("dp", "pp") or ("pp", "dp"): MESH_ORDERS
 DP_PP: MeshOrder = ("dp", "pp")
 PP_DP: MeshOrder = ("pp", "dp")
 MESH_ORDERS: tuple[MeshOrder, ...] = (DP_PP, PP_DP)

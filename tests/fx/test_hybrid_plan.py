@@ -45,7 +45,7 @@ def step_with(data: PlanData, model: torch.nn.Module, x: torch.Tensor, order: tu
         traced, cost.node_costs(traced), cost, data_parallel=data.data_parallel, num_stages=data.num_stages,
         num_microbatches=data.num_microbatches, schedule=data.schedule.name, stages_per_rank=data.stages_per_rank,
         devices_per_node=2, memory_limit=None, strategy="optimal", optimizer_state_bytes_per_param=8,
-        batch=x.shape[0], mesh_orders=(order,))  # type: ignore[arg-type]
+        batch=x.shape[0], mesh_orders=(order,))
     return simulate_plan(other).step_time
 
 
@@ -81,6 +81,12 @@ def test_plan_states_the_mesh_and_simulates_the_allreduce() -> None:
     text = plan.summary()
     assert "D=2 replicas x P=2 ranks" in text and f"mesh ({', '.join(d.mesh_order)})" in text
     assert "gradient all-reduce per stage" in text
+    from pipec.viz.report import render_report
+
+    html = render_report(d)
+    assert 'id="devices"' in html and 'data-kind="dp-allreduce"' in html
+    for g in range(4):  # every global rank in the layout, with its node
+        assert f"<b>{g}</b> <small>node {g // 2}</small>" in html
     again = PlanData.model_validate_json(d.model_dump_json())
     assert (again.data_parallel, again.mesh_order, again.stages) == (d.data_parallel, d.mesh_order, d.stages)
 
@@ -143,6 +149,10 @@ def test_auto_matches_brute_force(num_devices: int, batch: int) -> None:
     cand = plan.data.chosen_candidate
     assert cand is not None and cand.data_parallel == plan.data.data_parallel and cand.num_ranks == plan.data.num_ranks
     assert len(plan.data.candidates) > 1
+    from pipec.viz.report import render_report
+
+    assert f"D={plan.data.data_parallel} \u00d7 P={plan.data.num_ranks}" in render_report(plan.data)
+    assert "D   P   mesh" in plan.summary()
 
 
 def test_auto_respects_memory() -> None:

@@ -38,13 +38,13 @@ def ring(num_bytes: int, n: int, bandwidth: float, latency: float) -> float:
 @pytest.mark.parametrize("order", [DP_PP, PP_DP])
 def test_global_rank_and_coords_are_inverse(order: tuple[str, str]) -> None:
     d, p = 3, 4
-    ranks = [global_rank(dp, pp, data_parallel=d, num_ranks=p, mesh_order=order)  # type: ignore[arg-type]
+    ranks = [global_rank(dp, pp, data_parallel=d, num_ranks=p, mesh_order=order)
              for dp in range(d) for pp in range(p)]
     assert sorted(ranks) == list(range(d * p))
     for dp in range(d):
         for pp in range(p):
-            g = global_rank(dp, pp, data_parallel=d, num_ranks=p, mesh_order=order)  # type: ignore[arg-type]
-            assert mesh_coords(g, data_parallel=d, num_ranks=p, mesh_order=order) == (dp, pp)  # type: ignore[arg-type]
+            g = global_rank(dp, pp, data_parallel=d, num_ranks=p, mesh_order=order)
+            assert mesh_coords(g, data_parallel=d, num_ranks=p, mesh_order=order) == (dp, pp)
 
 
 def test_mesh_orders_as_agreed() -> None:
@@ -97,7 +97,7 @@ def test_pipeline_links_follow_the_mesh() -> None:
 
 def test_mesh_order_must_be_known() -> None:
     with pytest.raises(ConfigError, match="mesh_order"):
-        MeshCostModel(hardware(), data_parallel=2, num_ranks=2, mesh_order=("pp", "pp"),  # type: ignore[arg-type]
+        MeshCostModel(hardware(), data_parallel=2, num_ranks=2, mesh_order=("pp", "pp"),
                       devices_per_node=4)
 
 
