@@ -62,7 +62,7 @@ def planned(devices: list[int], batches: list[int], exhaustive: bool, full: bool
     """Part (b): plan the 7B config on each device count (see the module docstring)."""
     import pipec
     from pipec.partitioner.hybrid import finish, prepare_search
-    from pipec.partitioner.hybrid_search import search
+    from pipec.partitioner.hybrid_search import HybridConfig, search
 
     model = llama_7b()
     num_params = sum(p.numel() for p in model.parameters())
@@ -92,7 +92,9 @@ def planned(devices: list[int], batches: list[int], exhaustive: bool, full: bool
             full_time = time.perf_counter() - full_started
             full_best = full.best
             # the chosen configuration as the exhaustive search priced it (its own split), against the best
-            mine = [e for e in full.ranked if e.config == best.config and e.simulated]
+            picked = HybridConfig(d.data_parallel, d.num_ranks, d.schedule.name, d.stages_per_rank,
+                                  d.num_microbatches, (d.mesh_order[0], d.mesh_order[1]))
+            mine = [e for e in full.ranked if e.config == picked and e.simulated]
             if full_best is not None:
                 chosen = mine[0].step_time if mine else best.step_time
                 gap = chosen / full_best.step_time - 1.0
@@ -109,8 +111,8 @@ def planned(devices: list[int], batches: list[int], exhaustive: bool, full: bool
     print()
     print(aligned(rows))
     print("\nstep s: the chosen plan's simulated step (traced at its own micro-batch size); exhaustive best s: "
-          "the fastest of every configuration simulated with its own split; gap: the search's best (same "
-          "costs) against it. search s: tracing included.")
+          "the fastest of every configuration simulated with its own split; gap: the chosen configuration, "
+          "priced the same way, against it. search s: tracing included.")
 
 
 def main() -> None:

@@ -60,6 +60,8 @@ from pipec.units import format_bytes, format_seconds
 log = logging.getLogger(__name__)
 
 MAX_CANDIDATES = 200  # rows kept in plan.candidates (the best first); the rest are counted
+FINALISTS_WITHIN = 0.05  # configurations this close to the search's best are each planned in full
+MAX_FINALISTS = 3
 
 
 def check_data_parallel(data_parallel: object, num_devices: object, devices_per_node: object) -> None:
@@ -354,7 +356,15 @@ def finish(prepared: Prepared, result: SearchResult, *, strategy: str = "optimal
     inputs = prepared.inputs
     if result.best is None:
         raise _none_fits(result, inputs.devices_per_node, inputs.memory_limit)
-    for winner in [e for e in result.ranked if e.fits and e.simulated][:3]:
+    ranked = [e for e in result.ranked if e.fits and e.simulated]
+    # the search simulates compute-only schedules at interpolated costs; the plan, the lowered
+    # schedule at its own size: the finalists (within FINALISTS_WITHIN of the best, at most
+    # MAX_FINALISTS) are each planned, and the fastest plan wins
+    finalists = [e for e in ranked if e.step_time <= ranked[0].step_time * (1 + FINALISTS_WITHIN)][:MAX_FINALISTS]
+    built: list[tuple[float, Evaluated, PlanData, TracedGraph]] = []
+    for winner in finalists + ranked[len(finalists):len(finalists) + 3]:
+        if built and winner not in finalists:
+            break  # a finalist was planned; the next ones only stand in for finalists that do not fit
         c = winner.config
         traced, costs = prepared.cost(winner.microbatch_size)
         try:
@@ -367,9 +377,11 @@ def finish(prepared: Prepared, result: SearchResult, *, strategy: str = "optimal
         except PartitionError as exc:
             log.info("hybrid auto-plan: %s does not fit once traced at its own size: %s", c.label, exc)
             continue
-        step = simulate_plan(data).step_time
+        built.append((simulate_plan(data).step_time, winner, data, traced))
+    if built:
+        step, winner, data, traced = min(built, key=lambda b: b[0])
         data = data.model_copy(update={"candidates": candidates(result, winner, step), "chosen": 0})
-        log.info("hybrid auto-plan: chose %s (%s per step)", c.label, format_seconds(step))
+        log.info("hybrid auto-plan: chose %s (%s per step)", winner.config.label, format_seconds(step))
         return Partitioned(data, traced)
     raise PartitionError(
         f"hybrid auto-plan: the best configurations the search found ({result.ranked[0].config.label}, ...) do "
@@ -378,25 +390,29 @@ def finish(prepared: Prepared, result: SearchResult, *, strategy: str = "optimal
 
 
 def candidates(result: SearchResult, winner: Evaluated, step_time: float) -> tuple[Candidate, ...]:
-    """The search's configurations as :class:`Candidate` rows, the winner first (with the
-    plan's own simulated step), each with a note; at most :data:`MAX_CANDIDATES`."""
+    """The search's configurations as :class:`Candidate` rows, the winner first, each with
+    its search estimate (compute-only schedule, interpolated costs: comparable with each
+    other) and a note -- the winner's says what its plan simulates; at most :data:`MAX_CANDIDATES`."""
     rows = [winner] + [e for e in result.ranked if e is not winner]
     out = []
     for e in rows[:MAX_CANDIDATES]:
         c = e.config
         if e is winner:
-            note = (f"chosen (search said {format_seconds(e.step_time)}); of {result.num_configs}: "
+            note = (f"chosen: its plan simulates {format_seconds(step_time)}; of {result.num_configs}: "
                     f"{result.num_simulated} simulated, {result.num_pruned} bounded out, {result.num_unfit} unfit")
         elif not e.fits:
             note = f"needs {format_bytes(max(e.rank_memory))}/rank > limit"
         elif not e.simulated:
             note = "not simulated: bound >= best"
+        elif e.step_time < winner.step_time:
+            note = "its plan simulates slower" if e.step_time >= winner.step_time * (1 - FINALISTS_WITHIN) \
+                else "search estimate only"
         else:
             slower = (e.step_time / winner.step_time - 1.0) * 100 if winner.step_time > 0 else 0.0
             note = f"{slower:.1f}% slower" if slower >= 0.05 else "as fast, more memory"
         out.append(Candidate(
             schedule=c.schedule, num_microbatches=c.num_microbatches, stages_per_rank=c.stages_per_rank,
-            step_time=step_time if e is winner else e.step_time, bubble_fraction=e.bubble_fraction,
+            step_time=e.step_time, bubble_fraction=e.bubble_fraction,
             peak_memory=e.rank_memory, fits=e.fits, note=note, data_parallel=c.data_parallel,
             num_ranks=c.num_ranks, mesh_order=c.mesh_order, dp_allreduce_time=e.dp_allreduce_time,
         ))
