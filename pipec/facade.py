@@ -173,7 +173,7 @@ def partition(
     model: nn.Module,
     example_inputs: Any,
     *,
-    num_stages: int,
+    num_stages: int | None = None,
     num_microbatches: int | str | None = None,
     schedule: str | Schedule = "1f1b",
     stages_per_rank: int | str = 1,
@@ -187,7 +187,9 @@ def partition(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
-    data_parallel: int = 1,
+    data_parallel: int | str = 1,
+    num_devices: int | None = None,
+    devices_per_node: int | None = None,
     precision: str = "fp32",
     recompute: str = "none",
 ) -> Plan:
@@ -220,6 +222,14 @@ def partition(
     micro-batches differs from its full-batch loss (padding / ``ignore_index``:
     return ``(loss_sum, count)``), checked in eval mode without gradients.
 
+    ``data_parallel=D`` plans D replicas of the pipeline (``example_inputs`` is
+    then the GLOBAL batch, D x ``num_microbatches`` micro-batches), priced on
+    nodes of ``devices_per_node`` devices (default: the hardware file's) and
+    placed by the faster mesh order. ``data_parallel="auto"`` with
+    ``num_devices=N`` searches D x P = N, stages per rank, micro-batches and the
+    schedule for the fastest simulated step that fits memory
+    (:mod:`pipec.partitioner.hybrid`); ``num_stages`` may then be left out.
+
     ``precision`` ("fp32", the default; "bf16"; "fp16") is the stages' compute dtype:
     their forward runs under ``torch.autocast`` in it, parameters and their gradients
     stay float32 (master weights), and float tensors cross stages in it (half the
@@ -243,7 +253,8 @@ def partition(
         memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-        target=target, data_parallel=data_parallel, precision=precision, recompute=recompute,
+        target=target, data_parallel=data_parallel, num_devices=num_devices, devices_per_node=devices_per_node,
+        precision=precision, recompute=recompute,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

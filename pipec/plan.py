@@ -51,7 +51,10 @@ class StageInfo(FrozenModel):
     the end of the step, :attr:`TiedGroup.allreduce_time`). ``input_grad_time``
     and ``weight_grad_time`` split ``backward_time`` into its I and W parts (None
     in plans saved before they were stored: the simulator splits it in
-    proportion to the nodes' costs)."""
+    proportion to the nodes' costs). ``dp_allreduce_time`` is, with
+    ``data_parallel > 1``, the seconds of this stage's gradient all-reduce across
+    the replicas, once per step, from its last backward on (0 with one replica;
+    :mod:`pipec.partitioner.hybrid`)."""
 
     index: int
     rank: int
@@ -67,6 +70,7 @@ class StageInfo(FrozenModel):
     tied_time: float = 0.0
     input_grad_time: float | None = None
     weight_grad_time: float | None = None
+    dp_allreduce_time: float = 0.0  # seconds: this stage's gradient all-reduce across the replicas
     # activation recompute policy (pipec.costs.recompute): "none" | "selective" | "full";
     # forward/backward times include what it adds ("none" in plans saved before it existed)
     recompute: str = "none"
@@ -154,7 +158,10 @@ class InputSpec(FrozenModel):
 
 class Candidate(FrozenModel):
     """One configuration the auto-planner tried (which one it chose is
-    :attr:`PlanData.chosen`, not a field here)."""
+    :attr:`PlanData.chosen`, not a field here). With ``data_parallel="auto"`` it
+    is one (D, P, v, M, schedule, mesh order): ``num_ranks`` is P (0 where not
+    recorded: the plan's own) and ``dp_allreduce_time`` the slowest stage's
+    gradient all-reduce across the D replicas."""
 
     schedule: str
     num_microbatches: int
@@ -164,6 +171,10 @@ class Candidate(FrozenModel):
     peak_memory: tuple[int, ...]
     fits: bool
     note: str = ""
+    data_parallel: int = 1
+    num_ranks: int = 0
+    mesh_order: tuple[str, str] = ("dp", "pp")
+    dp_allreduce_time: float = 0.0
 
 
 class PlanData(FrozenModel):
@@ -174,6 +185,14 @@ class PlanData(FrozenModel):
     trace_method: str
     num_stages: int
     num_ranks: int
+    # D replicas of the pipeline: the world is data_parallel * num_ranks ranks, each replica
+    # taking batch_size / D of the global batch, placed by mesh_order, the DeviceMesh's
+    # dimension order (pipec.schedule.mesh: ("dp", "pp") = a pipeline's ranks adjacent,
+    # global rank = dp * num_ranks + pp; ("pp", "dp") = a stage's replicas adjacent, global
+    # rank = pp * D + dp) on nodes of devices_per_node ranks. Plans saved before: D = 1.
+    data_parallel: int = 1
+    mesh_order: tuple[str, str] = ("dp", "pp")
+    devices_per_node: int | None = None
     stages_per_rank: int
     num_microbatches: int
     batch_size: int | None = None  # full batch along dim 0, when known
@@ -209,13 +228,6 @@ class PlanData(FrozenModel):
     # traced in train(), the model not random in eval(): random nodes with no mode argument
     # (node -> module path), which the stages draw in eval() too (pipec.mode_ops.mode_blind_random)
     mode_blind_random: dict[str, str] = {}
-    # D replicas of the pipeline (data parallel): the plan's world is D x num_ranks; each
-    # replica gets batch_size / D of the global batch. ``mesh_order`` is the DeviceMesh's
-    # dimension order: ("dp", "pp") = mesh (D, num_ranks), global rank = dp * num_ranks + pp
-    # (a pipeline's ranks adjacent); ("pp", "dp") = mesh (num_ranks, D), global rank =
-    # pp * D + dp (the replicas of a stage adjacent). Plans saved before: D = 1.
-    data_parallel: int = 1
-    mesh_order: tuple[str, str] = ("dp", "pp")
 
     @field_validator("precision")
     @classmethod

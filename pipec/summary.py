@@ -95,6 +95,8 @@ def plan_summary(d: PlanData, measured: Mapping[int, int] | None = None) -> str:
         soft_wrap=True,
     )
     console.print(table)
+    if d.data_parallel > 1:
+        console.print(data_parallel_line(d), soft_wrap=True)
     ratio = d.bottleneck / d.lower_bound if d.lower_bound > 0 else float("nan")
     lines = [
         f"bottleneck {format_seconds(d.bottleneck)} per micro-batch ({_bottleneck_parts(slowest)}); "
@@ -152,24 +154,60 @@ def _memory_line(d: PlanData, measured: Mapping[int, int] | None) -> str:
     return f"{head} (recompute {d.recompute}): " + ", ".join(parts)
 
 
+def data_parallel_line(d: PlanData) -> str:
+    """D, P, the mesh order and the all-reduces of a hybrid plan, e.g. "data parallel: D=4 replicas x
+    P=2 ranks = 8 devices, mesh (dp, pp): a pipeline's ranks adjacent; ..."."""
+    where = ("a pipeline's ranks adjacent (global rank = dp x P + pp)" if tuple(d.mesh_order) == ("dp", "pp")
+             else "a stage's replicas adjacent (global rank = pp x D + dp)")
+    nodes = ""
+    if d.devices_per_node:
+        world = d.data_parallel * d.num_ranks
+        nodes = f", {-(-world // d.devices_per_node)} node(s) of {d.devices_per_node}"
+    times = [st.dp_allreduce_time for st in d.stages]
+    slowest = max(range(len(times)), key=times.__getitem__) if times else 0
+    return (f"data parallel: D={d.data_parallel} replicas x P={d.num_ranks} ranks = "
+            f"{d.data_parallel * d.num_ranks} devices{nodes}; mesh ({', '.join(d.mesh_order)}): {where}; "
+            f"gradient all-reduce per stage across the replicas, from its last backward (overlapping the "
+            f"drain): up to {format_seconds(max(times, default=0.0))} (stage {slowest})")
+
+
 def _label(c: Candidate) -> str:
     v = f" v={c.stages_per_rank}" if c.stages_per_rank != 1 else ""
-    return f"{c.schedule} m={c.num_microbatches}{v}"
+    shape = f"D={c.data_parallel} P={c.num_ranks} " if c.num_ranks else ""
+    order = f" {'x'.join(c.mesh_order)}" if c.data_parallel > 1 and c.num_ranks > 1 else ""
+    return f"{shape}{c.schedule} m={c.num_microbatches}{v}{order}"
+
+
+SHOWN_CANDIDATES = 20  # rows of a hybrid search's table in the text summary (the report shows all)
 
 
 def candidates_table(candidates: tuple[Candidate, ...]) -> Table:
-    """The auto-planner's candidates in the order it ranked them (the chosen one first)."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="auto-plan candidates",
-                  title_justify="left")
-    for header, justify in (("schedule", "left"), ("micro-batches", "right"), ("stages/rank", "right"),
-                            ("step ms", "right"), ("bubble", "right"), ("peak memory", "right"),
-                            ("fits", "left"), ("note", "left")):
+    """The auto-planner's candidates in the order it ranked them (the chosen one first);
+    a data-parallel search's with D, P and the mesh order, its first :data:`SHOWN_CANDIDATES`."""
+    hybrid = any(c.num_ranks for c in candidates)
+    shown = candidates[:SHOWN_CANDIDATES] if hybrid else candidates
+    title = "auto-plan candidates" + (f" (first {len(shown)} of {len(candidates)})" if len(shown) < len(candidates)
+                                      else "")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
+    columns = [("schedule", "left"), ("micro-batches", "right"), ("stages/rank", "right"),
+               ("step ms", "right"), ("bubble", "right"), ("peak memory", "right"), ("fits", "left"), ("note", "left")]
+    if hybrid:
+        columns = [("D", "right"), ("P", "right"), ("mesh", "left"), ("schedule", "left"), ("v", "right"),
+                   ("m", "right"), ("step ms", "right"), ("bubble", "right"), ("dp a-r ms", "right"),
+                   ("peak mem", "right"), ("fits", "left"), ("note", "left")]
+    for header, justify in columns:
         table.add_column(header, justify=justify, no_wrap=header != "note",  # type: ignore[arg-type]
                          overflow="fold" if header == "note" else "ellipsis")
-    for c in candidates:
-        table.add_row(c.schedule, str(c.num_microbatches), str(c.stages_per_rank), _ms(c.step_time),
-                      f"{c.bubble_fraction:.1%}", format_bytes(max(c.peak_memory, default=0)),
-                      "yes" if c.fits else "no", c.note)
+    for c in shown:
+        row = [c.schedule, str(c.num_microbatches), str(c.stages_per_rank), _ms(c.step_time),
+               f"{c.bubble_fraction:.1%}", format_bytes(max(c.peak_memory, default=0)), "yes" if c.fits else "no",
+               c.note]
+        if hybrid:
+            row = [str(c.data_parallel), str(c.num_ranks), "x".join(c.mesh_order), c.schedule,
+                   str(c.stages_per_rank), str(c.num_microbatches), _ms(c.step_time), f"{c.bubble_fraction:.1%}",
+                   _ms(c.dp_allreduce_time), format_bytes(max(c.peak_memory, default=0)),
+                   "yes" if c.fits else "no", c.note]
+        table.add_row(*row)
     return table
 
 
@@ -179,7 +217,7 @@ def winner_line(d: PlanData) -> str:
     chosen = d.chosen_candidate
     if chosen is None:
         return f"chosen: {d.schedule.name} m={d.num_microbatches} (not among the {len(d.candidates)} candidates)"
-    fitting = [c for c in d.candidates if c.fits]
+    fitting = [c for c in d.candidates if c.fits and not c.note.startswith("not simulated")]
     runner = min((c for c in fitting if c is not chosen), key=lambda c: c.step_time, default=None)
     head = f"chosen: {_label(chosen)}: "
     if runner is None:
@@ -191,4 +229,4 @@ def winner_line(d: PlanData) -> str:
                       else ""))
 
 
-__all__ = ["candidates_table", "plan_summary", "winner_line"]
+__all__ = ["SHOWN_CANDIDATES", "candidates_table", "data_parallel_line", "plan_summary", "winner_line"]

@@ -35,7 +35,10 @@ target's: they agree on the matmul-like ops, which dominate; CUDA keeps a few
 more ops -- softmax, norms -- in float32.)
 
 ``saved_bytes`` uses the same saved-tensor hooks as the profiler, on fake
-tensors. If a node cannot run on fake tensors (data-dependent shapes), the
+tensors. A model built on the meta device (``with torch.device("meta"):``, so
+a 7B model plans on a laptop without its 28 GB) is counted as fake CPU
+tensors, so each op is counted as the fused kernel a device runs rather than
+meta's reference decomposition. If a node cannot run on fake tensors (data-dependent shapes), the
 whole graph is counted on its real example inputs on the CPU instead.
 
 Repeated layers repeat nodes: on fake tensors, an aten op (or a tensor method,
@@ -329,8 +332,21 @@ class AnalyticCostModel:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             mode = FakeTensorMode(allow_non_fake_inputs=True)
+            cpu = torch.device("cpu")
+
+            def to_fake(t: torch.Tensor) -> torch.Tensor:
+                if not t.is_meta:
+                    return mode.from_tensor(t)
+                # a model built on the meta device: count it as fake CPU tensors, so each op takes
+                # the kernel a device would (meta has only reference kernels: attention, for one,
+                # would be counted as its unfused math, S x S scores and all)
+                fake = mode.fake_tensor_converter.from_meta_and_device(mode, t, cpu)
+                return fake.requires_grad_(t.requires_grad) if fake.is_leaf else fake
+
+            meta = any(t.is_meta for t in [*traced.graph_module.parameters(), *traced.graph_module.buffers()]) or any(
+                isinstance(x, torch.Tensor) and x.is_meta for x in traced.example_inputs)
             with mode:
-                saved = walk(traced, visit, to_fake=mode.from_tensor)
+                saved = walk(traced, visit, to_fake=to_fake, meta_as=cpu if meta else None)
         return counts, saved
 
     # -- CostModel protocol ----------------------------------------------------

@@ -100,6 +100,11 @@ class HardwareSpec(FrozenModel):
         return self.peak_flops[dtype] * self.compute_efficiency
 
     @property
+    def devices_per_node(self) -> int:
+        """Ranks per node (the file's ``gpus_per_node``; CPU processes count as devices)."""
+        return self.gpus_per_node
+
+    @property
     def effective_memory_bandwidth(self) -> float:
         return self.memory_bandwidth * self.memory_efficiency
 

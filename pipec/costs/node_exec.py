@@ -122,11 +122,13 @@ class _Walker(fx.Interpreter):
         *,
         device: torch.device | None,
         to_fake: Callable[[torch.Tensor], torch.Tensor] | None,
+        meta_as: torch.device | None = None,
     ) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.visit = visit
         self.device = device
         self.to_fake = to_fake
+        self.meta_as = meta_as
         self.param_ids: set[int] = set()
         self.held_keys: set[int] = set()  # parameters, buffers, graph inputs
         self.keep_alive: list[torch.Tensor] = []
@@ -167,6 +169,9 @@ class _Walker(fx.Interpreter):
         if n.op == "output":
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if self.meta_as is not None:  # a graph traced on the meta device names it in its device arguments
+            args, kwargs = pytree.tree_map(
+                lambda x: self.meta_as if isinstance(x, torch.device) and x.type == "meta" else x, (args, kwargs))
         try:
             fn, params = self._op(n)
             run = self._first_run(n, fn, tuple(args), dict(kwargs), params)
@@ -283,15 +288,18 @@ def walk(
     *,
     device: torch.device | None = None,
     to_fake: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    meta_as: torch.device | None = None,
 ) -> dict[str, int]:
     """Run every node of ``traced`` once, calling ``visit`` on each compute node.
 
     ``device``: move graph inputs and attributes there (the graph module itself
     must already be there). ``to_fake``: convert inputs and parameters to fake
     tensors (``FakeTensorMode.from_tensor``) instead; the caller enters the mode.
+    ``meta_as``: a device that replaces ``meta`` in the nodes' device arguments
+    (with a ``to_fake`` that fakes meta tensors on it).
     Returns ``saved_bytes`` per compute node (see the module docstring).
     """
-    walker = _Walker(traced.graph_module, visit, device=device, to_fake=to_fake)
+    walker = _Walker(traced.graph_module, visit, device=device, to_fake=to_fake, meta_as=meta_as)
     walker.run(*traced.example_inputs)
     return walker.saved_bytes()
 

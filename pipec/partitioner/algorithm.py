@@ -98,10 +98,12 @@ def check_cut_count(problem: ChainProblem) -> None:
         )
 
 
-def optimal(problem: ChainProblem, *, exhaustive_limit: int = EXHAUSTIVE_LIMIT) -> ChainSolution:
+def optimal(problem: ChainProblem, *, exhaustive_limit: int = EXHAUSTIVE_LIMIT, explain: bool = True) -> ChainSolution:
     """The split with the smallest bottleneck that fits memory (see the module docstring).
     Stages sharing a rank whose memory together overflows it: the splits are enumerated
-    when at most ``exhaustive_limit``, else a split that fits is searched (not exact)."""
+    when at most ``exhaustive_limit``, else a split that fits is searched (not exact).
+    ``explain=False``: when nothing fits, a PartitionError without the smallest limit
+    that would (a search of its own; the hybrid search tries many configurations)."""
     tab = tables_of(problem)
     s = problem.num_stages
     caps = [_limit(problem, k) for k in range(s)]
@@ -117,10 +119,10 @@ def optimal(problem: ChainProblem, *, exhaustive_limit: int = EXHAUSTIVE_LIMIT) 
         if found is not None:
             break
     if found is None:
-        raise infeasible_error(problem)
+        raise infeasible_error(problem) if explain else PartitionError("no split fits the memory limit")
     solution = evaluate(problem, found[1], "optimal")
     if not fits(problem, solution):
-        solution = _coupled(problem, solution, exhaustive_limit)
+        solution = _coupled(problem, solution, exhaustive_limit, explain)
     return solution
 
 
@@ -209,13 +211,14 @@ def infeasible_error(problem: ChainProblem) -> PartitionError:
     )
 
 
-def _coupled(problem: ChainProblem, relaxed: ChainSolution, exhaustive_limit: int) -> ChainSolution:
+def _coupled(problem: ChainProblem, relaxed: ChainSolution, exhaustive_limit: int,
+             explain: bool = True) -> ChainSolution:
     """Several stages per rank whose memory together exceeds the rank's limit."""
     inner = problem.cut_positions()
     if math.comb(len(inner), problem.num_stages - 1) <= exhaustive_limit:
         cuts = exhaustive(problem)
         if cuts is None:
-            raise infeasible_error(problem)
+            raise infeasible_error(problem) if explain else PartitionError("no split fits the memory limit")
         return evaluate(problem, cuts, "optimal")
     share = [0] * problem.ranks
     for k in range(problem.num_stages):
@@ -223,8 +226,8 @@ def _coupled(problem: ChainProblem, relaxed: ChainSolution, exhaustive_limit: in
     caps = [_limit(problem, k) / share[problem.rank_of(k)] for k in range(problem.num_stages)]
     found = capped_dp(problem, time_cap=_INF, memory_caps=caps)
     if found is None:
-        raise infeasible_error(problem)
-    log.warning("memory of the stages sharing a rank: the optimal split (bottleneck %.3g s) overflows "
+        raise infeasible_error(problem) if explain else PartitionError("no split fits the memory limit")
+    log.log(logging.WARNING if explain else logging.INFO,"memory of the stages sharing a rank: the optimal split (bottleneck %.3g s) overflows "
                 "a rank; using a split with each stage under limit / stages_on_rank, which may not be "
                 "optimal", relaxed.bottleneck)
     return evaluate(problem, found[1], "optimal", exact=False)

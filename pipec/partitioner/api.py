@@ -34,12 +34,6 @@ from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.mode_ops import describe_nodes
 from pipec.partitioner import config
 from pipec.partitioner.config import MemoryLimit
-from pipec.partitioner.data_parallel import (
-    check_data_parallel,
-    check_global_batch,
-    replica_example,
-    with_data_parallel,
-)
 from pipec.partitioner.eval_random import draws_in_eval
 from pipec.partitioner.inputs import (
     AUTO,
@@ -71,7 +65,7 @@ def partition_model(
     model: nn.Module,
     example_inputs: Any,
     *,
-    num_stages: int,
+    num_stages: int | None = None,
     num_microbatches: int | str | None = None,
     schedule: str | Schedule = "1f1b",
     stages_per_rank: int | str = 1,
@@ -85,7 +79,9 @@ def partition_model(
     optimizer_state_bytes_per_param: int = 8,
     leaf_modules: Iterable[type[nn.Module] | str] = (),
     target: Any = None,
-    data_parallel: int = 1,
+    data_parallel: int | str = 1,
+    num_devices: int | None = None,
+    devices_per_node: int | None = None,
     precision: str = "fp32",
     recompute: str = "none",
 ) -> Partitioned:
@@ -97,24 +93,30 @@ def partition_model(
             f"model: expected a torch.nn.Module, found {type(model).__name__}; "
             "wrap a plain function in an nn.Module whose forward calls it"
         )
+    if isinstance(data_parallel, bool) or data_parallel != 1 or num_devices is not None or devices_per_node is not None:
+        from pipec.partitioner.hybrid import partition_hybrid
+
+        check_loss_fn(loss_fn)
+        check_request(recompute)
+        if device_speeds is not None:
+            raise ConfigError("device_speeds: not supported with data_parallel (replicas are priced on the cost "
+                              "model's devices); leave device_speeds out, or plan one pipeline (data_parallel=1)")
+        found = partition_hybrid(
+            model, example_inputs, data_parallel=data_parallel, num_devices=num_devices,
+            devices_per_node=devices_per_node, num_stages=num_stages, num_microbatches=num_microbatches,
+            schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
+            memory_limit=memory_limit, strategy=strategy, example_kwargs=example_kwargs, method=method,
+            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
+            target=target, precision=precision, recompute=recompute)
+        warn_batch_norm(found.data)
+        warn_mode_blind_random(found.data)
+        return found
+    if num_stages is None:
+        raise ConfigError("num_stages: expected the number of pipeline stages (an int), found None; pass "
+                          "num_stages=N, or data_parallel='auto' with num_devices=N to search it")
     check_auto_arguments(num_microbatches, schedule, stages_per_rank)
     check_request(recompute)
     check_loss_fn(loss_fn)
-    data_parallel = check_data_parallel(data_parallel)
-    if data_parallel > 1:  # one pipeline on replica 0's share of the global batch, stamped with D
-        args, kwargs = split_inputs(example_inputs, example_kwargs)
-        batch = batch_size(args, kwargs)
-        check_global_batch(batch, data_parallel, num_microbatches)
-        r_args, r_kwargs, r_target = replica_example(args, kwargs, target, data_parallel)
-        found = partition_model(
-            model, r_args, num_stages=num_stages, num_microbatches=num_microbatches,
-            schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
-            memory_limit=memory_limit, device_speeds=device_speeds, strategy=strategy,
-            example_kwargs=r_kwargs, method=method,
-            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=r_target, precision=precision, recompute=recompute,
-        )
-        return with_data_parallel(found, data_parallel, batch)
     if isinstance(schedule, str) and AUTO in (num_microbatches, schedule, stages_per_rank):
         from pipec.partitioner.auto import partition_auto
 

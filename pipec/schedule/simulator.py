@@ -29,6 +29,14 @@ micro-batch is *in flight* on a rank over the same interval.
 After the schedule, ``collectives`` run in the order given (the runtime's
 tied-gradient all-reduces): each starts when the last of its ranks is free
 and holds all of them for its duration; the step ends with the last of them.
+
+``grad_allreduce[s]`` (data parallelism: stage ``s``'s gradient all-reduce
+across the replicas) overlaps the schedule instead, as DDP's bucketed
+reduction does: it starts when stage ``s``'s last backward (``B``, or ``W``
+when split) of the step has ended, on its rank's communication stream -- one
+all-reduce at a time per rank, in the order the stages finish -- and takes no
+compute. Every replica runs the same schedule, so one pipeline's timeline is
+every replica's. The step ends when the last all-reduce does.
 """
 
 from __future__ import annotations
@@ -138,12 +146,14 @@ def simulate(
     collectives: Sequence[Collective] = (),
     transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
     replay_bytes: float | Sequence[float] | None = None,
+    grad_allreduce: float | Sequence[float] | None = None,
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
     or one value per stage). ``replay_bytes[s]``: what a recomputing stage's backward
     holds beyond ``activation_bytes`` (the replayed activations), from the start of its
     ``B`` (or ``I``) to the end of its ``B`` (or ``W``). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
-    ``collectives`` run after the schedule (see the module docstring).
+    ``collectives`` run after the schedule and ``grad_allreduce`` (seconds per
+    stage) from each stage's last backward on (see the module docstring).
     ``transfers[(p, c)] = (forward, backward)``: seconds of a message on the stage
     edge ``p -> c`` and of its gradient back (edges not listed: 0); given, it
     replaces ``comm``.
@@ -164,11 +174,13 @@ def simulate(
     graph = graph_of(schedule, boundaries)
     check_static(schedule, graph, check_pair_order=False)  # timing does not depend on it
     after = _check_collectives(collectives, schedule.num_ranks)
+    overlapped = None if grad_allreduce is None else per_stage("grad_allreduce", grad_allreduce, n)
     run = execute(schedule, graph, costs)
     if not run.finished:
         raise_deadlock(schedule, graph, run)
     replay = per_stage("replay_bytes", 0.0 if replay_bytes is None else replay_bytes, n)
-    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after, tuple(round(b) for b in replay))
+    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after, overlapped,
+                      tuple(round(b) for b in replay))
 
 
 def _check_transfers(
@@ -232,9 +244,31 @@ def _run_collectives(
     return tuple(spans)
 
 
+def _grad_allreduces(
+    schedule: Schedule, run: Execution, durations: tuple[float, ...]
+) -> tuple[CollectiveSpan, ...]:
+    """Each stage's gradient all-reduce from the end of its last backward, one at a
+    time per rank (its communication stream), in the order the stages finish."""
+    last: dict[int, float] = {}
+    for row, times in zip(schedule.actions, run.times):
+        for a, (_, _, end) in zip(row, times):
+            if a.kind is _K.B or a.kind is _K.I or a.kind is _K.W:
+                last[a.stage] = max(last.get(a.stage, 0.0), end)
+    stream = [0.0] * schedule.num_ranks
+    spans = []
+    for stage in sorted(last, key=lambda s: (last[s], s)):
+        if durations[stage] <= 0:
+            continue
+        rank = schedule.rank_of(stage)
+        start = max(last[stage], stream[rank])
+        stream[rank] = start + durations[stage]
+        spans.append(CollectiveSpan(start, stream[rank], (rank,), f"dp all-reduce stage {stage}"))
+    return tuple(spans)
+
+
 def _summarise(
     schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...],
-    collectives: tuple[Collective, ...] = (),
+    collectives: tuple[Collective, ...] = (), grad_allreduce: tuple[float, ...] | None = None,
     replay: tuple[int, ...] | None = None,
 ) -> Simulation:
     timeline: list[TimelineEvent] = []
@@ -275,6 +309,8 @@ def _summarise(
     timeline.sort()  # by start, then end, then rank
     free = [max((t[2] for t in times), default=0.0) for times in run.times]
     spans = _run_collectives(collectives, free)
+    if grad_allreduce is not None:
+        spans = _grad_allreduces(schedule, run, grad_allreduce) + spans
     step_time = max([e.end for e in timeline] + [s.end for s in spans], default=0.0)
     capacity = len(busy) * step_time
     return Simulation(
@@ -309,6 +345,7 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
         collectives=plan_collectives(data),
         transfers=plan_transfers(data),
         replay_bytes=plan_replay_bytes(data),
+        grad_allreduce=plan_grad_allreduce(data),
     )
 
 
@@ -324,6 +361,15 @@ def plan_replay_bytes(data: PlanData) -> tuple[float, ...]:
         out.append(float(max(0, saved - st.kept_bytes)) if st.recompute != "none" and st.kept_bytes is not None
                    else 0.0)
     return tuple(out)
+
+
+def plan_grad_allreduce(data: PlanData) -> tuple[float, ...] | None:
+    """Per stage, its gradient all-reduce across the plan's ``data_parallel``
+    replicas (:attr:`pipec.plan.StageInfo.dp_allreduce_time`); None with one replica."""
+    if data.data_parallel < 2:
+        return None
+    by_index = {st.index: st.dp_allreduce_time for st in data.stages}
+    return tuple(by_index[s] for s in range(data.num_stages))
 
 
 def plan_transfers(data: PlanData) -> dict[tuple[int, int], tuple[float, float]] | None:

@@ -8,6 +8,8 @@ SVG, CSS and a little JS -- no network, no external fonts or scripts -- in
 sections:
 
 1. the plan at a glance (key figures, memory per rank against its limit);
+   with data parallelism, the devices: which global rank is which (replica,
+   pipeline rank) on which node, and each stage's gradient all-reduce (:mod:`.report_mesh`);
 2. the stages and the tensors crossing them;
 3. the model's modules coloured by stage, boundaries as arcs (:mod:`.modules_svg`);
 4. the schedule's Gantt chart and 5. memory over the step (:mod:`pipec.viz.svg`);
@@ -34,6 +36,7 @@ from pipec.viz.modules_svg import modules_svg
 from pipec.viz.report_compare import measured_section
 from pipec.viz.report_fmt import esc, fmt_bytes
 from pipec.viz.report_measured import Measured, load_measured
+from pipec.viz.report_mesh import mesh_section
 from pipec.viz.report_parts import (
     boundary_table,
     candidates_section,
@@ -137,7 +140,9 @@ def render_report(
             _figure(
                 _try(_gantt, sim, "schedule chart", sim_error),
                 "One row per rank; colour = stage, shade = kind (forward solid, backward light, "
-                "W hatched); hover an action for its times.",
+                "W hatched); hover an action for its times."
+                + (" The band under a row: that rank's gradient all-reduce across the replicas."
+                   if data.data_parallel > 1 else ""),
             )
             + f"<details><summary>schedule as text</summary><pre class=mono>{esc(data.schedule.to_text())}</pre></details>",
             f"{data.num_microbatches} micro-batches on {data.num_ranks} ranks, simulated with the plan's costs.",
@@ -148,6 +153,9 @@ def render_report(
             _figure(_try(_memory, sim, "memory chart", sim_error), "Activation memory held per rank over one step."),
         ),
     ]
+    if data.data_parallel > 1:
+        sections.insert(1, _section("devices", f"Devices: {data.data_parallel} x {data.num_ranks}",
+                                    mesh_section(data)))
     if measured is not None:
         sections.append(
             _section("measured", "Measured against predicted", measured_section(data, sim, measured, _safe_gantt))
@@ -171,6 +179,8 @@ def _modules(data: PlanData, traced: TracedGraph | None) -> str:
 
 def _page(data: PlanData, sections: list[str]) -> str:
     links = [("glance", "At a glance"), ("stages", "Stages"), ("model", "Model"), ("schedule", "Schedule"), ("memory", "Memory")]
+    if data.data_parallel > 1:
+        links.insert(1, ("devices", "Devices"))
     if any('id="measured"' in s for s in sections):
         links.append(("measured", "Measured"))
     if data.candidates:

@@ -117,7 +117,12 @@ def time_bars_svg(rows: Sequence[tuple[str, float, str]], *, reference: float | 
 
 def candidate_label(c: Candidate) -> str:
     label = f"{c.schedule} \u00b7 m={c.num_microbatches}"
-    return label + (f" \u00b7 v={c.stages_per_rank}" if c.stages_per_rank != 1 else "")
+    label += f" \u00b7 v={c.stages_per_rank}" if c.stages_per_rank != 1 else ""
+    if c.num_ranks:  # a data-parallel search's: D x P and the mesh order
+        label = f"D={c.data_parallel} \u00d7 P={c.num_ranks} \u00b7 " + label
+        times = "\u00d7"
+        label += f" \u00b7 {times.join(c.mesh_order)}" if c.data_parallel > 1 and c.num_ranks > 1 else ""
+    return label
 
 
 def candidates_svg(candidates: Sequence[Candidate], winner: int | None) -> str:

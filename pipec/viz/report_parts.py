@@ -199,9 +199,22 @@ def tied_groups(data: PlanData) -> str:
     return f'<p class="note">Tied parameters (gradients summed across their stages):</p><ul>{items}</ul>'
 
 
+CHART_CANDIDATES = 40  # bars in the candidates chart (the table lists all)
+
+
+def _fastest(cands: Sequence[Candidate], win: int | None) -> tuple[list[Candidate], int | None]:
+    """The chart's candidates: the fastest :data:`CHART_CANDIDATES` and the chosen one."""
+    keep = sorted(range(len(cands)), key=lambda k: cands[k].step_time)[:CHART_CANDIDATES]
+    if win is not None and win not in keep:
+        keep.append(win)
+    keep.sort()
+    return [cands[k] for k in keep], (keep.index(win) if win is not None else None)
+
+
 def candidates_section(data: PlanData) -> str:
     cands: Sequence[Candidate] = data.candidates
     win = data.chosen if data.chosen_candidate is not None else None  # the one fact pipec show reads too
+    hybrid = any(c.num_ranks for c in cands)
     rows = []
     for i in sorted(range(len(cands)), key=lambda k: cands[k].step_time):
         c = cands[i]
@@ -209,8 +222,12 @@ def candidates_section(data: PlanData) -> str:
         if not c.fits:
             status += ' <span class="tag nofit">does not fit</span>'
         peak = max(c.peak_memory, default=0)
+        mesh = (f'<td class="n">{c.data_parallel}</td><td class="n">{c.num_ranks}</td>'
+                f'<td>{esc(" x ".join(c.mesh_order))}</td>'
+                f'<td class="n" data-v="{c.dp_allreduce_time}">{esc(fmt_time(c.dp_allreduce_time))}</td>'
+                if hybrid else "")
         rows.append(
-            f'<tr><td>{esc(c.schedule)}</td><td class="n">{c.num_microbatches}</td>'
+            f'<tr>{mesh}<td>{esc(c.schedule)}</td><td class="n">{c.num_microbatches}</td>'
             f'<td class="n">{c.stages_per_rank}</td>'
             f'<td class="n" data-v="{c.step_time}">{esc(fmt_time(c.step_time))}</td>'
             f'<td class="n" data-v="{c.bubble_fraction}">{fmt_pct(c.bubble_fraction)}</td>'
@@ -218,7 +235,9 @@ def candidates_section(data: PlanData) -> str:
             f"{esc(fmt_bytes(peak))}</td><td>{status}</td><td>{esc(c.note)}</td></tr>"
         )
     head = (
-        "<thead><tr><th>schedule</th><th class=n>micro-batches</th><th class=n>stages/rank</th>"
+        "<thead><tr>"
+        + ("<th class=n>D</th><th class=n>P</th><th>mesh</th><th class=n>all-reduce</th>" if hybrid else "")
+        + "<th>schedule</th><th class=n>micro-batches</th><th class=n>stages/rank</th>"
         "<th class=n>step time</th><th class=n>bubble</th><th class=n>peak memory</th><th></th>"
         "<th>note</th></tr></thead>"
     )
@@ -226,6 +245,6 @@ def candidates_section(data: PlanData) -> str:
     return (
         f'<p class="note">{chosen}Every configuration the auto-planner simulated, fastest first; '
         "hatched red bars do not fit in memory.</p>"
-        f"<figure>{candidates_svg(cands, win)}</figure>"
+        f"<figure>{candidates_svg(*_fastest(cands, win))}</figure>"
         f'<table class="sortable" style="margin-top:12px">{head}<tbody>{"".join(rows)}</tbody></table>'
     )

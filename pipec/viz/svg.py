@@ -238,6 +238,14 @@ def schedule_svg(
     for c in sim.collectives:
         x0, x1 = x(c.start), x(c.end)
         tip = f"{c.name} on ranks {', '.join(map(str, c.ranks))}: {label(c.start)} - {label(c.end)}"
+        if c.name.startswith("dp all-reduce"):  # overlaps the rank's compute: a band under its row
+            for r in c.ranks:
+                y = top + r * row_height + row_height - 6
+                body.append(
+                    f'<g data-kind="dp-allreduce"><rect x="{x0:.2f}" y="{y:.1f}" width="{max(x1 - x0, 0.5):.2f}" '
+                    f'height="4" fill="{palette.COMM_COLOUR}"><title>{escape(tip)}</title></rect></g>'
+                )
+            continue
         for r in c.ranks:
             y = top + r * row_height
             text = ""

@@ -227,14 +227,20 @@ def test_bad_data_parallel_arguments() -> None:
     model, inputs, target, loss_fn = _case("mlp")
     with pytest.raises(ConfigError, match="data_parallel x num_microbatches = 2 x 3 = 6"):
         _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=2, num_microbatches=3)
-    with pytest.raises(ConfigError, match="data_parallel = 3 does not divide"):
+    with pytest.raises(ConfigError, match=r"global batch \(8 samples.*= 3 x 1 = 3 equal micro-batches"):
         _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=2, data_parallel=3,
               num_microbatches=1)
     for bad in (0, 1.5, True):
-        with pytest.raises(ConfigError, match="data_parallel: expected a whole number"):
+        with pytest.raises(ConfigError, match="data_parallel: expected"):
             _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=2, data_parallel=bad)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="'auto'"):
+    with pytest.raises(ConfigError, match="data_parallel='auto' needs num_devices=N"):
         _plan(model, inputs, target, loss_fn, schedule="1f1b", spr=1, num_stages=2, data_parallel="auto")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="data_parallel=3 does not divide num_devices=8"):
+        pipec.partition(model, inputs, loss_fn=loss_fn, target=target, cost_model="cpu", data_parallel=3,
+                        num_devices=8)
+    with pytest.raises(ConfigError, match="device_speeds: not supported with data_parallel"):
+        pipec.partition(model, inputs, num_stages=2, loss_fn=loss_fn, target=target, cost_model="cpu",
+                        data_parallel=2, device_speeds=[1.0, 0.5])
 
 
 def _world_mismatch(rank: int, world_size: int, plan: Plan) -> str:

@@ -123,4 +123,4 @@ def test_a_type_checker_sees_the_real_signatures(tmp_path: Path) -> None:
     errors = sorted(re.findall(r"^user\.py:(\d+): error: (.*?)\s+\[([a-z-]+)\]$", result.stdout, re.MULTILINE))
     assert [(int(line), code) for line, _, code in errors] == [(7, "arg-type"), (8, "assignment"), (9, "attr-defined")], (
         result.stdout + result.stderr)
-    assert '"num_stages" to "partition" has incompatible type "str"; expected "int"' in errors[0][1]
+    assert '"num_stages" to "partition" has incompatible type "str"; expected "int | None"' in errors[0][1]
