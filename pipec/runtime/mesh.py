@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pipec.plan import PlanData
+from pipec.schedule.mesh import global_rank, mesh_coords
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,8 @@ class Mesh:
     def global_rank(self, pp_rank: int, dp_rank: int | None = None) -> int:
         """The global rank of pipeline rank ``pp_rank`` in replica ``dp_rank`` (default: this one)."""
         d = self.dp_rank if dp_rank is None else dp_rank
-        if self.mesh_order == ("pp", "dp"):
-            return pp_rank * self.data_parallel + d
-        return d * self.num_ranks + pp_rank
+        return global_rank(d, pp_rank, data_parallel=self.data_parallel, num_ranks=self.num_ranks,
+                           mesh_order=self.mesh_order)
 
     def pipeline_ranks(self) -> list[int]:
         """The global ranks of this replica's pipeline, by pipeline rank."""
@@ -64,10 +64,9 @@ class Mesh:
 
 def position(data: PlanData, rank: int) -> tuple[int, int]:
     """``(pp_rank, dp_rank)`` of global ``rank`` under the plan's mesh order."""
-    p, d = data.num_ranks, data.data_parallel
-    if data.mesh_order == ("pp", "dp"):
-        return rank // d, rank % d
-    return rank % p, rank // p
+    dp, pp = mesh_coords(rank, data_parallel=data.data_parallel, num_ranks=data.num_ranks,
+                         mesh_order=data.mesh_order)
+    return pp, dp
 
 
 def build_mesh(data: PlanData, *, rank: int, device: torch.device, distributed: bool) -> Mesh:
