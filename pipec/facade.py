@@ -192,6 +192,7 @@ def partition(
     devices_per_node: int | None = None,
     precision: str = "fp32",
     recompute: str = "none",
+    zero: int = 0,
 ) -> Plan:
     """Split ``model`` into ``num_stages`` pipeline stages with the smallest bottleneck.
 
@@ -254,7 +255,7 @@ def partition(
         example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
         target=target, data_parallel=data_parallel, num_devices=num_devices, devices_per_node=devices_per_node,
-        precision=precision, recompute=recompute,
+        precision=precision, recompute=recompute, zero=zero,
     )
     return Plan(found.data, traced=found.traced, loss_fn=loss_fn)
 

@@ -216,6 +216,9 @@ class PlanData(FrozenModel):
     # boundaries cross in it. Plans saved before it was stored are fp32.
     precision: str = "fp32"
     recompute: str = "none"  # what partition(recompute=...) asked for; the stages hold the choice
+    # 1: ZeRO-1, the optimizer state sharded over the data_parallel replicas: the stages'
+    # memory counts a 1/D share of it, and the runtime shards by default (pipec.runtime.zero)
+    zero: int = 0
     bottleneck: float  # slowest stage time
     lower_bound: float  # max(total / num_stages, largest node): compute only, no communication
     candidates: tuple[Candidate, ...] = ()

@@ -84,10 +84,17 @@ def partition_model(
     devices_per_node: int | None = None,
     precision: str = "fp32",
     recompute: str = "none",
+    zero: int = 0,
 ) -> Partitioned:
     """What :func:`pipec.partition` computes, as the plan data and the traced
     graph it splits (see that function for the arguments)."""
     precision = check_precision(precision)
+    if isinstance(zero, bool) or zero not in (0, 1):
+        raise ConfigError(f"zero: expected 0 (off) or 1 (ZeRO-1: the optimizer state sharded over the "
+                          f"data-parallel replicas), found {zero!r}")
+    if zero and (data_parallel == 1 or isinstance(data_parallel, bool)):
+        raise ConfigError("zero=1 shards the optimizer state over data-parallel replicas; pass data_parallel=D "
+                          "(D > 1) or data_parallel='auto' with it, or leave zero out for one pipeline")
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model: expected a torch.nn.Module, found {type(model).__name__}; "
@@ -107,7 +114,7 @@ def partition_model(
             schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn, cost_model=cost_model,
             memory_limit=memory_limit, strategy=strategy, example_kwargs=example_kwargs, method=method,
             optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules,
-            target=target, precision=precision, recompute=recompute)
+            target=target, precision=precision, recompute=recompute, zero=zero)
         warn_batch_norm(found.data)
         warn_mode_blind_random(found.data)
         return found

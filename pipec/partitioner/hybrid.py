@@ -93,6 +93,14 @@ def check_data_parallel(data_parallel: object, num_devices: object, devices_per_
         config.count("devices_per_node", devices_per_node)
 
 
+def sharded_state_bytes(optimizer_state_bytes_per_param: int, data_parallel: int, zero: int) -> int:
+    """Optimizer-state bytes per parameter one rank holds: all of it, or under ZeRO-1 its
+    ``1 / D`` share (rounded up: the shards are equal to within one element)."""
+    if not zero or data_parallel < 2:
+        return optimizer_state_bytes_per_param
+    return -(-optimizer_state_bytes_per_param // data_parallel)
+
+
 def price_data_parallel(data: PlanData, mesh: MeshCostModel) -> PlanData:
     """``data`` as one pipeline of ``mesh``: D, mesh order, node size, and each stage's
     gradient all-reduce across its replicas (``StageInfo.dp_allreduce_time``)."""
@@ -122,10 +130,13 @@ def plan_with_mesh(
     num_microbatches: int, schedule: str, stages_per_rank: int, devices_per_node: int, memory_limit: MemoryLimit,
     strategy: str, optimizer_state_bytes_per_param: int, batch: int | None,
     mesh_orders: Iterable[MeshOrder] = MESH_ORDERS, precision: str = "fp32", recompute: str = "none",
+    zero: int = 0,
 ) -> PlanData:
     """One configuration on a D x P mesh: split under each mesh order's links, price the
     all-reduces, and keep the order whose simulated step is shorter (the first on a tie;
-    with D = 1 or P = 1 the orders are the same mesh)."""
+    with D = 1 or P = 1 the orders are the same mesh). ``zero=1`` (ZeRO-1: the optimizer
+    state sharded over the D replicas, :mod:`pipec.runtime.zero`) counts
+    ``ceil(optimizer_state_bytes_per_param / D)`` bytes of state per parameter on a rank."""
     ranks = config.num_ranks(num_stages, stages_per_rank)
     orders = list(mesh_orders) if data_parallel > 1 and ranks > 1 else [next(iter(mesh_orders))]
     best: tuple[float, PlanData] | None = None
@@ -135,9 +146,10 @@ def plan_with_mesh(
         data = partition_traced(
             traced, costs, num_stages=num_stages, num_microbatches=num_microbatches, schedule=schedule,
             stages_per_rank=stages_per_rank, cost_model=mesh, memory_limit=memory_limit, strategy=strategy,
-            optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch_size=batch,
-            precision=precision, recompute=recompute)
-        data = price_data_parallel(data, mesh)
+            optimizer_state_bytes_per_param=sharded_state_bytes(optimizer_state_bytes_per_param, data_parallel, zero),
+            batch_size=batch, precision=precision, recompute=recompute)
+        data = price_data_parallel(data, mesh).model_copy(
+            update={"zero": zero, "optimizer_state_bytes_per_param": optimizer_state_bytes_per_param})
         step = simulate_plan(data).step_time
         log.info("D=%d P=%d mesh %s: simulated step %s", data_parallel, ranks, "x".join(order), format_seconds(step))
         if best is None or step < best[0] * (1 - 1e-9):
@@ -152,7 +164,7 @@ def partition_data_parallel(
     schedule: str, stages_per_rank: int, loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel,
     memory_limit: MemoryLimit, strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
     optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
-    devices_per_node: int | None = None, precision: str = "fp32", recompute: str = "none",
+    devices_per_node: int | None = None, precision: str = "fp32", recompute: str = "none", zero: int = 0,
 ) -> Partitioned:
     """A fixed ``data_parallel=D`` plan: the global batch split over D x M, placed by the
     faster mesh order (see :func:`plan_with_mesh`)."""
@@ -169,7 +181,7 @@ def partition_data_parallel(
         num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank,
         devices_per_node=nodes, memory_limit=memory_limit, strategy=strategy,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, batch=batch, precision=precision,
-        recompute=recompute)
+        recompute=recompute, zero=zero)
     return Partitioned(data, traced)
 
 
@@ -179,7 +191,7 @@ def partition_hybrid(
     stages_per_rank: int | str, loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel,
     memory_limit: MemoryLimit, strategy: str, example_kwargs: Mapping[str, Any] | None, method: str,
     optimizer_state_bytes_per_param: int, leaf_modules: Iterable[type[nn.Module] | str], target: Any = None,
-    precision: str = "fp32", recompute: str = "none",
+    precision: str = "fp32", recompute: str = "none", zero: int = 0,
 ) -> Partitioned:
     """:func:`pipec.partition` with ``data_parallel`` or ``devices_per_node`` given: the
     search (``"auto"``, or an int D with some choice ``"auto"``: P fixed by
@@ -191,7 +203,8 @@ def partition_hybrid(
     common: dict[str, Any] = dict(
         loss_fn=loss_fn, cost_model=cost_model, memory_limit=memory_limit, strategy=strategy,
         example_kwargs=example_kwargs, method=method, target=target, leaf_modules=leaf_modules,
-        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision, recompute=recompute)
+        optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, precision=precision, recompute=recompute,
+        zero=zero)
     if data_parallel != AUTO and num_devices is not None:  # P = N / D ranks
         ranks = num_devices // int(data_parallel)
         if num_stages is None:
@@ -260,6 +273,7 @@ class Prepared:
     cost: Callable[[int], tuple[TracedGraph, Mapping[str, Any]]]
     precision: str = "fp32"
     recompute: str = "none"  # the finalists' plans take it; the search itself estimates without recompute
+    zero: int = 0  # likewise: the search counts the whole optimizer state, the finalists their ZeRO-1 share
 
 
 def prepare_search(
@@ -268,7 +282,7 @@ def prepare_search(
     loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel, memory_limit: MemoryLimit,
     example_kwargs: Mapping[str, Any] | None, method: str, optimizer_state_bytes_per_param: int,
     leaf_modules: Iterable[type[nn.Module] | str], target: Any = None, precision: str = "fp32",
-    recompute: str = "none",
+    recompute: str = "none", zero: int = 0,
 ) -> Prepared:
     """The search space and the model traced and costed at its smallest and largest
     micro-batch sizes (see :func:`partition_hybrid_auto` for the arguments)."""
@@ -325,7 +339,7 @@ def prepare_search(
     base, nodes = models[0]
     limit = config.memory_limits(memory_limit, 1, base)[0]
     inputs = SearchInputs(traced_at[ends[0]], curve, base, nodes, limit, optimizer_state_bytes_per_param)
-    return Prepared(configs, inputs, batch, memory_limit, cost, precision, recompute)
+    return Prepared(configs, inputs, batch, memory_limit, cost, precision, recompute, zero)
 
 
 def partition_hybrid_auto(
@@ -334,7 +348,7 @@ def partition_hybrid_auto(
     loss_fn: Callable[..., Any] | None, cost_model: str | Path | CostModel, memory_limit: MemoryLimit,
     strategy: str, example_kwargs: Mapping[str, Any] | None, method: str, optimizer_state_bytes_per_param: int,
     leaf_modules: Iterable[type[nn.Module] | str], target: Any = None, exhaustive: bool = False,
-    precision: str = "fp32", recompute: str = "none",
+    precision: str = "fp32", recompute: str = "none", zero: int = 0,
 ) -> Partitioned:
     """``data_parallel="auto"``: the fastest simulated (D, P, v, M, schedule, mesh order)
     with D x P = ``num_devices`` that fits memory, at the example's global batch.
@@ -349,7 +363,7 @@ def partition_hybrid_auto(
         num_microbatches=num_microbatches, schedule=schedule, stages_per_rank=stages_per_rank, loss_fn=loss_fn,
         cost_model=cost_model, memory_limit=memory_limit, example_kwargs=example_kwargs, method=method,
         optimizer_state_bytes_per_param=optimizer_state_bytes_per_param, leaf_modules=leaf_modules, target=target,
-        precision=precision, recompute=recompute)
+        precision=precision, recompute=recompute, zero=zero)
     configs = prepared.configs
     with progress_bar(f"hybrid auto-plan: {len(configs)} configurations", total=len(configs),
                       enabled=None) as advance:
@@ -385,7 +399,8 @@ def finish(prepared: Prepared, result: SearchResult, *, strategy: str = "optimal
                 num_microbatches=c.num_microbatches, schedule=c.schedule, stages_per_rank=c.stages_per_rank,
                 devices_per_node=inputs.devices_per_node, memory_limit=prepared.memory_limit, strategy=strategy,
                 optimizer_state_bytes_per_param=inputs.optimizer_state_bytes_per_param, batch=prepared.batch,
-                mesh_orders=(c.mesh_order,), precision=prepared.precision, recompute=prepared.recompute)
+                mesh_orders=(c.mesh_order,), precision=prepared.precision, recompute=prepared.recompute,
+                zero=prepared.zero)
         except PartitionError as exc:
             log.info("hybrid auto-plan: %s does not fit once traced at its own size: %s", c.label, exc)
             continue

@@ -164,7 +164,8 @@ class PipelineRuntime:
     default), each stage's all-reduce starting once its backward for the step
     is done (:mod:`pipec.runtime.data_parallel`). ``zero=1`` makes
     :meth:`optimizer` shard the optimizer state over the replicas (ZeRO-1,
-    :mod:`pipec.runtime.zero`). With replicas, ``seed`` draws micro-batch ``m`` of
+    :mod:`pipec.runtime.zero`); ``zero=None`` (default) takes the plan's
+    (``pipec.partition(..., zero=1)``, whose memory counts a 1/D share). With replicas, ``seed`` draws micro-batch ``m`` of
     replica ``d`` as global micro-batch ``d * M + m``: dropout equals one process
     running the global batch.
 
@@ -195,7 +196,7 @@ class PipelineRuntime:
         heartbeat_timeout: float | None = None,
         seed: int | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-        zero: int = 0,
+        zero: int | None = None,
         loss_scaling: LossScaling | None = None,
         track_memory: bool = False,
         nonfinite: str = "raise",
@@ -203,6 +204,8 @@ class PipelineRuntime:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it
             die_with_parent()
         plan = as_plan(plan_or_dir)
+        if zero is None:  # the plan's: a plan made with zero=1 counted a 1/D share of the state
+            zero = plan.data.zero
         if zero not in (0, 1) or isinstance(zero, bool):
             raise ConfigError(f"zero: expected 0 (off) or 1 (ZeRO-1: optimizer state sharded over the "
                               f"replicas), found {zero!r}")

@@ -392,3 +392,33 @@ def test_bad_runtime_options() -> None:
     assert pipe.data_parallel_size == 1 and pipe.data_parallel_rank == 0
     assert type(pipe.optimizer(torch.optim.SGD, lr=0.1)) is torch.optim.SGD
     pipe.close()
+
+
+def _optimizer_kind(rank: int, world_size: int, plan: Plan) -> tuple[str, str]:
+    pipe = PipelineRuntime(plan, F.mse_loss)
+    kinds = (type(pipe.optimizer(torch.optim.Adam, lr=1e-3)).__name__,
+             type(pipe.optimizer(torch.optim.Adam, lr=1e-3, zero=False)).__name__)
+    pipe.close()
+    return kinds
+
+
+@pytest.mark.timeout(90)
+def test_a_zero1_plan_counts_a_share_of_the_optimizer_state_and_runs_sharded() -> None:
+    """partition(zero=1): each rank's predicted memory holds 1/D of Adam's state (8 bytes per
+    parameter -> 4 with D = 2), the plan says so, and its runtime shards by default."""
+    model, inputs, target, loss_fn = _case("mlp")
+    kwargs: dict[str, Any] = dict(num_stages=2, num_microbatches=2, loss_fn=loss_fn, target=target, cost_model="cpu",
+                                  data_parallel=2)
+    plain, sharded = (pipec.partition(model, inputs, zero=z, **kwargs) for z in (0, 1))
+    assert (plain.data.zero, sharded.data.zero) == (0, 1)
+    assert sharded.data.optimizer_state_bytes_per_param == plain.data.optimizer_state_bytes_per_param == 8
+    same = [(a, b) for a, b in zip(plain.stages, sharded.stages) if a.nodes == b.nodes]
+    assert same  # the same stage: only the optimizer state's share differs
+    for a, b in same:
+        assert a.memory_bytes - b.memory_bytes == 4 * a.num_params
+    assert run_ranks(_optimizer_kind, 4, sharded, timeout=80) == [("ZeroRedundancyOptimizer", "Adam")] * 4
+    assert run_ranks(_optimizer_kind, 4, plain, timeout=80) == [("Adam", "Adam")] * 4
+    with pytest.raises(ConfigError, match="zero=1 shards the optimizer state over data-parallel replicas"):
+        pipec.partition(model, inputs, num_stages=2, loss_fn=loss_fn, target=target, cost_model="cpu", zero=1)
+    with pytest.raises(ConfigError, match="zero: expected 0"):
+        pipec.partition(model, inputs, zero=2, **kwargs)
