@@ -27,7 +27,14 @@ from pydantic import model_validator
 from torch import nn
 
 from pipec.schedule.ir import Schedule
-from pipec.types import FrozenModel, InputStructure, NodeCost, TensorMeta, TracedGraph
+from pipec.types import (
+    FrozenModel,
+    InputStructure,
+    NodeCost,
+    RuntimeOverhead,
+    TensorMeta,
+    TracedGraph,
+)
 
 FORMAT_VERSION = 1
 
@@ -186,6 +193,10 @@ class PlanData(FrozenModel):
     # pp * D + dp (the replicas of a stage adjacent). Plans saved before: D = 1.
     data_parallel: int = 1
     mesh_order: tuple[str, str] = ("dp", "pp")
+    # the cost model's runtime overhead per action and step (its hardware file's
+    # ``runtime_overhead``), which the simulator adds; None in plans made before it
+    # was measured, or with a cost model without one
+    runtime_overhead: RuntimeOverhead | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -63,7 +63,7 @@ from pipec.costs.node_exec import (
     walk,
 )
 from pipec.errors import CostModelError
-from pipec.types import NodeCost, TracedGraph
+from pipec.types import NodeCost, RuntimeOverhead, TracedGraph
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,12 @@ class AnalyticCostModel:
     @property
     def memory_capacity(self) -> int | None:
         return self.spec.memory_capacity
+
+    @property
+    def runtime_overhead(self) -> RuntimeOverhead | None:
+        """The runtime's own cost per action and step (the hardware file's; see
+        :class:`~pipec.types.RuntimeOverhead`): the plan carries it, the simulator adds it."""
+        return self.spec.runtime_overhead
 
     def __repr__(self) -> str:
         return f"AnalyticCostModel({self.spec.name!r}, dtype={self.dtype!r})"

@@ -34,7 +34,7 @@ from pipec.plan import Boundary, InputSpec, PlanData, StageInfo, TiedGroup, hold
 from pipec.schedule.backends import lower_per_backend
 from pipec.schedule.in_flight import in_flight_from_schedule
 from pipec.schedule.ir import Schedule
-from pipec.types import CostModel, NodeCost, TracedGraph
+from pipec.types import CostModel, NodeCost, RuntimeOverhead, TracedGraph
 
 
 def build_plan_data(
@@ -47,6 +47,7 @@ def build_plan_data(
     strategy: str,
     cost_model_name: str,
     batch_size: int | None = None,
+    runtime_overhead: RuntimeOverhead | None = None,
 ) -> PlanData:
     """The plan data of ``solution`` (see the module docstring)."""
     problem = chain.problem
@@ -117,7 +118,15 @@ def build_plan_data(
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
         mode_blind_random=mode_blind_random(traced.graph_module, {n.name: n.module_path for n in traced.nodes})
         if traced.training else {},
+        runtime_overhead=runtime_overhead,
     )
+
+
+def runtime_overhead_of(cost_model: object) -> RuntimeOverhead | None:
+    """A cost model's :class:`~pipec.types.RuntimeOverhead` (its hardware file's), or
+    None for one that has none (a user's own cost model)."""
+    found = getattr(cost_model, "runtime_overhead", None)
+    return found if isinstance(found, RuntimeOverhead) else None
 
 
 def transfer_times(problem: ChainProblem, num_bytes: int, producer: int, consumers: Sequence[int]) -> tuple[float, ...]:
@@ -218,7 +227,7 @@ def plan_from_split(
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, runtime_overhead=runtime_overhead_of(cost_model))
     return data
 
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
-from pipec.partitioner.assemble import build_plan_data, given_schedule
+from pipec.partitioner.assemble import build_plan_data, given_schedule, runtime_overhead_of
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
@@ -71,7 +71,7 @@ def partition_traced(
              solution.bottleneck)
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, runtime_overhead=runtime_overhead_of(cost_model))
     if synth:
         data = synthesized(data, traced, node_costs, solution.cuts, strategy=strategy,
                            cost_model=cost_model, memory_limit=memory_limit, device_speeds=device_speeds,
@@ -144,7 +144,7 @@ def synthesized(
     final_chain, solution = solved(found.schedule)
     return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size)
+                           batch_size=batch_size, runtime_overhead=runtime_overhead_of(cost_model))
 
 
 def chain_for(

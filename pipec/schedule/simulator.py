@@ -27,6 +27,13 @@ micro-batch is *in flight* on a rank over the same interval.
 After the schedule, ``collectives`` run in the order given (the runtime's
 tied-gradient all-reduces): each starts when the last of its ranks is free
 and holds all of them for its duration; the step ends with the last of them.
+
+The runtime's own cost (``overhead``, a :class:`~pipec.types.RuntimeOverhead`:
+a plan's ``runtime_overhead``, from its hardware file, measured by ``pipec
+calibrate``): each action takes its kind's overhead on top of its cost -- a
+``SEND`` that long (its message leaves when it ends), a ``RECV`` that long after
+its messages arrived -- and the step its ``step`` overhead (splitting the batch,
+the step's end), added once to the step time; the timeline shows the actions only.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from pipec.schedule.dry_run import Costs, Execution, execute
 from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
 from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, graph_of
 from pipec.schedule.validator import check_static, raise_deadlock
+from pipec.types import RuntimeOverhead
 
 if TYPE_CHECKING:
     from pipec.plan import PlanData
@@ -135,13 +143,15 @@ def simulate(
     boundaries: Sequence[BoundarySpec] | None = None,
     collectives: Sequence[Collective] = (),
     transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
+    overhead: RuntimeOverhead | None = None,
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
     or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
     ``collectives`` run after the schedule (see the module docstring).
     ``transfers[(p, c)] = (forward, backward)``: seconds of a message on the stage
     edge ``p -> c`` and of its gradient back (edges not listed: 0); given, it
-    replaces ``comm``.
+    replaces ``comm``. ``overhead``: the runtime's own seconds per action kind and
+    per step (see the module docstring); None adds nothing.
 
     Raises :class:`~pipec.errors.ScheduleError` (with the schedule drawn) when the
     schedule is invalid or deadlocks, :class:`~pipec.errors.ConfigError` for bad costs.
@@ -154,6 +164,7 @@ def simulate(
         weight_grad=per_stage("weight_grad", weight_grad, n),
         comm=per_stage("comm", comm, n),
         transfers=None if transfers is None else _check_transfers(transfers, n),
+        overhead=None if overhead is None else {k: overhead.of_kind(k.value) for k in ActionKind},
     )
     held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
     graph = graph_of(schedule, boundaries)
@@ -162,7 +173,8 @@ def simulate(
     run = execute(schedule, graph, costs)
     if not run.finished:
         raise_deadlock(schedule, graph, run)
-    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after)
+    return _summarise(schedule, run, costs, tuple(round(b) for b in held), after,
+                      0.0 if overhead is None else overhead.step)
 
 
 def _check_transfers(
@@ -229,6 +241,7 @@ def _run_collectives(
 def _summarise(
     schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...],
     collectives: tuple[Collective, ...] = (),
+    step_overhead: float = 0.0,
 ) -> Simulation:
     timeline: list[TimelineEvent] = []
     busy, peaks, memory, peak_memory = [], [], [], []
@@ -263,7 +276,7 @@ def _summarise(
     timeline.sort()  # by start, then end, then rank
     free = [max((t[2] for t in times), default=0.0) for times in run.times]
     spans = _run_collectives(collectives, free)
-    step_time = max([e.end for e in timeline] + [s.end for s in spans], default=0.0)
+    step_time = max([e.end for e in timeline] + [s.end for s in spans], default=0.0) + step_overhead
     capacity = len(busy) * step_time
     return Simulation(
         schedule=schedule,
@@ -283,7 +296,8 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
     it was made (:func:`pipec.schedule.backends.plan_lowered`; default NCCL's when
     it has one, else Gloo's) -- under its own per-stage costs (see
     :func:`plan_costs`) and boundary transfers (:func:`plan_transfers`), then the
-    tied-gradient all-reduces (:func:`plan_collectives`). ``plan.simulate()``."""
+    tied-gradient all-reduces (:func:`plan_collectives`), with the runtime's own
+    overhead per action and step (``data.runtime_overhead``). ``plan.simulate()``."""
     costs, held = plan_costs(data)
     lowered = plan_lowered(data, backend)
     return simulate(
@@ -296,6 +310,7 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
         boundaries=data.boundaries,
         collectives=plan_collectives(data),
         transfers=plan_transfers(data),
+        overhead=data.runtime_overhead,
     )
 
 
