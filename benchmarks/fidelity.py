@@ -263,6 +263,48 @@ def per_stage(steps_by_rank: Sequence[Sequence[Step]], keep: Sequence[int], num_
             "B": [statistics.median(bwd[s]) if bwd[s] else 0.0 for s in range(num_stages)]}
 
 
+def kind_medians(steps_by_rank: Sequence[Sequence[Step]], keep: Sequence[int], num_stages: int
+                 ) -> dict[str, list[float | None]]:
+    """Per compute kind (F, B, I, W) and stage, the median span over kept steps and micro-batches."""
+    from pipec.schedule.ir import Action
+
+    spans: dict[tuple[str, int], list[float]] = {}
+    for steps in steps_by_rank:
+        for i in keep:
+            for start, end, _, text in steps[i].timeline:
+                if kind_of(text) in ("F", "B", "I", "W"):
+                    a = Action.parse(text)
+                    spans.setdefault((a.kind.value, a.stage), []).append(end - start)
+    return {k: [statistics.median(spans[(k, s)]) if (k, s) in spans else None for s in range(num_stages)]
+            for k in ("F", "B", "I", "W")}
+
+
+def with_measured_costs(data: Any, steps_by_rank: Sequence[Sequence[Step]], keep: Sequence[int]) -> Any:
+    """The plan with each stage's F, I and W replaced by the measured spans less the runtime
+    overhead the simulator adds back: what the simulator predicts with exact compute costs
+    (it separates the profile's error from the schedule, communication and overhead model)."""
+    from pipec.types import RuntimeOverhead
+
+    o = data.runtime_overhead or RuntimeOverhead()
+    med = kind_medians(steps_by_rank, keep, data.num_stages)
+    stages = []
+    for s, st in enumerate(data.stages):
+        f, b, i, w = (med[k][s] for k in ("F", "B", "I", "W"))
+        forward = st.forward_time if f is None else max(0.0, f - o.forward)
+        if i is not None and w is not None:
+            ig, wg = max(0.0, i - o.input_grad), max(0.0, w - o.weight_grad)
+        elif b is not None:
+            total = max(0.0, b - o.backward)
+            share = (st.input_grad_time / st.backward_time
+                     if st.input_grad_time is not None and st.backward_time > 0 else 0.5)
+            ig, wg = total * share, total * (1 - share)
+        else:
+            ig, wg = st.input_grad_time, st.weight_grad_time
+        stages.append(st.model_copy(update={"forward_time": forward, "backward_time": (ig or 0.0) + (wg or 0.0),
+                                            "input_grad_time": ig, "weight_grad_time": wg}))
+    return data.model_copy(update={"stages": tuple(stages)})
+
+
 def attribution(steps_by_rank: Sequence[Sequence[Step]], keep: Sequence[int], sim: Any) -> dict[str, float]:
     """Per action kind, the median over kept steps of (measured - simulated) summed over
     both ranks' actions of that kind, in seconds; ``outside``: the step less the span of
@@ -307,7 +349,8 @@ def report(args: argparse.Namespace, cases: Sequence[Case], result: dict[str, An
         keep = kept(by_rank[0])
         measured = statistics.median(by_rank[0][i].slowest for i in keep)
         sim, base = simulations(data)
-        rows.append((case, data, by_rank, keep, measured, sim, base))
+        exact = simulations(with_measured_costs(data, by_rank, keep))[0]
+        rows.append((case, data, by_rank, keep, measured, sim, base, exact))
 
     print(f"device {args.device}, 2 Gloo ranks x 1 core x 1 thread; torch {torch.__version__}; "
           f"{args.warmup} warm-up steps per case, then {args.rounds} rounds x {args.steps} steps, "
@@ -316,16 +359,17 @@ def report(args: argparse.Namespace, cases: Sequence[Case], result: dict[str, An
           f"after {load[1][0]:.2f} {load[1][1]:.2f} {load[1][2]:.2f}; took {took:.0f} s")
     print()
     head = (f"{'case':28s} {'M':>2s} {'stages':>6s} {'measured':>9s} {'quiet':>6s} {'predicted':>9s} {'err':>7s}"
-            f" {'base pred':>9s} {'base err':>8s}")
-    print(head + "    (ms; err = predicted / measured - 1; base = without runtime overhead)")
-    for case, data, by_rank, keep, measured, sim, base in rows:
+            f" {'base pred':>9s} {'base err':>8s} {'exact F/B':>9s} {'err':>7s}")
+    print(head + "    (ms; err = predicted / measured - 1; base = without runtime overhead; "
+          "exact F/B: simulated with the measured per-stage compute)")
+    for case, data, by_rank, keep, measured, sim, base, exact in rows:
         quiet = f"{len(keep)}/{len(by_rank[0])}"
         print(f"{case.name:28s} {case.num_microbatches:2d} {data.num_stages:6d} {ms(measured):>9s} {quiet:>6s} "
               f"{ms(sim.step_time):>9s} {sim.step_time / measured - 1:+7.1%} {ms(base.step_time):>9s} "
-              f"{base.step_time / measured - 1:+8.1%}")
+              f"{base.step_time / measured - 1:+8.1%} {ms(exact.step_time):>9s} {exact.step_time / measured - 1:+7.1%}")
     print()
     measured = [r[4] for r in rows]
-    for label, idx in (("with runtime overhead", 5), ("base (before #18)", 6)):
+    for label, idx in (("with runtime overhead", 5), ("base (before #18)", 6), ("exact F/B", 7)):
         pred = [r[idx].step_time for r in rows]
         errs = [abs(p / m - 1) for p, m in zip(pred, measured)]
         worst = max(range(len(rows)), key=lambda i: errs[i])
@@ -337,7 +381,7 @@ def report(args: argparse.Namespace, cases: Sequence[Case], result: dict[str, An
     print("per stage, ms per micro-batch: predicted (plan) / measured (median of pipe.timeline() spans)")
     print(f"{'case':28s} {'stage':>5s} {'F pred':>8s} {'F meas':>8s} {'B pred':>8s} {'B meas':>8s}  peak memory per rank "
           "(predicted / measured)")
-    for case, data, by_rank, keep, _, sim, _ in rows:
+    for case, data, by_rank, keep, _, sim, _, _ in rows:
         stats = per_stage(by_rank, keep, data.num_stages)
         peaks = [r["peak"][case.name] for r in ranks]
         memory = ", ".join(
@@ -352,7 +396,7 @@ def report(args: argparse.Namespace, cases: Sequence[Case], result: dict[str, An
               "RECV: waiting included; outside: before the first action and after the last, mean of ranks)")
         kinds = ("F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B", "outside")
         print(f"{'case':28s} {'diff':>7s} " + " ".join(f"{k:>7s}" for k in kinds))
-        for case, _, by_rank, keep, measured_step, sim, _ in rows:
+        for case, _, by_rank, keep, measured_step, sim, _, _ in rows:
             att = attribution(by_rank, keep, sim)
             print(f"{case.name:28s} {ms(measured_step - sim.step_time):>7s} "
                   + " ".join(f"{ms(att[k]) if k in att else '-':>7s}" for k in kinds))

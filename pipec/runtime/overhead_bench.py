@@ -86,9 +86,10 @@ def _kind(text: str) -> str:
 
 def _worker(rank: int, port: int, backend: str, steps: int, timeout: float, results: Any) -> None:
     try:
-        import pipec
         from pipec.costs.profiled import ProfiledCostModel
-        from pipec.profiling import Profile
+        from pipec.facade import partition
+        from pipec.profiling import Profile, profile
+        from pipec.tracing import trace
         from pipec.runtime.runtime import PipelineRuntime
 
         device = torch.device("cpu")
@@ -105,14 +106,14 @@ def _worker(rank: int, port: int, backend: str, steps: int, timeout: float, resu
         y = torch.randn(_MICROBATCHES, _WIDTH, generator=gen)
         box: list[Any] = [None]
         if rank == 0:
-            traced = pipec.trace(_tiny_model(), (x[:1],))
-            box[0] = pipec.profile(traced, device=str(device), progress=False, loss_fn=_mse,
+            traced = trace(_tiny_model(), (x[:1],))
+            box[0] = profile(traced, device=str(device), progress=False, loss_fn=_mse,
                                    target=y[:1]).model_dump_json()
         dist.broadcast_object_list(box, src=0)
         cost_model = ProfiledCostModel(Profile.model_validate_json(box[0]))
         runners = {}
         for name in _SCHEDULES:
-            plan = pipec.partition(_tiny_model(), (x,), num_stages=2, num_microbatches=_MICROBATCHES,
+            plan = partition(_tiny_model(), (x,), num_stages=2, num_microbatches=_MICROBATCHES,
                                    schedule=name, loss_fn=_mse, cost_model=cost_model, target=y)
             runners[name] = (plan, PipelineRuntime(plan, loss_fn=_mse, device=device))
         timed: dict[str, list[TimedStep]] = {name: [] for name in _SCHEDULES}
