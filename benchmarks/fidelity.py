@@ -88,8 +88,16 @@ def _profiles(rank: int, cases: Sequence[Case], device: str) -> dict[str, str]:
             args, kwargs, target = model.batch(1)
             mb_args, mb_kwargs = first_microbatch(args, kwargs, 1)
             traced = pipec.trace(model.build(), mb_args, mb_kwargs, method=model.method)
-            box[0] = pipec.profile(traced, device=device, progress=False, loss_fn=model.loss_fn,
-                                   target=first_target(target, 1)).model_dump_json()
+            best = (float("inf"), "")
+            for _ in range(3):  # a profile taken while another process held the core is redone
+                started, delayed = time.perf_counter(), run_delay()
+                text = pipec.profile(traced, device=device, progress=False, loss_fn=model.loss_fn,
+                                     target=first_target(target, 1)).model_dump_json()
+                share = (run_delay() - delayed) / (time.perf_counter() - started)
+                best = min(best, (share, text))
+                if share <= QUIET / 2:
+                    break
+            box[0] = best[1]
         dist.broadcast_object_list(box, src=0)
         out[name] = box[0]
     return out
