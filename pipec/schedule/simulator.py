@@ -357,6 +357,12 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
     directions, so one message on the edge ``s -> c``, or its gradient back,
     costs ``comm_time / (2 x edges)`` of stage ``s``. Activation bytes are the
     sum of the nodes' ``saved_bytes``.
+
+    A stage that sends no gradient back (none of its inputs carries one: the first
+    stage, whose inputs are the micro-batch) has nothing for ``I`` to compute: the
+    runtime's ``I`` returns at once and its ``W`` runs the whole backward
+    (:func:`pipec.runtime.backward.input_backward`), so its ``input_grad`` is 0 and
+    its ``weight_grad`` the whole backward.
     """
     graph = graph_of(data.schedule, data.boundaries)
     node_costs = data.node_costs
@@ -371,11 +377,13 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
         edges = len(graph.remote_producers[s]) + len(graph.remote_consumers[s])
         forward.append(st.forward_time)
         if st.input_grad_time is not None and st.weight_grad_time is not None:
-            input_grad.append(st.input_grad_time)
-            weight_grad.append(st.weight_grad_time)
+            ig_s, wg_s = st.input_grad_time, st.weight_grad_time
         else:
-            input_grad.append(st.backward_time * share)
-            weight_grad.append(st.backward_time * (1.0 - share))
+            ig_s, wg_s = st.backward_time * share, st.backward_time * (1.0 - share)
+        if not graph.backward_producers(s):  # no input gradient to compute: W does it all
+            ig_s, wg_s = 0.0, ig_s + wg_s
+        input_grad.append(ig_s)
+        weight_grad.append(wg_s)
         comm.append(st.comm_time / (2 * edges) if edges else 0.0)
         held.append(float(sum(c.saved_bytes for c in nodes)))
     costs = Costs(tuple(forward), tuple(input_grad), tuple(weight_grad), tuple(comm))
