@@ -89,8 +89,8 @@ def _worker(rank: int, port: int, backend: str, steps: int, timeout: float, resu
         from pipec.costs.profiled import ProfiledCostModel
         from pipec.facade import partition
         from pipec.profiling import Profile, profile
-        from pipec.tracing import trace
         from pipec.runtime.runtime import PipelineRuntime
+        from pipec.tracing import trace
 
         device = torch.device("cpu")
         if backend == "nccl":
