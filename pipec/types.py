@@ -211,7 +211,13 @@ class RuntimeOverhead(FrozenModel):
     ``forward``, ``backward`` (a full ``B``), ``input_grad`` (``I``) and
     ``weight_grad`` (``W``) are added to every such action's duration; ``send``
     to every ``SEND_F`` / ``SEND_B``; ``recv`` to every ``RECV_F`` / ``RECV_B``
-    after its messages arrived; ``step`` once to the step time.
+    after its messages arrived; ``step`` once to the step time. ``split_per_param_node``:
+    seconds per node with parameters (a weight gradient) of a stage whose
+    backward runs split into ``I`` and ``W`` (a zero-bubble schedule), added to
+    its ``W`` -- the split captures the gradients where the input side of the
+    autograd graph meets the parameters' side and runs the weights' backward
+    from there, a cost that grows with the stage's parameterised ops; the first
+    stage has none (its ``W`` is a plain backward).
     """
 
     forward: float = Field(default=0.0, ge=0)
@@ -221,6 +227,7 @@ class RuntimeOverhead(FrozenModel):
     send: float = Field(default=0.0, ge=0)
     recv: float = Field(default=0.0, ge=0)
     step: float = Field(default=0.0, ge=0)
+    split_per_param_node: float = Field(default=0.0, ge=0)
 
     def of_kind(self, kind: str) -> float:
         """Seconds added to one action of ``kind`` (``"F"``, ``"B"``, ``"I"``, ``"W"``,

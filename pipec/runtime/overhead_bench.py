@@ -20,6 +20,10 @@ one row, under ``1f1b`` (``F``, ``B``, ``SEND``, ``RECV``) and ``zb-h1`` (``I``,
   was there already: the rest is waiting, which the simulator times itself)
   plus, per receive, the time between actions (the executor posts every
   receive of the step early, between two actions);
+- ``split_per_param_node``: on stage 1 (it sends a gradient back), the median
+  ``I`` plus the median ``W`` over the median ``B`` (of ``1f1b``), per node of
+  the stage with a weight gradient; it comes off ``weight_grad``'s fixed part, which the simulator
+  adds to every ``W`` besides;
 - ``step``: the median over steps of the time after the last action
   (waiting for the last sends, the step's end), the most of the ranks, plus
   the time before the first (splitting the batch).
@@ -130,13 +134,19 @@ def _worker(rank: int, port: int, backend: str, steps: int, timeout: float, resu
         dist.all_gather_object(gathered, timed)
         if rank == 0:
             stage_times = {name: [(st.forward_time, st.backward_time, st.input_grad_time or 0.0,
-                                   st.weight_grad_time or 0.0) for st in runners[name][0].stages]
+                                   st.weight_grad_time or 0.0, _param_nodes(runners[name][0].data, st.nodes))
+                                  for st in runners[name][0].stages]
                            for name in _SCHEDULES}
             results.put(("ok", (gathered, stage_times)))
         dist.barrier()
         dist.destroy_process_group()
     except Exception as err:  # reported to the parent, which raises ProfileError
         results.put(("error", f"rank {rank}: {type(err).__name__}: {err}"))
+
+
+def _param_nodes(data: Any, nodes: Sequence[str]) -> int:
+    """How many of ``nodes`` have a weight gradient (what the I/W split's cost grows with)."""
+    return sum(1 for n in nodes if n in data.node_costs and data.node_costs[n].weight_grad_time > 0)
 
 
 def _now(device: torch.device) -> float:
@@ -149,14 +159,17 @@ def _now(device: torch.device) -> float:
 
 def overhead_from_timelines(
     ranks: Sequence[dict[str, list[TimedStep]]],
-    stage_times: dict[str, list[tuple[float, float, float, float]]],
+    stage_times: dict[str, list[tuple[float, float, float, float, int]]],
 ) -> RuntimeOverhead:
     """:class:`RuntimeOverhead` from timed steps (see the module docstring): ``ranks[r][schedule]``
     is rank ``r``'s list of ``(step seconds, timeline)``; ``stage_times[schedule][stage]`` the
-    plan's ``(forward, backward, input_grad, weight_grad)`` seconds of that stage."""
+    plan's ``(forward, backward, input_grad, weight_grad)`` seconds of that stage and its
+    number of nodes with a weight gradient."""
     from pipec.schedule.ir import Action
 
     extra: dict[str, list[float]] = {"F": [], "B": [], "I": [], "W": [], "SEND": [], "RECV": []}
+    # per (kind, stage), the overhead of the stages that send a gradient back (not stage 0)
+    later: dict[tuple[str, int], list[float]] = {}
     column = {"F": 0, "B": 1, "I": 2, "W": 3}
     between, receives, tails, heads = 0.0, 0, [], []
     for schedule, own in stage_times.items():
@@ -171,7 +184,10 @@ def overhead_from_timelines(
                     between += max(0.0, start - previous_end)
                     previous_end = end
                     if kind in column:
-                        extra[kind].append(end - start - own[Action.parse(text).stage][column[kind]])
+                        stage = Action.parse(text).stage
+                        extra[kind].append(end - start - own[stage][column[kind]])
+                        if stage > 0:
+                            later.setdefault((kind, stage), []).append(extra[kind][-1])
                     elif kind.startswith("SEND"):
                         extra["SEND"].append(end - start)
                     elif kind.startswith("RECV"):
@@ -189,14 +205,25 @@ def overhead_from_timelines(
         return max(0.0, statistics.median(values))
 
     recv = sorted(extra["RECV"])[len(extra["RECV"]) // 4]
+    # the split's own cost per node: on a stage that sends a gradient back, I + W over B
+    split: list[float] = []
+    for (kind, stage), values in later.items():
+        if kind == "B" and ("I", stage) in later and ("W", stage) in later:
+            nodes = max(1, max(st[stage][4] for st in stage_times.values() if stage < len(st)))
+            more = median(later[("I", stage)]) + median(later[("W", stage)]) - median(values)
+            split.append(max(0.0, more) / nodes)
+    split_per_param_node = statistics.median(split) if split else 0.0
+    nodes = max(st[-1][4] for st in stage_times.values())
     return RuntimeOverhead(
         forward=median(extra["F"]),
         backward=median(extra["B"]),
         input_grad=median(extra["I"]),
-        weight_grad=median(extra["W"]),
+        # the split's share, which the simulator adds per node, comes off the fixed part
+        weight_grad=max(0.0, median(extra["W"]) - split_per_param_node * nodes),
         send=median(extra["SEND"]),
         recv=max(0.0, recv) + between / max(receives, 1),
         step=median(tails) + median(heads),
+        split_per_param_node=split_per_param_node,
     )
 
 

@@ -144,6 +144,7 @@ def simulate(
     collectives: Sequence[Collective] = (),
     transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
     overhead: RuntimeOverhead | None = None,
+    backward: float | Sequence[float] | None = None,
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
     or one value per stage). ``boundaries`` as in :func:`~pipec.schedule.lowering.lower`;
@@ -151,7 +152,8 @@ def simulate(
     ``transfers[(p, c)] = (forward, backward)``: seconds of a message on the stage
     edge ``p -> c`` and of its gradient back (edges not listed: 0); given, it
     replaces ``comm``. ``overhead``: the runtime's own seconds per action kind and
-    per step (see the module docstring); None adds nothing.
+    per step (see the module docstring); None adds nothing. ``backward``: a ``B``'s
+    cost per stage when it is not ``input_grad + weight_grad`` (None: their sum).
 
     Raises :class:`~pipec.errors.ScheduleError` (with the schedule drawn) when the
     schedule is invalid or deadlocks, :class:`~pipec.errors.ConfigError` for bad costs.
@@ -165,6 +167,7 @@ def simulate(
         comm=per_stage("comm", comm, n),
         transfers=None if transfers is None else _check_transfers(transfers, n),
         overhead=None if overhead is None else {k: overhead.of_kind(k.value) for k in ActionKind},
+        full_backward=None if backward is None else per_stage("backward", backward, n),
     )
     held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
     graph = graph_of(schedule, boundaries)
@@ -300,11 +303,13 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
     overhead per action and step (``data.runtime_overhead``). ``plan.simulate()``."""
     costs, held = plan_costs(data)
     lowered = plan_lowered(data, backend)
+    split = split_costs(data)
     return simulate(
         lowered,
         forward=costs.forward,
         input_grad=costs.input_grad,
-        weight_grad=costs.weight_grad,
+        weight_grad=[w + x for w, x in zip(costs.weight_grad, split)],
+        backward=[i + w for i, w in zip(costs.input_grad, costs.weight_grad)],
         comm=costs.comm,
         activation_bytes=held,
         boundaries=data.boundaries,
@@ -312,6 +317,21 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
         transfers=plan_transfers(data),
         overhead=data.runtime_overhead,
     )
+
+
+def split_costs(data: PlanData) -> tuple[float, ...]:
+    """Per stage, what the runtime adds to a ``W`` for splitting the backward into ``I`` and
+    ``W``: ``runtime_overhead.split_per_param_node`` per node of the stage with a weight
+    gradient; 0 for a stage that sends no gradient back (its ``W`` is a plain backward)
+    and without an overhead."""
+    o = data.runtime_overhead
+    if o is None or o.split_per_param_node == 0:
+        return (0.0,) * data.num_stages
+    graph = graph_of(data.schedule, data.boundaries)
+    nodes = {st.index: sum(1 for n in st.nodes if n in data.node_costs and data.node_costs[n].weight_grad_time > 0)
+             for st in data.stages}
+    return tuple(o.split_per_param_node * nodes[s] if graph.backward_producers(s) else 0.0
+                 for s in range(data.num_stages))
 
 
 def plan_transfers(data: PlanData) -> dict[tuple[int, int], tuple[float, float]] | None:

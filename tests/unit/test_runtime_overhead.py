@@ -54,6 +54,22 @@ def test_split_backward_pays_input_and_weight_overheads() -> None:
     assert sim.step_time == pytest.approx(2 * (1.1 + 1.3 + 1.4) + 0.5)
 
 
+def test_split_costs_per_node_on_stages_that_send_a_gradient_back() -> None:
+    from test_schedule_simulator import _plan
+
+    from pipec.schedule.simulator import split_costs
+
+    plan = _plan("zb-h1")  # stage 0: nodes a, b; stage 1: node c; I/W split
+    data = plan.data.model_copy(update={"runtime_overhead": RuntimeOverhead(split_per_param_node=0.25)})
+    assert split_costs(data) == (0.0, 0.25)  # stage 0's W is a plain backward
+    durations = {str(e.action): e.end - e.start for e in simulate_plan(data).timeline}
+    assert durations["1W0"] == pytest.approx(1.0 + 0.25)
+    assert durations["1I0"] == pytest.approx(1.0)
+    one_f_one_b = _plan("1f1b").data.model_copy(update={"runtime_overhead": RuntimeOverhead(split_per_param_node=0.25)})
+    durations = {str(e.action): e.end - e.start for e in simulate_plan(one_f_one_b).timeline}
+    assert durations["1B0"] == pytest.approx(2.0)  # a full backward pays no split
+
+
 def test_hardware_file_carries_and_checks_overhead() -> None:
     cpu = load_hardware("cpu")
     assert cpu.runtime_overhead is not None and cpu.runtime_overhead.forward > 0
@@ -92,8 +108,8 @@ def test_plan_carries_the_cost_models_overhead_and_simulates_with_it() -> None:
 def test_overhead_from_timelines_literal() -> None:
     from pipec.runtime.overhead_bench import overhead_from_timelines
 
-    # stage times (forward, backward, input_grad, weight_grad): 1 ms F, 2 ms B, 1 ms I and W
-    own = [(1e-3, 2e-3, 1e-3, 1e-3)] * 2
+    # stage times (forward, backward, input_grad, weight_grad, nodes): 1 ms F, 2 ms B, 1 ms I and W, 4 nodes
+    own = [(1e-3, 2e-3, 1e-3, 1e-3, 4)] * 2
     rank0 = [(0.012, [(0.0001, 0.0012, 0, "0F0"), (0.0012, 0.0013, 0, "0SEND_F0"),
                       (0.0015, 0.0085, 0, "0RECV_B0"), (0.0085, 0.0106, 0, "0B0")])]
     rank1 = [(0.011, [(0.0002, 0.0016, 1, "1RECV_F0"), (0.0016, 0.0027, 1, "1F0"),
@@ -107,7 +123,10 @@ def test_overhead_from_timelines_literal() -> None:
     assert got.forward == pytest.approx(0.1e-3)  # F spans 1.1, 1.1, 1.1, 1.1 ms
     assert got.backward == pytest.approx(0.15e-3)  # B spans 2.1 and 2.2 ms
     assert got.input_grad == pytest.approx(0.3e-3)  # I spans 1.3, 1.3 ms
-    assert got.weight_grad == pytest.approx(0.4e-3)  # W spans 1.4, 1.4 ms
+    # stage 1 (it sends a gradient back): I + W over B = 0.3 + 0.4 - 0.2 ms, per node of its 4
+    assert got.split_per_param_node == pytest.approx(0.5e-3 / 4)
+    # W spans 1.4, 1.4 ms: 0.4 ms over, less the split's 4 x 0.125 ms (clamped at 0)
+    assert got.weight_grad == 0.0
     assert got.send == pytest.approx(0.1e-3)
     # RECV spans sorted 1.4, 1.4, 3.8, 7.0 ms: the lower quartile 1.4 ms, plus the time between
     # actions (0.2 ms, on rank 0's first step) over the 4 receives
