@@ -241,9 +241,29 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return cov / den if den > 0 else float("nan")
 
 
-def kept(steps: Sequence[Step]) -> list[int]:
-    quiet = [i for i, s in enumerate(steps) if s.delay <= QUIET * s.slowest]
-    return quiet if len(quiet) >= 3 else list(range(len(steps)))
+def kept(steps: Sequence[Step], rounds: Sequence[int] | None = None, per_round: int = 1) -> list[int]:
+    """The steps the figures come from: of the ``rounds`` given (all when None), the quiet
+    ones (no rank waited for its core more than QUIET of the step) when 3 or more are."""
+    mine = [i for i in range(len(steps)) if rounds is None or i // per_round in rounds]
+    quiet = [i for i in mine if steps[i].delay <= QUIET * steps[i].slowest]
+    return quiet if len(quiet) >= 3 else mine
+
+
+def quiet_rounds(all_steps: Sequence[Sequence[Step]], per_round: int) -> tuple[list[int], list[float]]:
+    """The quieter half of the rounds, judged by every case together: a round's factor is the
+    median over cases of (the case's median step in that round / its median over all rounds).
+    Other processes slow a core down without taking it (the run-queue wait misses that), and a
+    slow spell slows every case of its round; the predictions play no part in the choice."""
+    num_rounds = len(all_steps[0]) // per_round
+    factors = []
+    for r in range(num_rounds):
+        ratios = []
+        for steps in all_steps:
+            overall = statistics.median(s.slowest for s in steps)
+            ratios.append(statistics.median(s.slowest for s in steps[r * per_round:(r + 1) * per_round]) / overall)
+        factors.append(statistics.median(ratios))
+    cut = statistics.median(factors)
+    return [r for r in range(num_rounds) if factors[r] <= cut], factors
 
 
 def simulations(plan_data: Any) -> tuple[Any, Any]:
@@ -385,11 +405,14 @@ def report(args: argparse.Namespace, cases: Sequence[Case], result: dict[str, An
     from pipec.plan import PlanData
 
     ranks = result["ranks"]
+    rounds, factors = quiet_rounds([ranks[0]["steps"][c.name] for c in cases], args.steps)
+    if not args.quiet_rounds:
+        rounds = list(range(len(factors)))
     rows = []
     for case in cases:
         data = PlanData.model_validate_json(result["plans"][case.name])
         by_rank = [r["steps"][case.name] for r in ranks]
-        keep = kept(by_rank[0])
+        keep = kept(by_rank[0], rounds, args.steps)
         measured = statistics.median(by_rank[0][i].slowest for i in keep)
         sim, base = simulations(data)
         exact = simulations(with_measured_costs(data, by_rank, keep))[0]
@@ -400,6 +423,10 @@ def report(args: argparse.Namespace, cases: Sequence[Case], result: dict[str, An
           f"case order reversed every round; quiet = no rank waited for its core > {QUIET:.0%} of the step")
     print(f"load average before {load[0][0]:.2f} {load[0][1]:.2f} {load[0][2]:.2f}, "
           f"after {load[1][0]:.2f} {load[1][1]:.2f} {load[1][2]:.2f}; took {took:.0f} s")
+    print("rounds' slow-down (median over cases of the round's median step / the case's overall median): "
+          + " ".join(f"{f:.2f}" for f in factors)
+          + ("; figures from every round" if not args.quiet_rounds else
+             f"; figures from the quieter half (--quiet-rounds), rounds {', '.join(str(r) for r in rounds)}"))
     print()
     head = (f"{'case':28s} {'M':>2s} {'stages':>6s} {'measured':>9s} {'quiet':>6s} {'predicted':>9s} {'err':>7s}"
             f" {'base pred':>9s} {'base err':>8s} {'exact F/B':>9s} {'err':>7s}")
@@ -458,7 +485,10 @@ def main() -> int:
     ap.add_argument("--hardware", help="a hardware file (cost_models/ name or path) for the link "
                     "and runtime-overhead figures; default: the cpu file")
     ap.add_argument("--attribute", action="store_true", help="also print where the difference goes")
+    ap.add_argument("--quiet-rounds", action="store_true",
+                    help="figures from the quieter half of the rounds, judged by all cases together (default: all)")
     ap.add_argument("--save", metavar="PATH", help="also write every timed step and every plan as JSON")
+    ap.add_argument("--load", metavar="PATH", help="report on a run saved with --save (runs nothing)")
     args = ap.parse_args()
     cases = [c for c in CASES if (not args.quick or c.name in QUICK)
              and (not args.cases or any(s in c.name for s in args.cases.split(",")))]
@@ -467,6 +497,14 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     torch.set_num_threads(1)
+    if args.load:
+        saved = json.loads(Path(args.load).read_text())
+        cases = [c for c in cases if c.name in saved["plans"]]
+        result = {"plans": saved["plans"],
+                  "ranks": [{"peak": r["peak"], "steps": {k: [Step(**s) for s in v] for k, v in r["steps"].items()}}
+                            for r in saved["ranks"]]}
+        report(args, cases, result, (os.getloadavg(), os.getloadavg()), 0.0)
+        return 0
     before, started = os.getloadavg(), time.perf_counter()
     result = launch(args, cases)
     if args.save:
