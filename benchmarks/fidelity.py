@@ -20,7 +20,12 @@ first, then the cases run in rounds of a few steps each, the order reversed
 every round, so a slow spell of the machine falls on all cases alike; each
 step records how long its ranks waited for their cores
 (``/proc/thread-self/schedstat``); figures come from the quiet steps (no rank
-waited more than 5% of the step) when at least 3 are, else from all. The load
+waited more than 5% of the step) when at least 3 are, else from all. Other
+processes also slow a core down without taking it (shared caches and memory
+bandwidth of a 2-vCPU VM), which that wait does not show: each round's
+slow-down (the median over cases of its median step over the case's overall
+one) is printed, and ``--quiet-rounds`` keeps the quieter half of the rounds;
+each profile figure is the smallest of ``--profiles`` profiles. The load
 average is printed before and after.
 
 Printed: per case the measured and predicted step and the error; then the mean
@@ -31,10 +36,11 @@ predicted against the medians of ``pipe.timeline()``; per rank the peak memory
 ``--attribute`` where the difference goes (per action kind, and outside the
 schedule's actions).
 
-Run (about 3-4 minutes on a quiet 2-core box; ``--quick`` well under one)::
+Run (about 1-2 minutes on a 2-core box; ``--quick`` well under one)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fidelity.py [--quick] [--cases gpt2,zb]
-        [--rounds 6] [--steps 3] [--hardware cost_models/mybox.json] [--device cuda] [--attribute]
+        [--rounds 6] [--steps 3] [--profiles 3] [--hardware cost_models/mybox.json]
+        [--device cuda] [--attribute] [--quiet-rounds] [--save run.json | --load run.json]
 """
 
 from __future__ import annotations
