@@ -248,6 +248,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     plan = load(args.directory)
     print(plan.summary())
+    line = _last_run_error(plan, args.directory)
+    if line is not None:
+        print(line)
     try:
         from pipec.schedule.grid import schedule_grid
 
@@ -259,6 +262,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"report: {report}")
     return 0
+
+
+def _last_run_error(plan: Plan, directory: str) -> str | None:
+    """The last run's step against the prediction, when ``pipec run`` left timelines
+    in ``directory`` (``timeline_rank<r>.json``); None when there are none."""
+    from pipec.viz.report_compare import error_line, timelines_prediction
+    from pipec.viz.report_measured import load_measured
+
+    measured = load_measured(directory)
+    if measured is None or not measured.num_steps:
+        return None
+    try:
+        predicted = plan.simulate()
+    except PipecError as e:  # a plan that cannot be simulated still shows its summary
+        return f"measured step {measured.step_time * 1e3:.3g} ms (no prediction: {e})"
+    return (f"last run: {error_line(measured.step_time, timelines_prediction(plan.data, predicted))}"
+            f" (median of {measured.num_steps} step(s) in {', '.join(measured.files)})")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from pipec.types import (
     FrozenModel,
     InputStructure,
     NodeCost,
+    RuntimeOverhead,
     TensorMeta,
     TracedGraph,
     check_precision,
@@ -231,6 +232,10 @@ class PlanData(FrozenModel):
     # traced in train(), the model not random in eval(): random nodes with no mode argument
     # (node -> module path), which the stages draw in eval() too (pipec.mode_ops.mode_blind_random)
     mode_blind_random: dict[str, str] = {}
+    # the cost model's runtime overhead per action and step (its hardware file's
+    # ``runtime_overhead``), which the simulator adds; None in plans made before it
+    # was measured, or with a cost model without one
+    runtime_overhead: RuntimeOverhead | None = None
 
     @field_validator("precision")
     @classmethod

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import fx
 
 
@@ -231,6 +231,51 @@ class NodeCost(FrozenModel):
     @property
     def total_time(self) -> float:
         return self.forward_time + self.backward_time
+
+
+class RuntimeOverhead(FrozenModel):
+    """What the stage runtime spends beyond the compute and the transfers, in seconds.
+
+    Phase: cost model (carried by a hardware file, ``runtime_overhead``; copied into
+    the plan; added by the simulator). A profile times the stage's ops; the
+    runtime's executor also pays, per action, its own Python dispatch, the
+    autograd engine's set-up of a backward (``torch.autograd.backward`` /
+    ``grad`` and the I/W split's bookkeeping), the random scope of a forward,
+    detaching boundary leaves, and for a ``SEND`` / ``RECV`` posting and
+    completing a request and copying the buffer. Per step it pays splitting the
+    batch, posting the receives and, at the end, waiting for its last sends and
+    recording the timeline. ``pipec calibrate`` measures these by running the
+    runtime on a tiny two-stage model (:mod:`pipec.runtime.overhead_bench`).
+
+    ``forward``, ``backward`` (a full ``B``), ``input_grad`` (``I``) and
+    ``weight_grad`` (``W``) are added to every such action's duration; ``send``
+    to every ``SEND_F`` / ``SEND_B``; ``recv`` to every ``RECV_F`` / ``RECV_B``
+    after its messages arrived; ``step`` once to the step time. ``split_per_param_node``:
+    seconds per node with parameters (a weight gradient) of a stage whose
+    backward runs split into ``I`` and ``W`` (a zero-bubble schedule), added to
+    its ``W`` -- the split captures the gradients where the input side of the
+    autograd graph meets the parameters' side and runs the weights' backward
+    from there, a cost that grows with the stage's parameterised ops; the first
+    stage has none (its ``W`` is a plain backward).
+    """
+
+    forward: float = Field(default=0.0, ge=0)
+    backward: float = Field(default=0.0, ge=0)
+    input_grad: float = Field(default=0.0, ge=0)
+    weight_grad: float = Field(default=0.0, ge=0)
+    send: float = Field(default=0.0, ge=0)
+    recv: float = Field(default=0.0, ge=0)
+    step: float = Field(default=0.0, ge=0)
+    split_per_param_node: float = Field(default=0.0, ge=0)
+
+    def of_kind(self, kind: str) -> float:
+        """Seconds added to one action of ``kind`` (``"F"``, ``"B"``, ``"I"``, ``"W"``,
+        ``"SEND_F"``, ``"RECV_B"``, ...); 0 for a kind it does not name."""
+        if kind.startswith("SEND"):
+            return self.send
+        if kind.startswith("RECV"):
+            return self.recv
+        return {"F": self.forward, "B": self.backward, "I": self.input_grad, "W": self.weight_grad}.get(kind, 0.0)
 
 
 @runtime_checkable

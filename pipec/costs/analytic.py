@@ -74,7 +74,7 @@ from pipec.costs.node_exec import (
 )
 from pipec.costs.precision import autocast
 from pipec.errors import CostModelError
-from pipec.types import NodeCost, TracedGraph, check_precision
+from pipec.types import NodeCost, RuntimeOverhead, TracedGraph, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,12 @@ class AnalyticCostModel:
     @property
     def memory_capacity(self) -> int | None:
         return self.spec.memory_capacity
+
+    @property
+    def runtime_overhead(self) -> RuntimeOverhead | None:
+        """The runtime's own cost per action and step (the hardware file's; see
+        :class:`~pipec.types.RuntimeOverhead`): the plan carries it, the simulator adds it."""
+        return self.spec.runtime_overhead
 
     def __repr__(self) -> str:
         return f"AnalyticCostModel({self.spec.name!r}, dtype={self.dtype!r}, precision={self.precision!r})"

@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipec.costs.ring import ring_allreduce_time
 from pipec.errors import CostModelError
-from pipec.types import FrozenModel
+from pipec.types import FrozenModel, RuntimeOverhead
 from pipec.units import parse_bytes
 
 #: dtype names a ``peak_flops`` table may use, and the torch dtypes they stand for.
@@ -66,6 +66,9 @@ class HardwareSpec(FrozenModel):
     compute_efficiency: float = Field(default=1.0, gt=0, le=1)
     memory_efficiency: float = Field(default=1.0, gt=0, le=1)
     device_match: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name()
+    # per action and per step, what the stage runtime adds to compute and transfers
+    # (pipec calibrate measures it; None: nothing added, as before it was measured)
+    runtime_overhead: RuntimeOverhead | None = None
     source: dict[str, str]
 
     @field_validator("peak_flops")

@@ -65,6 +65,11 @@ class MeshCostModel:
     def memory_capacity(self) -> int | None:
         return self.base.memory_capacity
 
+    @property
+    def runtime_overhead(self) -> object:
+        """The base model's runtime overhead per action (its hardware file's; None without)."""
+        return getattr(self.base, "runtime_overhead", None)
+
     def node_costs(self, traced: TracedGraph) -> Mapping[str, NodeCost]:
         return self.base.node_costs(traced)
 

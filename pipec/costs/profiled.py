@@ -50,7 +50,7 @@ from pipec.costs.hardware import HardwareSpec, list_cost_models, load_hardware
 from pipec.costs.node_exec import FREE_OPS
 from pipec.errors import CostModelError
 from pipec.profiling import Profile
-from pipec.types import NodeCost, TracedGraph
+from pipec.types import NodeCost, RuntimeOverhead, TracedGraph
 from pipec.units import parse_bytes
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,12 @@ class ProfiledCostModel:
     @property
     def memory_capacity(self) -> int | None:
         return self._memory_capacity
+
+    @property
+    def runtime_overhead(self) -> RuntimeOverhead | None:
+        """The runtime's own cost per action and step (the hardware file's; see
+        :class:`~pipec.types.RuntimeOverhead`): the plan carries it, the simulator adds it."""
+        return self.spec.runtime_overhead
 
     def __repr__(self) -> str:
         return f"ProfiledCostModel({self.profile.model_name!r} on {self.profile.device!r})"

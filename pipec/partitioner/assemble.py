@@ -47,7 +47,14 @@ from pipec.schedule.in_flight import (
     in_flight_from_schedule,
 )
 from pipec.schedule.ir import Schedule
-from pipec.types import CostModel, NodeCost, TracedGraph, boundary_meta, check_precision
+from pipec.types import (
+    CostModel,
+    NodeCost,
+    RuntimeOverhead,
+    TracedGraph,
+    boundary_meta,
+    check_precision,
+)
 
 
 def build_plan_data(
@@ -62,6 +69,7 @@ def build_plan_data(
     batch_size: int | None = None,
     precision: str = "fp32",
     recompute: str = "none",
+    runtime_overhead: RuntimeOverhead | None = None,
 ) -> PlanData:
     """The plan data of ``solution`` (see the module docstring). Each stage's recompute
     policy is the one the stage cost chose (:func:`pipec.partitioner.chain.stage_policy`);
@@ -144,6 +152,7 @@ def build_plan_data(
         batch_norm_layers=batch_norm_layers(traced.graph_module, {n.name: n.module_path for n in traced.nodes}),
         mode_blind_random=mode_blind_random(traced.graph_module, {n.name: n.module_path for n in traced.nodes})
         if traced.training else {},
+        runtime_overhead=runtime_overhead,
     )
 
 
@@ -190,6 +199,13 @@ def check_recomputable(stage: int, names: Sequence[str], policy: str, node_costs
             f"keep no activations that {policy} recompute would drop (matmul-like nodes are kept "
             "under 'selective'); use recompute='auto', which leaves such stages at 'none'"
         )
+
+
+def runtime_overhead_of(cost_model: object) -> RuntimeOverhead | None:
+    """A cost model's :class:`~pipec.types.RuntimeOverhead` (its hardware file's), or
+    None for one that has none (a user's own cost model)."""
+    found = getattr(cost_model, "runtime_overhead", None)
+    return found if isinstance(found, RuntimeOverhead) else None
 
 
 def transfer_times(problem: ChainProblem, num_bytes: int, producer: int, consumers: Sequence[int]) -> tuple[float, ...]:
@@ -295,7 +311,8 @@ def plan_from_split(
     solution = evaluate(chain.problem, check_cuts(chain.problem, cuts), "manual")
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy="manual",
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size, precision=precision, recompute=recompute)
+                           batch_size=batch_size, precision=precision, recompute=recompute,
+                           runtime_overhead=runtime_overhead_of(cost_model))
     return data
 
 

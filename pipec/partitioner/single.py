@@ -29,7 +29,7 @@ from pipec.costs.recompute import check_request, options_of
 from pipec.errors import ConfigError, PartitionError, ScheduleError
 from pipec.partitioner import config
 from pipec.partitioner.algorithm import STRATEGIES, solve
-from pipec.partitioner.assemble import build_plan_data, given_schedule
+from pipec.partitioner.assemble import build_plan_data, given_schedule, runtime_overhead_of
 from pipec.partitioner.config import MemoryLimit
 from pipec.partitioner.graph import GraphChain, build_chain
 from pipec.plan import PlanData
@@ -86,7 +86,8 @@ def partition_traced(
              solution.bottleneck)
     data = build_plan_data(chain, traced, node_costs, solution, schedule=sched, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size, precision=precision, recompute=recompute)
+                           batch_size=batch_size, precision=precision, recompute=recompute,
+                           runtime_overhead=runtime_overhead_of(cost_model))
     if synth:
         data = synthesized(data, traced, node_costs, solution.cuts, strategy=strategy,
                            cost_model=cost_model, memory_limit=memory_limit, device_speeds=device_speeds,
@@ -171,7 +172,8 @@ def synthesized(
                     "split; the plan runs its order (named synth)", found.source)
     return build_plan_data(final_chain, traced, node_costs, solution, schedule=found.schedule, strategy=strategy,
                            cost_model_name=cost_model.name if cost_model is not None else "given",
-                           batch_size=batch_size, precision=precision, recompute=recompute)
+                           batch_size=batch_size, precision=precision, recompute=recompute,
+                           runtime_overhead=runtime_overhead_of(cost_model))
 
 
 def chain_for(

@@ -19,7 +19,11 @@ What is measured, on the first GPU if there is one, else on the CPU:
   (:mod:`pipec.runtime.p2p_bench`; NCCL with two GPUs, else Gloo), and an
   all-reduce of the largest message between the same two (its bus
   bandwidth: the tied-gradient exchange once per step). There is
-  no second node to measure, so the inter-node figures repeat the local ones.
+  no second node to measure, so the inter-node figures repeat the local ones;
+- the runtime's own overhead per action kind (F, B, I, W, SEND, RECV) and per
+  step: :class:`~pipec.runtime.runtime.PipelineRuntime` on a tiny two-stage
+  model over the same backend (:mod:`pipec.runtime.overhead_bench`), which
+  the simulator adds to every action (``runtime_overhead``).
 
 The figures are what kernels achieve, so both efficiency factors are 1.
 """
@@ -47,6 +51,7 @@ from pipec.costs.kernels import (
 )
 from pipec.costs.timer import progress_bar
 from pipec.errors import ConfigError, ProfileError
+from pipec.runtime.overhead_bench import measure_overhead
 from pipec.runtime.p2p_bench import measure_p2p
 
 log = logging.getLogger(__name__)
@@ -84,7 +89,7 @@ def calibrate(
     dtypes = CUDA_DTYPES if cuda else CPU_DTYPES
 
     peak_flops: dict[str, float] = {}
-    with progress_bar("calibrating", total=len(dtypes) + 3, enabled=None) as advance:
+    with progress_bar("calibrating", total=len(dtypes) + 4, enabled=None) as advance:
         for key, dtype in dtypes.items():
             try:
                 peak_flops[key] = matmul_flops(device, dtype, n, repeats, tf32=key == "tf32")
@@ -98,6 +103,8 @@ def calibrate(
         sizes = (4, 1 << 20) if quick else (4, 1 << 20, 32 << 20)
         link = measure_p2p(backend=backend, sizes=sizes, iters=5 if quick else 20,
                            timeout=60.0 if quick else 120.0)
+        advance()
+        runtime = measure_overhead(backend=backend, steps=5 if quick else 30, timeout=120.0 if quick else 300.0)
         advance()
     if not peak_flops:
         raise ProfileError(f"no matmul ran on {device}; check the torch installation")
@@ -117,6 +124,7 @@ def calibrate(
         "inter_node_latency": link.latency,
         "kernel_launch_overhead": overhead,
         "allreduce_bandwidth": link.allreduce_bandwidth,
+        "runtime_overhead": runtime.model_dump(),
         "source": {
             "peak_flops": f"{stamp}: median FLOP/s of {n}x{n}x{n} torch.matmul",
             "memory_bandwidth": f"{stamp}: copy of {copy_bytes} bytes, bytes read + written",
@@ -129,6 +137,10 @@ def calibrate(
             "kernel_launch_overhead": f"{stamp}: one-element in-place add, back to back",
             "allreduce_bandwidth": f"{stamp}: {backend} all-reduce (sum) of {link.allreduce_bytes} bytes of "
                                    "float32 between two processes, bus bandwidth (bytes / time for two ranks)",
+            "runtime_overhead": f"{stamp}: PipelineRuntime on a tiny two-stage model, {backend}, 1f1b and "
+                                "zb-h1, 8 micro-batches: per action kind the median span less the profiled "
+                                "compute; RECV the lower quartile (no waiting) plus posting; step: before the "
+                                "first action and after the last",
             "compute_efficiency": "1: the peak figures are achieved (measured) rates",
             "memory_efficiency": "1: the bandwidth figure is an achieved (measured) rate",
         },

@@ -39,6 +39,9 @@ class Costs(NamedTuple):
     comm_action: float = 0.0
     full_backward: tuple[float, ...] | None = None  # B's cost when not input_grad + weight_grad
     transfers: Mapping[tuple[int, int, bool], float] | None = None
+    # the runtime's own seconds per action (RuntimeOverhead.of_kind), added to each
+    # action's duration; a RECV's is spent after its messages arrived
+    overhead: Mapping[ActionKind, float] | None = None
 
     def latency(self, producer: int, consumer: int, forward: bool) -> float:
         """Seconds a message on the edge ``producer -> consumer`` takes (see above)."""
@@ -112,6 +115,11 @@ def _dependencies(
 
 
 def _duration(a: Action, costs: Costs) -> float:
+    extra = 0.0 if costs.overhead is None else costs.overhead.get(a.kind, 0.0)
+    return _compute_duration(a, costs) + extra
+
+
+def _compute_duration(a: Action, costs: Costs) -> float:
     kind, s = a.kind, a.stage
     if kind is _K.F:
         return costs.forward[s]

@@ -37,6 +37,13 @@ when split) of the step has ended, on its rank's communication stream -- one
 all-reduce at a time per rank, in the order the stages finish -- and takes no
 compute. Every replica runs the same schedule, so one pipeline's timeline is
 every replica's. The step ends when the last all-reduce does.
+
+The runtime's own cost (``overhead``, a :class:`~pipec.types.RuntimeOverhead`:
+a plan's ``runtime_overhead``, from its hardware file, measured by ``pipec
+calibrate``): each action takes its kind's overhead on top of its cost -- a
+``SEND`` that long (its message leaves when it ends), a ``RECV`` that long after
+its messages arrived -- and the step its ``step`` overhead (splitting the batch,
+the step's end), added once to the step time; the timeline shows the actions only.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from pipec.schedule.dry_run import Costs, Execution, execute
 from pipec.schedule.ir import Action, ActionKind, Schedule, check_schedule
 from pipec.schedule.stage_graph import COMPUTE_KINDS, BoundarySpec, graph_of
 from pipec.schedule.validator import check_static, raise_deadlock
+from pipec.types import RuntimeOverhead
 
 if TYPE_CHECKING:
     from pipec.plan import PlanData
@@ -147,6 +155,8 @@ def simulate(
     transfers: Mapping[tuple[int, int], tuple[float, float]] | None = None,
     replay_bytes: float | Sequence[float] | None = None,
     grad_allreduce: float | Sequence[float] | None = None,
+    overhead: RuntimeOverhead | None = None,
+    backward: float | Sequence[float] | None = None,
 ) -> Simulation:
     """Simulate ``schedule`` with per-stage costs (a float for every stage alike,
     or one value per stage). ``replay_bytes[s]``: what a recomputing stage's backward
@@ -156,7 +166,9 @@ def simulate(
     stage) from each stage's last backward on (see the module docstring).
     ``transfers[(p, c)] = (forward, backward)``: seconds of a message on the stage
     edge ``p -> c`` and of its gradient back (edges not listed: 0); given, it
-    replaces ``comm``.
+    replaces ``comm``. ``overhead``: the runtime's own seconds per action kind and
+    per step (see the module docstring); None adds nothing. ``backward``: a ``B``'s
+    cost per stage when it is not ``input_grad + weight_grad`` (None: their sum).
 
     Raises :class:`~pipec.errors.ScheduleError` (with the schedule drawn) when the
     schedule is invalid or deadlocks, :class:`~pipec.errors.ConfigError` for bad costs.
@@ -169,6 +181,8 @@ def simulate(
         weight_grad=per_stage("weight_grad", weight_grad, n),
         comm=per_stage("comm", comm, n),
         transfers=None if transfers is None else _check_transfers(transfers, n),
+        overhead=None if overhead is None else {k: overhead.of_kind(k.value) for k in ActionKind},
+        full_backward=None if backward is None else per_stage("backward", backward, n),
     )
     held = per_stage("activation_bytes", 0.0 if activation_bytes is None else activation_bytes, n)
     graph = graph_of(schedule, boundaries)
@@ -180,7 +194,7 @@ def simulate(
         raise_deadlock(schedule, graph, run)
     replay = per_stage("replay_bytes", 0.0 if replay_bytes is None else replay_bytes, n)
     return _summarise(schedule, run, costs, tuple(round(b) for b in held), after, overlapped,
-                      tuple(round(b) for b in replay))
+                      tuple(round(b) for b in replay), 0.0 if overhead is None else overhead.step)
 
 
 def _check_transfers(
@@ -270,6 +284,7 @@ def _summarise(
     schedule: Schedule, run: Execution, costs: Costs, held: tuple[int, ...],
     collectives: tuple[Collective, ...] = (), grad_allreduce: tuple[float, ...] | None = None,
     replay: tuple[int, ...] | None = None,
+    step_overhead: float = 0.0,
 ) -> Simulation:
     timeline: list[TimelineEvent] = []
     busy, peaks, memory, peak_memory = [], [], [], []
@@ -311,7 +326,7 @@ def _summarise(
     spans = _run_collectives(collectives, free)
     if grad_allreduce is not None:
         spans = _grad_allreduces(schedule, run, grad_allreduce) + spans
-    step_time = max([e.end for e in timeline] + [s.end for s in spans], default=0.0)
+    step_time = max([e.end for e in timeline] + [s.end for s in spans], default=0.0) + step_overhead
     capacity = len(busy) * step_time
     return Simulation(
         schedule=schedule,
@@ -331,14 +346,17 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
     it was made (:func:`pipec.schedule.backends.plan_lowered`; default NCCL's when
     it has one, else Gloo's) -- under its own per-stage costs (see
     :func:`plan_costs`) and boundary transfers (:func:`plan_transfers`), then the
-    tied-gradient all-reduces (:func:`plan_collectives`). ``plan.simulate()``."""
+    tied-gradient all-reduces (:func:`plan_collectives`), with the runtime's own
+    overhead per action and step (``data.runtime_overhead``). ``plan.simulate()``."""
     costs, held = plan_costs(data)
     lowered = plan_lowered(data, backend)
+    split = split_costs(data)
     return simulate(
         lowered,
         forward=costs.forward,
         input_grad=costs.input_grad,
-        weight_grad=costs.weight_grad,
+        weight_grad=[w + x for w, x in zip(costs.weight_grad, split)],
+        backward=[i + w for i, w in zip(costs.input_grad, costs.weight_grad)],
         comm=costs.comm,
         activation_bytes=held,
         boundaries=data.boundaries,
@@ -346,6 +364,7 @@ def simulate_plan(data: PlanData, backend: str | None = None) -> Simulation:
         transfers=plan_transfers(data),
         replay_bytes=plan_replay_bytes(data),
         grad_allreduce=plan_grad_allreduce(data),
+        overhead=data.runtime_overhead,
     )
 
 
@@ -370,6 +389,21 @@ def plan_grad_allreduce(data: PlanData) -> tuple[float, ...] | None:
         return None
     by_index = {st.index: st.dp_allreduce_time for st in data.stages}
     return tuple(by_index[s] for s in range(data.num_stages))
+
+
+def split_costs(data: PlanData) -> tuple[float, ...]:
+    """Per stage, what the runtime adds to a ``W`` for splitting the backward into ``I`` and
+    ``W``: ``runtime_overhead.split_per_param_node`` per node of the stage with a weight
+    gradient; 0 for a stage that sends no gradient back (its ``W`` is a plain backward)
+    and without an overhead."""
+    o = data.runtime_overhead
+    if o is None or o.split_per_param_node == 0:
+        return (0.0,) * data.num_stages
+    graph = graph_of(data.schedule, data.boundaries)
+    nodes = {st.index: sum(1 for n in st.nodes if n in data.node_costs and data.node_costs[n].weight_grad_time > 0)
+             for st in data.stages}
+    return tuple(o.split_per_param_node * nodes[s] if graph.backward_producers(s) else 0.0
+                 for s in range(data.num_stages))
 
 
 def plan_transfers(data: PlanData) -> dict[tuple[int, int], tuple[float, float]] | None:
@@ -416,6 +450,12 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
     costs ``comm_time / (2 x edges)`` of stage ``s``. Activation bytes are what
     the stage's recompute policy keeps per micro-batch in flight (``kept_bytes``),
     or the sum of the nodes' ``saved_bytes`` in plans saved before it was stored.
+
+    A stage that sends no gradient back (none of its inputs carries one: the first
+    stage, whose inputs are the micro-batch) has nothing for ``I`` to compute: the
+    runtime's ``I`` returns at once and its ``W`` runs the whole backward
+    (:func:`pipec.runtime.backward.input_backward`), so its ``input_grad`` is 0 and
+    its ``weight_grad`` the whole backward.
     """
     graph = graph_of(data.schedule, data.boundaries)
     node_costs = data.node_costs
@@ -430,11 +470,13 @@ def plan_costs(data: PlanData) -> tuple[Costs, tuple[float, ...]]:
         edges = len(graph.remote_producers[s]) + len(graph.remote_consumers[s])
         forward.append(st.forward_time)
         if st.input_grad_time is not None and st.weight_grad_time is not None:
-            input_grad.append(st.input_grad_time)
-            weight_grad.append(st.weight_grad_time)
+            ig_s, wg_s = st.input_grad_time, st.weight_grad_time
         else:
-            input_grad.append(st.backward_time * share)
-            weight_grad.append(st.backward_time * (1.0 - share))
+            ig_s, wg_s = st.backward_time * share, st.backward_time * (1.0 - share)
+        if not graph.backward_producers(s):  # no input gradient to compute: W does it all
+            ig_s, wg_s = 0.0, ig_s + wg_s
+        input_grad.append(ig_s)
+        weight_grad.append(wg_s)
         comm.append(st.comm_time / (2 * edges) if edges else 0.0)
         # a recomputing stage keeps less per micro-batch in flight (pipec.costs.recompute)
         held.append(float(sum(c.saved_bytes for c in nodes) if st.kept_bytes is None else st.kept_bytes))

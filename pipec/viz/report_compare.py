@@ -64,6 +64,23 @@ def measured_simulation(measured: Measured, step: int, data: PlanData) -> Simula
     )
 
 
+def timelines_prediction(data: PlanData, predicted: Simulation) -> float:
+    """The predicted time the measured timelines cover: the simulated step less the
+    runtime's per-step overhead (splitting the batch, the step's end), which falls
+    outside the first action's start and the last action's end."""
+    step = data.runtime_overhead.step if data.runtime_overhead is not None else 0.0
+    return max(0.0, predicted.step_time - step)
+
+
+def error_line(measured_step: float, predicted_step: float) -> str:
+    """One line: ``measured step X ms vs predicted Y ms (+Z%)``, Z = measured / predicted - 1
+    (positive: the run was slower than predicted)."""
+    if predicted_step <= 0:
+        return f"measured step {fmt_ms(measured_step)} ms vs predicted {fmt_ms(predicted_step)} ms"
+    return (f"measured step {fmt_ms(measured_step)} ms vs predicted {fmt_ms(predicted_step)} ms "
+            f"({measured_step / predicted_step - 1:+.1%})")
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -207,6 +224,10 @@ def measured_section(
             f'<div class="warnbox">No timeline for rank {esc(", ".join(map(str, missing)))}; '
             "the measured step time covers the other ranks only.</div>"
         )
+    if predicted is not None:
+        line = error_line(measured.step_time, timelines_prediction(data, predicted))
+        out.append(f'<p class="error-line"><b>{esc(line)}</b> (median of {measured.num_steps} step(s), '
+                   f"first action to last, all ranks; predicted by {esc(data.cost_model)})</p>")
     cards = [card("measured step", fmt_time(measured.step_time), f"median of {measured.num_steps} step(s)", "hi")]
     if predicted is not None and predicted.step_time > 0:
         ratio = measured.step_time / predicted.step_time

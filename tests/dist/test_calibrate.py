@@ -13,7 +13,7 @@ from pipec.errors import ConfigError, ProfileError
 from pipec.runtime.p2p_bench import measure_p2p
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_quick_calibration_writes_a_loadable_file(tmp_path: Path) -> None:
     out = tmp_path / "this-box.json"
     spec = calibrate(out, quick=True)
@@ -27,6 +27,11 @@ def test_quick_calibration_writes_a_loadable_file(tmp_path: Path) -> None:
     assert "calibrate" in data["source"]["peak_flops"]
     assert spec.allreduce_bandwidth is not None and spec.allreduce_bandwidth > 0
     assert "all-reduce" in data["source"]["allreduce_bandwidth"]
+    # the runtime's own cost per action kind and step, which plans carry and the simulator adds
+    o = spec.runtime_overhead
+    assert o is not None and "PipelineRuntime" in data["source"]["runtime_overhead"]
+    assert all(0 < t < 0.1 for t in (o.forward, o.backward, o.input_grad, o.send, o.step))
+    assert 0 <= o.weight_grad < 0.1 and 0 <= o.recv < 0.1 and 0 <= o.split_per_param_node < 0.1
     # overwrite in place, with another name
     calibrate(out, name="renamed", quick=True)
     assert pipec.load_cost_model(str(out)).spec.name == "renamed"
