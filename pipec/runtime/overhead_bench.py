@@ -35,10 +35,7 @@ most ``timeout`` seconds for a result, then kills what is left.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
-import queue
-import socket
 import statistics
 from collections.abc import Sequence
 from datetime import timedelta
@@ -49,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipec.errors import ProfileError
+from pipec.runtime.p2p_bench import run_two_ranks
 from pipec.types import RuntimeOverhead
 
 log = logging.getLogger(__name__)
@@ -58,12 +56,6 @@ _MICROBATCHES = 8
 _WIDTH = 8
 
 TimedStep = tuple[float, list[tuple[float, float, int, str]]]  # (local step seconds, timeline)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tiny_model() -> nn.Module:
@@ -233,25 +225,7 @@ def measure_overhead(*, backend: str = "gloo", steps: int = 20, timeout: float =
         raise ProfileError(f"backend: expected 'gloo' or 'nccl', found {backend!r}")
     if steps < 1:
         raise ProfileError(f"steps: expected >= 1 timed steps, found {steps}")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, backend, steps, timeout, results), daemon=True)
-             for rank in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        status, payload = results.get(timeout=timeout)
-    except queue.Empty:
-        status, payload = "error", f"no result within {timeout:.0f} s"
-    finally:
-        for p in procs:
-            p.join(timeout=5.0)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5.0)
-        results.close()
+    status, payload = run_two_ranks(_worker, (backend, steps, timeout), timeout)
     if status != "ok":
         raise ProfileError(f"runtime overhead measurement with {backend} on 127.0.0.1 failed: {payload}; "
                            "check that two local processes can open TCP ports")

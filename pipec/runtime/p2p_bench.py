@@ -30,6 +30,7 @@ import multiprocessing as mp
 import queue
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -57,6 +58,32 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_two_ranks(worker: Callable[..., None], args: tuple[Any, ...], timeout: float) -> tuple[str, Any]:
+    """Run ``worker(rank, port, *args, results)`` in two spawned local processes (a free
+    port on 127.0.0.1 for their rendezvous) and return the first ``(status, payload)``
+    one puts on ``results`` -- ``("error", why)`` when none does within ``timeout``
+    seconds. Both processes are gone when it returns (joined, or killed)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=worker, args=(rank, port, *args, results), daemon=True) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = results.get(timeout=timeout)
+    except queue.Empty:
+        status, payload = "error", f"no result within {timeout:.0f} s"
+    finally:
+        for p in procs:
+            p.join(timeout=5.0)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        results.close()
+    return status, payload
 
 
 def _worker(rank: int, port: int, backend: str, sizes: tuple[int, ...], iters: int,
@@ -130,27 +157,7 @@ def measure_p2p(
             f"backend 'nccl' needs two local GPUs, found {torch.cuda.device_count()}; use backend='gloo'"
         )
     sizes = tuple(sorted(set(sizes)))
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, port, backend, sizes, iters, timeout, results), daemon=True)
-        for rank in range(2)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        status, payload = results.get(timeout=timeout)
-    except queue.Empty:
-        status, payload = "error", f"no result within {timeout:.0f} s"
-    finally:
-        for p in procs:
-            p.join(timeout=5.0)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5.0)
-        results.close()
+    status, payload = run_two_ranks(_worker, (backend, sizes, iters, timeout), timeout)
     if status != "ok":
         raise ProfileError(
             f"point-to-point measurement with {backend} on 127.0.0.1 failed: {payload}; "
