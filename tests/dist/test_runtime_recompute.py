@@ -239,3 +239,34 @@ def test_recompute_with_bf16_and_replicas_equals_no_recompute() -> None:
                 assert torch.equal(loss, loss0), f"{mode}: loss"
             for n in grads0:
                 assert torch.equal(grads[n], grads0[n]), f"{mode} rank {rank}: {n}"
+
+
+def _fp16_worker(rank: int, world: int, plans: list[Plan], x: torch.Tensor, y: torch.Tensor, loss_fn: Any) -> Any:
+    out = []
+    for plan in plans:
+        pipe = PipelineRuntime(plan, loss_fn, seed=7)
+        assert pipe.loss_scale > 1.0  # fp16: the loss is scaled, the gradients unscaled after the step
+        loss = pipe.step(x, target=y)
+        out.append((loss, {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}))
+        pipe.close()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_recompute_under_fp16_loss_scaling_equals_no_recompute() -> None:
+    """The replayed last stage's loss is scaled as the first run's: under fp16 loss scaling,
+    full and selective recompute give the gradients of no recompute, bit for bit."""
+    model, x, y, loss_fn = _case("mlp")
+    traced = pipec.trace(model, (x[:2],))
+    cuts = [len(compute_names(traced)) // 2]
+    plans = [Plan(plan_from_split(traced, _costs(traced), cuts, schedule="1f1b", num_microbatches=4,
+                                  precision="fp16", recompute=mode), traced=traced, loss_fn=loss_fn)
+             for mode in MODES]
+    for rank, runs in enumerate(run_ranks(_fp16_worker, 2, plans, x, y, loss_fn, timeout=100)):
+        (loss0, grads0), *others = runs
+        assert grads0
+        for mode, (loss, grads) in zip(MODES[1:], others):
+            if loss is not None:
+                assert torch.equal(loss, loss0), f"{mode}: loss"
+            for n in grads0:
+                assert torch.equal(grads[n], grads0[n]), f"fp16 {mode} rank {rank}: {n}"
