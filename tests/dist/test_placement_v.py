@@ -11,14 +11,13 @@ with gradients equal to the whole-batch reference.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from models import Chain
+from _chain import assert_grads, chain_case, reference_grads, step_grads
 from _one_rank import one_rank
 from _workers import run_ranks
 from torch import nn
@@ -27,14 +26,10 @@ from torch.nn import functional as F
 import pipec
 from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
-from pipec.runtime.runtime import PipelineRuntime
 from pipec.schedule.ir import ActionKind, Schedule, v_placement
 from pipec.schedule.lowering import lower
 from pipec.schedule.validator import validate
 from pipec.types import NodeCost, TracedGraph
-
-TOL = {"rtol": 1e-4, "atol": 1e-5}
-MICROBATCH = 2
 
 # rank 0 holds stages 0 and 3 (the V's two ends), rank 1 stages 1 and 2 (its point)
 V_TEXT = """
@@ -54,35 +49,13 @@ def v_schedule(text: str = V_TEXT) -> Schedule:
 
 @pytest.fixture(scope="module")
 def chain() -> tuple[nn.Module, TracedGraph, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = Chain()
-    traced = pipec.trace(model, (torch.randn(MICROBATCH, 6),))
-    gen = torch.Generator().manual_seed(1)
-    return model, traced, torch.randn(2 * MICROBATCH, 6, generator=gen), torch.randn(2 * MICROBATCH, 3, generator=gen)
+    return chain_case(2)
 
 
 def _plan(traced: TracedGraph, schedule: Schedule) -> Plan:
     costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4) for n in traced.nodes}
     data = plan_from_split(traced, costs, ["b", "c", "d"], schedule=schedule, num_microbatches=2, stages_per_rank=2)
     return Plan(data, traced=traced, loss_fn=F.mse_loss)
-
-
-def _reference(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    ref = copy.deepcopy(model)
-    F.mse_loss(ref(x), target).backward()
-    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-
-
-def _step(plan: Plan | str, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    pipe = PipelineRuntime(plan, F.mse_loss)  # a plan loaded from disk has no loss_fn of its own
-    pipe.step(x, target=target)
-    return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
-
-
-def _assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: str) -> None:
-    assert sorted(got) == sorted(want), where
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, name=name: f"{where}: {name}: {m}")
 
 
 def test_v_placement_is_data_on_the_schedule() -> None:
@@ -139,11 +112,11 @@ def test_v_plan_gradients_in_one_process(chain: Any, text: str, source: str, tmp
     if source == "saved":
         plan = pipec.load(plan.save(tmp_path / "plan"))
         assert plan.schedule.placement == (0, 1, 1, 0)
-    _assert_grads(_step(one_rank(plan), x, target), _reference(model, x, target), f"one rank, {source}")
+    assert_grads(step_grads(one_rank(plan), x, target), reference_grads(model, x, target), f"one rank, {source}")
 
 
 def _gloo(rank: int, world_size: int, plans: dict[str, Plan | str], x: Any, target: Any) -> dict[str, Any]:
-    return {key: _step(plan, x, target) for key, plan in plans.items()}
+    return {key: step_grads(plan, x, target) for key, plan in plans.items()}
 
 
 def test_v_plan_gradients_on_two_gloo_ranks(chain: Any, tmp_path: Path) -> None:
@@ -154,12 +127,12 @@ def test_v_plan_gradients_on_two_gloo_ranks(chain: Any, tmp_path: Path) -> None:
         "I-W/saved": str(_plan(traced, v_schedule(V_SPLIT_TEXT)).save(tmp_path / "plan")),
     }
     per_rank = run_ranks(_gloo, 2, plans, x, target, timeout=180)
-    want = _reference(model, x, target)
+    want = reference_grads(model, x, target)
     for key in plans:
         got: dict[str, torch.Tensor] = {}
         for r in per_rank:
             got.update(r[key])
-        _assert_grads(got, want, f"two gloo ranks, {key}")
+        assert_grads(got, want, f"two gloo ranks, {key}")
 
 
 def test_partition_takes_a_v_shaped_schedule(chain: Any, tmp_path: Path) -> None:
@@ -171,7 +144,7 @@ def test_partition_takes_a_v_shaped_schedule(chain: Any, tmp_path: Path) -> None
     assert [st.rank for st in plan.stages] == [0, 1, 1, 0]
     assert set(plan.data.lowered) == {"gloo", "nccl"}
     assert plan.simulate().schedule.placement == (0, 1, 1, 0)
-    _assert_grads(_step(one_rank(plan), x, target), _reference(model, x, target), "partitioned V")
+    assert_grads(step_grads(one_rank(plan), x, target), reference_grads(model, x, target), "partitioned V")
     with pytest.raises(pipec.ConfigError, match="fixes num_microbatches"):
         pipec.partition(model, (x,), num_stages=4, schedule=v_schedule(), stages_per_rank=2,
                         num_microbatches="auto", cost_model="h100-sxm")

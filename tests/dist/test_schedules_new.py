@@ -7,12 +7,11 @@ gradients equal to the single-process, whole-batch reference.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 import torch
-from models import Chain
+from _chain import assert_grads, chain_case, reference_grads, step_grads
 from _one_rank import one_rank
 from _workers import run_ranks
 from torch import nn
@@ -21,21 +20,14 @@ from torch.nn import functional as F
 import pipec
 from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
-from pipec.runtime.runtime import PipelineRuntime
 from pipec.types import NodeCost, TracedGraph
 
-TOL = {"rtol": 1e-4, "atol": 1e-5}
-MICROBATCH = 2
 M = 4  # dualpipe-v needs m >= num_stages = 4
 
 
 @pytest.fixture(scope="module")
 def chain() -> tuple[nn.Module, TracedGraph, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    model = Chain()
-    traced = pipec.trace(model, (torch.randn(MICROBATCH, 6),))
-    gen = torch.Generator().manual_seed(1)
-    return model, traced, torch.randn(M * MICROBATCH, 6, generator=gen), torch.randn(M * MICROBATCH, 3, generator=gen)
+    return chain_case(M)
 
 
 def _plan(traced: TracedGraph, schedule: str, spr: int) -> Plan:
@@ -43,24 +35,6 @@ def _plan(traced: TracedGraph, schedule: str, spr: int) -> Plan:
     split = ["c"] if spr == 1 else ["b", "c", "d"]
     data = plan_from_split(traced, costs, split, schedule=schedule, num_microbatches=M, stages_per_rank=spr)
     return Plan(data, traced=traced, loss_fn=F.mse_loss)
-
-
-def _reference(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    ref = copy.deepcopy(model)
-    F.mse_loss(ref(x), target).backward()
-    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-
-
-def _step(plan: Plan, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    pipe = PipelineRuntime(plan, F.mse_loss)
-    pipe.step(x, target=target)
-    return {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
-
-
-def _assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: str) -> None:
-    assert sorted(got) == sorted(want), where
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, name=name: f"{where}: {name}: {m}")
 
 
 def _synth(model: nn.Module, x: torch.Tensor, target: torch.Tensor, spr: int) -> Plan:
@@ -73,7 +47,7 @@ def _synth(model: nn.Module, x: torch.Tensor, target: torch.Tensor, spr: int) ->
 
 
 def _gloo(rank: int, world_size: int, plans: dict[str, Plan], x: Any, target: Any) -> dict[str, Any]:
-    return {key: _step(plan, x, target) for key, plan in plans.items()}
+    return {key: step_grads(plan, x, target) for key, plan in plans.items()}
 
 
 def test_new_schedules_gradients_on_two_gloo_ranks(chain: Any) -> None:
@@ -89,12 +63,12 @@ def test_new_schedules_gradients_on_two_gloo_ranks(chain: Any) -> None:
     assert plans["zb-v"].schedule.placement == (0, 1, 1, 0)
     assert [st.rank for st in plans["dualpipe-v"].stages] == [0, 1, 1, 0]
     per_rank = run_ranks(_gloo, 2, plans, x, target, timeout=180)
-    want = _reference(model, x, target)
+    want = reference_grads(model, x, target)
     for key in plans:
         got: dict[str, torch.Tensor] = {}
         for r in per_rank:
             got.update(r[key])
-        _assert_grads(got, want, f"two gloo ranks, {key}")
+        assert_grads(got, want, f"two gloo ranks, {key}")
 
 
 @pytest.mark.parametrize("spr", [1, 2])
@@ -106,4 +80,4 @@ def test_synth_plan_in_one_process_and_saved(chain: Any, spr: int, tmp_path: Any
     loaded = pipec.load(plan.save(tmp_path / "plan"))
     assert loaded.schedule == plan.schedule
     assert loaded.simulate().step_time == pytest.approx(sim.step_time)
-    _assert_grads(_step(one_rank(loaded), x, target), _reference(model, x, target), f"one rank, synth v={spr}")
+    assert_grads(step_grads(one_rank(loaded), x, target), reference_grads(model, x, target), f"one rank, synth v={spr}")
