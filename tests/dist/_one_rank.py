@@ -13,9 +13,9 @@ schedule computes, not how it communicates.
 from __future__ import annotations
 
 from pipec.facade import Plan
-from pipec.schedule.ir import Schedule
 from pipec.schedule.backends import lower_per_backend
 from pipec.schedule.dry_run import execute, unit_costs
+from pipec.schedule.ir import Schedule
 from pipec.schedule.stage_graph import graph_of
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import pipec
-from pipec.runtime.calibrate import calibrate
 from pipec.errors import ConfigError, ProfileError
+from pipec.runtime.calibrate import calibrate
 from pipec.runtime.p2p_bench import measure_p2p
 
 

@@ -40,10 +40,9 @@ import pytest
 import torch
 from _one_rank import one_rank
 from _workers import run_ranks
+from models import LongSkip
 from torch import nn
 from torch.nn import functional as F
-
-from models import LongSkip
 
 import pipec
 from pipec.facade import Plan

@@ -20,16 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from _one_rank import one_rank
+from models import DictInput, dict_batch
 from torch import nn
 from torch.nn import functional as F
-
-from models import DictInput, dict_batch
 
 import pipec
 from pipec.errors import ConfigError
 from pipec.microbatch import call_of
 from pipec.runtime.runtime import PipelineRuntime
-
 
 
 def test_a_loaded_plan_takes_a_dict_input_as_the_in_memory_one(tmp_path: Path) -> None:

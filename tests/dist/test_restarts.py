@@ -14,9 +14,6 @@ is), and the restarted ranks meet on the agent's store again.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest

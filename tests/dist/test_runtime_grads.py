@@ -34,9 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
+from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.graph import compute_names
-from pipec.facade import Plan
 from pipec.runtime.runtime import PipelineRuntime
 from pipec.types import NodeCost, TracedGraph
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 import torch
-
-import pipec
 from _workers import run_ranks
 from _zoo_plans import zoo_model, zoo_plan
 from torch.nn import functional as F
+
+import pipec
 
 SCHEDULES = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")
 NUM_MICROBATCHES = 4

@@ -23,10 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
+from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
 from pipec.partitioner.baselines import equal_count
 from pipec.partitioner.graph import build_chain
-from pipec.facade import Plan
 from pipec.types import NodeCost
 
 SCHEDULES = ("gpipe", "1f1b", "zb-h1")

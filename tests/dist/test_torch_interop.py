@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import torch
 from _workers import run_ranks
+from models import Chain, TwoInput
 from torch import nn
 from torch.nn import functional as F
 
 import pipec
-from models import Chain, TwoInput
 from pipec.facade import Plan
 from pipec.partitioner.assemble import plan_from_split
 from pipec.runtime.runtime import PipelineRuntime
