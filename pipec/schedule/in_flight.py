@@ -42,16 +42,21 @@ log = logging.getLogger(__name__)
 
 def in_flight_from_schedule(schedule: Schedule) -> tuple[int, ...]:
     """Peak micro-batches in flight on each stage of a (compute-only or lowered) schedule."""
+    # a micro-batch ends with its full backward, or with its W when split (one stage may
+    # do both, for different micro-batches: DualPipeV)
+    return _peak_open(schedule, ActionKind.F, (ActionKind.W, ActionKind.B))
+
+
+def _peak_open(schedule: Schedule, opens: ActionKind, closes: tuple[ActionKind, ...]) -> tuple[int, ...]:
+    """Per stage, the most micro-batches at once between an ``opens`` action and one of ``closes``."""
     count = [0] * schedule.num_stages
     peak = [0] * schedule.num_stages
     for row in schedule.actions:
         for a in row:
-            if a.kind is ActionKind.F:
+            if a.kind is opens:
                 count[a.stage] += 1
                 peak[a.stage] = max(peak[a.stage], count[a.stage])
-            elif a.kind is ActionKind.W or a.kind is ActionKind.B:
-                # a micro-batch ends with its full backward, or with its W when split
-                # (one stage may do both, for different micro-batches: DualPipeV)
+            elif a.kind in closes:
                 count[a.stage] -= 1
     return tuple(peak)
 
@@ -68,16 +73,7 @@ def held_for_weight_grad(schedule: Schedule) -> tuple[int, ...]:
     """Per stage, the most micro-batches whose ``I`` has run and whose ``W`` has not, at
     once (0 on stages whose backward is whole): each holds the gradients ``I`` captured
     for ``W`` (:mod:`pipec.runtime.backward`), about one per matmul-like node."""
-    count = [0] * schedule.num_stages
-    peak = [0] * schedule.num_stages
-    for row in schedule.actions:
-        for a in row:
-            if a.kind is ActionKind.I:
-                count[a.stage] += 1
-                peak[a.stage] = max(peak[a.stage], count[a.stage])
-            elif a.kind is ActionKind.W:
-                count[a.stage] -= 1
-    return tuple(peak)
+    return _peak_open(schedule, ActionKind.I, (ActionKind.W,))
 
 
 def in_flight_formula(schedule: str, num_stages: int, num_ranks: int, num_microbatches: int) -> tuple[int, ...]:
