@@ -1,4 +1,4 @@
-"""File digests and atomic directories shared by the phases that write and verify files on disk.
+"""File digests, atomic directories and the check that a directory may be replaced, shared by the phases that write and verify files on disk.
 
 Basic-values layer: used by the plan directory's manifest (:mod:`pipec.manifest`,
 codegen), by checkpoints (:mod:`pipec.runtime.checkpoint_io`) and by the torch
@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipec.errors import PlanError
+
 
 def sha256_file(path: Path) -> str:
     """The sha256 of the file at ``path`` as a hex string, read in 1 MiB chunks."""
@@ -23,6 +25,19 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_replaceable(directory: Path, marker: str, doing: str, what: str) -> None:
+    """PlanError unless ``directory`` can take what :func:`atomic_directory` writes: it
+    does not exist, is empty, or holds ``marker`` (it is ``what``, e.g. "a pipec plan",
+    which the new one replaces). ``doing`` starts the message ("save the plan to")."""
+    if directory.exists() and not directory.is_dir():
+        raise PlanError(f"cannot {doing} {directory}: it is a file; choose a directory path")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / marker).is_file():
+        raise PlanError(
+            f"cannot {doing} {directory}: the directory is not empty and holds no {marker}, so it is not "
+            f"{what}; choose a new or empty directory"
+        )
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pipec._files import atomic_directory
+from pipec._files import atomic_directory, check_replaceable
 from pipec._imports import import_file
 from pipec.errors import ConfigError, PlanError, ScheduleError
 from pipec.manifest import MANIFEST_FILE, manifest_problems, write_manifest
@@ -79,13 +79,7 @@ def save_plan(
     a directory that is not a plan (no ``plan.json``) is never overwritten.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise PlanError(f"cannot save the plan to {directory}: it is a file; choose a directory path")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / PLAN_FILE).is_file():
-        raise PlanError(
-            f"cannot save the plan to {directory}: the directory is not empty and holds no "
-            f"{PLAN_FILE}, so it is not a pipec plan; choose a new or empty directory"
-        )
+    check_replaceable(directory, PLAN_FILE, "save the plan to", "a pipec plan")
     with atomic_directory(directory) as tmp:
         _write_files(data, tmp, stage_module, source, dict(drawings or {}))
     log.info("saved plan of %s (%d stages) to %s", data.model_name, data.num_stages, directory)

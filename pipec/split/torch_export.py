@@ -34,7 +34,7 @@ from typing import Any
 
 from torch import nn
 
-from pipec._files import atomic_directory
+from pipec._files import atomic_directory, check_replaceable
 from pipec.codegen import load_plan_data, load_stage_module, save_plan
 from pipec.errors import PlanError
 from pipec.plan import PlanData
@@ -82,13 +82,7 @@ def write_torch_export(
     :class:`PlanError` for a plan torch's runtime cannot run, naming the limitation
     (:func:`pipec.split.torch_stage.torch_export_problems`)."""
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise PlanError(f"cannot export to {directory}: it is a file; choose a directory path")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / EXPORT_FILE).is_file():
-        raise PlanError(
-            f"cannot export to {directory}: the directory is not empty and holds no {EXPORT_FILE}, so it "
-            "is not a torch export of a pipec plan; choose a new or empty directory"
-        )
+    check_replaceable(directory, EXPORT_FILE, "export to", "a torch export of a pipec plan")
     stages = [pipec_stage(stage_module, k) for k in range(data.num_stages)]
     check_torch_exportable(data, stages)
     lowered = torch_lowered(data)
