@@ -200,3 +200,24 @@ def run_with_faults(fn: Any, world_size: int, *args: Any, survivors: list[int], 
         assert reports[r] is not None, f"rank {r} died"
         assert reports[r]["ok"], f"rank {r} failed: {reports[r]['error']}\n{reports[r]['traceback']}"
     return [rep["result"] if rep is not None else None for rep in reports]
+
+
+def saved_factory_plan(tmp_path: Path, source: str, name: str, split: Callable[[Any, Any], list[int]]) -> Path:
+    """The model of the factory ``source`` (written to ``tmp_path/factory.py``, function
+    ``make``) on 2 ranks (1F1B, 4 micro-batches), split by ``split(traced, costs)`` (the
+    interior cut positions) under uniform node costs, saved to ``tmp_path/name`` with its factory."""
+    import pipec
+    from pipec.factory import load_factory
+    from pipec.partitioner.assemble import plan_from_split
+    from pipec.types import NodeCost
+
+    factory = tmp_path / "factory.py"
+    if not factory.exists():
+        factory.write_text(source)
+    spec = f"{factory}:make"
+    made = load_factory(spec)
+    traced = pipec.trace(made.model, tuple(t[:2] for t in made.example_inputs))
+    costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4) for n in traced.nodes}
+    data = plan_from_split(traced, costs, split(traced, costs), schedule="1f1b", num_microbatches=4)
+    plan = pipec.Plan(data, traced=traced, loss_fn=made.loss_fn)
+    return plan.with_factory(spec).save(tmp_path / name)

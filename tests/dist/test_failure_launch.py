@@ -13,8 +13,10 @@ import logging
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _workers import saved_factory_plan
 
 from pipec.cli import build_parser
 from pipec.runtime import launch
@@ -56,26 +58,16 @@ def make():
 
 
 def saved_plan(tmp_path: Path, name: str = "plan") -> Path:
-    """The factory's model on 2 ranks (1F1B, 4 micro-batches), saved with its factory."""
-    import pipec
-    from pipec.factory import load_factory
-    from pipec.partitioner.assemble import plan_from_split
-    from pipec.partitioner.baselines import equal_count
-    from pipec.partitioner.graph import build_chain
-    from pipec.types import NodeCost
+    """The factory's model on 2 ranks (1F1B, 4 micro-batches), split by equal node counts, saved with its factory."""
 
-    factory = tmp_path / "factory.py"
-    if not factory.exists():
-        factory.write_text(FACTORY)
-    spec = f"{factory}:make"
-    made = load_factory(spec)
-    traced = pipec.trace(made.model, tuple(t[:2] for t in made.example_inputs))
-    costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4) for n in traced.nodes}
-    chain = build_chain(traced, costs, num_stages=2, num_ranks=2, schedule="1f1b", num_microbatches=4)
-    cuts = equal_count(chain.problem)
-    data = plan_from_split(traced, costs, list(cuts[1:-1]), schedule="1f1b", num_microbatches=4)
-    plan = pipec.Plan(data, traced=traced, loss_fn=made.loss_fn)
-    return plan.with_factory(spec).save(tmp_path / name)
+    def equal_counts(traced: Any, costs: Any) -> list[int]:
+        from pipec.partitioner.baselines import equal_count
+        from pipec.partitioner.graph import build_chain
+
+        chain = build_chain(traced, costs, num_stages=2, num_ranks=2, schedule="1f1b", num_microbatches=4)
+        return list(equal_count(chain.problem)[1:-1])
+
+    return saved_factory_plan(tmp_path, FACTORY, name, equal_counts)
 
 
 def _alive(pid: int) -> bool:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from _workers import saved_factory_plan
 
 import pipec
 from pipec.runtime.checkpoint import merge_checkpoint
@@ -61,21 +63,11 @@ def make():
 
 def restart_plan(tmp_path: Path, name: str) -> Path:
     """The factory's MLP on 2 ranks (1F1B, 4 micro-batches): rank 0 holds the first two Linears."""
-    from pipec.factory import load_factory
-    from pipec.partitioner.assemble import plan_from_split
-    from pipec.types import NodeCost
 
-    factory = tmp_path / "factory.py"
-    if not factory.exists():
-        factory.write_text(FACTORY)
-    spec = f"{factory}:make"
-    made = load_factory(spec)
-    traced = pipec.trace(made.model, tuple(t[:2] for t in made.example_inputs))
-    costs = {n.name: NodeCost(forward_time=1e-4, input_grad_time=1e-4, weight_grad_time=1e-4) for n in traced.nodes}
-    cut = [i for i, n in enumerate(traced.nodes) if n.module_path.endswith("4")][0]  # before the 2nd Tanh
-    data = plan_from_split(traced, costs, [cut], schedule="1f1b", num_microbatches=4)
-    plan = pipec.Plan(data, traced=traced, loss_fn=made.loss_fn)
-    return plan.with_factory(spec).save(tmp_path / name)
+    def before_second_tanh(traced: Any, costs: Any) -> list[int]:
+        return [[i for i, n in enumerate(traced.nodes) if n.module_path.endswith("4")][0]]
+
+    return saved_factory_plan(tmp_path, FACTORY, name, before_second_tanh)
 
 
 def _equal_checkpoints(a: Path, b: Path) -> None:
