@@ -328,8 +328,7 @@ class Executor:
         if len(result) != expected:
             raise self._fail(a, f"stage {a.stage} returned {len(result)} values, expected {expected}")
         slot.forwarded = True
-        slot.outputs = {o.name: cast_boundary(t, dtype, self.precision)
-                        for o, t, dtype in zip(routes.outputs, result, self._out_dtypes[a.stage])}
+        slot.outputs = self._boundary_outputs(a.stage, result)
         for o, local in zip(routes.outputs, self._local_consumers[a.stage]):
             value = slot.outputs[o.name]
             for c in local:
@@ -396,12 +395,16 @@ class Executor:
             result = replay_forward(self.stages[a.stage], replay)
         if not isinstance(result, tuple):
             result = (result,)
-        routes = self.routes[a.stage]
-        slot.outputs = {o.name: cast_boundary(t, o.boundary.meta.torch_dtype, self.precision)
-                        for o, t in zip(routes.outputs, result)}
-        if routes.is_last:
+        slot.outputs = self._boundary_outputs(a.stage, result)
+        if self.routes[a.stage].is_last:
             loss, count = self._loss(a, result[-1])
             slot.scaled_loss = self._scaled(loss, count)
+
+    def _boundary_outputs(self, stage: int, result: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+        """A stage forward's boundary outputs by name, floats cast to the plan's boundary
+        dtype inside the autograd graph (the compute dtype under bf16/fp16)."""
+        return {o.name: cast_boundary(t, dtype, self.precision)
+                for o, t, dtype in zip(self.routes[stage].outputs, result, self._out_dtypes[stage])}
 
     def _leaf(self, value: torch.Tensor, carries_grad: bool) -> torch.Tensor:
         leaf = value.detach()
