@@ -39,8 +39,12 @@ from pipec.types import (
 
 FORMAT_VERSION = 1
 
-#: the DeviceMesh dimension orders a plan may name (:attr:`PlanData.mesh_order`)
-MESH_ORDERS: tuple[tuple[str, str], ...] = (("dp", "pp"), ("pp", "dp"))
+#: the DeviceMesh dimension orders a plan may name (:attr:`PlanData.mesh_order`; what each
+#: means: :mod:`pipec.schedule.mesh`)
+MeshOrder = tuple[str, str]
+DP_PP: MeshOrder = ("dp", "pp")
+PP_DP: MeshOrder = ("pp", "dp")
+MESH_ORDERS: tuple[MeshOrder, ...] = (DP_PP, PP_DP)
 
 
 class StageInfo(FrozenModel):
@@ -263,12 +267,6 @@ class PlanData(FrozenModel):
     def world_size(self) -> int:
         """The processes the plan runs on: ``data_parallel * num_ranks``."""
         return self.data_parallel * self.num_ranks
-
-    def global_rank(self, pp_rank: int, dp_rank: int) -> int:
-        """The global rank of pipeline rank ``pp_rank`` in replica ``dp_rank`` (:attr:`mesh_order`)."""
-        if self.mesh_order == ("pp", "dp"):
-            return pp_rank * self.data_parallel + dp_rank
-        return dp_rank * self.num_ranks + pp_rank
 
     @property
     def chosen_candidate(self) -> Candidate | None:

@@ -19,10 +19,7 @@ them: ``node_rank * nproc_per_node + local_rank``).
 
 from __future__ import annotations
 
-MeshOrder = tuple[str, str]  # ("dp", "pp") or ("pp", "dp"): MESH_ORDERS
-DP_PP: MeshOrder = ("dp", "pp")
-PP_DP: MeshOrder = ("pp", "dp")
-MESH_ORDERS: tuple[MeshOrder, ...] = (DP_PP, PP_DP)
+from pipec.plan import DP_PP, MESH_ORDERS, PP_DP, MeshOrder  # the orders a saved plan may name
 
 
 def global_rank(dp: int, pp: int, *, data_parallel: int, num_ranks: int, mesh_order: MeshOrder) -> int:

@@ -14,6 +14,7 @@ from pipec.microbatch import replica_share
 from pipec.plan import PlanData
 from pipec.runtime.data_parallel import _buckets, last_backward
 from pipec.runtime.mesh import Mesh, position
+from pipec.schedule.mesh import global_rank
 
 
 def _data(data_parallel: int, mesh_order: tuple[str, str]) -> PlanData:
@@ -33,7 +34,7 @@ def test_mesh_orders_place_ranks(order: tuple[str, str], expected: dict[int, tup
     assert data.world_size == 4
     for rank, (pp, dp) in expected.items():
         assert position(data, rank) == (pp, dp)
-        assert data.global_rank(pp, dp) == rank
+        assert global_rank(dp, pp, data_parallel=2, num_ranks=2, mesh_order=order) == rank
         mesh = Mesh(rank=rank, pp_rank=pp, dp_rank=dp, num_ranks=2, data_parallel=2, mesh_order=order)
         assert mesh.global_rank(pp) == rank and rank in mesh.pipeline_ranks() and rank in mesh.replica_ranks()
 
