@@ -14,8 +14,9 @@ model still share their tensors):
 
 - every buffer's value (a clone is kept: buffers are small next to weights),
   and the tensor object a module holds under each buffer and parameter name;
-- every parameter's ``requires_grad`` and ``.grad`` (the object; pipec takes
-  gradients with ``torch.autograd.grad`` and never writes ``.grad``);
+- every parameter's ``requires_grad`` and ``.grad`` (the object; the profiler's
+  whole-model backward accumulates into ``.grad`` after clearing it, nothing
+  else in pipec writes it);
 - every submodule's ``training`` flag;
 - the CPU RNG state, each initialised CUDA device's, and Python's ``random``.
 
