@@ -8,9 +8,10 @@ stage, micro-batch and node where it appeared.
 
 What the normal path costs (:class:`NonfiniteWatch`):
 
-- per micro-batch and local stage, one ``isfinite`` reduction over each
-  boundary output of the forward (the loss on the last stage) and over each
-  input gradient of the backward, kept as a device flag (no synchronisation);
+- per micro-batch and local stage, one min/max reduction over each boundary
+  output of the forward (the model's output and the loss on the last stage)
+  and over each input gradient of the backward, kept as a device flag (no
+  synchronisation);
 - per step, one fused norm over this rank's gradients (``torch._foreach_norm``,
   a pass like ``clip_grad_norm_``'s) and ONE all-reduce of a single number over
   the process group (:func:`pipec.runtime.agree.any_rank`);
@@ -77,8 +78,14 @@ def check_policy(policy: object) -> str:
 
 
 def _bad(tensors: Sequence[Any]) -> torch.Tensor | None:
-    """A 0-d bool tensor: any floating value of ``tensors`` non-finite (None: nothing to check)."""
-    flags = [(~torch.isfinite(t.detach())).any() for t in tensors
+    """A 0-d bool tensor: any floating value of ``tensors`` non-finite (None: nothing to check).
+
+    Through each tensor's minimum and maximum (``torch.aminmax``, one read pass; a NaN
+    anywhere makes both NaN, an infinity shows in one of them): ``isfinite(t).any()``
+    writes a bool tensor the size of ``t`` and reads it again -- on the logits of an LM
+    head over 8000 tokens (4 MiB, one CPU core) 1.44 ms against 0.15 ms, per micro-batch.
+    """
+    flags = [(~torch.isfinite(torch.stack(torch.aminmax(t.detach())))).any() for t in tensors
              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not flags:
         return None

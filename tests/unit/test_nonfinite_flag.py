@@ -1,0 +1,33 @@
+"""The runtime's non-finite flag (``pipec.runtime.nonfinite._bad``): one min/max pass per
+tensor, the same answer as ``isfinite`` for every float dtype and layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipec.runtime.nonfinite import _bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+@pytest.mark.parametrize("where", [0, 517, -1])
+def test_the_flag_is_isfinite_for_every_dtype_and_place(dtype: torch.dtype, bad: float | None, where: int) -> None:
+    t = torch.randn(33, 40).to(dtype)
+    if bad is not None:
+        t.view(-1)[where] = bad
+    for view in (t, t.t(), t[:, ::3]):  # contiguous, transposed, strided
+        flag = _bad([view])
+        assert flag is not None
+        assert bool(flag) == (not bool(torch.isfinite(view).all()))
+
+
+def test_large_finite_values_and_masks_are_not_flagged() -> None:
+    mask = torch.full((4, 4), torch.finfo(torch.float32).min)  # an HF attention mask: finite
+    big = torch.full((1000,), 3e38)  # a sum would overflow; min/max do not
+    assert not bool(_bad([mask, big]))
+
+
+def test_only_non_empty_float_tensors_are_read() -> None:
+    assert _bad([torch.arange(4), torch.empty(0), None, 3.0]) is None
+    assert bool(_bad([torch.arange(4), torch.tensor([1.0, float("nan")])]))
