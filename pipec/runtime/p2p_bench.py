@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from pipec.errors import ProfileError
+from pipec.runtime.gloo_io import calm_gloo_io_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def _worker(rank: int, port: int, backend: str, sizes: tuple[int, ...], iters: i
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=2, timeout=timedelta(seconds=timeout))
+        if backend == "gloo":
+            calm_gloo_io_threads()  # as the runtime runs Gloo (pipec.runtime.gloo_io)
         peer = 1 - rank
         times: dict[int, float] = {}
         for size in sizes:

@@ -83,6 +83,7 @@ from pipec.runtime.failure import (
     create_monitor,
     record_of,
 )
+from pipec.runtime.gloo_io import calm_gloo_io_threads
 from pipec.runtime.loss_scale import CountNormalizer
 from pipec.runtime.memory import MemoryMeter, MemoryStats
 from pipec.runtime.mesh import Mesh, build_mesh, position
@@ -277,6 +278,8 @@ class PipelineRuntime:
             self._on_failure(exc, setup=True)
             self.close()
             raise
+        if self.info.backend == "gloo":
+            calm_gloo_io_threads()  # every group exists now (pipec.runtime.gloo_io says why)
         # under loss scaling an inf/NaN gradient is an overflow the scaler handles (skip, lower the scale)
         self._watch = NonfiniteWatch() if self.nonfinite != "off" and not self.scaler.enabled else None
         self._executor.watch = self._watch

@@ -1,0 +1,53 @@
+"""Gloo's event-loop thread runs under SCHED_BATCH once a PipelineRuntime has connected
+(pipec.runtime.gloo_io: woken while the rank's thread holds its connection's lock, it
+spun until the next tick, stalling a send or a receive by 1-5 ms). Linux only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytest
+import torch
+from _workers import run_ranks
+from torch import nn
+from torch.nn import functional as F
+
+import pipec
+from pipec.runtime.gloo_io import LOOP_THREADS, calm_gloo_io_threads
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH and /proc: Linux")
+
+
+def _loop_policies() -> list[int]:
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            if f.read().strip() in LOOP_THREADS:
+                out.append(os.sched_getscheduler(int(tid)))
+    return out
+
+
+def _worker(rank: int, world: int, plan: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+    from pipec.runtime.runtime import PipelineRuntime
+
+    before = _loop_policies()  # the process group exists: its loop thread too
+    pipe = PipelineRuntime(plan, F.mse_loss)
+    after = _loop_policies()
+    pipe.step(x, target=y)
+    return before, after, calm_gloo_io_threads()
+
+
+@pytest.mark.timeout(120)
+def test_the_runtime_puts_gloos_loop_thread_under_sched_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(8, 8), torch.randn(8, 2)
+    plan = pipec.partition(model, (x,), num_stages=2, num_microbatches=2, schedule="1f1b", loss_fn=F.mse_loss,
+                           target=y)
+    for before, after, again in run_ranks(_worker, 2, plan, x, y):
+        assert before and all(p == os.SCHED_OTHER for p in before)
+        assert after and all(p == os.SCHED_BATCH for p in after)
+        assert again == 0  # already set: nothing to change
+
