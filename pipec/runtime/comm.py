@@ -62,6 +62,7 @@ from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from pipec.errors import ConfigError, RuntimeFailure
 from pipec.plan import Boundary
+from pipec.runtime import gloo_io
 from pipec.runtime.pair_order import Incoming, incoming_order
 from pipec.runtime.routing import StageRoutes, boundary_index
 from pipec.runtime.waiting import Request, Waiter
@@ -575,6 +576,8 @@ class P2P:
         if work is None:
             raise RuntimeError(f"isend to rank {dst} returned no request; is this rank in the process group?")
         self._pending.append((work, dst, t))
+        if self._use_tags and gloo_io.YIELD_AFTER_SEND:
+            os.sched_yield()  # Gloo's loop thread flushes what the send left queued (pipec.runtime.gloo_io)
         self._prune_sends()
 
     def _prune_sends(self) -> None:
