@@ -4,8 +4,9 @@ Each case of ``_fidelity_cases.CASES`` -- models of different shapes (uniform
 blocks, a heavy LM head, long and short skips, two inputs, HF GPT-2, Llama and
 BERT built from configs), every schedule, M from p to 4p -- is partitioned with
 the profiled cost model (``pipec.profile`` of one micro-batch with its loss, taken
-on rank 0 with one thread -- each figure the smallest of ``--profiles`` -- and sent to rank 1, so
-both ranks build the same plan) and run on 2 ranks (Gloo on 127.0.0.1, each rank
+on both ranks at once with one thread each, as they compute in the run -- each
+figure the median of the ``--profiles`` profiles of both -- so both ranks build
+the same plan) and run on 2 ranks (Gloo on 127.0.0.1, each rank
 pinned to one core with one thread). Measured: the median of the timed steps (the
 slowest rank's step, between barriers) after warm-up. Predicted:
 ``plan.simulate().step_time``. For comparison, two more predictions: ``base``, the
@@ -25,7 +26,9 @@ processes also slow a core down without taking it (shared caches and memory
 bandwidth of a 2-vCPU VM), which that wait does not show: each round's
 slow-down (the median over cases of its median step over the case's overall
 one) is printed, and ``--quiet-rounds`` keeps the quieter half of the rounds;
-each profile figure is the smallest of ``--profiles`` profiles. The load
+a profile taken with the other core idle ran ~5% faster than the run's
+compute, so both ranks profile together (``--profile-alone``: rank 0 alone,
+the smallest of its profiles, the method before). The load
 average is printed before and after.
 
 Printed: per case the measured and predicted step and the error; then the mean
@@ -85,45 +88,60 @@ def run_delay() -> float:
 # -- the ranks --------------------------------------------------------------------------
 
 
-def _profiles(rank: int, cases: Sequence[Case], device: str, profiles: int) -> dict[str, str]:
-    """One profile per model (JSON), taken on rank 0, the same on both ranks."""
+def _profiles(rank: int, cases: Sequence[Case], device: str, profiles: int, alone: bool) -> dict[str, str]:
+    """One profile per model (JSON), the same on both ranks.
+
+    Default: both ranks profile at once, as both compute in the run -- a profile
+    taken while the other core idles runs ~5% faster (the cores share caches and
+    memory bandwidth) and every prediction came out that much low -- and each
+    figure is the median over the ``profiles`` profiles of both ranks. ``alone``:
+    rank 0 profiles with rank 1 waiting, each figure the smallest of its profiles
+    (the method before)."""
     import pipec
     from pipec.partitioner.inputs import first_microbatch, first_target
+    from pipec.profiling import Profile
 
     out: dict[str, str] = {}
     for name in dict.fromkeys(c.model for c in cases):
-        box: list[Any] = [None]
-        if rank == 0:
+        found: list[Any] = []
+        if rank == 0 or not alone:
             model = MODELS[name]
             args, kwargs, target = model.batch(1)
             mb_args, mb_kwargs = first_microbatch(args, kwargs, 1)
             traced = pipec.trace(model.build(), mb_args, mb_kwargs, method=model.method)
-            # Other processes slow a core down without taking it (shared caches and memory),
-            # which the run-queue wait does not show: of --profiles profiles, every figure's
-            # least disturbed (smallest) value is kept.
             found = [pipec.profile(traced, device=device, progress=False, loss_fn=model.loss_fn,
-                                   target=first_target(target, 1)) for _ in range(profiles)]
-            box[0] = least_disturbed(found).model_dump_json()
-        dist.broadcast_object_list(box, src=0)
-        out[name] = box[0]
+                                   target=first_target(target, 1)).model_dump_json() for _ in range(profiles)]
+        gathered: list[Any] = [None, None]
+        dist.all_gather_object(gathered, found)
+        every = [Profile.model_validate_json(j) for got in gathered for j in got]
+        out[name] = (smallest(every) if alone else typical(every)).model_dump_json()
     return out
 
 
-def _smallest(costs: Sequence[Any]) -> Any:
+def _combine(costs: Sequence[Any], pick: Any) -> Any:
     fields = ("forward_time", "input_grad_time", "weight_grad_time")
-    return costs[0].model_copy(update={f: min(getattr(c, f) for c in costs) for f in fields})
+    return costs[0].model_copy(update={f: pick([getattr(c, f) for c in costs]) for f in fields})
 
 
-def least_disturbed(profiles: Sequence[Any]) -> Any:
-    """One profile of the smallest value of every time over ``profiles`` of one graph."""
+def _each_figure(profiles: Sequence[Any], pick: Any) -> Any:
     first = profiles[0]
-    loss = None if first.loss is None else _smallest([p.loss for p in profiles])
+    loss = None if first.loss is None else _combine([p.loss for p in profiles], pick)
     return first.model_copy(update={
-        "forward_time": min(p.forward_time for p in profiles),
-        "forward_backward_time": min(p.forward_backward_time for p in profiles),
-        "nodes": {n: _smallest([p.nodes[n] for p in profiles]) for n in first.nodes},
+        "forward_time": pick([p.forward_time for p in profiles]),
+        "forward_backward_time": pick([p.forward_backward_time for p in profiles]),
+        "nodes": {n: _combine([p.nodes[n] for p in profiles], pick) for n in first.nodes},
         "loss": loss,
     })
+
+
+def smallest(profiles: Sequence[Any]) -> Any:
+    """One profile of the smallest value of every time over ``profiles`` of one graph."""
+    return _each_figure(profiles, min)
+
+
+def typical(profiles: Sequence[Any]) -> Any:
+    """One profile of the median of every time over ``profiles`` of one graph."""
+    return _each_figure(profiles, statistics.median)
 
 
 def _plan(case: Case, profile_json: str, hardware: str | None) -> Any:
@@ -165,7 +183,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, cases: Sequence[Case]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     device = args.device if args.device == "cpu" else f"{args.device}:0"
-    profiles = _profiles(rank, cases, device, args.profiles)
+    profiles = _profiles(rank, cases, device, args.profiles, args.profile_alone)
     plans, runners, batches = {}, {}, {}
     for case in cases:
         plans[case.name] = _plan(case, profiles[case.model], args.hardware)
@@ -486,7 +504,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case and round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profiles", type=int, default=3,
-                    help="profiles per model; each figure's smallest value is kept (default 3)")
+                    help="profiles per model on each rank; each figure is the median over both ranks' "
+                         "(with --profile-alone: rank 0's smallest)")
+    ap.add_argument("--profile-alone", action="store_true",
+                    help="profile on rank 0 with rank 1 idle, each figure the smallest (the method before)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--hardware", help="a hardware file (cost_models/ name or path) for the link "
                     "and runtime-overhead figures; default: the cpu file")
