@@ -10,6 +10,7 @@ rank to be gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -79,8 +80,6 @@ def test_killing_the_launcher_takes_every_rank_with_it(tmp_path: Path, victim: s
         assert not survivors, f"{survivors} outlived {victim}"
     finally:
         for p in [launcher.pid, *_children(launcher.pid)]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         launcher.wait(timeout=10)
