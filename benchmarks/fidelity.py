@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -63,8 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from _fidelity_cases import CASES, MODELS, QUICK, Case  # noqa: E402
+from _two_ranks import run_two  # noqa: E402
 
 QUIET = 0.05  # a step is quiet when no rank waited for its core more than this share of it
 
@@ -211,33 +210,9 @@ def worker(rank: int, port: int, args: argparse.Namespace, cases: Sequence[Case]
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(args: argparse.Namespace, cases: Sequence[Case]) -> dict[str, Any]:
     """Run ``worker`` on 2 forked ranks; rank 0's gathered results."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, args, cases, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    result = None
-    while result is None:
-        try:
-            result = queue.get(timeout=1.0)
-        except Exception:  # queue.Empty: keep waiting while both ranks live
-            if any(p.exitcode not in (None, 0) for p in procs) or not any(p.is_alive() for p in procs):
-                for p in procs:
-                    if p.is_alive():
-                        p.terminate()
-                raise SystemExit(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}") from None
-    for p in procs:
-        p.join()
-    return dict(result)
+    return dict(run_two(worker, args, cases))
 
 
 # -- analysis ---------------------------------------------------------------------------

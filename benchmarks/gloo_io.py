@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from _fidelity_cases import CASES, MODELS  # noqa: E402
+from _two_ranks import run_two  # noqa: E402
 
 DEFAULT_CASES = ("blocks-s/1f1b/8", "skips/interleaved-1f1b/4", "two-input/gpipe/8", "gpt2/1f1b/8",
                  "blocks-m/zb-h1/4")
@@ -110,28 +110,7 @@ def main() -> None:
     unknown = sorted(set(names) - {c.name for c in CASES})
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; known: {', '.join(c.name for c in CASES)}")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, port, names, args.rounds, args.steps, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    times = None
-    while times is None:
-        try:
-            times = queue.get(timeout=1.0)
-        except Exception:  # queue.Empty: keep waiting while both ranks live
-            if any(p.exitcode not in (None, 0) for p in procs) or not any(p.is_alive() for p in procs):
-                for p in procs:
-                    if p.is_alive():
-                        p.terminate()
-                raise SystemExit(f"a benchmark rank failed: exit codes {[p.exitcode for p in procs]}") from None
-    for p in procs:
-        p.join()
+    times = run_two(worker, names, args.rounds, args.steps)
     load = os.getloadavg()
     print(f"2 Gloo ranks x 1 core x 1 thread; {args.rounds} rounds x {args.steps} steps per policy, alternated; "
           f"load average after {load[0]:.2f}")
