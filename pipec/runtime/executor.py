@@ -337,7 +337,7 @@ class Executor:
             self._finish_last(a, slot, result[-1])
         if self.watch is not None and self._train:
             loss = self._result.losses.get(a.microbatch) if routes.is_last else None
-            self.watch.forward(a.stage, a.microbatch, values, [*result, loss])
+            self.watch.forward(a.stage, a.microbatch, values, result, loss)
         if not self._train:
             slot.inputs.clear()
             if self.p2p is None or not self.p2p.has_forward_sends(a.stage):

@@ -125,3 +125,41 @@ def test_a_policy_other_than_raise_skip_off_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="nonfinite: expected 'raise'"):
         check_policy("ignore")
+
+
+class CausalMask(nn.Module):
+    """Attention blocks sharing one float("-inf") causal mask built in the first stage: the
+    mask crosses stages, and an infinity there is meant (not a bad number)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(4))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.full((x.size(1), x.size(1)), float("-inf")).triu(1)
+        for qkv in self.qkv:
+            q, k, v = qkv(x).chunk(3, dim=-1)
+            x = x + F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head(x).mean(1)
+
+
+def _mask_worker(rank: int, world: int, plan: Plan, x: torch.Tensor, y: torch.Tensor) -> Any:
+    pipe = pipec.PipelineRuntime(plan, F.mse_loss)  # nonfinite="raise", the default
+    loss = pipe.step(x, target=y)
+    return loss, {k: p.grad.clone() for k, p in pipe.named_parameters()}
+
+
+@pytest.mark.timeout(120)
+def test_an_infinite_attention_mask_across_stages_is_not_a_bad_number() -> None:
+    torch.manual_seed(0)
+    model = CausalMask()
+    x, y = torch.randn(8, 6, 16), torch.randn(8, 4)
+    plan = pipec.partition(model, (x,), num_stages=2, num_microbatches=2, loss_fn=F.mse_loss, target=y)
+    assert any(b.name == "triu" for b in plan.data.boundaries)  # the mask crosses the cut
+    results = run_ranks(_mask_worker, 2, plan, x, y)
+    F.mse_loss(model(x), y).backward()
+    assert torch.allclose(results[1][0], F.mse_loss(model(x), y).detach())
+    grads = {**results[0][1], **results[1][1]}
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-6), name

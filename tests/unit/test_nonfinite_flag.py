@@ -31,3 +31,22 @@ def test_large_finite_values_and_masks_are_not_flagged() -> None:
 def test_only_non_empty_float_tensors_are_read() -> None:
     assert _bad([torch.arange(4), torch.empty(0), None, 3.0]) is None
     assert bool(_bad([torch.arange(4), torch.tensor([1.0, float("nan")])]))
+
+
+def test_a_forward_is_flagged_for_nan_in_its_outputs_and_any_non_finite_loss() -> None:
+    """An infinity in a forward's outputs can be meant (a float("-inf") attention mask crossing
+    stages): only NaN flags them. The loss flags on NaN and on an infinity alike."""
+    from pipec.runtime.nonfinite import NonfiniteWatch
+
+    mask = torch.full((4, 4), float("-inf")).triu(1)
+    cases = [
+        ([torch.ones(3), mask], None, False),
+        ([torch.tensor([1.0, float("nan")]), mask], None, True),
+        ([mask], torch.tensor(2.0), False),
+        ([mask], torch.tensor(float("inf")), True),
+        ([torch.ones(2)], torch.tensor(float("nan")), True),
+    ]
+    for i, (outputs, loss, expected) in enumerate(cases):
+        watch = NonfiniteWatch()
+        watch.forward(0, i, [], outputs, loss)
+        assert bool(watch.forward_flags[(0, i)]) == expected, i
