@@ -161,14 +161,14 @@ def _whole_model(traced: TracedGraph, inputs: tuple[Any, ...]) -> tuple[Callable
     CPU, where large blocks go back to the system when freed, it pays the page
     faults of the model's whole gradient size each time -- measured on blocks of
     32 MiB of parameters: 36 ms against 26 ms per backward, while the runtime's
-    stages took 26 ms together. Call it inside :func:`preserved` (which puts the
-    ``.grad`` objects back): the gradients are cleared here first, so a user's
-    ``.grad`` is never added to.
+    stages took 26 ms together. Call it with the user's gradients set aside
+    (:func:`_grads_set_aside`), so none is ever added to. A parameter with a
+    post-accumulate-grad hook (an optimizer stepping inside the backward) would
+    run that hook on every timed call: then the gradients are returned instead.
     """
     gm = traced.graph_module
     params = tuple(p for p in gm.parameters() if p.requires_grad)
-    for p in params:
-        p.grad = None
+    accumulate = not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
 
     def forward() -> Any:
         with torch.enable_grad():
@@ -178,9 +178,28 @@ def _whole_model(traced: TracedGraph, inputs: tuple[Any, ...]) -> tuple[Callable
         with torch.enable_grad():
             outs, grads = backward_targets(gm(*inputs))
             if outs and params:
-                torch.autograd.backward(outs, grads, inputs=list(params))
+                if accumulate:
+                    torch.autograd.backward(outs, grads, inputs=list(params))
+                else:
+                    torch.autograd.grad(outs, params, grads, allow_unused=True)
 
     return forward, forward_backward
+
+
+@contextmanager
+def _grads_set_aside(gm: torch.fx.GraphModule) -> Iterator[None]:
+    """Every parameter's ``.grad`` None on entry and on exit. Used twice around the move to
+    the profiled device: outside it, so a user's gradient is not moved with the model
+    (:func:`preserved` holds it and puts it back), and inside it, so the profiler's own
+    gradients are dropped before the model moves back."""
+    params = list(gm.parameters())
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p in params:
+            p.grad = None
 
 
 class _Alternating:
@@ -352,7 +371,8 @@ def profile(
         try:
             # timing runs the graph many times in the model's mode: keep its batch-norm
             # statistics, RNG state and modes as they were (the plan saves these buffers)
-            with preserved(gm), _moved(gm, home, dev), autocast(dev, precision):
+            with preserved(gm), _grads_set_aside(gm), _moved(gm, home, dev), _grads_set_aside(gm), \
+                    autocast(dev, precision):
                 inputs = tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in traced.example_inputs)
                 whole = _whole_model(traced, inputs)
                 try:

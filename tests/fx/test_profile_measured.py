@@ -299,19 +299,15 @@ def test_the_whole_model_backward_accumulates_into_grad_as_a_stage_does() -> Non
     """The runtime's micro-batches after a step's first add into .grad already allocated;
     a backward returning fresh gradients pays the page faults of the model's whole
     gradient size on every call (on a CPU) and over-predicted large stages' backward
-    by ~25%. The whole-model thunk clears .grad first (preserved() puts the user's
-    back) and then accumulates: two calls give twice the gradient of one."""
+    by ~25%. Two calls of the whole-model thunk give twice the gradient of one."""
     from pipec import profiling
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
     x = torch.randn(4, 8)
     traced = pipec.trace(model, (x,), method="fx")
-    params = [p for p in traced.graph_module.parameters()]
-    for p in params:
-        p.grad = torch.full_like(p, 7.0)  # a user's gradient: never added to
+    params = list(traced.graph_module.parameters())
     _, forward_backward = profiling._whole_model(traced, (x,))
-    assert all(p.grad is None for p in params)
     forward_backward()
     once = [p.grad.clone() for p in params]
     forward_backward()
@@ -320,3 +316,57 @@ def test_the_whole_model_backward_accumulates_into_grad_as_a_stage_does() -> Non
     ref = torch.autograd.grad(traced.graph_module(x).sum(), params)
     for g, r in zip(once, ref, strict=True):
         assert torch.allclose(g, r)
+
+
+def test_a_users_grad_survives_a_profile_that_moves_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving the model to the profiled device swaps each .grad's data in place
+    (``Module._apply``): the user's gradients are set aside before the move, the
+    profiler's dropped before the move back. The stand-in move does to every .grad what
+    a CPU -> CUDA move does (here: to float64 and back), without a GPU."""
+    import contextlib
+
+    from pipec import profiling
+
+    @contextlib.contextmanager
+    def moved(gm: torch.fx.GraphModule, home: object, dev: object) -> object:
+        for p in gm.parameters():
+            if p.grad is not None:
+                p.grad.data = p.grad.data.double()
+        try:
+            yield
+        finally:
+            for p in gm.parameters():
+                if p.grad is not None:
+                    p.grad.data = p.grad.data.float()
+
+    monkeypatch.setattr(profiling, "_moved", moved)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    traced = pipec.trace(model, (torch.randn(4, 8),), method="fx")
+    params = list(traced.graph_module.parameters())
+    users = [torch.full_like(p, float(i + 1)) for i, p in enumerate(params)]
+    for p, g in zip(params, users, strict=True):
+        p.grad = g
+    rng = torch.get_rng_state()
+    pipec.profile(traced, repeats=1, warmup=0, progress=False)
+    for p, g, i in zip(params, users, range(len(users)), strict=True):
+        assert p.grad is g and p.grad.dtype == torch.float32 and torch.all(g == i + 1)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_post_accumulate_grad_hook_never_runs_while_profiling() -> None:
+    """An optimizer stepping inside the backward (a post-accumulate-grad hook) must not
+    step on the profiler's timing runs: those parameters get gradients returned, not
+    accumulated."""
+    from pipec import profiling
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    traced = pipec.trace(model, (x,), method="fx")
+    calls: list[int] = []
+    for p in traced.graph_module.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: calls.append(1))
+    _, forward_backward = profiling._whole_model(traced, (x,))
+    forward_backward()
+    assert not calls
