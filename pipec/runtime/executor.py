@@ -337,7 +337,10 @@ class Executor:
             self._finish_last(a, slot, result[-1])
         if self.watch is not None and self._train:
             loss = self._result.losses.get(a.microbatch) if routes.is_last else None
-            self.watch.forward(a.stage, a.microbatch, values, result, loss)
+            n = len(routes.outputs)  # boundary outputs; then the model's output on the last stage
+            self.watch.forward(a.stage, a.microbatch, values,
+                               [t for o, t in zip(routes.outputs, result) if o.carries_grad] + list(result[n:]), loss,
+                               constants=[t for o, t in zip(routes.outputs, result) if not o.carries_grad])
         if not self._train:
             slot.inputs.clear()
             if self.p2p is None or not self.p2p.has_forward_sends(a.stage):

@@ -6,12 +6,14 @@ looks. With ``PipelineRuntime(nonfinite="raise" | "skip")`` (default
 ``"raise"``; ``"off"`` checks nothing) the step finds it and names the first
 stage, micro-batch and node where it appeared.
 
-What counts: a NaN anywhere; an infinity in the loss or a gradient. A forward's
-boundary outputs (and the model's output) are checked for NaN only: an
-infinity there can be meant -- an attention mask of ``float("-inf")``, as
+What counts: a NaN anywhere; an infinity anywhere a gradient flows -- the
+loss, the gradients, and a forward's outputs that carry a gradient (an
+overflow). A forward output that carries none (``carries_grad`` False: a
+constant built inside the model) is checked for NaN only: an infinity there
+can be meant -- an attention mask of ``float("-inf")``, as
 ``nn.Transformer.generate_square_subsequent_mask`` builds, crosses stages in a
-causal model -- and one that is not (an overflow) makes the loss or a gradient
-non-finite later in the same step, where it is found.
+causal model. Locating re-runs the stage with autograd on and names the first
+operation with a NaN, or with an infinity in a tensor that requires grad.
 
 What the normal path costs (:class:`NonfiniteWatch`):
 
@@ -32,8 +34,9 @@ a non-finite input gradient (the backward runs from the last stage down); else
 the lowest stage whose weight gradients were. For a forward the rank holding
 it re-runs that stage's forward on that micro-batch (same random draws) under
 a ``TorchFunctionMode`` that checks every operation's output, and names the
-first one that is non-finite: its line in ``stage_<k>.py``, whose assigned
-name is the fx node's name. One broadcast gives every rank that text.
+first one that is bad by the rules above (a NaN, or an infinity where a
+gradient flows): its line in ``stage_<k>.py``, whose assigned name is the fx
+node's name. One broadcast gives every rank that text.
 
 Policies: ``"raise"``: every rank raises :class:`~pipec.errors.NonfiniteError`
 with the same message (the pipeline stops; a restart would meet the same
@@ -130,10 +133,11 @@ class NonfiniteWatch:
         self.forward_flags, self.backward_flags, self.inputs = {}, {}, {}
 
     def forward(self, stage: int, microbatch: int, inputs: list[Any], outputs: Sequence[Any],
-                loss: torch.Tensor | None = None) -> None:
-        """A forward's flag: NaN in its ``outputs``, or a non-finite ``loss`` (see the module doc)."""
+                loss: torch.Tensor | None = None, *, constants: Sequence[Any] = ()) -> None:
+        """A forward's flag: a non-finite value in its ``outputs`` (those carrying a gradient)
+        or ``loss``, or a NaN in its ``constants`` (outputs carrying none; see the module doc)."""
         self.inputs[(stage, microbatch)] = inputs
-        flags = [f for f in (_bad(outputs, nan_only=True), _bad([loss])) if f is not None]
+        flags = [f for f in (_bad([*outputs, loss]), _bad(constants, nan_only=True)) if f is not None]
         if flags:
             self.forward_flags[(stage, microbatch)] = flags[0] if len(flags) == 1 else flags[0] | flags[1]
 
@@ -172,9 +176,9 @@ class NonfiniteWatch:
 
 
 class _FirstNonfinite(TorchFunctionMode):
-    """Runs torch functions as usual; remembers the first whose output holds a NaN (an
-    infinity can be a mask, see the module doc) and the line of the ``forward`` (the
-    stage's code) that called it."""
+    """Runs torch functions as usual; remembers the first whose output holds a NaN, or an
+    infinity in a tensor that requires grad (an infinity elsewhere can be a mask, see the
+    module doc), and the line of the ``forward`` (the stage's code) that called it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,8 +188,10 @@ class _FirstNonfinite(TorchFunctionMode):
         result = func(*args, **(kwargs or {}))
         if self.found is None:
             values = result if isinstance(result, (tuple, list)) else (result,)
-            flag = _bad(values, nan_only=True)
-            if flag is not None and bool(flag):
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            flags = [f for f in (_bad(tensors, nan_only=True), _bad([t for t in tensors if t.requires_grad]))
+                     if f is not None]
+            if any(bool(f) for f in flags):
                 self.found = self._where(func)
         return result
 
@@ -206,10 +212,12 @@ class _FirstNonfinite(TorchFunctionMode):
 
 def locate_node(module: nn.Module, inputs: list[Any], *, seed: int, step: int, microbatch: int) -> str | None:
     """Re-run ``module``'s forward on ``inputs`` with the draws of ``(seed, step, microbatch)``
-    and name the first operation whose output is non-finite (None: none was)."""
+    and name the first operation whose output holds a NaN, or an infinity where it requires
+    grad (None: none did; see the module doc)."""
     mode = _FirstNonfinite()
-    with torch.no_grad(), random_scope(seed, step, microbatch), mode:
-        module(*[t.detach() if isinstance(t, torch.Tensor) else t for t in inputs])
+    values = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in inputs]
+    with torch.enable_grad(), random_scope(seed, step, microbatch), mode:  # requires_grad marks what may not be inf
+        module(*values)
     return mode.found
 
 

@@ -33,20 +33,45 @@ def test_only_non_empty_float_tensors_are_read() -> None:
     assert bool(_bad([torch.arange(4), torch.tensor([1.0, float("nan")])]))
 
 
-def test_a_forward_is_flagged_for_nan_in_its_outputs_and_any_non_finite_loss() -> None:
-    """An infinity in a forward's outputs can be meant (a float("-inf") attention mask crossing
-    stages): only NaN flags them. The loss flags on NaN and on an infinity alike."""
+def test_a_forward_is_flagged_for_any_bad_value_where_a_gradient_flows_and_nan_elsewhere() -> None:
+    """An infinity in a forward output that carries no gradient can be meant (a
+    float("-inf") attention mask crossing stages): only NaN flags those. Outputs that carry
+    a gradient (an overflow there may be clamped away before the loss) and the loss flag
+    on NaN and infinity alike."""
     from pipec.runtime.nonfinite import NonfiniteWatch
 
     mask = torch.full((4, 4), float("-inf")).triu(1)
-    cases = [
-        ([torch.ones(3), mask], None, False),
-        ([torch.tensor([1.0, float("nan")]), mask], None, True),
-        ([mask], torch.tensor(2.0), False),
-        ([mask], torch.tensor(float("inf")), True),
-        ([torch.ones(2)], torch.tensor(float("nan")), True),
+    inf, nan = torch.tensor([1.0, float("inf")]), torch.tensor([1.0, float("nan")])
+    cases = [  # (outputs carrying a gradient, constants, loss, flagged)
+        ([torch.ones(3)], [mask], None, False),
+        ([torch.ones(3)], [mask, nan], None, True),
+        ([inf], [], None, True),
+        ([nan], [mask], None, True),
+        ([], [mask], torch.tensor(2.0), False),
+        ([], [mask], torch.tensor(float("inf")), True),
+        ([torch.ones(2)], [], torch.tensor(float("nan")), True),
     ]
-    for i, (outputs, loss, expected) in enumerate(cases):
+    for i, (outputs, constants, loss, expected) in enumerate(cases):
         watch = NonfiniteWatch()
-        watch.forward(0, i, [], outputs, loss)
+        watch.forward(0, i, [], outputs, loss, constants=constants)
         assert bool(watch.forward_flags[(0, i)]) == expected, i
+
+
+def test_the_locator_names_an_overflow_but_not_a_mask() -> None:
+    """Re-running a stage, the first op with a NaN or with an infinity in a tensor that
+    requires grad is named; an infinite mask built inside (no grad) is passed over."""
+    from pipec.runtime.nonfinite import locate_node
+
+    class Stage(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = torch.full((4, 4), float("-inf")).triu(1)
+            big = self.lin(x) * 1e38
+            wide = big * 1e10
+            return torch.clamp(wide, -1, 1) + mask.softmax(-1)
+
+    found = locate_node(Stage(), [torch.ones(4, 4, requires_grad=True)], seed=0, step=0, microbatch=0)
+    assert found is not None and found.startswith("wide"), found
