@@ -577,7 +577,7 @@ class P2P:
             raise RuntimeError(f"isend to rank {dst} returned no request; is this rank in the process group?")
         self._pending.append((work, dst, t))
         if self._use_tags and gloo_io.YIELD_AFTER_SEND:
-            os.sched_yield()  # Gloo's loop thread flushes what the send left queued (pipec.runtime.gloo_io)
+            gloo_io.yield_core()  # Gloo's loop thread flushes what the send left queued (pipec.runtime.gloo_io)
         self._prune_sends()
 
     def _prune_sends(self) -> None:

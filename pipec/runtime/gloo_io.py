@@ -34,11 +34,23 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
 LOOP_THREADS = ("gloo_tcp_loop",)
-YIELD_AFTER_SEND = True  # P2P yields the core after each Gloo send (see the module docstring)
+# P2P yields the core after each Gloo send (see the module docstring): set once a loop
+# thread of this process is under SCHED_BATCH, which is what the yield makes up for
+YIELD_AFTER_SEND = False
+
+
+def yield_core() -> None:
+    """Give the core to another runnable thread (``sched_yield``; a zero sleep where the
+    platform has none)."""
+    if hasattr(os, "sched_yield"):
+        os.sched_yield()
+    else:
+        time.sleep(0)
 
 
 def calm_gloo_io_threads() -> int:
@@ -62,9 +74,14 @@ def calm_gloo_io_threads() -> int:
                 changed += 1
         except (OSError, ValueError) as err:  # the thread ended, or the policy is refused
             log.debug("Gloo thread %s left as it is: %s", tid, err)
+    global YIELD_AFTER_SEND
     if changed:
+        YIELD_AFTER_SEND = True
         log.debug("%d Gloo event-loop thread(s) set to SCHED_BATCH", changed)
+    elif not YIELD_AFTER_SEND:
+        log.info("Gloo's event-loop thread left as it is (no SCHED_BATCH here: found none or refused); "
+                 "on one core per rank its sends and receives may stall for a few ms (pipec.runtime.gloo_io)")
     return changed
 
 
-__all__ = ["LOOP_THREADS", "calm_gloo_io_threads"]
+__all__ = ["LOOP_THREADS", "calm_gloo_io_threads", "yield_core"]

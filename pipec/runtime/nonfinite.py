@@ -97,11 +97,17 @@ def _bad(tensors: Sequence[Any], *, nan_only: bool = False) -> torch.Tensor | No
     head over 8000 tokens (4 MiB, one CPU core) 1.44 ms against 0.15 ms, per micro-batch.
     """
     test = torch.isnan if nan_only else (lambda x: ~torch.isfinite(x))
-    flags = [test(torch.stack(torch.aminmax(t.detach()))).any() for t in tensors
+    flags = [test(torch.stack(torch.aminmax(_readable(t.detach())))).any() for t in tensors
              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not flags:
         return None
     return torch.stack(flags).any() if len(flags) > 1 else flags[0]
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a float32 copy of a one-byte float (float8: ``aminmax`` has no such kernel on
+    a CPU; the copy keeps NaN and infinity)."""
+    return t.float() if t.element_size() == 1 else t
 
 
 @dataclass(frozen=True)

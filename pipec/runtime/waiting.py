@@ -35,13 +35,13 @@ watchdog enforces.
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from collections.abc import Callable, Sequence
 
 import torch.distributed as dist
 
 from pipec.runtime.failure import FailureMonitor, FailureRecord, PeerFailure
+from pipec.runtime.gloo_io import yield_core
 
 Request = tuple[dist.Work, int]  # a request and the peer rank it waits for
 _YIELD_FOR = 0.02  # seconds a collective's wait yields the core between polls before it sleeps
@@ -117,7 +117,7 @@ class Waiter:
             if now > deadline:
                 raise PeerFailure(self._timed_out(peers[0], what), rank=self.rank)
             if now - started < _YIELD_FOR:
-                os.sched_yield()
+                yield_core()
             else:
                 time.sleep(min(max(1e-4, (now - started) / 16), self.poll_interval))
         try:

@@ -75,3 +75,9 @@ def test_the_locator_names_an_overflow_but_not_a_mask() -> None:
 
     found = locate_node(Stage(), [torch.ones(4, 4, requires_grad=True)], seed=0, step=0, microbatch=0)
     assert found is not None and found.startswith("wide"), found
+
+
+def test_one_byte_floats_are_read_too() -> None:
+    for dtype in (torch.float8_e5m2, torch.float8_e4m3fn):
+        t = torch.tensor([1.0, float("nan")]).to(dtype)
+        assert bool(_bad([t])) and not bool(_bad([torch.ones(3).to(dtype)]))

@@ -38,7 +38,7 @@ def _fake(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     clock = FakeClock()
     monkeypatch.setattr(waiting.time, "monotonic", clock.monotonic)
     monkeypatch.setattr(waiting.time, "sleep", clock.sleep)
-    monkeypatch.setattr(waiting.os, "sched_yield", clock.sched_yield)
+    monkeypatch.setattr(waiting, "yield_core", clock.sched_yield)
     return clock
 
 
