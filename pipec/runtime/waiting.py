@@ -26,7 +26,11 @@ of the collective), and asks the monitor between polls. Yield, not sleep, first:
 a rank's Gloo threads share its core, and with sleeps between polls a 4 KiB
 all-reduce of two ranks pinned one per core took 3.8 ms instead of 0.2 ms (a
 blocking wait) -- 0.16 ms with yields -- which every step paid once per
-collective (the non-finite check's, the tied gradients'). With NCCL
+collective (the non-finite check's, the tied gradients'). The yields are
+capped at 5 ms a wait: a rank that waits longer for a slower peer then sleeps
+rather than keep its core busy (with Gloo's loop thread under SCHED_BATCH,
+:mod:`pipec.runtime.gloo_io`, sleeping polls cost little more: 0.18 ms for that
+all-reduce). With NCCL
 (``inline=True``) ``work.wait()`` only makes the CUDA stream wait, without
 blocking the CPU; the deadline is the process group's timeout, which NCCL's
 watchdog enforces.
@@ -44,7 +48,7 @@ from pipec.runtime.failure import FailureMonitor, FailureRecord, PeerFailure
 from pipec.runtime.gloo_io import yield_core
 
 Request = tuple[dist.Work, int]  # a request and the peer rank it waits for
-_YIELD_FOR = 0.02  # seconds a collective's wait yields the core between polls before it sleeps
+_YIELD_FOR = 0.005  # seconds a collective's wait yields the core between polls before it sleeps
 
 
 def _seconds(left: float) -> datetime.timedelta:
