@@ -60,7 +60,7 @@ from pipec.costs.node_exec import (
     walk,
 )
 from pipec.costs.precision import autocast, check_device_precision, upcast_floats
-from pipec.costs.timer import Timer, node_thunks, progress_bar
+from pipec.costs.timer import Timer, node_thunks, progress_bar, settle_host_allocator
 from pipec.errors import ConfigError, ProfileError
 from pipec.loss import loss_parts
 from pipec.types import FrozenModel, NodeCost, TracedGraph, check_precision
@@ -356,6 +356,8 @@ def profile(
     check_device_precision(dev, precision)
     gm = traced.graph_module
     home = next(iter(gm.parameters()), torch.empty(0)).device
+    if dev.type == "cpu":
+        settle_host_allocator()  # as a training process's heap is (see its docstring)
     timer = Timer(dev, repeats, warmup)
     costs: dict[str, NodeCost] = {}
     compute = [n for n in traced.nodes if n.op not in FREE_OPS]
