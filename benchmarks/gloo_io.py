@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _fidelity_cases import CASES, MODELS  # noqa: E402
-from _two_ranks import run_two  # noqa: E402
+from _two_ranks import run_two, timed_step  # noqa: E402
 
 DEFAULT_CASES = ("blocks-s/1f1b/8", "skips/interleaved-1f1b/4", "two-input/gpipe/8", "gpt2/1f1b/8",
                  "blocks-m/zb-h1/4")
 
 
-def set_loop_policy(policy: int) -> int:
-    from pipec.runtime.gloo_io import LOOP_THREADS
+def set_loop_policy(policy: int) -> None:
+    from pipec.runtime.gloo_io import loop_threads
 
-    n = 0
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() in LOOP_THREADS:
-                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
-                n += 1
-    return n
+    for tid in loop_threads():
+        os.sched_setscheduler(tid, policy, os.sched_param(0))
 
 
 def worker(rank: int, port: int, names: list[str], rounds: int, steps: int, out: Any) -> None:
@@ -81,17 +75,10 @@ def worker(rank: int, port: int, names: list[str], rounds: int, steps: int, out:
             set_loop_policy(policies[name][0])
             gloo_io.YIELD_AFTER_SEND = policies[name][1]
             for case in cases:
-                args, kwargs, target = batches[case.name]
                 for _ in range(steps):
-                    for p in runners[case.name].parameters():
-                        p.grad = None
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    runners[case.name].step(*args, target=target, **kwargs)
-                    took = torch.tensor([time.perf_counter() - t0])
-                    dist.all_reduce(took, op=dist.ReduceOp.MAX)
+                    took = timed_step(runners[case.name], batches[case.name]).slowest
                     if r:
-                        times.setdefault((case.name, name), []).append(float(took))
+                        times.setdefault((case.name, name), []).append(took)
     if rank == 0:
         out.put(times)
     dist.barrier()

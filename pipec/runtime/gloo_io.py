@@ -53,6 +53,24 @@ def yield_core() -> None:
         time.sleep(0)
 
 
+def loop_threads() -> list[int]:
+    """The thread ids of this process's Gloo TCP event-loop threads (none where there is
+    no ``/proc``)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    out = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() in LOOP_THREADS:
+                    out.append(int(tid))
+        except (OSError, ValueError):  # the thread ended
+            continue
+    return out
+
+
 def calm_gloo_io_threads() -> int:
     """Put this process's Gloo TCP event-loop threads under ``SCHED_BATCH``; how many
     were changed (0 where there are none, or the platform has no such policy)."""
@@ -60,19 +78,13 @@ def calm_gloo_io_threads() -> int:
     setter = getattr(os, "sched_setscheduler", None)
     if policy is None or setter is None:
         return 0
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
     changed = 0
-    for tid in tids:
+    for tid in loop_threads():
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-            if name in LOOP_THREADS and os.sched_getscheduler(int(tid)) != policy:
-                setter(int(tid), policy, os.sched_param(0))
+            if os.sched_getscheduler(tid) != policy:
+                setter(tid, policy, os.sched_param(0))
                 changed += 1
-        except (OSError, ValueError) as err:  # the thread ended, or the policy is refused
+        except OSError as err:  # the thread ended, or the policy is refused
             log.debug("Gloo thread %s left as it is: %s", tid, err)
     global YIELD_AFTER_SEND
     if changed:
@@ -84,4 +96,4 @@ def calm_gloo_io_threads() -> int:
     return changed
 
 
-__all__ = ["LOOP_THREADS", "calm_gloo_io_threads", "yield_core"]
+__all__ = ["LOOP_THREADS", "calm_gloo_io_threads", "loop_threads", "yield_core"]

@@ -15,18 +15,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipec
-from pipec.runtime.gloo_io import LOOP_THREADS, calm_gloo_io_threads
+from pipec.runtime.gloo_io import calm_gloo_io_threads, loop_threads
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH and /proc: Linux")
 
 
 def _loop_policies() -> list[int]:
-    out = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            if f.read().strip() in LOOP_THREADS:
-                out.append(os.sched_getscheduler(int(tid)))
-    return out
+    return [os.sched_getscheduler(tid) for tid in loop_threads()]
 
 
 def _worker(rank: int, world: int, plan: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
