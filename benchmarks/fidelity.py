@@ -56,32 +56,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _fidelity_cases import CASES, MODELS, QUICK, Case  # noqa: E402
-from _two_ranks import run_two  # noqa: E402
+from _two_ranks import Step, run_two, timed_step  # noqa: E402
 
 QUIET = 0.05  # a step is quiet when no rank waited for its core more than this share of it
-
-
-class Step(NamedTuple):
-    slowest: float  # the slowest rank's step time
-    local: float  # this rank's
-    delay: float  # the most any rank waited for its core during the step
-    timeline: list[tuple[float, float, int, str]]
-
-
-def run_delay() -> float:
-    """Seconds this thread has waited on a run queue (time other processes took from its core)."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) * 1e-9
-    except OSError:
-        return 0.0
 
 
 # -- the ranks --------------------------------------------------------------------------
@@ -161,19 +145,6 @@ def _plan(case: Case, profile_json: str, hardware: str | None) -> Any:
     )
 
 
-def _timed_step(pipe: Any, batch: tuple[tuple[Any, ...], dict[str, Any], Any]) -> Step:
-    args, kwargs, target = batch
-    for p in pipe.parameters():
-        p.grad = None
-    dist.barrier()
-    d0, t0 = run_delay(), time.perf_counter()
-    pipe.step(*args, target=target, **kwargs)
-    local = time.perf_counter() - t0
-    worst = torch.tensor([local, run_delay() - d0], dtype=torch.float64)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return Step(float(worst[0]), local, float(worst[1]), pipe.timeline())
-
-
 def worker(rank: int, port: int, args: argparse.Namespace, cases: Sequence[Case], out: Any) -> None:
     from pipec.runtime.runtime import PipelineRuntime
 
@@ -193,13 +164,13 @@ def worker(rank: int, port: int, args: argparse.Namespace, cases: Sequence[Case]
     cuda = device.startswith("cuda")
     for case in cases:
         for _ in range(args.warmup):
-            _timed_step(runners[case.name], batches[case.name])
+            timed_step(runners[case.name], batches[case.name])
     for r in range(args.rounds):
         for case in cases if r % 2 == 0 else cases[::-1]:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.steps):
-                steps[case.name].append(_timed_step(runners[case.name], batches[case.name]))
+                steps[case.name].append(timed_step(runners[case.name], batches[case.name]))
             if cuda:
                 peak[case.name] = max(peak[case.name] or 0, int(torch.cuda.max_memory_allocated()))
     gathered: list[Any] = [None, None]
